@@ -1,0 +1,79 @@
+"""Features for clustering: raw pixels, PCA of pixels, or precomputed vectors from a file.
+
+No pretrained Flax image encoder ships offline, so semantic clustering (e.g. DINOv2 features, as in the DDM
+paper) comes in through `embedding: file`: compute the vectors anywhere, one row per image, and point
+`data.features_path` at a `.npy` or `.parquet` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ddm.config import DataConfig
+from ddm.errors import DDMError
+
+
+def embed(images: np.ndarray, cfg: DataConfig, base_dir: Path | None = None) -> np.ndarray:
+    """Features for k-means. images: [N, H, W, C] uint8 -> [N, D] float32."""
+    if cfg.embedding == "file":
+        return load_features(cfg, len(images), base_dir)
+    pixels = images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0
+    if cfg.embedding == "pixels":
+        return pixels
+    return pca(pixels, cfg.embed_dim, cfg.seed)
+
+
+def pca(x: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """Projects x: [N, D] onto its top `dim` principal components -> [N, min(dim, N, D)] float32."""
+    from sklearn.decomposition import PCA
+
+    dim = min(dim, x.shape[0], x.shape[1])
+    return PCA(n_components=dim, random_state=seed).fit_transform(x).astype(np.float32)
+
+
+def load_features(cfg: DataConfig, n: int, base_dir: Path | None = None) -> np.ndarray:
+    """Reads precomputed features ([N, D], one row per image in dataset order) and checks them."""
+    path = Path(cfg.features_path).expanduser()
+    if not path.is_absolute() and not path.exists() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_file():
+        raise DDMError(f"features file not found: {cfg.features_path}")
+    if path.suffix == ".npy":
+        try:
+            features = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DDMError(f"cannot read features file {path}: {err}") from None
+    elif path.suffix == ".parquet":
+        features = _parquet_column(path, cfg.features_column)
+    else:
+        raise DDMError(f"features file {path} must be .npy or .parquet")
+    if features.ndim != 2:
+        raise DDMError(f"features in {path} have shape {features.shape}; expected [N, D]")
+    if cfg.limit is not None:
+        features = features[: cfg.limit]
+    if len(features) != n:
+        raise DDMError(f"features in {path} have {len(features)} rows but the dataset has {n} images")
+    features = features.astype(np.float32)
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise DDMError(f"features in {path} contain NaN or Inf in {int(bad.sum())} row(s), first row {int(np.argmax(bad))}")
+    return features
+
+
+def _parquet_column(path: Path, column: str | None) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if column is None:
+        if table.num_columns != 1:
+            raise DDMError(f"{path} has columns {table.column_names}; set data.features_column")
+        column = table.column_names[0]
+    if column not in table.column_names:
+        raise DDMError(f"{path} has no column {column!r} (columns: {table.column_names})")
+    values = table.column(column).to_pylist()
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except ValueError:
+        raise DDMError(f"column {column!r} of {path} is not a list of equal-length vectors") from None

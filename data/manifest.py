@@ -1,0 +1,105 @@
+"""`RUN_DIR/manifest.json`: the description of a run directory.
+
+Schema (format "ddm-run/v1"; paths are relative to the run directory):
+
+    dataset:    source, fingerprint (SHA-256 of canonical uint8 data), num_images, image_shape [H, W, C]
+    clustering: method, k, embedding, parameters, inertia, n_iter, centroids (path of [K, D] .npy)
+    clusters:   [{id, count, share, shard}]            one zarr shard per cluster
+    holdout:    {shard, labels, count}                  held-out images labelled by nearest centroid
+    config:     the resolved `Config` the run was prepared with
+    experts:    {"k": {status, step, sha256, path}}     filled in by island jobs
+    router, monolith: {status, step, sha256, path}
+
+Islands on one machine may finish at the same moment, so every update takes an exclusive lock and writes
+through a temporary file + rename: a reader never sees a half-written manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ddm.errors import DDMError
+
+FORMAT = "ddm-run/v1"
+MANIFEST = "manifest.json"
+# Keys that describe history rather than what the run computes; they do not enter the manifest hash.
+VOLATILE_KEYS = ("created",)
+
+
+def manifest_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / MANIFEST
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    """The manifest of `run_dir`; DDMError if there is none or it is not valid."""
+    path = manifest_path(run_dir)
+    if not path.is_file():
+        raise DDMError(f"no manifest at {path}: run `ddm prepare` for this run directory first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DDMError(f"manifest {path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DDMError(f"manifest {path} is not a {FORMAT} manifest")
+    for key in ("dataset", "clustering", "clusters", "config"):
+        if key not in manifest:
+            raise DDMError(f"manifest {path} has no {key!r} section")
+    if not manifest["clusters"]:
+        raise DDMError(f"manifest {path} lists no clusters")
+    return manifest
+
+
+def write_manifest(run_dir: str | Path, manifest: dict) -> None:
+    """Writes atomically (temp file + rename) so a crash never leaves a truncated manifest."""
+    path = manifest_path(run_dir)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(run_dir: str | Path) -> Iterator[None]:
+    with open(Path(run_dir) / ".manifest.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def update_manifest(run_dir: str | Path, change: Callable[[dict], None]) -> dict:
+    """Read-modify-write under an exclusive lock; `change` edits the dict in place. Returns the new manifest."""
+    with _locked(run_dir):
+        manifest = read_manifest(run_dir)
+        change(manifest)
+        write_manifest(run_dir, manifest)
+    return manifest
+
+
+def record_component(run_dir: str | Path, section: str, key: str | None, entry: dict) -> dict:
+    """Sets `manifest[section][key] = entry` (or `manifest[section] = entry` when key is None)."""
+
+    def change(manifest: dict) -> None:
+        if key is None:
+            manifest[section] = entry
+        else:
+            manifest.setdefault(section, {})[str(key)] = entry
+
+    return update_manifest(run_dir, change)
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """SHA-256 of the canonical JSON of everything that determines what the run generates."""
+    stable = {k: v for k, v in manifest.items() if k not in VOLATILE_KEYS}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def resolve(run_dir: str | Path, relative: str) -> str:
+    """A path stored in the manifest, made absolute against the run directory (URLs pass through)."""
+    return relative if "://" in relative else str(Path(run_dir) / relative)

@@ -1,0 +1,151 @@
+"""`ddm prepare`: dataset -> embeddings -> k-means -> one zarr shard per cluster + manifest.
+
+The manifest is written last: a crash part-way leaves no manifest, and rerunning simply redoes the work.
+An existing run directory is never clobbered by accident: a different dataset or clustering needs
+`--overwrite`, the same one is reported as already prepared.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from data import manifest as mf
+from data.embed import embed
+from data.kmeans import assign, kmeans
+from data.shards import write_shard
+from data.sources import fingerprint, load_dataset
+from ddm.config import Config, to_dict
+from ddm.errors import DDMError
+
+# Everything ddm writes in a run directory; `--overwrite` removes only these.
+RUN_CONTENTS = ("manifest.json", "shards", "clusters", "experts", "router", "monolith", "samples", "eval")
+
+
+def _clustering_params(cfg: Config) -> dict:
+    d = cfg.data
+    params = dict(method=d.kmeans, k=d.k, embedding=d.embedding, embed_dim=d.embed_dim, seed=d.seed,
+                  max_iter=d.max_iter, tol=d.tol, holdout_fraction=d.holdout_fraction, limit=d.limit,
+                  image_size=d.image_size)
+    if d.kmeans == "two_stage":
+        params["fine_k"] = d.fine_k
+    if d.kmeans == "balanced":
+        params["balance_slack"] = d.balance_slack
+    if d.embedding == "file":
+        params["features_path"] = d.features_path
+    return params
+
+
+def _check_run_dir(run_dir: Path, data_fingerprint: str, params: dict, overwrite: bool) -> bool:
+    """True if this exact preparation already exists; raises if a different one would be overwritten."""
+    if not mf.manifest_path(run_dir).exists():
+        return False
+    if overwrite:
+        for name in RUN_CONTENTS:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        return False
+    old = mf.read_manifest(run_dir)
+    if old["dataset"]["fingerprint"] != data_fingerprint:
+        raise DDMError(f"run directory {run_dir} holds a different dataset (fingerprint "
+                       f"{old['dataset']['fingerprint'][:12]}); use --overwrite or another --run-dir")
+    old_params = {k: v for k, v in old["clustering"].items() if k in params}
+    if old_params != params:
+        changed = sorted(k for k in params if old_params.get(k) != params[k])
+        raise DDMError(f"run directory {run_dir} was prepared with different clustering ({', '.join(changed)}); "
+                       "use --overwrite or another --run-dir")
+    return True
+
+
+def _ensure_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise DDMError(f"cannot write run directory {run_dir}: {err.strerror or err}") from None
+
+
+def split_holdout(n: int, fraction: float, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, holdout) index arrays; the training part always keeps at least k images."""
+    n_hold = min(int(round(n * fraction)), max(0, n - k))
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_dir: Path | None = None,
+            log: Callable[[str], None] = print) -> dict:
+    """Runs the data pipeline for `cfg` into `run_dir`; returns the manifest."""
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    log(f"loading {cfg.data.source} ...")
+    dataset = load_dataset(cfg.data, base_dir)
+    images, n = dataset.images, len(dataset.images)
+    data_fp = fingerprint(images)
+    log(f"  {n} images of shape {dataset.image_shape}, fingerprint {data_fp[:16]}")
+    params = _clustering_params(cfg)
+    if cfg.data.k > n:
+        raise DDMError(f"data.k={cfg.data.k} is larger than the dataset ({n} images)")
+    _ensure_writable(run_dir)
+    if _check_run_dir(run_dir, data_fp, params, overwrite):
+        log(f"{run_dir} is already prepared with this dataset and clustering; nothing to do")
+        return mf.read_manifest(run_dir)
+
+    train_idx, hold_idx = split_holdout(n, cfg.data.holdout_fraction, cfg.data.k, cfg.data.seed)
+    log(f"embedding with {cfg.data.embedding} ...")
+    features = embed(images, cfg.data, base_dir)
+    log(f"  features {features.shape}; k-means ({cfg.data.kmeans}) K={cfg.data.k} on {len(train_idx)} images ...")
+    result = kmeans(features[train_idx], cfg.data.k, seed=cfg.data.seed, max_iter=cfg.data.max_iter,
+                    tol=cfg.data.tol, mode=cfg.data.kmeans, fine_k=cfg.data.fine_k,
+                    balance_slack=cfg.data.balance_slack, log=lambda s: log("  " + s))
+    hold_labels = assign(features[hold_idx], result.centroids) if len(hold_idx) else np.zeros(0, np.int32)
+
+    log("writing shards ...")
+    (run_dir / "clusters").mkdir(exist_ok=True)
+    np.save(run_dir / "clusters" / "centroids.npy", result.centroids)
+    np.save(run_dir / "clusters" / "labels.npy", result.labels.astype(np.int32))
+    clusters = []
+    train_images = images[train_idx]
+    for k in range(cfg.data.k):
+        rel = f"shards/cluster_{k}"
+        members = train_images[result.labels == k]
+        write_shard(mf.resolve(run_dir, rel), members, cfg.data.chunk_images)
+        clusters.append({"id": k, "count": int(len(members)), "share": len(members) / len(train_idx), "shard": rel})
+    holdout = {"count": int(len(hold_idx))}
+    if len(hold_idx):
+        write_shard(mf.resolve(run_dir, "shards/holdout"), images[hold_idx], cfg.data.chunk_images)
+        np.save(run_dir / "shards" / "holdout_labels.npy", hold_labels.astype(np.int32))
+        holdout.update(shard="shards/holdout", labels="shards/holdout_labels.npy")
+
+    manifest = {
+        "format": mf.FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dataset": {"source": dataset.source, "fingerprint": data_fp, "num_images": n,
+                    "image_shape": list(dataset.image_shape)},
+        "clustering": {**params, "inertia": float(result.inertia), "n_iter": int(result.n_iter),
+                       "centroids": "clusters/centroids.npy", "train_labels": "clusters/labels.npy"},
+        "clusters": clusters,
+        "holdout": holdout,
+        "config": {**to_dict(cfg), "run_dir": str(run_dir)},
+        "experts": {},
+    }
+    mf.write_manifest(run_dir, manifest)
+    log(f"prepared {run_dir} in {time.perf_counter() - t0:.1f}s")
+    log(cluster_table(clusters))
+    return manifest
+
+
+def cluster_table(clusters: list[dict]) -> str:
+    """A readable table: cluster, size, share."""
+    lines = [f"{'cluster':>7}  {'size':>7}  {'share':>6}"]
+    lines += [f"{c['id']:>7}  {c['count']:>7}  {c['share']:>6.1%}" for c in clusters]
+    lines.append(f"{'total':>7}  {sum(c['count'] for c in clusters):>7}  {1:>6.0%}")
+    return "\n".join(lines)

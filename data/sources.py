@@ -1,0 +1,270 @@
+"""Dataset sources: everything becomes canonical uint8 images [N, H, W, C].
+
+uint8 is the storage format (shards, fingerprints, hashes); models see float32 in [-1, 1] through
+`to_model_range`. Supported sources:
+- `digits`: scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn, no download);
+- a `.npz` / `.npy` file holding [N, H, W] or [N, H, W, C] (uint8, or floats in [0, 1] / [-1, 1] / [0, 255]);
+- an image folder or a `.parquet` file, decoded through Hugging Face `datasets`;
+- `hf:<name>`: any `datasets` hub dataset (needs network on the user's machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ddm.config import DataConfig
+from ddm.errors import DDMError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Files an image folder may hold besides images (Hugging Face imagefolder metadata, docs).
+FOLDER_SIDE_FILES = {"metadata.csv", "metadata.jsonl", "metadata.parquet", "readme.md", "license", ".ds_store"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Canonical images plus where they came from."""
+
+    images: np.ndarray  # [N, H, W, C] uint8
+    source: str
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.images.shape[1:])
+
+
+def fingerprint(images: np.ndarray) -> str:
+    """SHA-256 of the canonical uint8 data, shape included. images: [N, H, W, C] uint8."""
+    digest = hashlib.sha256(f"ddm-dataset:v1:{','.join(map(str, images.shape))}\n".encode())
+    digest.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, C] -> float32 in [-1, 1]."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def from_model_range(x: np.ndarray) -> np.ndarray:
+    """float [..., H, W, C] in [-1, 1] -> uint8 (clipped, rounded)."""
+    return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
+    """Loads `cfg.source`, applies `limit` and `image_size`, and checks the result.
+
+    Relative paths are resolved against `base_dir` (the config file's repo) and then the working directory.
+    """
+    source = cfg.source
+    if source == "digits":
+        images = _load_digits()
+    elif source.startswith("hf:"):
+        images = _load_hf(source[3:], cfg, sized=cfg.image_size)
+    else:
+        path = _resolve(source, base_dir)
+        if path.is_dir():
+            images = _load_image_folder(path, cfg)
+        elif path.suffix in (".npz", ".npy"):
+            images = _load_array_file(path, cfg.array_key)
+        elif path.suffix == ".parquet":
+            images = _load_parquet(path, cfg)
+        else:
+            raise DDMError(f"data source {path} is not a folder, .npz, .npy or .parquet file")
+        source = str(path)
+    if cfg.limit is not None:
+        images = images[: cfg.limit]
+    if cfg.image_size is not None and images.shape[1:3] != (cfg.image_size, cfg.image_size):
+        images = np.stack([_resize_square(img, cfg.image_size) for img in images]) if len(images) else images
+    if len(images) == 0:
+        raise DDMError(f"data source {source} holds no images")
+    return Dataset(images=np.ascontiguousarray(images), source=source)
+
+
+def _resolve(source: str, base_dir: Path | None) -> Path:
+    path = Path(source).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path] + ([base_dir / path] if base_dir else [])
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    raise DDMError(f"data source not found: {source}")
+
+
+def _load_digits() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    pixels = load_digits().images  # [1797, 8, 8] float in 0..16
+    return np.rint(pixels * (255.0 / 16.0)).astype(np.uint8)[..., None]
+
+
+def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """Numeric image array -> uint8 [N, H, W, C], mapping float ranges [0,1], [-1,1], [0,255]."""
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+        raise DDMError(f"{what} has shape {array.shape}; expected [N, H, W] or [N, H, W, C] with C in 1, 3, 4")
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DDMError(f"{what} has dtype {array.dtype}; expected numbers")
+    array = array.astype(np.float64)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        rows = int(bad.reshape(len(array), -1).any(axis=1).sum())
+        raise DDMError(f"{what} contains NaN or Inf values in {rows} image(s)")
+    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if lo >= 0.0 and hi <= 1.0:
+        array = array * 255.0
+    elif lo >= -1.0 and hi <= 1.0:
+        array = (array + 1.0) * 127.5
+    elif lo < 0.0 or hi > 255.0:
+        raise DDMError(f"{what} has values in [{lo:g}, {hi:g}]; expected [0, 1], [-1, 1] or [0, 255]")
+    return np.rint(array).astype(np.uint8)
+
+
+def _load_array_file(path: Path, key: str | None) -> np.ndarray:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DDMError(f"cannot read array file {path}: {err}") from None
+    if isinstance(loaded, np.ndarray):
+        return _as_uint8(loaded, str(path))
+    with loaded:
+        keys = list(loaded.keys())
+        if key is None:
+            key = next((k for k in ("data", "images", "x") if k in keys), keys[0] if len(keys) == 1 else None)
+        if key not in keys:
+            raise DDMError(f"{path} has arrays {keys}; set data.array_key to choose one")
+        return _as_uint8(loaded[key], f"{path}[{key}]")
+
+
+def _pil_to_array(image, name: str) -> np.ndarray:
+    """A PIL image -> uint8 [H, W, C]; grayscale stays C=1, palettes/alpha become RGB(A)."""
+    if image.mode in ("L", "1", "I", "I;16", "F"):
+        array = np.asarray(image.convert("L"))[..., None]
+    elif image.mode == "RGBA":
+        array = np.asarray(image)
+    else:
+        array = np.asarray(image.convert("RGB"))
+    if array.ndim != 3:
+        raise DDMError(f"image {name} could not be decoded to [H, W, C]")
+    return array
+
+
+def _stack(arrays: list[np.ndarray], names: list[str], size: int | None, source: str) -> np.ndarray:
+    if size is not None:
+        arrays = [_resize_square(a, size) for a in arrays]
+    if not arrays:
+        return np.zeros((0, 1, 1, 1), np.uint8)
+    first = arrays[0].shape
+    for array, name in zip(arrays, names):
+        if array.shape != first:
+            raise DDMError(
+                f"{source}: image {name} has shape {array.shape} but {names[0]} has {first}; set data.image_size"
+            )
+    return np.stack(arrays)
+
+
+def _resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` (bicubic) and center-crop. image: [H, W, C] uint8."""
+    from PIL import Image
+
+    h, w, c = image.shape
+    pil = Image.fromarray(image[..., 0] if c == 1 else image)
+    scale = size / min(h, w)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    out = np.asarray(pil.crop((left, top, left + size, top + size)))
+    return out[..., None] if out.ndim == 2 else out
+
+
+def _check_folder(path: Path) -> list[Path]:
+    """Every file in an image folder must be a readable image; names the first that is not."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    images = []
+    for file in files:
+        if file.name.lower() in FOLDER_SIDE_FILES:
+            continue
+        if file.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DDMError(f"image folder {path} holds a non-image file: {file}")
+        try:
+            with Image.open(file) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise DDMError(f"unreadable image file {file}: {err}") from None
+        images.append(file)
+    if not images:
+        raise DDMError(f"image folder {path} holds no images")
+    return images
+
+
+def _load_image_folder(path: Path, cfg: DataConfig) -> np.ndarray:
+    files = _check_folder(path)
+    import datasets
+
+    ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    # imagefolder orders files itself; decode and report by its own order.
+    names = [str(f) for f in files] if len(files) == len(ds) else [f"#{i}" for i in range(len(ds))]
+    arrays = [_pil_to_array(row["image"], name) for row, name in zip(ds, names)]
+    return _stack(arrays, names, cfg.image_size, str(path))
+
+
+def _decode_cell(cell, name: str) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(cell, dict) and cell.get("bytes") is not None:
+        try:
+            return _pil_to_array(Image.open(io.BytesIO(cell["bytes"])), name)
+        except OSError as err:
+            raise DDMError(f"unreadable image {name}: {err}") from None
+    if hasattr(cell, "convert"):  # already a PIL image
+        return _pil_to_array(cell, name)
+    array = np.asarray(cell)
+    if array.ndim == 2:
+        array = array[..., None]
+    return _as_uint8(array[None], name)[0]
+
+
+def _decode_rows(rows, cfg: DataConfig, source: str, sized: int | None) -> np.ndarray:
+    column = cfg.image_column
+    if column not in rows.column_names:
+        raise DDMError(f"{source} has no column {column!r} (columns: {rows.column_names}); set data.image_column")
+    n = len(rows) if cfg.limit is None else min(len(rows), cfg.limit)
+    names = [f"{source} row {i}" for i in range(n)]
+    arrays = [_decode_cell(rows[i][column], names[i]) for i in range(n)]
+    return _stack(arrays, names, sized, source)
+
+
+def _load_parquet(path: Path, cfg: DataConfig) -> np.ndarray:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as err:  # noqa: BLE001 - datasets raises many types for a bad file
+        raise DDMError(f"cannot read parquet file {path}: {str(err).splitlines()[0]}") from None
+    if cfg.image_column in rows.column_names:
+        rows = rows.cast_column(cfg.image_column, datasets.Image(decode=False)) if _is_image_column(rows, cfg) else rows
+    return _decode_rows(rows, cfg, str(path), cfg.image_size)
+
+
+def _is_image_column(rows, cfg: DataConfig) -> bool:
+    import datasets
+
+    feature = rows.features[cfg.image_column]
+    return isinstance(feature, datasets.Image) or (isinstance(feature, dict) and "bytes" in feature)
+
+
+def _load_hf(name: str, cfg: DataConfig, sized: int | None) -> np.ndarray:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(name, split=cfg.split)
+    except Exception as err:  # noqa: BLE001 - network, auth and missing-dataset errors all land here
+        raise DDMError(f"cannot load Hugging Face dataset {name!r}: {str(err).splitlines()[0]}") from None
+    return _decode_rows(rows, cfg, f"hf:{name}", sized)

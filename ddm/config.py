@@ -1,0 +1,301 @@
+"""Typed, frozen configuration loaded from `configs/*.yaml` with `--set section.key=value` overrides.
+
+One `Config` describes a whole run: data preparation, the experts, the router and sampling. It is stored
+resolved inside the run's manifest, so every later command (train, sample, verify) sees exactly the settings
+the run was prepared with, plus any overrides given on its own command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddm.errors import DDMError
+
+EMBEDDINGS = ("pixels", "pca", "file")
+KMEANS_MODES = ("lloyd", "balanced", "two_stage")
+MODEL_PRESETS = ("tiny", "small", "S", "B", "L", "XL")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "constant")
+T_SAMPLINGS = ("uniform", "logit_normal")
+ROUTER_ARCHS = ("conv", "dit")
+SOLVERS = ("euler", "heun")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise DDMError(f"config {name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise DDMError(f"config {name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where images come from, how they are embedded and clustered into K shards."""
+
+    source: str = "digits"  # "digits", a .npz/.npy file, an image folder, a .parquet file, or "hf:<name>"
+    array_key: str | None = None  # array inside a .npz (default: the only one, or "data"/"images")
+    image_column: str = "image"  # column holding images for parquet / Hugging Face sources
+    split: str = "train"  # Hugging Face split
+    image_size: int | None = None  # resize (shorter side) + center-crop to a square of this size
+    limit: int | None = None  # use only the first `limit` images
+    embedding: str = "pca"
+    embed_dim: int = 32  # PCA dimensions
+    features_path: str | None = None  # precomputed features for embedding="file" (.npy or .parquet)
+    features_column: str | None = None  # parquet column with the feature vectors
+    k: int = 4
+    kmeans: str = "lloyd"
+    max_iter: int = 100
+    tol: float = 1e-4  # Lloyd stops when the relative inertia change is below this
+    fine_k: int = 256  # fine centroids of the two-stage mode
+    balance_slack: float = 1.1  # balanced mode: no cluster larger than ceil(slack * N / K)
+    holdout_fraction: float = 0.1  # kept out of every shard for router / quality evaluation
+    seed: int = 0
+    chunk_images: int = 256  # zarr chunk length along N
+
+    def __post_init__(self) -> None:
+        _check_choice("data.embedding", self.embedding, EMBEDDINGS)
+        _check_choice("data.kmeans", self.kmeans, KMEANS_MODES)
+        if self.k < 1:
+            raise DDMError(f"config data.k={self.k} must be >= 1")
+        _check_positive("data.embed_dim", self.embed_dim)
+        _check_positive("data.max_iter", self.max_iter)
+        _check_positive("data.chunk_images", self.chunk_images)
+        if self.balance_slack < 1.0:
+            raise DDMError(f"config data.balance_slack={self.balance_slack} must be >= 1.0")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise DDMError(f"config data.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+        if self.image_size is not None:
+            _check_positive("data.image_size", self.image_size)
+        if self.limit is not None:
+            _check_positive("data.limit", self.limit)
+        if self.embedding == "file" and not self.features_path:
+            raise DDMError("config data.embedding='file' needs data.features_path")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A DiT: a preset fixes width/depth/heads; the patch size and conditioning are free."""
+
+    preset: str = "tiny"
+    patch_size: int = 2
+    num_classes: int = 0  # 0: unconditional
+    class_dropout: float = 0.1  # label dropout for classifier-free guidance
+    dtype: str = "float32"  # compute dtype; parameters and the loss stay float32
+
+    def __post_init__(self) -> None:
+        _check_choice("model.preset", self.preset, MODEL_PRESETS)
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_positive("model.patch_size", self.patch_size)
+        _check_positive("model.num_classes", self.num_classes, allow_zero=True)
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise DDMError(f"config model.class_dropout={self.class_dropout} must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training job (an expert, the router or the monolith) on the shared trainer."""
+
+    steps: int = 1000
+    batch_size: int = 128  # global batch, split over every device of the island
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    t_sampling: str = "logit_normal"
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 100
+    mesh_data: int = -1  # -1: every device not used by fsdp
+    mesh_fsdp: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("train.schedule", self.schedule, SCHEDULES)
+        _check_choice("train.t_sampling", self.t_sampling, T_SAMPLINGS)
+        for name in ("steps", "batch_size", "lr", "checkpoint_every", "keep_checkpoints", "log_every"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise DDMError(f"config train.ema_decay={self.ema_decay} must be in [0, 1)")
+        if self.mesh_data == 0 or self.mesh_data < -1 or self.mesh_fsdp < 1:
+            raise DDMError(f"config mesh ({self.mesh_data}, {self.mesh_fsdp}) must be positive (data may be -1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    arch: str = "conv"  # "conv" (small conv net) or "dit" (DiT blocks + CLS token)
+    preset: str = "tiny"  # width preset for either arch
+    patch_size: int = 2  # dit arch only
+    train: TrainConfig = TrainConfig(steps=1000, ema_decay=0.99)
+
+    def __post_init__(self) -> None:
+        _check_choice("router.arch", self.arch, ROUTER_ARCHS)
+        _check_choice("router.preset", self.preset, MODEL_PRESETS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    n: int = 64
+    steps: int = 50
+    solver: str = "euler"
+    seed: int = 0
+    strategies: tuple[str, ...] = ("top1", "top2", "full")
+
+    def __post_init__(self) -> None:
+        _check_choice("sample.solver", self.solver, SOLVERS)
+        _check_positive("sample.n", self.n)
+        _check_positive("sample.steps", self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/digits"
+    data: DataConfig = DataConfig()
+    expert: ExpertConfig = ExpertConfig()
+    router: RouterConfig = RouterConfig()
+    sample: SampleConfig = SampleConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with clear errors.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    """Checks `value` against the type hint `hint`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise DDMError(f"config {path} must be a mapping, got {type(value).__name__}")
+        return from_dict(hint, value, prefix=path + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise DDMError(f"config {path} must be a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
+            raise DDMError(f"config {path}={value!r} must be {hint.__name__}, got {type(value).__name__}")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {path}")
+
+
+def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a (possibly partial) nested dict; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise DDMError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            # Partial sections keep the defaults of the section's class, not of the parent's default instance.
+            base = to_dict(getattr(cls(), name)) if _has_default(cls, name) else {}
+            value = _merge(base, value)
+        kwargs[name] = _coerce(prefix + name, value, hint)
+    return cls(**kwargs)
+
+
+def _has_default(cls: type, name: str) -> bool:
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(config: Any) -> dict:
+    """The config as plain JSON/YAML-able data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def parse_override(text: str) -> dict:
+    """`"expert.train.steps=200"` -> `{"expert": {"train": {"steps": 200}}}` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise DDMError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise DDMError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None and raw.strip().lower() not in ("null", "~", "none"):
+        value = raw
+    if isinstance(value, str) and raw.strip().lower() == "none":
+        value = None
+    nested: dict = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def config_from_data(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A `Config` from a nested dict plus `key=value` overrides applied in order."""
+    merged = dict(values)
+    for text in overrides:
+        merged = _merge(merged, parse_override(text))
+    return from_dict(Config, merged)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads `configs/*.yaml` (or the defaults when `path` is None) and applies `--set` overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DDMError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise DDMError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise DDMError(f"config file {path} must hold a mapping at the top level")
+    return config_from_data(values, overrides)

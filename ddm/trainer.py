@@ -1,0 +1,305 @@
+"""The one training loop, shared by experts, the router and the monolith.
+
+A job is a `Task` (which model, which loss, which data, where to write) plus a `TrainConfig`. The loop:
+
+    setup       mesh, abstract state -> shardings, init straight into shards (no unsharded copy)
+    resume      latest orbax checkpoint if any (onto the current mesh, any device count)
+    loop        batch = reader(step) -> train_step (jit, donated state) -> log / checkpoint
+    finish      final EMA params saved standalone, their SHA-256 returned for the manifest
+
+Everything random is a pure function of (seed, step): `fold_in(key, step)` for noise, the reader's
+permutation for data. So a run killed at any moment and resumed from its last checkpoint reproduces, bitwise
+on the same devices, the run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from data.shards import ShardReader
+from ddm import mesh as mesh_lib
+from ddm.checkpoint import Checkpointer, abstract_with_shardings, save_params
+from ddm.config import TrainConfig
+from ddm.errors import DDMError
+from ddm.hashing import pytree_sha256
+
+# loss(model, images [B,H,W,C] float32 in [-1,1], labels [B] int32, rng) -> (scalar loss, dict of scalars)
+LossFn = Callable[[nnx.Module, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What distinguishes one training job from another."""
+
+    name: str  # for messages, e.g. "expert 3"
+    make_model: Callable[[nnx.Rngs], nnx.Module]
+    loss: LossFn
+    reader: ShardReader
+    out_dir: Path
+    meta: dict  # resolved config etc., stored beside every checkpoint
+
+
+class NonFiniteError(DDMError):
+    """Loss or gradients became NaN/Inf; the last good checkpoint is left in place."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure pieces: optimizer, state, step.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def learning_rate(cfg: TrainConfig) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    if cfg.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup])
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1), end_value=0.0)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(learning_rate(cfg), b1=0.9, b2=0.99, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+
+
+def init_state(make_model, tx: optax.GradientTransformation, seed: int) -> dict:
+    """The full training state as a pytree of arrays (traceable: used under eval_shape and jit)."""
+    key = jax.random.key(seed)
+    model = make_model(nnx.Rngs(params=jax.random.fold_in(key, 0)))
+    params = nnx.state(model, nnx.Param)
+    return {
+        "params": params,
+        # Non-trainable model variables (buffers), carried unchanged so the model can be rebuilt from state.
+        "rest": nnx.state(model, nnx.Not(nnx.Param)),
+        "ema": jax.tree.map(jnp.copy, params),
+        "opt": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
+        # (step, loss, grad norm, param norm) of the first non-finite step; step -1 while all is well.
+        "bad": jnp.array([-1.0, 0.0, 0.0, 0.0], jnp.float32),
+    }
+
+
+def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images, labels):
+    """One optimisation step. images: [B, H, W, C] uint8, labels: [B] int32. Returns (state, metrics).
+
+    A non-finite loss or gradient leaves params/optimizer untouched and records the step in `state["bad"]`,
+    so the host can stop with the last good state still intact.
+    """
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+
+    def objective(params):
+        return loss(nnx.merge(graphdef, params, state["rest"]), x, labels, rng)
+
+    (loss_value, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+    grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(state["params"])
+    ok = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm) & (state["bad"][0] < 0)
+
+    def keep_if_ok(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    first_bad = (state["bad"][0] < 0) & ~ok
+    new_state = {
+        "params": keep_if_ok(params, state["params"]),
+        "ema": keep_if_ok(ema, state["ema"]),
+        "opt": keep_if_ok(opt, state["opt"]),
+        "rest": state["rest"],
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+        "bad": jnp.where(first_bad, jnp.stack([state["step"].astype(jnp.float32), loss_value, grad_norm,
+                                               param_norm]), state["bad"]),
+    }
+    metrics = {"loss": loss_value, "grad_norm": grad_norm, "param_norm": param_norm,
+               "update_norm": optax.global_norm(updates), **aux}
+    return new_state, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    ema_sha256: str
+    final_path: Path
+    metrics_path: Path
+    resumed_from: int | None
+
+
+class Trainer:
+    """Builds the sharded state for a `Task` and runs it to `cfg.steps`, resuming if a checkpoint exists."""
+
+    def __init__(self, task: Task, cfg: TrainConfig, *, log: Callable[[str], None] = print,
+                 progress: bool = True):
+        self.task, self.cfg, self.log, self.progress = task, cfg, log, progress
+        self.mesh = mesh_lib.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+        mesh_lib.check_batch(cfg.batch_size, self.mesh)
+        self.tx = make_optimizer(cfg)
+        abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(params=0)))
+        self.graphdef = nnx.graphdef(abstract_model)
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract_model, nnx.Param)))
+        make_state = functools.partial(init_state, task.make_model, self.tx, cfg.seed)
+        abstract = jax.eval_shape(make_state)
+        self.shardings = mesh_lib.state_shardings(abstract, self.mesh)
+        self.abstract = abstract_with_shardings(abstract, self.shardings)
+        self._init = jax.jit(make_state, out_shardings=self.shardings)
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        step_fn = functools.partial(train_step, self.graphdef, task.loss, self.tx, cfg.ema_decay)
+        self._step = jax.jit(step_fn, donate_argnums=0,
+                             in_shardings=(self.shardings, self.batch_sharding, self.batch_sharding),
+                             out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)))
+
+    def _global_batch(self, step: int) -> tuple[jax.Array, jax.Array]:
+        images, labels = self.task.reader.batch(step)
+        return (jax.make_array_from_process_local_data(self.batch_sharding, images),
+                jax.make_array_from_process_local_data(self.batch_sharding, labels))
+
+    def _meta(self, step: int) -> dict:
+        pos = self.task.reader.position(step)
+        return {**self.task.meta, "step": step, "reader": {"epoch": pos.epoch, "offset": pos.offset,
+                                                          "seed": self.task.reader.seed}}
+
+    def _check_finite(self, state: dict) -> None:
+        bad = np.asarray(jax.device_get(state["bad"]))
+        if bad[0] >= 0:
+            raise NonFiniteError(
+                f"{self.task.name}: non-finite loss or gradient at step {int(bad[0])} (loss={bad[1]:.4g}, "
+                f"grad_norm={bad[2]:.4g}, param_norm={bad[3]:.4g}); last good checkpoint kept")
+
+    def run(self) -> TrainResult:
+        cfg, task = self.cfg, self.task
+        task.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpointer = Checkpointer(task.out_dir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
+        metrics_path = task.out_dir / "metrics.jsonl"
+        resumed_from = checkpointer.latest_step()
+        if resumed_from is not None:
+            state, _ = checkpointer.restore(self.abstract)
+            self.log(f"{task.name}: resumed from step {resumed_from}")
+        else:
+            with jax.set_mesh(self.mesh):
+                state = self._init()
+        start = int(jax.device_get(state["step"]))
+        _truncate_metrics(metrics_path, start)
+        self.log(f"{task.name}: {self.num_params:,} parameters, {task.reader.num_images} images, "
+                 f"mesh {dict(self.mesh.shape)}, batch {cfg.batch_size}, steps {start}->{cfg.steps}")
+        try:
+            state = self._loop(state, start, checkpointer, metrics_path)
+            self._check_finite(state)
+            if start < cfg.steps or checkpointer.latest_step() != cfg.steps:
+                checkpointer.save(cfg.steps, state, self._meta(cfg.steps), force=True)
+        finally:
+            checkpointer.close()
+        final_path = task.out_dir / "final"
+        final = final_params(state)
+        save_params(final_path, final)
+        ema_sha = pytree_sha256(_to_host(final))
+        if jax.process_index() == 0:
+            plot_loss_curve(metrics_path, task.out_dir / "loss.png", title=task.name)
+        return TrainResult(cfg.steps, ema_sha, final_path, metrics_path, resumed_from)
+
+    def _loop(self, state: dict, start: int, checkpointer: Checkpointer, metrics_path: Path) -> dict:
+        cfg = self.cfg
+        bar = _progress_bar(start, cfg.steps, self.task.name) if self.progress and jax.process_index() == 0 else None
+        t_last, step_last = time.perf_counter(), start
+        with jax.set_mesh(self.mesh):
+            for step in range(start, cfg.steps):
+                images, labels = self._global_batch(step)
+                state, metrics = self._step(state, images, labels)
+                done = step + 1
+                if bar is not None:
+                    bar.update(1)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    self._check_finite(state)
+                    now = time.perf_counter()
+                    rate = (done - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+                    eta = (cfg.steps - done) * cfg.batch_size / max(rate, 1e-9)
+                    row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()},
+                           "lr": float(learning_rate(cfg)(step)), "images_per_s": rate, "time": time.time()}
+                    t_last, step_last = now, done
+                    if jax.process_index() == 0:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    message = (f"{self.task.name}: step {done}/{cfg.steps} loss {row['loss']:.4f} "
+                               f"grad {row['grad_norm']:.3f} {rate:,.0f} img/s eta {eta:,.0f}s")
+                    bar.write(message) if bar is not None else self.log(message)
+                if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    self._check_finite(state)  # never checkpoint a poisoned state
+                    checkpointer.save(done, state, self._meta(done))
+        if bar is not None:
+            bar.close()
+        return state
+
+
+def final_params(state: dict) -> dict:
+    """What a finished model ships: EMA weights plus buffers; this tree is what the manifest's SHA-256 pins."""
+    return {"ema": state["ema"], "rest": state["rest"]}
+
+
+def _to_host(tree):
+    """Numpy copy of a (possibly multi-host sharded) pytree, identical on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def _progress_bar(start: int, total: int, name: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True,
+                mininterval=1.0, disable=None)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops metric rows past `step` (logged after the checkpoint we resume from), so the curve has no repeats."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> None:
+    """Loss vs step from metrics.jsonl as a PNG."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
