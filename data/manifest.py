@@ -65,6 +65,8 @@ def write_manifest(run_dir: str | Path, manifest: dict) -> None:
 
 @contextlib.contextmanager
 def _locked(run_dir: str | Path) -> Iterator[None]:
+    if not Path(run_dir).is_dir():  # the lock file could not be created: say what is missing instead
+        raise DDMError(f"no manifest at {manifest_path(run_dir)}: run `ddm prepare` for this run directory first")
     with open(Path(run_dir) / ".manifest.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

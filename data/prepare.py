@@ -41,16 +41,12 @@ def _clustering_params(cfg: Config) -> dict:
 
 
 def _check_run_dir(run_dir: Path, data_fingerprint: str, params: dict, overwrite: bool) -> bool:
-    """True if this exact preparation already exists; raises if a different one would be overwritten."""
-    if not mf.manifest_path(run_dir).exists():
-        return False
-    if overwrite:
-        for name in RUN_CONTENTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    """True if this exact preparation already exists; raises if a different one would be overwritten.
+
+    Removes nothing: with `overwrite` the old contents are cleared by `_clear_run_dir` only once the new
+    preparation has loaded, embedded and clustered without error.
+    """
+    if overwrite or not mf.manifest_path(run_dir).exists():
         return False
     old = mf.read_manifest(run_dir)
     if old["dataset"]["fingerprint"] != data_fingerprint:
@@ -62,6 +58,16 @@ def _check_run_dir(run_dir: Path, data_fingerprint: str, params: dict, overwrite
         raise DDMError(f"run directory {run_dir} was prepared with different clustering ({', '.join(changed)}); "
                        "use --overwrite or another --run-dir")
     return True
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """Removes what an earlier preparation wrote (only ddm's own entries, see RUN_CONTENTS)."""
+    for name in RUN_CONTENTS:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def _ensure_writable(run_dir: Path) -> None:
@@ -108,6 +114,9 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
                     balance_slack=cfg.data.balance_slack, log=lambda s: log("  " + s))
     hold_labels = assign(features[hold_idx], result.centroids) if len(hold_idx) else np.zeros(0, np.int32)
 
+    if overwrite and mf.manifest_path(run_dir).exists():
+        log(f"--overwrite: removing the earlier preparation in {run_dir}")
+        _clear_run_dir(run_dir)
     log("writing shards ...")
     (run_dir / "clusters").mkdir(exist_ok=True)
     np.save(run_dir / "clusters" / "centroids.npy", result.centroids)

@@ -77,6 +77,8 @@ class ShardReader:
                  process_index: int = 0, process_count: int = 1, in_memory: bool | None = None):
         if not paths:
             raise DDMError("a reader needs at least one shard")
+        if not 0 <= process_index < process_count:
+            raise DDMError(f"process index {process_index} is not in [0, {process_count})")
         if batch_size % process_count:
             raise DDMError(f"batch size {batch_size} is not divisible by the {process_count} processes")
         self.stores = [open_shard(p) for p in paths]

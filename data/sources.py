@@ -237,7 +237,16 @@ def _decode_rows(rows, cfg: DataConfig, source: str, sized: int | None) -> np.nd
         raise DDMError(f"{source} has no column {column!r} (columns: {rows.column_names}); set data.image_column")
     n = len(rows) if cfg.limit is None else min(len(rows), cfg.limit)
     names = [f"{source} row {i}" for i in range(n)]
-    arrays = [_decode_cell(rows[i][column], names[i]) for i in range(n)]
+    cells = [rows[i][column] for i in range(n)]
+    if cells and not any(isinstance(c, dict) or hasattr(c, "convert") for c in cells):
+        # Plain numeric arrays: infer the value range ([0, 1], [-1, 1], [0, 255]) over the whole column, not per
+        # image, or a [-1, 1] image whose values happen to lie in [0, 1] would be mapped differently.
+        raw = [np.asarray(c) for c in cells]
+        raw = [a[..., None] if a.ndim == 2 else a for a in raw]
+        if len({a.shape for a in raw}) == 1:
+            images = _as_uint8(np.stack(raw), f"{source} column {column!r}")
+            return _stack(list(images), names, sized, source)
+    arrays = [_decode_cell(cell, name) for cell, name in zip(cells, names)]
     return _stack(arrays, names, sized, source)
 
 

@@ -8,6 +8,7 @@ the run was prepared with, plus any overrides given on its own command line.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -25,6 +26,17 @@ SCHEDULES = ("cosine", "constant")
 T_SAMPLINGS = ("uniform", "logit_normal")
 ROUTER_ARCHS = ("conv", "dit")
 SOLVERS = ("euler", "heun")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 needs `1.0e-4`; users write `1e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -261,7 +273,7 @@ def parse_override(text: str) -> dict:
     if not key or any(not part for part in key.split(".")):
         raise DDMError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_Loader) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     if value is None and raw.strip().lower() not in ("null", "~", "none"):
@@ -293,7 +305,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise DDMError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as err:
             raise DDMError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(values, dict):

@@ -1,0 +1,287 @@
+"""`ddm prepare` and `ddm info` through the CLI: the happy paths, reruns, and every refused input.
+
+The CLI runs in-process (`ddm.cli.main`) so JAX compiles once for the whole module; one test runs it as a real
+subprocess to check the user-facing contract (exit code 2, one line on stderr, no traceback) end to end.
+"""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.prepare import split_holdout
+from data.shards import ShardReader, read_shard
+from data.sources import fingerprint, load_dataset
+from ddm.cli import main
+from ddm.config import DataConfig
+from ddm.info import describe
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_YAML = str(REPO / "configs" / "digits.yaml")
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def prepare(run_dir, *sets: str, config: str = DIGITS_YAML, overwrite: bool = False) -> tuple[int, str, str]:
+    args = ["prepare", "--config", config, "--run-dir", run_dir]
+    for s in sets:
+        args += ["--set", s]
+    return cli(*args, *(["--overwrite"] if overwrite else []))
+
+
+def assert_refused(result: tuple[int, str, str], *needles: str) -> str:
+    """Exit 2, one `ddm: error:` line (the last on stderr) naming the problem, no traceback."""
+    rc, _, err = result
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert sum(line.startswith("ddm: error:") for line in lines) == 1 and lines[-1].startswith("ddm: error: ")
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def snapshot(run_dir: Path) -> dict:
+    """Every file ddm wrote in a run directory -> its bytes (shards are small)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != ".manifest.lock"}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("digits") / "run"
+    rc, out, err = prepare(run_dir)
+    assert rc == 0, err
+    return run_dir, out
+
+
+# --- the happy path ---------------------------------------------------------------------------------------
+
+
+def test_prepare_digits_end_to_end(digits_run):
+    run_dir, out = digits_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    images = load_dataset(DataConfig(source="digits")).images
+    assert manifest["format"] == "ddm-run/v1"
+    ds = manifest["dataset"]
+    assert ds == {"source": "digits", "fingerprint": fingerprint(images), "num_images": 1797, "image_shape": [8, 8, 1]}
+    cl = manifest["clustering"]
+    assert (cl["k"], cl["method"], cl["embedding"], cl["embed_dim"]) == (4, "lloyd", "pca", 16)
+    assert cl["inertia"] > 0 and cl["n_iter"] >= 1
+    assert np.load(run_dir / cl["centroids"]).shape == (4, 16)
+    assert manifest["config"]["data"]["k"] == 4 and manifest["config"]["run_dir"] == str(run_dir)
+
+    clusters = manifest["clusters"]
+    assert [c["id"] for c in clusters] == [0, 1, 2, 3] and all(c["count"] > 0 for c in clusters)
+    holdout = manifest["holdout"]
+    assert holdout["count"] == 180 and sum(c["count"] for c in clusters) + holdout["count"] == 1797
+    assert sum(c["share"] for c in clusters) == pytest.approx(1.0)
+
+    # Each shard holds exactly the training images k-means put in its cluster, in dataset order.
+    train_idx, hold_idx = split_holdout(1797, 0.1, 4, 0)
+    labels = np.load(run_dir / cl["train_labels"])
+    assert labels.shape == (1617,) and np.array_equal(np.bincount(labels), [c["count"] for c in clusters])
+    for c in clusters:
+        assert (run_dir / c["shard"] / ".zarray").is_file()
+        assert read_shard(str(run_dir / c["shard"])).tobytes() == images[train_idx][labels == c["id"]].tobytes()
+    assert read_shard(str(run_dir / holdout["shard"])).tobytes() == images[hold_idx].tobytes()
+    assert np.load(run_dir / holdout["labels"]).shape == (180,)
+
+    # A reader over all shards sees the cluster ids as labels.
+    reader = ShardReader([str(run_dir / c["shard"]) for c in clusters], batch_size=1617, seed=0)
+    assert np.array_equal(np.bincount(reader.batch(0)[1]), [c["count"] for c in clusters])
+
+    # The closing summary table.
+    tail = out.strip().splitlines()[-6:]
+    assert tail[0].split() == ["cluster", "size", "share"]
+    for line, c in zip(tail[1:5], clusters):
+        assert line.split()[:2] == [str(c["id"]), str(c["count"])]
+    assert tail[5].split() == ["total", "1617", "100%"]
+
+
+def test_info(digits_run):
+    run_dir, _ = digits_run
+    rc, out, err = cli("info", run_dir)
+    assert rc == 0, err
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert out.strip() == describe(manifest, str(run_dir))
+    assert "digits: 1797 images (8, 8, 1)" in out and "K=4 by lloyd k-means on pca features" in out
+    assert "holdout    180 images" in out and "experts    0/4 finished" in out
+    for c in manifest["clusters"]:
+        assert any(line.split()[:2] == [str(c["id"]), str(c["count"])] for line in out.splitlines())
+
+
+def test_info_without_a_run(tmp_path):
+    assert_refused(cli("info", tmp_path / "nothing"), "no manifest", "ddm prepare")
+
+
+def test_rerun_is_idempotent(digits_run):
+    run_dir, _ = digits_run
+    before = snapshot(run_dir)
+    rc, out, err = prepare(run_dir)
+    assert rc == 0, err
+    assert "already prepared" in out
+    assert snapshot(run_dir) == before
+
+
+def test_mnist10k_config(mnist10k_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's relative source resolves against the repo it lives in
+    rc, out, err = prepare(tmp_path / "m", "data.limit=2000", config=str(REPO / "configs" / "mnist10k.yaml"))
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["dataset"]["source"] == str(mnist10k_path.resolve())
+    assert manifest["dataset"]["num_images"] == 2000 and manifest["dataset"]["image_shape"] == [28, 28, 1]
+    assert manifest["clustering"]["k"] == 8 and manifest["clustering"]["limit"] == 2000
+    assert sum(c["count"] for c in manifest["clusters"]) + manifest["holdout"]["count"] == 2000
+    assert all((tmp_path / "m" / c["shard"] / ".zarray").is_file() for c in manifest["clusters"])
+    assert "total     1800" in out
+
+
+# --- refused inputs leave an existing run untouched -------------------------------------------------------
+
+
+def _png_folder(root: Path, sizes: list[tuple[int, int]], extra: dict | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"im{i:03d}.png")
+    for name, content in (extra or {}).items():
+        (root / name).write_bytes(content)
+    return root
+
+
+def _bad_inputs(tmp: Path) -> dict:
+    """name -> (--set overrides, overwrite, words the error must contain)."""
+    np.savez(tmp / "empty.npz", data=np.zeros((0, 8, 8), np.uint8))
+    nan_images = np.full((20, 8, 8), 0.5)
+    nan_images[4, 3, 3] = np.nan
+    np.save(tmp / "nan.npy", nan_images)
+    inf_images = nan_images.copy()
+    inf_images[4, 3, 3] = np.inf
+    np.save(tmp / "inf.npy", inf_images)
+    features = np.random.default_rng(0).normal(size=(1797, 4))
+    features[100, 2] = np.nan
+    np.save(tmp / "nan_features.npy", features)
+    np.save(tmp / "short_features.npy", features[:1000])
+    _png_folder(tmp / "with_text", [(8, 8)] * 3, {"readme.txt": b"hi"})
+    _png_folder(tmp / "with_broken", [(8, 8)] * 3, {"im999.png": b"\x89PNG broken"})
+    _png_folder(tmp / "mixed", [(8, 8)] * 3 + [(9, 8)])
+    np.savez(tmp / "other.npz", data=np.random.default_rng(1).integers(0, 256, (50, 8, 8), dtype=np.uint8))
+    return {
+        "missing path": ([f"data.source={tmp}/does_not_exist.npz"], False, ["not found", "does_not_exist.npz"]),
+        "non-image file": ([f"data.source={tmp}/with_text"], False, ["non-image file", "readme.txt"]),
+        "unreadable image": ([f"data.source={tmp}/with_broken"], False, ["unreadable image", "im999.png"]),
+        "mixed sizes": ([f"data.source={tmp}/mixed"], False, ["im003.png", "(9, 8, 3)", "data.image_size"]),
+        "empty": ([f"data.source={tmp}/empty.npz"], False, ["no images"]),
+        "k < 1": (["data.k=0"], False, ["data.k=0"]),
+        "k > n": (["data.limit=3"], False, ["data.k=4", "3 images"]),
+        "nan images": ([f"data.source={tmp}/nan.npy"], False, ["NaN or Inf", "1 image"]),
+        "inf images": ([f"data.source={tmp}/inf.npy"], True, ["NaN or Inf"]),
+        # With --overwrite the bad features are found before anything of the old run is removed.
+        "nan features, overwrite": (["data.embedding=file", f"data.features_path={tmp}/nan_features.npy"], True,
+                                    ["NaN or Inf"]),
+        "feature rows": (["data.embedding=file", f"data.features_path={tmp}/short_features.npy"], True,
+                         ["1000 rows", "1797 images"]),
+        "other dataset": ([f"data.source={tmp}/other.npz"], False, ["different dataset", "--overwrite"]),
+        "other clustering": (["data.k=3", "data.seed=5"], False, ["different clustering (k, seed)", "--overwrite"]),
+        "unknown key": (["data.kk=3"], False, ["unknown config key data.kk"]),
+        "wrong type": (["data.k=four"], False, ["data.k", "must be int"]),
+        "bad choice": (["data.kmeans=spectral"], False, ["data.kmeans"]),
+    }
+
+
+def test_bad_inputs_are_refused_and_destroy_nothing(digits_run, tmp_path):
+    run_dir, _ = digits_run
+    before = snapshot(run_dir)
+    assert "manifest.json" in before and any(name.startswith("shards/cluster_3/") for name in before)
+    failures = []
+    for name, (sets, overwrite, needles) in _bad_inputs(tmp_path).items():
+        result = prepare(run_dir, *sets, overwrite=overwrite)
+        try:
+            assert_refused(result, *needles)
+            assert snapshot(run_dir) == before, "the existing run was changed"
+        except AssertionError as err:
+            failures.append(f"{name}: {err}")
+    assert not failures, "\n".join(failures)
+
+
+def test_bad_input_in_a_fresh_run_dir_writes_no_manifest(tmp_path):
+    np.save(tmp_path / "nan.npy", np.full((20, 4, 4), np.nan))
+    assert_refused(prepare(tmp_path / "run", f"data.source={tmp_path}/nan.npy"), "NaN or Inf values in 20 image")
+    features = np.zeros((1797, 3))
+    features[[100, 200], 1] = np.nan
+    np.save(tmp_path / "f.npy", features)
+    assert_refused(prepare(tmp_path / "run", "data.embedding=file", f"data.features_path={tmp_path}/f.npy"),
+                   "NaN or Inf in 2 row(s), first row 100")
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_overwrite_replaces_a_different_run(digits_run, tmp_path):
+    # Inverted digits: another dataset of the same shapes, so k-means reuses the compiled code (fast tests).
+    digits = load_dataset(DataConfig(source="digits")).images
+    np.save(tmp_path / "inverted.npy", 255 - digits[..., 0])
+    run_dir = tmp_path / "run"
+    rc, _, err = prepare(run_dir, f"data.source={tmp_path}/inverted.npy")
+    assert rc == 0, err
+    first = json.loads((run_dir / "manifest.json").read_text())
+    assert first["dataset"]["source"] == str(tmp_path / "inverted.npy")
+    assert first["dataset"]["fingerprint"] == fingerprint(255 - digits)
+    (run_dir / "shards" / "stale").write_text("from an older preparation")  # inside ddm's folders: removed
+    (run_dir / "notes.txt").write_text("mine")  # not ddm's: survives --overwrite
+
+    before = snapshot(run_dir)
+    assert_refused(prepare(run_dir), "different dataset", first["dataset"]["fingerprint"][:12], "--overwrite")
+    assert snapshot(run_dir) == before
+
+    rc, _, err = prepare(run_dir, overwrite=True)
+    assert rc == 0, err
+    second = json.loads((run_dir / "manifest.json").read_text())
+    assert second["dataset"]["source"] == "digits" and second["dataset"]["fingerprint"] == fingerprint(digits)
+    expected = json.loads((digits_run[0] / "manifest.json").read_text())
+    assert second["clusters"] == expected["clusters"]  # the same as preparing digits into a fresh directory
+    for c in second["clusters"]:
+        assert read_shard(str(run_dir / c["shard"])).tobytes() == read_shard(str(digits_run[0] / c["shard"])).tobytes()
+    assert not (run_dir / "shards" / "stale").exists()
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    rc, out, _ = prepare(run_dir)
+    assert rc == 0 and "already prepared" in out
+
+
+def test_unwritable_run_dir(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    assert_refused(prepare(tmp_path / "a_file" / "run", "data.limit=100"), "cannot write run directory")
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        if os.access(parent, os.W_OK):
+            pytest.skip("running as a user (root) that can write to a 0o500 directory")
+        assert_refused(prepare(parent / "run", "data.limit=100"), "cannot write run directory", str(parent))
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o700)
+
+
+def test_subprocess_contract(tmp_path):
+    """As a user sees it: `python -m ddm.cli prepare` on a missing source."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddm.cli", "prepare", "--config", DIGITS_YAML, "--run-dir", str(tmp_path / "run"),
+         "--set", f"data.source={tmp_path}/missing.npz"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"ddm: error: data source not found: {tmp_path}/missing.npz"
