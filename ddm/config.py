@@ -20,7 +20,7 @@ from ddm.errors import DDMError
 
 EMBEDDINGS = ("pixels", "pca", "file")
 KMEANS_MODES = ("lloyd", "balanced", "two_stage")
-MODEL_PRESETS = ("tiny", "small", "S", "B", "L", "XL")
+MODEL_PRESETS = ("micro", "tiny", "small", "S", "B", "L", "XL")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant")
 T_SAMPLINGS = ("uniform", "logit_normal")

@@ -1,0 +1,368 @@
+"""Diffusion Transformer (DiT, Peebles & Xie 2023) in Flax NNX, used by every expert and the monolith.
+
+    x [B,H,W,C] --patchify + linear--> tokens [B,N,D] + fixed 2-D sin-cos position embedding
+    t [B] --sinusoidal(1000 t)--> MLP --+--> c [B,D] (conditioning vector)
+    y [B] --embedding(num_classes+1)----+      (index num_classes is the "null" label for CFG)
+    tokens --depth x adaLN-Zero block(c)--> final adaLN + linear --unpatchify--> v [B,H,W,C]
+
+adaLN-Zero: every block's modulation (shift, scale, gate for attention and MLP) is a linear map of silu(c)
+initialised to zero, so each block starts as the identity; the final linear layer is zero too, so a new
+model predicts v = 0 everywhere. The model is deterministic: label dropout for classifier-free guidance
+happens in the loss (`ddm.flow.drop_labels`), not here.
+
+Precision: parameters are float32. Matmuls run in the compute `dtype` (e.g. bfloat16); the residual stream,
+layer norms and the attention softmax stay float32, and the output is float32.
+
+The building blocks (`ConditionEmbedder`, `PatchEmbed`, `sincos_pos_embed`, `DiTBlock`) are shared with
+the transformer router (`router.model.DiTRouter`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ddm.config import ModelConfig
+from ddm.errors import DDMError
+
+# name -> (depth, width, heads). S/B/L/XL are the DiT paper's configurations.
+DIT_PRESETS: dict[str, tuple[int, int, int]] = {
+    "micro": (3, 64, 4),  # CPU-sized: the default digits run and fast tests
+    "tiny": (4, 128, 4),
+    "small": (6, 256, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+MLP_RATIO = 4
+FREQ_DIM = 256  # sinusoidal features of the timestep fed to the timestep MLP
+TIME_SCALE = 1000.0  # t in [0, 1] is scaled to the DiT paper's [0, 1000) range before the sinusoids
+
+_xavier = nnx.initializers.xavier_uniform()
+_zeros = nnx.initializers.zeros_init()
+_normal = nnx.initializers.normal(0.02)
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """`"float32"` / `"bfloat16"` (as in `ModelConfig.dtype`) -> the jnp dtype."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise DDMError(f"compute dtype {name!r} is not one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def check_image_shape(image_shape: tuple[int, int, int], patch_size: int) -> tuple[int, int]:
+    """Validates (H, W, C) against the patch size; returns the token grid (H // p, W // p)."""
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise DDMError(f"image shape {tuple(image_shape)} must be (H, W, C) with positive sizes")
+    if patch_size < 1:
+        raise DDMError(f"patch size {patch_size} must be positive")
+    h, w, _ = image_shape
+    if h % patch_size or w % patch_size:
+        raise DDMError(f"image size {h}x{w} is not divisible by the patch size {patch_size}")
+    return h // patch_size, w // patch_size
+
+
+def check_width(width: int, heads: int) -> None:
+    """The width must split evenly into heads, and into 4 for the 2-D sin-cos position embedding."""
+    if width < 1 or heads < 1 or width % heads:
+        raise DDMError(f"width {width} is not divisible by {heads} heads")
+    if width % 4:
+        raise DDMError(f"width {width} must be divisible by 4 (2-D sin-cos position embedding)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixed embeddings (pure functions, no parameters).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def timestep_features(t: jax.Array, dim: int = FREQ_DIM, max_period: float = 10_000.0) -> jax.Array:
+    """Sinusoidal features of `TIME_SCALE * t`: t [B] float in [0, 1] -> [B, dim] float32 ([cos | sin])."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = (TIME_SCALE * t.astype(jnp.float32))[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10_000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    args = positions.reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def sincos_pos_embed(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding (MAE/DiT): [grid_h * grid_w, dim] float32, row-major tokens.
+
+    The first dim/2 channels encode the row, the last dim/2 the column. A numpy constant: not a parameter,
+    not in checkpoints. The returned array is cached; do not modify it.
+    """
+    if dim % 4:
+        raise DDMError(f"position embedding width {dim} must be divisible by 4")
+    rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
+                             indexing="ij")
+    emb = np.concatenate([_sincos_1d(dim // 2, rows), _sincos_1d(dim // 2, cols)], axis=1)
+    emb = emb.astype(np.float32)
+    emb.flags.writeable = False
+    return emb
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+    """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], tokens in row-major order, each patch flattened (p, p, C)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: jax.Array, p: int, image_shape: tuple[int, int, int]) -> jax.Array:
+    """Inverse of `patchify`: [B, (H/p)(W/p), p*p*C] -> [B, H, W, C]."""
+    h, w, c = image_shape
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation x * (1 + scale) + shift; x [B, N, D], shift/scale [B, 1, D]."""
+    return x * (1.0 + scale) + shift
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks (shared with router.model.DiTRouter).
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ConditionEmbedder(nnx.Module):
+    """(t [B] float, y [B] int | None) -> conditioning vector c [B, width] in the compute dtype.
+
+    c = MLP(sinusoidal(t)) (+ label embedding of y when `num_classes > 0`). The label table has
+    `num_classes + 1` rows; row `num_classes` is the null label, used when `y` is None.
+    """
+
+    def __init__(self, width: int, num_classes: int = 0, *, freq_dim: int = FREQ_DIM,
+                 dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        if num_classes < 0:
+            raise DDMError(f"num_classes={num_classes} must be >= 0")
+        self.freq_dim = freq_dim
+        self.num_classes = num_classes
+        self.time_in = nnx.Linear(freq_dim, width, dtype=dtype, kernel_init=_normal, rngs=rngs)
+        self.time_out = nnx.Linear(width, width, dtype=dtype, kernel_init=_normal, rngs=rngs)
+        self.labels = (nnx.Embed(num_classes + 1, width, dtype=dtype, embedding_init=_normal, rngs=rngs)
+                       if num_classes > 0 else None)
+
+    def __call__(self, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        c = self.time_out(jax.nn.silu(self.time_in(timestep_features(t, self.freq_dim))))
+        if self.labels is None:
+            if y is not None:
+                raise DDMError("labels given to an unconditional model (num_classes=0)")
+            return c
+        if y is None:
+            y = jnp.full(t.shape, self.num_classes, jnp.int32)
+        return c + self.labels(y)
+
+
+class PatchEmbed(nnx.Module):
+    """[B, H, W, C] -> [B, N, width]: non-overlapping p x p patches, flattened, one linear map (a strided
+    conv in the DiT paper; same parameters and FLOPs)."""
+
+    def __init__(self, patch_size: int, channels: int, width: int, *, dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.proj = nnx.Linear(patch_size * patch_size * channels, width, dtype=dtype, kernel_init=_xavier,
+                               rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj(patchify(x, self.patch_size))
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention, [B, N, D] -> [B, N, D]; logits and softmax in float32."""
+
+    def __init__(self, width: int, heads: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.heads = heads
+        self.dtype = dtype
+        self.qkv = nnx.Linear(width, 3 * width, dtype=dtype, kernel_init=_xavier, rngs=rngs)
+        self.proj = nnx.Linear(width, width, dtype=dtype, kernel_init=_xavier, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        head_dim = d // self.heads
+        q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3, self.heads, head_dim), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, N, heads, head_dim]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(self.dtype))
+        return self.proj(out.reshape(b, n, d))
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero transformer block: x [B, N, D] float32, c [B, D] -> x [B, N, D] float32.
+
+    Modulation (shift, scale, gate) x (attention, MLP) = Linear(silu(c)) initialised to zero: identity at init.
+    """
+
+    def __init__(self, width: int, heads: int, *, mlp_ratio: int = MLP_RATIO, dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.norm1 = nnx.LayerNorm(width, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
+        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(width, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
+        self.mlp_in = nnx.Linear(width, mlp_ratio * width, dtype=dtype, kernel_init=_xavier, rngs=rngs)
+        self.mlp_out = nnx.Linear(mlp_ratio * width, width, dtype=dtype, kernel_init=_xavier, rngs=rngs)
+        self.modulation = nnx.Linear(width, 6 * width, dtype=dtype, kernel_init=_zeros, rngs=rngs)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        mod = self.modulation(jax.nn.silu(c)).astype(jnp.float32)[:, None, :]
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+        h = modulate(self.norm1(x), shift1, scale1).astype(self.dtype)
+        x = x + gate1 * self.attn(h).astype(jnp.float32)
+        h = modulate(self.norm2(x), shift2, scale2).astype(self.dtype)
+        h = self.mlp_out(jax.nn.gelu(self.mlp_in(h), approximate=True))
+        return x + gate2 * h.astype(jnp.float32)
+
+
+def make_blocks(depth: int, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.List:
+    """`depth` adaLN-Zero blocks."""
+    return nnx.List([DiTBlock(width, heads, dtype=dtype, rngs=rngs) for _ in range(depth)])
+
+
+class FinalLayer(nnx.Module):
+    """adaLN (shift, scale) + linear to patch pixels, both zero-initialised: [B, N, D] -> [B, N, out_dim]."""
+
+    def __init__(self, width: int, out_dim: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.norm = nnx.LayerNorm(width, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
+        self.modulation = nnx.Linear(width, 2 * width, dtype=dtype, kernel_init=_zeros, rngs=rngs)
+        self.linear = nnx.Linear(width, out_dim, dtype=dtype, kernel_init=_zeros, rngs=rngs)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(self.modulation(jax.nn.silu(c)).astype(jnp.float32)[:, None, :], 2, axis=-1)
+        return self.linear(modulate(self.norm(x), shift, scale).astype(self.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class DiT(nnx.Module):
+    """Velocity model v(x_t, t, y) for flow matching (see `ddm.flow` for the time convention).
+
+    `image_shape` is (H, W, C); H and W must be divisible by `patch_size`. `num_classes > 0` adds a label
+    embedding with a null row (index `num_classes`); `y=None` then means "unconditional" (null label).
+    """
+
+    def __init__(self, *, image_shape: tuple[int, int, int], patch_size: int, depth: int, width: int,
+                 heads: int, num_classes: int = 0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.grid = check_image_shape(image_shape, patch_size)
+        check_width(width, heads)
+        if depth < 1:
+            raise DDMError(f"depth {depth} must be >= 1")
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.patch_size = patch_size
+        self.width = width
+        self.num_classes = num_classes
+        channels = self.image_shape[2]
+        self.cond = ConditionEmbedder(width, num_classes, dtype=dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(patch_size, channels, width, dtype=dtype, rngs=rngs)
+        self.blocks = make_blocks(depth, width, heads, dtype=dtype, rngs=rngs)
+        self.final = FinalLayer(width, patch_size * patch_size * channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        """x [B, H, W, C] float, t [B] float in [0, 1], y [B] int32 or None -> velocity [B, H, W, C] float32."""
+        check_inputs(x, t, y, self.image_shape)
+        c = self.cond(t, y)
+        h = self.patch_embed(x).astype(jnp.float32) + sincos_pos_embed(*self.grid, self.width)
+        for block in self.blocks:
+            h = block(h, c)
+        out = self.final(h, c)
+        return unpatchify(out, self.patch_size, self.image_shape).astype(jnp.float32)
+
+
+def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array | None, image_shape: tuple[int, ...]) -> None:
+    """Static shape checks shared by the DiT and the routers (run at trace time)."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(image_shape):
+        raise DDMError(f"input shape {tuple(x.shape)} does not match [B, {', '.join(map(str, image_shape))}]")
+    if t.shape != x.shape[:1]:
+        raise DDMError(f"t shape {tuple(t.shape)} must be [B] = [{x.shape[0]}]")
+    if y is not None and y.shape != x.shape[:1]:
+        raise DDMError(f"y shape {tuple(y.shape)} must be [B] = [{x.shape[0]}]")
+
+
+def preset_dims(preset: str) -> tuple[int, int, int]:
+    """(depth, width, heads) of a DiT preset."""
+    if preset not in DIT_PRESETS:
+        raise DDMError(f"unknown DiT preset {preset!r} (known: {', '.join(DIT_PRESETS)})")
+    return DIT_PRESETS[preset]
+
+
+def dit_from_config(model: ModelConfig, image_shape: tuple[int, int, int], rngs: nnx.Rngs) -> DiT:
+    """The DiT described by a `ModelConfig` for images of `image_shape` (H, W, C)."""
+    depth, width, heads = preset_dims(model.preset)
+    return DiT(image_shape=tuple(image_shape), patch_size=model.patch_size, depth=depth, width=width,
+               heads=heads, num_classes=model.num_classes, dtype=compute_dtype(model.dtype), rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter and FLOP counting.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def count_params(module: nnx.Module) -> int:
+    """Number of scalars in the module's `nnx.Param`s; works on real and on abstract (eval_shape) modules."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def abstract_dit(model: ModelConfig, image_shape: tuple[int, int, int]) -> DiT:
+    """The DiT of `model` with `jax.ShapeDtypeStruct` leaves (nothing allocated), via `nnx.eval_shape`."""
+    return nnx.eval_shape(lambda: dit_from_config(model, image_shape, nnx.Rngs(0)))
+
+
+def count_dit_params(model: ModelConfig, image_shape: tuple[int, int, int]) -> int:
+    """Parameter count of the DiT of `model`, computed abstractly (XL costs no memory)."""
+    return count_params(abstract_dit(model, image_shape))
+
+
+def transformer_macs(num_tokens: int, depth: int, width: int, mlp_ratio: int = MLP_RATIO) -> int:
+    """Multiply-accumulates of `depth` adaLN-Zero blocks on `num_tokens` tokens of `width` (one image).
+
+    Per block: qkv 3 N D^2 + attention logits N^2 D + attention-weighted values N^2 D + output projection
+    N D^2 + MLP 2 r N D^2 + adaLN modulation 6 D^2 (once per image, not per token).
+    """
+    n, d = num_tokens, width
+    per_block = (4 + 2 * mlp_ratio) * n * d * d + 2 * n * n * d + 6 * d * d
+    return depth * per_block
+
+
+def condition_macs(width: int, freq_dim: int = FREQ_DIM) -> int:
+    """Multiply-accumulates of the timestep MLP (the label embedding is a lookup: free)."""
+    return freq_dim * width + width * width
+
+
+def dit_flops(image_shape: tuple[int, int, int], patch_size: int, depth: int, width: int) -> float:
+    """Forward-pass FLOPs of one image through a DiT of these dimensions, 2 x multiply-accumulates of every
+    matmul:
+
+        patch embed N (p^2 C) D + timestep MLP (256 D + D^2) + depth x transformer block (see
+        `transformer_macs`) + final layer (2 D^2 + N D p^2 C), with N = HW / p^2 tokens.
+
+    Norms, softmax, activations and adds are not counted (they are O(N D), a few percent at most). The DiT
+    paper's "Gflops" count multiply-adds, i.e. half of this: DiT-XL/2 at 32x32x4 is 118.6 there, ~237e9 here.
+    """
+    gh, gw = check_image_shape(tuple(image_shape), patch_size)
+    n, patch_dim = gh * gw, patch_size**2 * image_shape[2]
+    macs = (n * patch_dim * width + condition_macs(width) + transformer_macs(n, depth, width)
+            + 2 * width * width + n * width * patch_dim)
+    return 2.0 * macs
+
+
+def dit_flops_per_image(model: ModelConfig, image_shape: tuple[int, int, int]) -> float:
+    """Forward-pass FLOPs of one image through the DiT of `model` (see `dit_flops` for the formula)."""
+    depth, width, _ = preset_dims(model.preset)
+    return dit_flops(image_shape, model.patch_size, depth, width)

@@ -1,0 +1,220 @@
+"""Routing strategies: which experts' velocities are mixed, and with what weights, at each solver step.
+
+The exact marginal flow is u_t(x_t) = sum_k p(k | x_t, t) v_k(x_t) (the `full` strategy). Cheaper strategies keep
+only part of the posterior; the paper's best ImageNet result was top-1 (see /work/shared/GUIDE.md):
+
+| text              | Strategy                         | weights [B, K] per sample                                 |
+|-------------------|----------------------------------|-----------------------------------------------------------|
+| `full`            | kind="full"                      | the router posterior                                      |
+| `top1`, `top2`    | kind="topk", k=1 / 2             | the k most probable experts, renormalised                 |
+| `topk:N`          | kind="topk", k=N                 | same, any N (printed back as `topN`)                      |
+| `threshold:TAU`   | kind="threshold", tau=TAU        | experts with posterior >= TAU, renormalised               |
+| `sample`          | kind="sample"                    | one expert drawn from the posterior (one-hot)             |
+| `oracle`          | kind="oracle"                    | one-hot of the sample's known cluster label               |
+| `single:K`        | kind="single", expert=K          | one-hot of expert K for every sample                      |
+
+Strategies are plain hashable data, so they can be static arguments of `jax.jit`. `route_weights` is a pure,
+jit-able function; the decisions are per sample (two samples of a batch may pick different experts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+
+from ddm.errors import DDMError
+
+KINDS = ("full", "topk", "threshold", "sample", "oracle", "single")
+ACCEPTED_FORMS = "full, top1, top2, topN, topk:N, threshold:TAU (0 < TAU <= 1), sample, oracle, single:K"
+# Strategies whose weights come from the router's posterior (oracle and single need no router).
+ROUTED_KINDS = ("full", "topk", "threshold", "sample")
+
+_DEFAULTS = {"k": 1, "tau": 0.0, "expert": 0}
+_USED_FIELDS = {"full": (), "topk": ("k",), "threshold": ("tau",), "sample": (), "oracle": (), "single": ("expert",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """A routing strategy. Only the field its kind uses matters; the others are reset to their defaults so
+    that equal strategies compare (and hash, as jit static arguments) equal.
+
+    kind: one of KINDS. k: experts kept by "topk" (>= 1). tau: posterior threshold of "threshold", in (0, 1].
+    expert: the expert index of "single" (>= 0).
+    """
+
+    kind: str
+    k: int = 1
+    tau: float = 0.0
+    expert: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DDMError(f"unknown routing strategy kind {self.kind!r}; accepted: {', '.join(KINDS)}")
+        for name, default in _DEFAULTS.items():
+            if name not in _USED_FIELDS[self.kind]:
+                object.__setattr__(self, name, default)
+        object.__setattr__(self, "tau", float(self.tau))
+        if self.kind == "topk" and (not isinstance(self.k, int) or self.k < 1):
+            raise DDMError(f"routing strategy top-k needs k >= 1, got {self.k}")
+        if self.kind == "threshold" and not 0.0 < self.tau <= 1.0:
+            raise DDMError(f"routing strategy threshold needs 0 < tau <= 1, got {self.tau}")
+        if self.kind == "single" and (not isinstance(self.expert, int) or self.expert < 0):
+            raise DDMError(f"routing strategy single needs an expert index >= 0, got {self.expert}")
+
+    def __str__(self) -> str:
+        if self.kind == "topk":
+            return f"top{self.k}"
+        if self.kind == "threshold":
+            return f"threshold:{self.tau!r}"  # repr of a float round-trips exactly
+        if self.kind == "single":
+            return f"single:{self.expert}"
+        return self.kind
+
+    @property
+    def needs_router(self) -> bool:
+        """Whether the weights depend on the router's posterior."""
+        return self.kind in ROUTED_KINDS
+
+    @property
+    def one_hot(self) -> bool:
+        """Whether every sample gets exactly one expert (so a chosen expert id is meaningful)."""
+        return self.kind in ("sample", "oracle", "single") or (self.kind == "topk" and self.k == 1)
+
+
+_INT = r"(\d+)"
+_FLOAT = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+
+
+def parse_strategy(text: str | Strategy) -> Strategy:
+    """Parses "full", "top1", "top2", "topk:3", "threshold:0.1", "sample", "oracle", "single:2" (case and
+    surrounding spaces ignored); a `Strategy` passes through. `parse_strategy(str(s)) == s` for every strategy."""
+    if isinstance(text, Strategy):
+        return text
+    if not isinstance(text, str):
+        raise DDMError(f"routing strategy must be text, got {type(text).__name__}; accepted: {ACCEPTED_FORMS}")
+    s = text.strip().lower()
+    if s in ("full", "sample", "oracle"):
+        return Strategy(s)
+    if m := (re.fullmatch(r"top" + _INT, s) or re.fullmatch(r"topk:" + _INT, s)):
+        return Strategy("topk", k=int(m.group(1)))
+    if m := re.fullmatch(r"threshold:" + _FLOAT, s):
+        return Strategy("threshold", tau=float(m.group(1)))
+    if m := re.fullmatch(r"single:" + _INT, s):
+        return Strategy("single", expert=int(m.group(1)))
+    raise DDMError(f"unknown routing strategy {text!r}; accepted: {ACCEPTED_FORMS}")
+
+
+def masked_posterior(probs: jax.Array, mask: jax.Array) -> jax.Array:
+    """probs [B, K] with masked-out experts (mask [K] bool False) zeroed and each row renormalised.
+
+    A row whose available probability is all zero (underflow) becomes uniform over the available experts, so
+    the result is always a distribution over available experts. float32 [B, K].
+    """
+    probs = jnp.asarray(probs, jnp.float32)
+    mask = jnp.asarray(mask, bool)
+    p = jnp.where(mask[None, :], probs, 0.0)
+    total = p.sum(-1, keepdims=True)
+    uniform = jnp.broadcast_to(mask / jnp.maximum(mask.sum(), 1), p.shape).astype(jnp.float32)
+    return jnp.where(total > 0, p / jnp.where(total > 0, total, 1.0), uniform)
+
+
+def _renormalise(p: jax.Array, selected: jax.Array) -> jax.Array:
+    """p [B, K] restricted to `selected` [B, K] bool and renormalised; every row selects >= 1 positive entry."""
+    w = jnp.where(selected, p, 0.0)
+    return w / w.sum(-1, keepdims=True)
+
+
+def _one_hot_or_top1(p: jax.Array, choice: jax.Array, mask: jax.Array) -> jax.Array:
+    """One-hot of choice [B] int; a choice that is out of range or masked out falls back to argmax p."""
+    num = p.shape[-1]
+    valid = (choice >= 0) & (choice < num) & mask[jnp.clip(choice, 0, num - 1)]
+    choice = jnp.where(valid, choice, jnp.argmax(p, axis=-1))
+    return jax.nn.one_hot(choice, num, dtype=jnp.float32)
+
+
+def _as_keys(rng: jax.Array) -> jax.Array:
+    """Typed PRNG key(s): raw uint32 keys ([2] or [B, 2]) are wrapped, typed keys pass through."""
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng
+    return jax.random.wrap_key_data(rng)
+
+
+def route_weights(
+    probs: jax.Array,
+    strategy: Strategy,
+    *,
+    mask: jax.Array,
+    rng: jax.Array | None = None,
+    labels: jax.Array | None = None,
+) -> jax.Array:
+    """Mixing weights [B, K] float32 (rows sum to 1) from the router posterior `probs` [B, K].
+
+    mask [K] bool: available experts. Masked-out experts get weight 0 and the posterior is renormalised over
+    the rest before any strategy is applied (see `masked_posterior`).
+    - full: the (masked) posterior.
+    - topk: the min(k, K) most probable experts per sample, renormalised. Ties go to the lower index
+      (`lax.top_k`). If fewer than k experts are available the extra picks have zero weight.
+    - threshold: experts with posterior >= tau, renormalised; a sample where none passes (tau above its largest
+      posterior) falls back to its top-1 expert, so every sample always gets an expert.
+    - sample: one expert per sample drawn from the posterior, one-hot. `rng` is one key (all samples drawn from
+      it at once) or per-sample keys [B] (what `Ensemble` uses, so draws do not depend on batching).
+    - oracle: one-hot of `labels` [B] int (the samples' known clusters).
+    - single: one-hot of `strategy.expert`.
+    oracle/single choices that are masked out or out of range fall back to the top-1 available expert
+    (`Ensemble` refuses such requests up front; this only keeps the function total under jit).
+
+    Pure and deterministic; jit it with `strategy` static.
+    """
+    strategy = parse_strategy(strategy)
+    probs = jnp.asarray(probs, jnp.float32)
+    if probs.ndim != 2:
+        raise DDMError(f"route_weights needs probs [B, K], got shape {probs.shape}")
+    num = probs.shape[1]
+    mask = jnp.asarray(mask, bool)
+    if mask.shape != (num,):
+        raise DDMError(f"route_weights mask must have shape ({num},), got {mask.shape}")
+    p = masked_posterior(probs, mask)
+    kind = strategy.kind
+
+    if kind == "full":
+        return p
+    if kind == "topk":
+        if strategy.k == 1:
+            # Exactly one-hot: p / p can round to 1 - ulp when XLA turns the division into a reciprocal multiply.
+            return jax.nn.one_hot(jnp.argmax(p, axis=-1), num, dtype=jnp.float32)
+        _, idx = jax.lax.top_k(p, min(strategy.k, num))
+        selected = jax.nn.one_hot(idx, num, dtype=jnp.float32).sum(-2) > 0
+        return _renormalise(p, selected)
+    if kind == "threshold":
+        selected = (p >= strategy.tau) & mask[None, :]
+        top1 = jax.nn.one_hot(jnp.argmax(p, axis=-1), num, dtype=jnp.float32) > 0
+        selected = jnp.where(selected.any(-1, keepdims=True), selected, top1)
+        return _renormalise(p, selected)
+    if kind == "sample":
+        if rng is None:
+            raise DDMError("routing strategy 'sample' needs an rng key")
+        keys = _as_keys(rng)
+        logp = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
+        if keys.shape == ():
+            choice = jax.random.categorical(keys, logp, axis=-1)
+        elif keys.shape == (probs.shape[0],):
+            choice = jax.vmap(jax.random.categorical)(keys, logp)
+        else:
+            raise DDMError(f"routing rng must be one key or [B]={probs.shape[0]} keys, got shape {keys.shape}")
+        return jax.nn.one_hot(choice, num, dtype=jnp.float32)
+    if kind == "oracle":
+        if labels is None:
+            raise DDMError("routing strategy 'oracle' needs the samples' cluster labels")
+        labels = jnp.asarray(labels, jnp.int32)
+        if labels.shape != (probs.shape[0],):
+            raise DDMError(f"oracle labels must have shape ({probs.shape[0]},), got {labels.shape}")
+        return _one_hot_or_top1(p, labels, mask)
+    # single
+    if strategy.expert >= num:
+        raise DDMError(f"routing strategy {strategy} names expert {strategy.expert}, but there are only {num}")
+    choice = jnp.full((probs.shape[0],), strategy.expert, jnp.int32)
+    return _one_hot_or_top1(p, choice, mask)

@@ -1,0 +1,183 @@
+"""The router: a classifier p(cluster k | x_t, t[, y]) over the K data clusters, returning K logits.
+
+Two architectures (`RouterConfig.arch`):
+- "conv" (`ConvRouter`, default): a small strided conv net. Each stage is conv3x3 -> GroupNorm -> FiLM from
+  the conditioning vector (timestep MLP [+ label embedding]) -> SiLU; then global average pool, LayerNorm and
+  a linear head. Widths come from `ROUTER_PRESETS`; the tiny preset costs a few percent of a tiny DiT expert.
+- "dit" (`DiTRouter`): the paper's router, DiT blocks from `ddm.dit` (patch embed, fixed position
+  embedding, conditioning, adaLN-Zero blocks) with a learned CLS token prepended and a linear head on it.
+  Sizes come from `ddm.dit.DIT_PRESETS`, so it costs about as much as a DiT of the same preset.
+
+Both heads start at zero (uniform prediction, loss log K). Logits are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ddm.config import RouterConfig
+from ddm.dit import (
+    ConditionEmbedder,
+    PatchEmbed,
+    check_image_shape,
+    check_inputs,
+    check_width,
+    condition_macs,
+    make_blocks,
+    preset_dims,
+    sincos_pos_embed,
+    transformer_macs,
+)
+from ddm.errors import DDMError
+
+# preset name -> channel widths of the conv stages (the first at full resolution, each later one stride 2).
+ROUTER_PRESETS: dict[str, tuple[int, ...]] = {
+    "micro": (8, 16, 32),
+    "tiny": (16, 32, 64),
+    "small": (32, 64, 128),
+    "S": (64, 128, 256),
+    "B": (96, 192, 384, 768),
+    "L": (128, 256, 512, 1024),
+    "XL": (192, 384, 768, 1152),
+}
+CONV_FREQ_DIM = 64  # sinusoidal timestep features of the conv router (the DiT router uses ddm.dit.FREQ_DIM)
+
+_zeros = nnx.initializers.zeros_init()
+_normal = nnx.initializers.normal(0.02)
+
+
+def _check_router_args(image_shape: tuple[int, ...], num_clusters: int) -> tuple[int, int, int]:
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise DDMError(f"image shape {tuple(image_shape)} must be (H, W, C) with positive sizes")
+    if num_clusters < 1:
+        raise DDMError(f"number of clusters {num_clusters} must be >= 1")
+    return tuple(int(s) for s in image_shape)
+
+
+def conv_widths(preset: str) -> tuple[int, ...]:
+    """Channel widths of a conv router preset."""
+    if preset not in ROUTER_PRESETS:
+        raise DDMError(f"unknown router preset {preset!r} (known: {', '.join(ROUTER_PRESETS)})")
+    return ROUTER_PRESETS[preset]
+
+
+class ConvStage(nnx.Module):
+    """conv3x3 (stride s) -> GroupNorm -> FiLM(c) -> SiLU: [B, H, W, Cin] -> [B, ceil(H/s), ceil(W/s), Cout]
+    float32. FiLM (scale, shift) = Linear(c), zero-initialised so it starts as the identity."""
+
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, *, stride: int, dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        self.conv = nnx.Conv(in_ch, out_ch, (3, 3), strides=stride, padding="SAME", dtype=dtype, rngs=rngs)
+        self.norm = nnx.GroupNorm(out_ch, num_groups=math.gcd(8, out_ch), rngs=rngs)
+        self.film = nnx.Linear(cond_dim, 2 * out_ch, dtype=dtype, kernel_init=_zeros, rngs=rngs)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        h = self.norm(self.conv(x).astype(jnp.float32))
+        scale, shift = jnp.split(self.film(c).astype(jnp.float32)[:, None, None, :], 2, axis=-1)
+        return jax.nn.silu(h * (1.0 + scale) + shift)
+
+
+class ConvRouter(nnx.Module):
+    """Small conv net router: (x [B, H, W, C], t [B], y [B] | None) -> logits [B, num_clusters] float32."""
+
+    def __init__(self, *, image_shape: tuple[int, int, int], widths: tuple[int, ...], num_clusters: int,
+                 num_classes: int = 0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.image_shape = _check_router_args(image_shape, num_clusters)
+        if not widths or min(widths) < 1:
+            raise DDMError(f"router widths {widths} must be a non-empty list of positive sizes")
+        self.dtype = dtype
+        cond_dim = widths[-1]
+        self.cond = ConditionEmbedder(cond_dim, num_classes, freq_dim=CONV_FREQ_DIM, dtype=dtype, rngs=rngs)
+        chans = (self.image_shape[2],) + tuple(widths)
+        self.stages = nnx.List([
+            ConvStage(chans[i], chans[i + 1], cond_dim, stride=1 if i == 0 else 2, dtype=dtype, rngs=rngs)
+            for i in range(len(widths))
+        ])
+        self.norm = nnx.LayerNorm(widths[-1], rngs=rngs)
+        self.head = nnx.Linear(widths[-1], num_clusters, kernel_init=_zeros, rngs=rngs)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        check_inputs(x, t, y, self.image_shape)
+        c = self.cond(t, y)
+        h = x.astype(self.dtype)
+        for stage in self.stages:
+            h = stage(h.astype(self.dtype), c)
+        return self.head(self.norm(jnp.mean(h, axis=(1, 2)))).astype(jnp.float32)
+
+
+class DiTRouter(nnx.Module):
+    """Transformer router (DiT blocks + CLS token): (x, t, y | None) -> logits [B, num_clusters] float32."""
+
+    def __init__(self, *, image_shape: tuple[int, int, int], patch_size: int, depth: int, width: int,
+                 heads: int, num_clusters: int, num_classes: int = 0, dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.image_shape = _check_router_args(image_shape, num_clusters)
+        self.grid = check_image_shape(self.image_shape, patch_size)
+        check_width(width, heads)
+        self.width = width
+        self.cond = ConditionEmbedder(width, num_classes, dtype=dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(patch_size, self.image_shape[2], width, dtype=dtype, rngs=rngs)
+        self.cls = nnx.Param(_normal(rngs.params(), (1, 1, width), jnp.float32))
+        self.blocks = make_blocks(depth, width, heads, dtype=dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(width, rngs=rngs)
+        self.head = nnx.Linear(width, num_clusters, kernel_init=_zeros, rngs=rngs)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        check_inputs(x, t, y, self.image_shape)
+        c = self.cond(t, y)
+        h = self.patch_embed(x).astype(jnp.float32) + sincos_pos_embed(*self.grid, self.width)
+        cls = jnp.broadcast_to(self.cls[...], (x.shape[0], 1, self.width))
+        h = jnp.concatenate([cls, h], axis=1)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.head(self.norm(h[:, 0])).astype(jnp.float32)
+
+
+def router_from_config(router: RouterConfig, image_shape: tuple[int, int, int], num_clusters: int,
+                       num_classes: int = 0, rngs: nnx.Rngs | None = None,
+                       dtype: jnp.dtype = jnp.float32) -> ConvRouter | DiTRouter:
+    """The router described by `router` for images (H, W, C) and K = `num_clusters` clusters.
+
+    `num_classes > 0` adds a label input (null label `num_classes` when y is None). `rngs` defaults to
+    `nnx.Rngs(0)` (handy under `nnx.eval_shape`); pass your own for training.
+    """
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+    if router.arch == "conv":
+        return ConvRouter(image_shape=image_shape, widths=conv_widths(router.preset), num_clusters=num_clusters,
+                          num_classes=num_classes, dtype=dtype, rngs=rngs)
+    if router.arch == "dit":
+        depth, width, heads = preset_dims(router.preset)
+        return DiTRouter(image_shape=image_shape, patch_size=router.patch_size, depth=depth, width=width,
+                         heads=heads, num_clusters=num_clusters, num_classes=num_classes, dtype=dtype, rngs=rngs)
+    raise DDMError(f"unknown router arch {router.arch!r} (known: conv, dit)")
+
+
+def router_flops_per_image(router: RouterConfig, image_shape: tuple[int, int, int], num_clusters: int) -> float:
+    """Forward-pass FLOPs of one image (2 x multiply-accumulates of convs and matmuls; norms are not counted).
+
+    conv: sum over stages of H_s W_s 9 Cin Cout + timestep MLP + FiLM (cond_dim 2 Cout per stage) + head.
+    dit:  patch embed N p^2 C D + timestep MLP + blocks on N + 1 tokens (`ddm.dit.transformer_macs`) + head D K.
+    """
+    h, w, c = _check_router_args(image_shape, num_clusters)
+    if router.arch == "conv":
+        widths = conv_widths(router.preset)
+        macs = condition_macs(widths[-1], CONV_FREQ_DIM) + widths[-1] * num_clusters
+        in_ch = c
+        for i, out_ch in enumerate(widths):
+            if i > 0:
+                h, w = -(-h // 2), -(-w // 2)
+            macs += h * w * 9 * in_ch * out_ch + widths[-1] * 2 * out_ch
+            in_ch = out_ch
+        return 2.0 * macs
+    if router.arch == "dit":
+        depth, width, _ = preset_dims(router.preset)
+        gh, gw = check_image_shape((h, w, c), router.patch_size)
+        n = gh * gw
+        macs = (n * router.patch_size**2 * c * width + condition_macs(width)
+                + transformer_macs(n + 1, depth, width) + width * num_clusters)
+        return 2.0 * macs
+    raise DDMError(f"unknown router arch {router.arch!r} (known: conv, dit)")
