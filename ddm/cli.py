@@ -85,6 +85,101 @@ def cmd_train_islands(args) -> int:
     return 0
 
 
+def cmd_train_router(args) -> int:
+    from ddm.distributed import initialize
+
+    initialize()
+    from router.train import train_router
+
+    train_router(args.run_dir, args.set, progress=not args.no_progress)
+    return 0
+
+
+def cmd_eval_router(args) -> int:
+    from router.evaluate import evaluate_router
+
+    evaluate_router(args.run_dir, args.set, seed=args.seed)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ddm.evaluate import DEFAULT_STRATEGIES, evaluate_run
+    from ddm.featurenet import FeatureNetConfig
+
+    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else list(DEFAULT_STRATEGIES)
+    feature_cfg = FeatureNetConfig() if args.feature_steps is None else FeatureNetConfig(steps=args.feature_steps)
+    evaluate_run(args.run_dir, args.set, n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
+                 strategies=strategies, monolith=not args.no_monolith, cache_dir=args.cache_dir,
+                 feature_cfg=feature_cfg)
+    return 0
+
+
+def _request(args, cfg) -> "Request":  # noqa: F821
+    from ddm.sampling import Request
+
+    labels = tuple(int(v) for v in args.labels.split(",")) if args.labels else None
+    return Request(seed=cfg.sample.seed if args.seed is None else args.seed,
+                   n=cfg.sample.n if args.n is None else args.n,
+                   strategy=args.strategy or "top1",
+                   steps=cfg.sample.steps if args.steps is None else args.steps,
+                   solver=args.solver or cfg.sample.solver, labels=labels, cfg_scale=args.cfg_scale)
+
+
+def cmd_sample(args) -> int:
+    from data.manifest import read_manifest
+    from ddm.sampling import sample_command
+    from experts.train import run_config
+
+    cfg = run_config(read_manifest(args.run_dir), args.set)
+    out = Path(args.out or Path(args.run_dir) / "samples" / "sample.png")
+    sample_command(args.run_dir, _request(args, cfg), out, overrides=args.set,
+                   record=Path(args.record) if args.record else None)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from ddm.pipeline import run_all
+
+    cfg, config_path = _load(args)
+    run_all(cfg, args.run_dir or cfg.run_dir, args.set, base_dir=_base_dir(config_path), overwrite=args.overwrite,
+            parallel=args.parallel)
+    return 0
+
+
+def cmd_hash(args) -> int:
+    from ddm.hashing import format_hash_table, hash_files
+
+    print(format_hash_table(hash_files(args.files)))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ddm.verify import DEFAULT_THRESHOLD, format_verdict, verify_record
+
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    verdict = verify_record(args.run_dir, args.record, threshold=threshold, overrides=args.set)
+    print(format_verdict(verdict))
+    return 0 if verdict.honest else 1
+
+
+def cmd_consensus_eval(args) -> int:
+    from ddm.consensus import DEFAULT_VERIFIERS, EvalSettings, VerifierSpec, consensus_eval
+
+    specs = [VerifierSpec.parse(text) for text in args.verifier] or list(DEFAULT_VERIFIERS)
+    if args.verifiers < 1:
+        raise DDMError(f"--verifiers must be >= 1, got {args.verifiers}")
+    try:
+        scales = tuple(float(v) for v in args.perturb_scale.split(","))
+    except ValueError:
+        raise DDMError(f"--perturb-scale must be comma-separated numbers, got {args.perturb_scale!r}") from None
+    settings = EvalSettings(requests=args.requests, images=args.images, steps=args.steps, solver=args.solver,
+                            strategy=args.strategy, seed=args.seed,
+                            verifiers=tuple(specs[i % len(specs)] for i in range(args.verifiers)),
+                            perturb_scales=scales, pixel_noise=args.pixel_noise, parallel=args.parallel)
+    consensus_eval(args.run_dir, settings, args.out, overrides=args.set)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -128,6 +223,80 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_monolith)
+
+    p = sub.add_parser("train-router", help="train the router p(cluster | x_t, t) on all shards")
+    _add_common(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_router)
+
+    p = sub.add_parser("eval-router", help="router accuracy / calibration on held-out data (JSON + PNG)")
+    _add_common(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval_router)
+
+    p = sub.add_parser("evaluate", help="FD / precision / recall / coverage per routing strategy and the monolith")
+    _add_common(p)
+    p.add_argument("--n", type=int, default=500, help="samples per strategy (default 500)")
+    p.add_argument("--strategies", default=None,
+                   help="comma-separated (default full,top1,top2,threshold:0.1,sample)")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: sample.steps)")
+    p.add_argument("--solver", choices=("euler", "heun"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-monolith", action="store_true", help="skip RUN/monolith even if it is trained")
+    p.add_argument("--cache-dir", default=None, help="feature-net cache (default $DDM_CACHE_DIR or ~/.cache/ddm)")
+    p.add_argument("--feature-steps", type=int, default=None, help="feature-net training steps (default 600)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sample", help="sample with the routed ensemble (PNG grid + .npz)")
+    _add_common(p)
+    p.add_argument("--n", type=int, default=None, help="number of images (default: sample.n)")
+    p.add_argument("--strategy", default=None,
+                   help="full | top1 | top2 | topk:K | threshold:TAU | sample | oracle | single:K (default top1)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--solver", choices=("euler", "heun"), default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--labels", default=None, help="comma-separated class labels (class-conditional experts)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample.png); an .npz is written beside")
+    p.add_argument("--record", default=None, help="also write a verification record (JSON) here")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("run", help="the main job: prepare, train islands + router, sample every strategy")
+    _add_common(p, config=True, run_dir_required=False)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--parallel", type=int, default=None, help="islands at a time (default: min(K, cores))")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("hash", help="SHA-256, pHash and dHash of PNG files or images in .npz files")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_hash)
+
+    p = sub.add_parser("verify", help="regenerate a verification record and judge it (exit 0 honest, 1 not)")
+    p.add_argument("record")
+    _add_common(p)
+    p.add_argument("--threshold", type=int, default=None, help="max pHash Hamming distance per image")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("consensus-eval", help="N verifier processes + majority vote on honest and tampered claims; "
+                                              "measures distance distributions and picks the threshold")
+    _add_common(p)
+    p.add_argument("--verifiers", type=int, default=3, help="verifier processes (default 3)")
+    p.add_argument("--verifier", action="append", default=[], metavar="SPEC",
+                   help="a verifier's setup, cycled over the verifiers (repeatable): 'plain' or "
+                        "'xla_flags=...;cpus=N;batch_size=N|half;param_mantissa=N' (default: plain; 2 devices + "
+                        "half batch + 1 cpu + single-threaded fast-math XLA; params rounded to TF32)")
+    p.add_argument("--requests", type=int, default=8, help="requests per claim kind (default 8)")
+    p.add_argument("--images", type=int, default=8, help="images per request (default 8)")
+    p.add_argument("--steps", type=int, default=8, help="solver steps (default 8)")
+    p.add_argument("--solver", choices=("euler", "heun"), default="euler")
+    p.add_argument("--strategy", default="top1", help="routing strategy of the honest requests (default top1)")
+    p.add_argument("--seed", type=int, default=0, help="first request seed")
+    p.add_argument("--perturb-scale", default="0.01,0.1",
+                   help="expert parameter noise, relative to each tensor's RMS, comma-separated (default 0.01,0.1)")
+    p.add_argument("--pixel-noise", type=float, default=8.0, help="std of pixel noise in uint8 levels (default 8)")
+    p.add_argument("--parallel", type=int, default=None, help="verifier processes at a time (default all)")
+    p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    p.set_defaults(func=cmd_consensus_eval)
     return parser
 
 

@@ -21,3 +21,48 @@ def mnist10k_path() -> Path:
     if not MNIST10K.is_file():
         pytest.skip(f"{MNIST10K} not present")
     return MNIST10K
+
+
+# A small but complete trained run (K=3 experts + router), built once per test session and shared read-only.
+# Tests that modify a run copy it first (`trained_run_copy`).
+TINY_RUN_OVERRIDES = [
+    "data.k=3",
+    "expert.train.steps=40",
+    "expert.train.batch_size=32",
+    "expert.train.warmup_steps=5",
+    "expert.train.checkpoint_every=20",
+    "expert.train.log_every=20",
+    "router.train.steps=40",
+    "router.train.batch_size=32",
+    "router.train.warmup_steps=5",
+    "router.train.checkpoint_every=20",
+    "router.train.log_every=20",
+    "sample.n=8",
+    "sample.steps=4",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    from ddm.config import load_config
+    from data.prepare import prepare
+    from experts.train import train_expert
+    from router.train import train_router
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    cfg = load_config(REPO / "configs" / "digits.yaml", TINY_RUN_OVERRIDES)
+    quiet = lambda *_: None  # noqa: E731
+    prepare(cfg, run_dir, log=quiet)
+    for k in range(cfg.data.k):
+        train_expert(run_dir, k, TINY_RUN_OVERRIDES, log=quiet, progress=False)
+    train_router(run_dir, TINY_RUN_OVERRIDES, log=quiet, progress=False)
+    return run_dir
+
+
+@pytest.fixture
+def trained_run_copy(trained_run, tmp_path) -> Path:
+    import shutil
+
+    target = tmp_path / "run"
+    shutil.copytree(trained_run, target)
+    return target

@@ -1,0 +1,125 @@
+"""Sampling requests and `ddm sample`: a routed-ensemble request in, a grid + arrays (+ record) out.
+
+A `Request` is everything that determines the output besides the run itself, so (manifest hash, request)
+pins a generation: that is what verifiers regenerate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ddm.config import SOLVERS
+from ddm.errors import DDMError
+from ddm.routing import parse_strategy
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation request (JSON-serialisable)."""
+
+    seed: int = 0
+    n: int = 64
+    strategy: str = "top1"
+    steps: int = 50
+    solver: str = "euler"
+    labels: tuple[int, ...] | None = None  # class labels, for class-conditional experts
+    cfg_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        parse_strategy(self.strategy)  # raises DDMError listing the accepted forms
+        if self.solver not in SOLVERS:
+            raise DDMError(f"solver {self.solver!r} is not one of {', '.join(SOLVERS)}")
+        for name in ("n", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DDMError(f"request {name}={value!r} must be a positive integer")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise DDMError(f"request seed={self.seed!r} must be a non-negative integer")
+        if self.labels is not None:
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.labels):
+                raise DDMError(f"request labels must be non-negative integers, got {list(self.labels)!r}")
+            if len(self.labels) != self.n:
+                raise DDMError(f"request has {len(self.labels)} labels for n={self.n} images")
+        if self.cfg_scale is not None and (not isinstance(self.cfg_scale, (int, float))
+                                           or isinstance(self.cfg_scale, bool) or not math.isfinite(self.cfg_scale)):
+            raise DDMError(f"request cfg_scale={self.cfg_scale!r} must be a finite number or null")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["labels"] = list(self.labels) if self.labels is not None else None
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict) -> Request:
+        if not isinstance(data, dict):
+            raise DDMError("request must be a JSON object")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise DDMError(f"request has unknown field {unknown[0]!r}")
+        data = dict(data)
+        if data.get("labels") is not None:
+            if not isinstance(data["labels"], list):
+                raise DDMError(f"request labels must be a list of integers or null, got {data['labels']!r}")
+            data["labels"] = tuple(data["labels"])
+        return cls(**data)
+
+
+def generate(ensemble, request: Request, *, batch_size: int | None = None):
+    """Runs `request` on `ensemble`; returns its `SampleResult` (images uint8 [n, H, W, C]).
+
+    batch_size: samples integrated together (default all n). It is not part of the request: it changes memory
+    and speed, not the noise or routing draws (docs/verification.md says what it does to the bits).
+    """
+    labels = None if request.labels is None else np.asarray(request.labels, np.int32)
+    return ensemble.sample(request.n, request.strategy, steps=request.steps, solver=request.solver,
+                           seed=request.seed, y=labels, cfg_scale=request.cfg_scale, batch_size=batch_size)
+
+
+def save_outputs(result, request: Request, out_png: Path, *, manifest_sha: str, ncols: int | None = None) -> Path:
+    """Writes the grid PNG and, beside it, an .npz of images + routing decisions + request. Returns the npz."""
+    from ddm.ensemble import save_grid_png
+
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    save_grid_png(result.images, out_png, ncols=ncols)
+    npz = out_png.with_suffix(".npz")
+    arrays = {"images": result.images, "weights": result.weights,
+              "request": np.array(json.dumps(request.to_json())), "manifest_sha256": np.array(manifest_sha)}
+    if result.expert_ids is not None:
+        arrays["expert_ids"] = result.expert_ids
+    np.savez_compressed(npz, **arrays)
+    return npz
+
+
+def usage_summary(result) -> str:
+    """Share of routing weight each expert received, over all steps and samples."""
+    share = np.asarray(result.weights).reshape(-1, result.weights.shape[-1]).mean(0)
+    return "expert usage: " + " ".join(f"{k}:{s:.2f}" for k, s in enumerate(share))
+
+
+def sample_command(run_dir: str, request: Request, out: Path, *, overrides=(), record: Path | None = None,
+                   log: Callable[[str], None] = print) -> None:
+    """`ddm sample`: load the run, generate, write grid/npz (and a verification record)."""
+    from data.manifest import manifest_sha256
+    from ddm.loading import load_run
+
+    ensemble, _, manifest = load_run(run_dir, overrides)
+    t0 = time.perf_counter()
+    result = generate(ensemble, request)
+    seconds = time.perf_counter() - t0
+    manifest_sha = manifest_sha256(manifest)
+    npz = save_outputs(result, request, out, manifest_sha=manifest_sha)
+    log(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps) in {seconds:.1f}s "
+        f"-> {out} and {npz}")
+    log(usage_summary(result))
+    if record is not None:
+        from ddm.verify import make_record, write_record
+
+        write_record(record, make_record(manifest_sha, request, result.images))
+        log(f"verification record -> {record}")

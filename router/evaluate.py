@@ -1,0 +1,143 @@
+"""`ddm eval-router`: how well the router's p(k | x_t, t) matches the truth on held-out images.
+
+Per t-bin: top-1 accuracy and cross-entropy; overall: expected calibration error (15 confidence bins),
+confusion matrix, and the mean predicted distribution at t = 1 (pure noise) against the cluster proportions
+(the posterior there *is* the prior, so a good router predicts the proportions, not uniform).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data import manifest as mf
+from data.shards import read_shard
+from data.sources import to_model_range
+from ddm.errors import DDMError
+from ddm.flow import interpolate
+from ddm.loading import load_router
+from experts.train import run_config
+
+T_BINS = 10
+ECE_BINS = 15
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE of top-1 confidence. probs: [N, K], labels: [N]."""
+    confidence, predicted = probs.max(-1), probs.argmax(-1)
+    correct = predicted == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(ece)
+
+
+def router_probabilities(apply: Callable, x0: np.ndarray, t: np.ndarray, seed: int, batch: int = 512) -> np.ndarray:
+    """p(k | x_t, t) for x_t built from x0: [N, H, W, C] in [-1, 1] and t: [N]. Returns [N, K] float32."""
+    key = jax.random.key(seed)
+    fn = jax.jit(lambda x, tt, k: jax.nn.softmax(apply(interpolate(x, jax.random.normal(k, x.shape), tt), tt), -1))
+    out = []
+    for i in range(0, len(x0), batch):
+        out.append(np.asarray(fn(jnp.asarray(x0[i:i + batch]), jnp.asarray(t[i:i + batch]),
+                                 jax.random.fold_in(key, i))))
+    return np.concatenate(out)
+
+
+def evaluate_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, seed: int = 0,
+                    repeats: int = 4, log: Callable[[str], None] = print) -> dict:
+    """Writes RUN/eval/router.json and router.png; returns the report."""
+    run_dir = Path(run_dir)
+    manifest = mf.read_manifest(run_dir)
+    cfg = run_config(manifest, overrides)
+    holdout = manifest.get("holdout", {})
+    if not holdout.get("count"):
+        raise DDMError(f"{run_dir} has no held-out images (prepared with data.holdout_fraction=0)")
+    apply, state = load_router(str(run_dir), manifest, cfg)
+
+    def model(x, t):
+        return apply(state, x, t, None)
+
+    images = to_model_range(read_shard(mf.resolve(run_dir, holdout["shard"])))
+    labels = np.load(mf.resolve(run_dir, holdout["labels"]))
+    k = len(manifest["clusters"])
+    prior = np.array([c["share"] for c in manifest["clusters"]])
+
+    # Each held-out image at `repeats` noise levels spread evenly over the t-bins.
+    n = len(images)
+    x0 = np.tile(images, (repeats * T_BINS, 1, 1, 1))
+    y = np.tile(labels, repeats * T_BINS)
+    rng = np.random.default_rng(seed)
+    bin_of = np.repeat(np.arange(T_BINS), repeats * n)
+    t = ((bin_of + rng.uniform(size=len(x0))) / T_BINS).astype(np.float32)
+    probs = router_probabilities(lambda x, tt: model(x, tt), x0, t, seed)
+    nll = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))
+    correct = probs.argmax(-1) == y
+
+    per_bin = [{"t_lo": b / T_BINS, "t_hi": (b + 1) / T_BINS, "accuracy": float(correct[bin_of == b].mean()),
+                "cross_entropy": float(nll[bin_of == b].mean()),
+                "ece": expected_calibration_error(probs[bin_of == b], y[bin_of == b])} for b in range(T_BINS)]
+    confusion = np.zeros((k, k), np.int64)
+    np.add.at(confusion, (y, probs.argmax(-1)), 1)
+    at_noise = router_probabilities(lambda x, tt: model(x, tt), images, np.ones(n, np.float32), seed + 1).mean(0)
+    report = {
+        "holdout_images": int(n), "evaluations": int(len(y)), "accuracy": float(correct.mean()),
+        "cross_entropy": float(nll.mean()), "ece": expected_calibration_error(probs, y), "per_t_bin": per_bin,
+        "confusion": confusion.tolist(),
+        "at_pure_noise": {"predicted": at_noise.tolist(), "cluster_shares": prior.tolist(),
+                          "total_variation": float(0.5 * np.abs(at_noise - prior).sum())},
+    }
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "router.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_router_report(report, out_dir / "router.png")
+    log(format_router_report(report))
+    log(f"wrote {out_dir / 'router.json'} and {out_dir / 'router.png'}")
+    return report
+
+
+def format_router_report(report: dict) -> str:
+    lines = [f"router on {report['holdout_images']} held-out images x {report['evaluations'] // report['holdout_images']}"
+             f" noise levels: accuracy {report['accuracy']:.3f}, cross-entropy {report['cross_entropy']:.3f}, "
+             f"ECE {report['ece']:.3f}", f"{'t':>11}  {'accuracy':>8}  {'xent':>6}  {'ece':>6}"]
+    for b in report["per_t_bin"]:
+        lines.append(f"{b['t_lo']:.1f} - {b['t_hi']:.1f}  {b['accuracy']:>8.3f}  {b['cross_entropy']:>6.3f}  {b['ece']:>6.3f}")
+    noise = report["at_pure_noise"]
+    lines.append("at t=1: predicted " + " ".join(f"{p:.3f}" for p in noise["predicted"]) + " | shares "
+                 + " ".join(f"{p:.3f}" for p in noise["cluster_shares"]) + f" (TV {noise['total_variation']:.3f})")
+    return "\n".join(lines)
+
+
+def plot_router_report(report: dict, path: Path) -> None:
+    """Accuracy and calibration error vs t, and the confusion matrix, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = report["per_t_bin"]
+    centers = [(b["t_lo"] + b["t_hi"]) / 2 for b in bins]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=110)
+    ax1.plot(centers, [b["accuracy"] for b in bins], "o-", label="top-1 accuracy")
+    ax1.plot(centers, [b["ece"] for b in bins], "s--", label="calibration error (ECE)")
+    ax1.axhline(max(report["at_pure_noise"]["cluster_shares"]), color="gray", lw=0.8, ls=":",
+                label="largest cluster share")
+    ax1.set_xlabel("t (0 = data, 1 = noise)")
+    ax1.set_ylim(0, 1.02)
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    confusion = np.asarray(report["confusion"], float)
+    ax2.imshow(confusion / np.maximum(confusion.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    ax2.set_xlabel("predicted cluster")
+    ax2.set_ylabel("true cluster")
+    ax2.set_title("confusion (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,116 @@
+"""`ddm consensus-eval`: verifier specs, voting, threshold rule (pure), and one tiny end-to-end run."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ddm import consensus
+from ddm.cli import main
+from ddm.consensus import VerifierSpec, nearest_neighbours, pick_threshold, round_mantissa, vote_rates
+from ddm.errors import DDMError
+
+
+def test_verifier_spec_parse_and_env():
+    assert VerifierSpec.parse("plain") == VerifierSpec() == VerifierSpec.parse("")
+    spec = VerifierSpec.parse("xla_flags=--xla_force_host_platform_device_count=2 --xla_cpu_enable_fast_math=true;"
+                              " cpus=1; batch_size=half; param_mantissa=10")
+    assert (spec.cpus, spec.batch_size, spec.param_mantissa) == (1, "half", 10)
+    assert spec.resolved_batch(8) == 4 and VerifierSpec(batch_size=3).resolved_batch(8) == 3
+    env = spec.env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/x", "A": "b"})
+    assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/x", "--xla_force_host_platform_device_count=2",
+                                        "--xla_cpu_enable_fast_math=true"]
+    assert env["A"] == "b" and VerifierSpec().env({"XLA_FLAGS": "f"}) == {"XLA_FLAGS": "f"}
+    for bad in ("cpus=0", "gpus=1", "batch_size=x", "param_mantissa=30", "cpus"):
+        with pytest.raises(DDMError):
+            VerifierSpec.parse(bad)
+
+
+def test_vote_rates_majority_and_byzantine():
+    # 3 verifiers x 4 claims; distances; threshold 5
+    dist = np.array([[0, 9, 9, 0],
+                     [0, 9, 0, 0],
+                     [9, 9, 0, 9]])
+    tampered = vote_rates(dist, 5, honest=False)
+    assert tampered["single"] == pytest.approx(6 / 12)
+    assert tampered["majority"] == 0.25  # only claim 1 has two or more rejections
+    assert tampered["byzantine"] == 0.25  # claim 1 keeps two honest rejections whichever verifier lies
+    # honest claims: a liar at verifier 1 joins the lone rejection of claims 0, 2 and 3 (worst case)
+    assert vote_rates(dist, 5, honest=True) == {"single": 0.5, "majority": 0.25, "byzantine": 1.0}
+    assert vote_rates(dist, 9, honest=False) == {"single": 0.0, "majority": 0.0, "byzantine": 0.0}
+
+
+def test_pick_threshold_rule():
+    sep = pick_threshold([0, 0, 1, 2], [9, 12, 30])
+    assert sep["separable"] and sep["largest_zero_false_accept"] == 8 and sep["recommended"] == 5
+    assert pick_threshold([0], [1])["recommended"] == 0
+    overlap = pick_threshold([0] * 8 + [6, 7], [5, 20, 21, 22, 23, 24, 25, 26, 27, 28])
+    assert not overlap["separable"] and overlap["recommended"] == 7  # 0 false rejects, 1 of 10 false accepts
+    assert pick_threshold([0, 3], [])["recommended"] == 3
+
+
+def test_nearest_neighbours_ignore_same_noise():
+    gallery = [{"noise": [0, 0], "cluster": None, "phash": "0" * 16},
+               {"noise": [0, 0], "cluster": 1, "phash": "0" * 15 + "1"},  # same noise: not a collision
+               {"noise": [5, 0], "cluster": 1, "phash": "0" * 15 + "7"},
+               {"noise": [0, 1], "cluster": 2, "phash": "f" * 16}]
+    nn = nearest_neighbours(gallery)
+    assert nn["any"] == [3, 2, 2, 61]
+    assert nn["same_cluster"] == [2, 2]  # cluster 2 has no other member
+
+
+def test_round_mantissa():
+    x = np.array([1.0, 1 + 2**-11, 1 + 3 * 2**-11, np.pi, -2.5e-3], np.float32)
+    y = round_mantissa({"w": x, "i": np.arange(3)}, 10)
+    assert (y["w"].view(np.uint32) & (2**13 - 1) == 0).all()
+    assert y["w"][1] == 1.0 and y["w"][2] == np.float32(1 + 2**-9)  # ties to even
+    assert np.abs(y["w"] / x - 1).max() <= 2**-11 and (y["i"] == np.arange(3)).all()
+
+
+def test_worker_refuses_claims_of_another_run(trained_run, tmp_path, capsys):
+    from ddm.sampling import Request
+    from ddm.verify import make_record
+
+    images = np.zeros((2, 8, 8, 1), np.uint8)
+    claims = {"claims": [{"id": 0, "kind": "honest", "record": make_record("cd" * 32, Request(n=2, steps=2), images)}]}
+    (tmp_path / "claims.json").write_text(json.dumps(claims))
+    code = consensus.main(["worker", "--run-dir", str(trained_run), "--claims", str(tmp_path / "claims.json"),
+                           "--out", str(tmp_path / "out.json")])
+    assert code == 2 and "not the same run" in capsys.readouterr().err
+
+
+def test_consensus_eval_cli_bad_input_exits_2(trained_run, capsys):
+    assert main(["consensus-eval", "--run-dir", str(trained_run), "--verifiers", "0"]) == 2
+    assert main(["consensus-eval", "--run-dir", str(trained_run), "--verifier", "cpus=x"]) == 2
+    assert main(["consensus-eval", "--run-dir", str(trained_run), "--steps", "1"]) == 2
+    assert main(["consensus-eval", "--run-dir", str(trained_run), "--strategy", "single:0"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 4
+
+
+def test_consensus_eval_end_to_end(trained_run, tmp_path, capsys):
+    """Three verifier processes (plain; 1 device + half batch + 1 cpu; TF32-rounded params) on a tiny set."""
+    out = tmp_path / "eval"
+    code = main(["consensus-eval", "--run-dir", str(trained_run), "--verifiers", "3", "--requests", "1",
+                 "--images", "2", "--steps", "2", "--perturb-scale", "0.5", "--out", str(out),
+                 "--verifier", "plain",
+                 "--verifier", "xla_flags=--xla_force_host_platform_device_count=1;batch_size=half;cpus=1",
+                 "--verifier", "param_mantissa=10"])
+    assert code == 0
+    assert "threshold: recommended" in capsys.readouterr().out
+    report = json.loads((out / "consensus_report.json").read_text())
+    assert (out / "consensus_hist.png").stat().st_size > 1000
+    verifiers = report["verifiers"]
+    assert len({v["pid"] for v in verifiers}) == 3
+    assert verifiers[0]["devices"] == jax.device_count()  # the plain verifier inherits the environment
+    assert verifiers[1]["devices"] == 1 and verifiers[1]["cpus"] == 1 and verifiers[2]["param_mantissa"] == 10
+    a = report["analysis"]
+    assert a["kinds"] == ["honest", "seed", "strategy", "steps", "perturbed_expert:0.5", "swapped_experts",
+                          "pixel_noise", "honest_single", "same_cluster"]
+    assert a["bitwise_identical"]["honest"][:2] == [1.0, 1.0]  # other process, device count, batch, threads
+    assert a["phash_per_image"]["honest"]["max"] <= a["threshold"]["honest_max"]
+    t = a["threshold"]["recommended"]
+    row = a["per_threshold"][t]
+    assert row["honest"] == {"single": 0.0, "majority": 0.0, "byzantine": 0.0}
+    assert row["seed"]["majority"] == 1.0 and row["same_cluster"]["majority"] == 1.0
+    assert len(a["per_threshold"]) == 65 and set(row["intra_false_accept_per_image"]) >= {"majority", "byzantine"}
