@@ -1,0 +1,317 @@
+"""The feature network behind `ddm evaluate`: a small conv classifier the project trains itself on real data.
+
+Why not Inception/FID: our datasets are unlabelled in general, tiny (8x8 digits) and offline, and no pretrained
+Flax encoder ships (see GUIDE.md). So each dataset gets its own feature network, and every report says
+"FD in kmc<K>-cnn features", never "FID": the numbers compare runs *on the same dataset*, not across datasets
+or with published FIDs.
+
+What it is (choice documented here, honestly): a 3-stage conv net trained with cross-entropy to predict
+*pseudo-classes*: k-means (`pseudo_k` clusters, Lloyd) on a PCA of the training pixels. This is a
+deep-clustering classifier: it learns features that separate the modes of the data (for digits the k-means
+pseudo-classes track digit identity and writing style), the role Inception's pool features play for FID.
+The pseudo-labels are the net's own, with a fixed `pseudo_k` independent of the run's K, so runs with
+different K, or with random partitions, are measured by the same network. Features: the `feature_dim`-d
+pre-activation of the penultimate layer (like Inception's pool3).
+
+    images uint8 [N, H, W, C] -> [-1, 1] -> conv3x3(w) GN SiLU -> conv3x3/2(2w) GN SiLU -> conv3x3/2(4w) GN SiLU
+        -> flatten -> Linear(feature_dim) = features -> SiLU -> Linear(pseudo_k) = logits
+
+Caching and pinning. The net is trained once per (dataset fingerprint, exact training image set, net config)
+with the shared `Trainer` (pseudo-classes become shards, so the shard reader supplies the labels) in
+`CACHE/featurenet/<key>/`, where key = fingerprint[:16]-trainset[:8]-config[:8]. Its EMA parameters are pinned
+by SHA-256 in `info.json` and checked on every load; a copy goes to `RUN/eval/featurenet/` so the run
+directory stays self-contained. The training set is the union of the run's training shards, put in a
+canonical order (sorted by per-image SHA-256), so any partition of the same images (k-means or random, any K)
+gets the same network. Held-out images are never seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data import manifest as mf
+from data.shards import ShardReader, read_shard, write_shard
+from ddm.config import TrainConfig
+from ddm.errors import DDMError
+
+NET_VERSION = "kmc-cnn-v1"
+INFO = "info.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNetConfig:
+    """Everything that determines the feature network (all of it enters the cache key)."""
+
+    pseudo_k: int = 32  # k-means pseudo-classes the net learns to predict
+    pca_dim: int = 32  # PCA of the pixels the pseudo-classes are clustered in
+    width: int = 32  # conv widths (w, 2w, 4w)
+    feature_dim: int = 64  # dimension of the features FD / precision / recall are computed in
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("pseudo_k", "pca_dim", "width", "feature_dim", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DDMError(f"feature net {name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0:
+            raise DDMError(f"feature net lr={self.lr} must be > 0")
+
+    @property
+    def name(self) -> str:
+        return f"kmc{self.pseudo_k}-cnn"
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup_steps=min(100, self.steps // 10), schedule="cosine", weight_decay=1e-4,
+                           ema_decay=0.99, seed=self.seed, checkpoint_every=self.steps,
+                           keep_checkpoints=1, log_every=max(self.steps // 5, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ConvEncoder(nnx.Module):
+    """uint8-range-free encoder: x [B, H, W, C] float32 in [-1, 1] -> (features [B, D], logits [B, pseudo_k])."""
+
+    def __init__(self, image_shape: tuple[int, int, int], cfg: FeatureNetConfig, *, rngs: nnx.Rngs):
+        h, w, c = image_shape
+        widths = (cfg.width, 2 * cfg.width, 4 * cfg.width)
+        self.convs = nnx.List()
+        self.norms = nnx.List()
+        in_ch = c
+        for i, out_ch in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            self.convs.append(nnx.Conv(in_ch, out_ch, (3, 3), strides=(stride, stride), padding="SAME", rngs=rngs))
+            self.norms.append(nnx.GroupNorm(out_ch, num_groups=min(8, out_ch), rngs=rngs))
+            if i > 0:
+                h, w = -(-h // 2), -(-w // 2)
+            in_ch = out_ch
+        self.proj = nnx.Linear(h * w * in_ch, cfg.feature_dim, rngs=rngs)
+        self.head = nnx.Linear(cfg.feature_dim, cfg.pseudo_k, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        for conv, norm in zip(self.convs, self.norms):
+            x = jax.nn.silu(norm(conv(x)))
+        return self.proj(x.reshape(x.shape[0], -1))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(jax.nn.silu(self.features(x)))
+
+
+def classifier_loss(model: nnx.Module, x: jax.Array, labels: jax.Array, rng: jax.Array):
+    """Cross-entropy on pseudo-classes. x: [B, H, W, C] in [-1, 1]; light noise augmentation (sigma 0.05)."""
+    import optax
+
+    x = x + 0.05 * jax.random.normal(rng, x.shape, x.dtype)
+    logits = model(x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, {"accuracy": (jnp.argmax(logits, -1) == labels).mean()}
+
+
+def make_encoder(image_shape: tuple[int, int, int], cfg: FeatureNetConfig, rngs: nnx.Rngs) -> ConvEncoder:
+    return ConvEncoder(tuple(image_shape), cfg, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A loaded feature network.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FeatureNet:
+    """A loaded, SHA-256-checked feature network. `features(images)` is what the metrics use."""
+
+    name: str
+    sha256: str
+    key: str
+    info: dict
+    trained: bool  # True when this call trained it (False: loaded from a cache)
+    model: ConvEncoder
+
+    def __post_init__(self) -> None:
+        graphdef, state = nnx.split(self.model)
+        self._state = state
+        self._fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).features(x))
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["config"]["feature_dim"])
+
+    def features(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+        """images: uint8 [N, H, W, C] -> features float64 [N, D]. Every batch is padded to `batch` rows, so
+        any N costs one compilation."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DDMError(f"feature net needs uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
+        out = []
+        for i in range(0, len(images), batch):
+            chunk = images[i:i + batch]
+            rows = len(chunk)
+            if rows < batch:
+                chunk = np.concatenate([chunk, np.zeros((batch - rows,) + chunk.shape[1:], np.uint8)])
+            x = jnp.asarray(chunk.astype(np.float32) / 127.5 - 1.0)
+            out.append(np.asarray(self._fn(self._state, x), np.float64)[:rows])
+        return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cache keys, training, loading.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """$DDM_CACHE_DIR, else ~/.cache/ddm."""
+    return Path(os.environ.get("DDM_CACHE_DIR") or Path.home() / ".cache" / "ddm")
+
+
+def canonical_order(images: np.ndarray) -> np.ndarray:
+    """Indices that sort images [N, H, W, C] uint8 by their SHA-256: the same set in any order gives one order."""
+    digests = [hashlib.sha256(np.ascontiguousarray(im).tobytes()).digest() for im in images]
+    return np.array(sorted(range(len(images)), key=digests.__getitem__), np.int64)
+
+
+def images_sha256(images: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{','.join(map(str, images.shape))}\n".encode())
+    digest.update(np.ascontiguousarray(images, np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(fingerprint: str, train_sha: str, cfg: FeatureNetConfig) -> str:
+    config_sha = hashlib.sha256(json.dumps({"version": NET_VERSION, **dataclasses.asdict(cfg)},
+                                           sort_keys=True).encode()).hexdigest()
+    return f"{fingerprint[:16]}-{train_sha[:8]}-{config_sha[:8]}"
+
+
+def run_training_images(run_dir: Path, manifest: dict) -> np.ndarray:
+    """The union of a run's training shards in canonical order: uint8 [N, H, W, C]."""
+    images = np.concatenate([read_shard(mf.resolve(run_dir, c["shard"])) for c in manifest["clusters"]])
+    return images[canonical_order(images)]
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load(directory: Path, image_shape: tuple[int, int, int], cfg: FeatureNetConfig, key: str,
+          trained: bool) -> FeatureNet | None:
+    """The net stored in `directory` if its info.json names `key`; None if absent. SHA-256 mismatch: DDMError."""
+    from ddm.loading import load_component
+
+    info_path = directory / INFO
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    if info.get("key") != key:
+        return None
+    entry = {"status": "finished", "path": "final", "sha256": info["sha256"]}
+    model = load_component(str(directory), entry, functools.partial(make_encoder, image_shape, cfg),
+                           f"feature net {key}")
+    return FeatureNet(name=info["name"], sha256=info["sha256"], key=key, info=info, trained=trained, model=model)
+
+
+def _train(directory: Path, images: np.ndarray, cfg: FeatureNetConfig, key: str, meta: dict,
+           log: Callable[[str], None]) -> None:
+    """Pseudo-labels by k-means on PCA, one shard per pseudo-class, the shared Trainer; writes info.json last."""
+    from data.embed import pca
+    from data.kmeans import kmeans
+    from ddm.trainer import Task, Trainer
+
+    pseudo_k = min(cfg.pseudo_k, len(images))
+    if pseudo_k != cfg.pseudo_k:
+        raise DDMError(f"feature net: pseudo_k={cfg.pseudo_k} is larger than the {len(images)} training images")
+    log(f"feature net {key}: k-means into {pseudo_k} pseudo-classes on PCA-{cfg.pca_dim} of {len(images)} images")
+    pixels = images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0
+    result = kmeans(pca(pixels, cfg.pca_dim, cfg.seed), pseudo_k, seed=cfg.seed, max_iter=100, tol=1e-4)
+    labels = np.asarray(result.labels)
+    paths = []
+    for j in range(pseudo_k):
+        path = str(directory / "shards" / f"class_{j}")
+        write_shard(path, images[labels == j])
+        paths.append(path)
+    train = cfg.train_config()
+    reader = ShardReader(paths, batch_size=train.batch_size, seed=train.seed, labels=list(range(pseudo_k)))
+    task = Task(name="feature net", make_model=functools.partial(make_encoder, tuple(images.shape[1:]), cfg),
+                loss=classifier_loss, reader=reader, out_dir=directory,
+                meta={"featurenet": dataclasses.asdict(cfg), "key": key})
+    result = Trainer(task, train, log=log, progress=False).run()
+    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    info = {"name": cfg.name, "version": NET_VERSION, "key": key, "sha256": result.ema_sha256,
+            "config": dataclasses.asdict(cfg), "image_shape": list(images.shape[1:]),
+            "num_train_images": len(images), "pseudo_class_sizes": np.bincount(labels, minlength=pseudo_k).tolist(),
+            "final_train_accuracy": rows[-1].get("accuracy") if rows else None, **meta}
+    tmp = directory / (INFO + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(directory / INFO)
+
+
+def _copy_into_run(src: Path, dst: Path) -> None:
+    """Copies the pinned final weights + info.json (not checkpoints or shards) into `dst`."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    shutil.copytree(src / "final", tmp / "final")
+    shutil.copy2(src / INFO, tmp / INFO)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
+def get_featurenet(run_dir: str | Path, manifest: dict | None = None, *, cfg: FeatureNetConfig | None = None,
+                   cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> FeatureNet:
+    """The feature network of a run's dataset: from RUN/eval/featurenet, else the cache, else trained now.
+
+    Whichever source it comes from, its parameters are checked against the SHA-256 in info.json, and the
+    run directory ends up holding a copy (RUN/eval/featurenet/{info.json,final}).
+    """
+    run_dir = Path(run_dir)
+    manifest = manifest or mf.read_manifest(run_dir)
+    cfg = cfg or FeatureNetConfig()
+    image_shape = tuple(manifest["dataset"]["image_shape"])
+    images = run_training_images(run_dir, manifest)
+    train_sha = images_sha256(images)
+    key = cache_key(manifest["dataset"]["fingerprint"], train_sha, cfg)
+    in_run = run_dir / "eval" / "featurenet"
+    net = _load(in_run, image_shape, cfg, key, trained=False)
+    if net is not None:
+        log(f"feature net {net.name} {key}: from {in_run} (sha256 {net.sha256[:16]})")
+        return net
+    cached = Path(cache_dir or default_cache_dir()) / "featurenet" / key
+    with _lock(cached.parent / f"{key}.lock"):
+        net = _load(cached, image_shape, cfg, key, trained=False)
+        if net is None:
+            meta = {"dataset_fingerprint": manifest["dataset"]["fingerprint"], "train_set_sha256": train_sha,
+                    "source": manifest["dataset"].get("source")}
+            _train(cached, images, cfg, key, meta, log)
+            net = _load(cached, image_shape, cfg, key, trained=True)
+            log(f"feature net {net.name} {key}: trained, sha256 {net.sha256[:16]}, "
+                f"pseudo-class train accuracy {net.info.get('final_train_accuracy') or 0:.2f}")
+        else:
+            log(f"feature net {net.name} {key}: from cache {cached} (sha256 {net.sha256[:16]})")
+        _copy_into_run(cached, in_run)
+    return net
