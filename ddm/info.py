@@ -22,8 +22,8 @@ def describe(manifest: dict, run_dir: str) -> str:
         f"manifest   sha256 {manifest_sha256(manifest)[:16]}",
         f"dataset    {ds['source']}: {ds['num_images']} images {tuple(ds['image_shape'])}, "
         f"fingerprint {ds['fingerprint'][:16]}",
-        f"clusters   K={cl['k']} by {cl['method']} k-means on {cl['embedding']} features, "
-        f"inertia {cl['inertia']:.4g} after {cl['n_iter']} iterations",
+        f"clusters   K={cl['k']} by {cl['method']} partition of {cl.get('embedding', '?')} features"
+        + (f", k-means inertia {cl['inertia']:.4g} after {cl.get('n_iter', '?')} iterations" if "inertia" in cl else ""),
         f"holdout    {manifest.get('holdout', {}).get('count', 0)} images",
         "",
         f"{'cluster':>7}  {'size':>7}  {'share':>6}  expert",
