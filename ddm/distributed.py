@@ -16,7 +16,9 @@ import jax
 
 
 def is_multiprocess_env(env: os._Environ | dict = os.environ) -> bool:
-    if int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+    """Whether to join a distributed job: more than one process, or an explicit coordinator (a job of one
+    process then still runs its collectives through gloo, exactly like the same job on several processes)."""
+    if int(env.get("JAX_NUM_PROCESSES", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in env:
         return True
     return int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
@@ -30,10 +32,12 @@ def initialize() -> None:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        # A count or id left unset is for JAX to detect (SLURM, Open MPI), as without a coordinator.
+        num_processes, process_id = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
+            num_processes=int(num_processes) if num_processes else None,
+            process_id=int(process_id) if process_id else None,
         )
     else:
         jax.distributed.initialize()

@@ -29,7 +29,20 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     if data * fsdp != n:
         raise DDMError(f"mesh ({data} x {fsdp}) does not use exactly the {n} devices")
     # Auto axes: shardings are given at jit boundaries and XLA propagates them inside.
-    return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    axis_types = (AxisType.Auto, AxisType.Auto)
+    mesh = jax.make_mesh((data, fsdp), AXES, axis_types=axis_types)
+    if not _process_major(mesh):
+        # The batch is split over the flattened mesh and every process reads rows
+        # [p * B / P, (p + 1) * B / P) of it, so process p's devices must be the p-th block of the flattening.
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        mesh = Mesh(np.array(devices, dtype=object).reshape(data, fsdp), AXES, axis_types=axis_types)
+    return mesh
+
+
+def _process_major(mesh: Mesh) -> bool:
+    """Whether the flattened mesh lists process 0's devices first, then process 1's, and so on."""
+    owners = [d.process_index for d in mesh.devices.reshape(-1)]
+    return owners == sorted(owners)
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:

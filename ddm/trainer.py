@@ -107,8 +107,11 @@ def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
-    grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(state["params"])
-    ok = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm) & (state["bad"][0] < 0)
+    grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(state["params"])
+    # Finite loss and gradients can still overflow the parameters (a huge learning rate): check them too,
+    # element-wise, since a global norm overflows float32 long before the parameters themselves do.
+    params_finite = jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]).all()
+    ok = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm) & params_finite & (state["bad"][0] < 0)
 
     def keep_if_ok(new, old):
         return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -125,7 +128,7 @@ def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images
                                                param_norm]), state["bad"]),
     }
     metrics = {"loss": loss_value, "grad_norm": grad_norm, "param_norm": param_norm,
-               "update_norm": optax.global_norm(updates), **aux}
+               "update_norm": optax.tree.norm(updates), **aux}
     return new_state, metrics
 
 
@@ -161,6 +164,8 @@ class Trainer:
         self.abstract = abstract_with_shardings(abstract, self.shardings)
         self._init = jax.jit(make_state, out_shardings=self.shardings)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        _check_process_rows(task.reader, self.batch_sharding, cfg.batch_size)
+        self._lr = jax.jit(learning_rate(cfg))  # host-side, for the log; one compile instead of one per op
         step_fn = functools.partial(train_step, self.graphdef, task.loss, self.tx, cfg.ema_decay)
         self._step = jax.jit(step_fn, donate_argnums=0,
                              in_shardings=(self.shardings, self.batch_sharding, self.batch_sharding),
@@ -196,7 +201,8 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 state = self._init()
         start = int(jax.device_get(state["step"]))
-        _truncate_metrics(metrics_path, start)
+        if jax.process_index() == 0:
+            _truncate_metrics(metrics_path, start)
         self.log(f"{task.name}: {self.num_params:,} parameters, {task.reader.num_images} images, "
                  f"mesh {dict(self.mesh.shape)}, batch {cfg.batch_size}, steps {start}->{cfg.steps}")
         try:
@@ -231,7 +237,7 @@ class Trainer:
                     rate = (done - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                     eta = (cfg.steps - done) * cfg.batch_size / max(rate, 1e-9)
                     row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()},
-                           "lr": float(learning_rate(cfg)(step)), "images_per_s": rate, "time": time.time()}
+                           "lr": float(self._lr(step)), "images_per_s": rate, "time": time.time()}
                     t_last, step_last = now, done
                     if jax.process_index() == 0:
                         with open(metrics_path, "a") as f:
@@ -268,14 +274,39 @@ def _progress_bar(start: int, total: int, name: str):
                 mininterval=1.0, disable=None)
 
 
+def _check_process_rows(reader, sharding, batch_size: int) -> None:
+    """Each process feeds rows [p * B / P, (p + 1) * B / P) of the global batch (what `ShardReader.batch`
+    returns); its devices must hold exactly those rows, or the batch would be silently permuted."""
+    rows = sorted({i for idx in sharding.addressable_devices_indices_map((batch_size,)).values()
+                   for i in range(*idx[0].indices(batch_size))})
+    local = batch_size // jax.process_count()
+    lo = getattr(reader, "process_index", jax.process_index()) * local
+    if rows != list(range(lo, lo + local)):
+        raise DDMError(f"process {jax.process_index()} holds batch rows {rows[:1]}..{rows[-1:]} but reads "
+                       f"[{lo}, {lo + local}): the mesh is not process-major")
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops metric rows past `step` (logged after the checkpoint we resume from), so the curve has no repeats."""
+    """Drops metric rows past `step` (logged after the checkpoint we resume from), so the curve has no repeats.
+
+    A process killed while appending may leave a torn last line; it is dropped too.
+    """
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(rows):
-        path.write_text("".join(line + "\n" for line in kept))
+    text = path.read_text()
+    rows = text.splitlines()
+    kept = []
+    for line in rows:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(rows) or not text.endswith("\n"):  # a complete row without its newline: add it
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
