@@ -9,6 +9,7 @@ on 8 devices resume on 4 or 1.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -17,22 +18,19 @@ import orbax.checkpoint as ocp
 from ddm.errors import DDMError
 
 
+@functools.cache
 def _configure_array_handler() -> None:
     """On CPU, saves each replicated array from one replica instead of slicing it across replicas.
 
     Orbax's default "replica-parallel" save cuts every replicated array into per-device slices, which on CPU
     compiles one small XLA program per distinct slice shape (about a hundred for a DiT, seconds of start-up)
-    to parallelise copies that are host-memory copies anyway. Called before any checkpoint is written.
+    to parallelise copies that are host-memory copies anyway. Called before any checkpoint is written; cached
+    because registering the handler once per process is enough.
     """
-    global _HANDLER_CONFIGURED
-    if _HANDLER_CONFIGURED or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu":
         return
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
-    _HANDLER_CONFIGURED = True
-
-
-_HANDLER_CONFIGURED = False
 
 
 class Checkpointer:

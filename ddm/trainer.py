@@ -224,10 +224,17 @@ class Trainer:
         cfg = self.cfg
         bar = _progress_bar(start, cfg.steps, self.task.name) if self.progress and jax.process_index() == 0 else None
         t_last, step_last = time.perf_counter(), start
+        previous_loss = None
         with jax.set_mesh(self.mesh):
             for step in range(start, cfg.steps):
                 images, labels = self._global_batch(step)
                 state, metrics = self._step(state, images, labels)
+                # Bound the dispatch queue to two steps: wait for step s-1 while step s is queued, so the device
+                # never idles, but hundreds of queued multi-device programs never pile up. Unbounded queues of
+                # tiny steps deadlock XLA:CPU's collectives (a rendezvous timeout abort with 8 fake devices).
+                if previous_loss is not None:
+                    previous_loss.block_until_ready()
+                previous_loss = metrics["loss"]
                 done = step + 1
                 if bar is not None:
                     bar.update(1)
