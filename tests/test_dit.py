@@ -22,29 +22,10 @@ from ddm.dit import (
 )
 from ddm.errors import DDMError
 
+from helpers import forward, model_inputs, perturb
+
 
 SMALL = dict(depth=2, width=32, heads=2)  # one small architecture everywhere: XLA compiles are shared
-
-
-def perturb(module: nnx.Module, seed: int = 0, scale: float = 0.05) -> None:
-    """Adds N(0, scale^2) noise (drawn with numpy: no XLA compile) to every parameter, so zero-initialised
-    layers stop being zero."""
-    rng = np.random.default_rng(seed)
-    state = nnx.state(module, nnx.Param)
-    noisy = jax.tree.map(lambda a: jnp.asarray(np.asarray(a) + scale * rng.standard_normal(a.shape, np.float32)),
-                         state)
-    nnx.update(module, noisy)
-
-
-@nnx.jit
-def forward(model, x, t, y=None):
-    return model(x, t, y)
-
-
-def _inputs(shape, batch=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, *shape), dtype=np.float32)
-    return jnp.asarray(x), jnp.asarray(rng.uniform(size=batch).astype(np.float32))
 
 
 def small_dit(shape=(8, 8, 1), patch=2, num_classes=0, dtype=jnp.float32, seed=0) -> DiT:
@@ -56,7 +37,7 @@ def small_dit(shape=(8, 8, 1), patch=2, num_classes=0, dtype=jnp.float32, seed=0
 def test_output_shape_and_dtype(shape, patch):
     model = small_dit(shape, patch)
     perturb(model)
-    x, t = _inputs(shape)
+    x, t = model_inputs(shape)
     v = forward(model, x, t)
     assert v.shape == (3, *shape) and v.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(v))) and float(jnp.abs(v).max()) > 0
@@ -64,7 +45,7 @@ def test_output_shape_and_dtype(shape, patch):
 
 def test_zero_output_at_init_and_identity_blocks():
     model = small_dit(num_classes=4)
-    x, t = _inputs((8, 8, 1))
+    x, t = model_inputs((8, 8, 1))
     np.testing.assert_array_equal(np.asarray(forward(model, x, t, jnp.array([0, 1, 2]))), 0.0)
     block = nnx.jit(lambda b, h, c: b(h, c))
     h = jnp.asarray(np.random.default_rng(1).standard_normal((3, 16, 32), dtype=np.float32))
@@ -79,7 +60,7 @@ def test_bfloat16_compute_float32_params_and_output():
     perturb(m32)
     perturb(m16)
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(m16, nnx.Param))} == {jnp.dtype(jnp.float32)}
-    x, t = _inputs((8, 8, 1))
+    x, t = model_inputs((8, 8, 1))
     y = jnp.array([0, 1, 2])
     v16, v32 = forward(m16, x, t, y), forward(m32, x, t, y)
     assert v16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(v16)))
@@ -91,7 +72,7 @@ def test_class_conditioning():
     model = small_dit(num_classes=4)
     assert model.cond.labels.embedding.shape == (5, 32)  # num_classes + 1 rows, the last is the null label
     perturb(model)
-    x, t = _inputs((8, 8, 1))
+    x, t = model_inputs((8, 8, 1))
     v0 = forward(model, x, t, jnp.zeros(3, jnp.int32))
     v1 = forward(model, x, t, jnp.ones(3, jnp.int32))
     assert float(jnp.abs(v0 - v1).max()) > 1e-4
@@ -104,7 +85,7 @@ def test_class_conditioning():
 
 def test_labels_given_to_unconditional_model_raise():
     model = small_dit()
-    x, t = _inputs((8, 8, 1))
+    x, t = model_inputs((8, 8, 1))
     with pytest.raises(DDMError, match="unconditional"):
         forward(model, x, t, jnp.zeros(3, jnp.int32))
 

@@ -18,20 +18,13 @@ import pytest
 from data import manifest as mf
 from ddm import cli
 
+from helpers import prepared_template
+
 REPO = Path(__file__).resolve().parents[1]
 # The same training config as test_trainer.py: on one device the island programs are compiled once.
 TRAIN = ["expert.train.steps=16", "expert.train.batch_size=16", "expert.train.checkpoint_every=4",
          "expert.train.log_every=2", "expert.train.warmup_steps=4"]
 SETS = [a for s in TRAIN for a in ("--set", s)]
-
-
-def prepared_template(tmp_path_factory) -> Path:
-    """digits, K=2, prepared once per session (shared with the other training tests); tests copy it."""
-    path = tmp_path_factory.getbasetemp() / "ddm-digits-k2"
-    if not (path / "manifest.json").exists():
-        assert cli.main(["prepare", "--config", str(REPO / "configs" / "digits.yaml"), "--run-dir", str(path),
-                         "--set", "data.k=2"]) == 0
-    return path
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ only process 0 writes metrics and the manifest.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,27 +19,13 @@ import numpy as np
 import pytest
 
 from data import manifest as mf
-from ddm import cli
 from ddm.trainer import read_metrics
+
+from helpers import fresh_run
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["expert.train.steps=16", "expert.train.batch_size=16", "expert.train.checkpoint_every=4",
          "expert.train.log_every=2", "expert.train.warmup_steps=4", "expert.train.mesh_fsdp=4"]
-
-
-def prepared_template(tmp_path_factory) -> Path:
-    """digits, K=2, prepared once per session (shared with the other training tests); tests copy it."""
-    path = tmp_path_factory.getbasetemp() / "ddm-digits-k2"
-    if not (path / "manifest.json").exists():
-        assert cli.main(["prepare", "--config", str(REPO / "configs" / "digits.yaml"), "--run-dir", str(path),
-                         "--set", "data.k=2"]) == 0
-    return path
-
-
-def fresh_run(tmp_path_factory, name: str) -> Path:
-    dst = tmp_path_factory.mktemp(name) / "run"
-    shutil.copytree(prepared_template(tmp_path_factory), dst)
-    return dst
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from scipy.special import logsumexp, softmax
+from scipy.special import softmax
 
 from ddm.cli import main
 from ddm.config import load_config

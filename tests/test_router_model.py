@@ -11,26 +11,7 @@ from ddm.dit import DIT_PRESETS, DiTBlock, dit_flops_per_image
 from ddm.errors import DDMError
 from router.model import ROUTER_PRESETS, ConvRouter, DiTRouter, router_flops_per_image, router_from_config
 
-
-def perturb(module: nnx.Module, seed: int = 0, scale: float = 0.05) -> None:
-    """Adds N(0, scale^2) noise (drawn with numpy: no XLA compile) to every parameter, so zero-initialised
-    layers stop being zero."""
-    rng = np.random.default_rng(seed)
-    state = nnx.state(module, nnx.Param)
-    noisy = jax.tree.map(lambda a: jnp.asarray(np.asarray(a) + scale * rng.standard_normal(a.shape, np.float32)),
-                         state)
-    nnx.update(module, noisy)
-
-
-@nnx.jit
-def forward(model, x, t, y=None):
-    return model(x, t, y)
-
-
-def _inputs(shape, batch=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, *shape), dtype=np.float32)
-    return jnp.asarray(x), jnp.asarray(rng.uniform(size=batch).astype(np.float32))
+from helpers import forward, model_inputs, perturb
 
 
 SMALL_DIT = dict(patch_size=2, depth=2, width=32, heads=2)  # a small transformer router: cheap to compile
@@ -49,7 +30,7 @@ def make_router(arch, shape, num_clusters, num_classes=0, dtype=jnp.float32, see
 def test_logits_shape_dtype_and_uniform_at_init(arch, shape):
     router = make_router(arch, shape, 5)
     assert isinstance(router, ConvRouter if arch == "conv" else DiTRouter)
-    x, t = _inputs(shape)
+    x, t = model_inputs(shape)
     logits = forward(router, x, t)
     assert logits.shape == (3, 5) and logits.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(logits), 0.0)  # zero head: uniform p(k | x_t, t) at init
@@ -64,7 +45,7 @@ def test_logits_shape_dtype_and_uniform_at_init(arch, shape):
 def test_class_label_input(arch):
     router = make_router(arch, (8, 8, 1), 3, num_classes=4, seed=1)
     perturb(router)
-    x, t = _inputs((8, 8, 1))
+    x, t = model_inputs((8, 8, 1))
     a = forward(router, x, t, jnp.zeros(3, jnp.int32))
     b = forward(router, x, t, jnp.full(3, 2, jnp.int32))
     assert float(jnp.abs(a - b).max()) > 1e-5
@@ -79,7 +60,7 @@ def test_class_label_input(arch):
 def test_bfloat16_router_is_finite(arch):
     router = make_router(arch, (8, 8, 1), 5, dtype=jnp.bfloat16)
     perturb(router)
-    x, t = _inputs((8, 8, 1))
+    x, t = model_inputs((8, 8, 1))
     logits = forward(router, x, t)
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(router, nnx.Param))} == {jnp.dtype(jnp.float32)}
@@ -90,7 +71,7 @@ def test_dit_router_from_config_reuses_dit_blocks_and_trains():
     assert isinstance(abstract, DiTRouter) and len(abstract.blocks) == DIT_PRESETS["tiny"][0]
     assert all(isinstance(b, DiTBlock) for b in abstract.blocks) and abstract.cls.shape == (1, 1, 128)
     router = make_router("dit", (8, 8, 1), 4)
-    x, t = _inputs((8, 8, 1))
+    x, t = model_inputs((8, 8, 1))
     labels = jnp.array([0, 1, 3])
 
     @nnx.jit

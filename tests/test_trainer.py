@@ -34,6 +34,8 @@ from ddm.errors import DDMError
 from ddm.flow import flow_matching_loss
 from ddm.trainer import NonFiniteError, Task, Trainer, init_state, make_optimizer, read_metrics, train_step
 
+from helpers import fresh_run, prepared_template
+
 REPO = Path(__file__).resolve().parents[1]
 # One training config for every subprocess run here (and in test_islands.py): identical programs hit the cache.
 TRAIN = ["expert.train.steps=16", "expert.train.batch_size=16", "expert.train.checkpoint_every=4",
@@ -43,21 +45,6 @@ TRAIN = ["expert.train.steps=16", "expert.train.batch_size=16", "expert.train.ch
 # ---------------------------------------------------------------------------------------------------------
 # Helpers shared by the tests of this file.
 # ---------------------------------------------------------------------------------------------------------
-
-
-def prepared_template(tmp_path_factory) -> Path:
-    """digits, K=2, prepared once per session (a few seconds); tests copy it."""
-    path = tmp_path_factory.getbasetemp() / "ddm-digits-k2"
-    if not (path / "manifest.json").exists():
-        assert cli.main(["prepare", "--config", str(REPO / "configs" / "digits.yaml"), "--run-dir", str(path),
-                         "--set", "data.k=2"]) == 0
-    return path
-
-
-def fresh_run(tmp_path_factory, name: str) -> Path:
-    dst = tmp_path_factory.mktemp(name) / "run"
-    shutil.copytree(prepared_template(tmp_path_factory), dst)
-    return dst
 
 
 def child_env(tmp_path_factory, devices: int) -> dict:

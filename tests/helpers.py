@@ -1,0 +1,53 @@
+"""Helpers shared by several test files (pytest puts tests/ on sys.path, so `from helpers import ...`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prepared_template(tmp_path_factory) -> Path:
+    """digits, K=2, prepared once per session (a few seconds) and shared by the training tests; tests copy it."""
+    from ddm import cli
+
+    path = tmp_path_factory.getbasetemp() / "ddm-digits-k2"
+    if not (path / "manifest.json").exists():
+        assert cli.main(["prepare", "--config", str(REPO / "configs" / "digits.yaml"), "--run-dir", str(path),
+                         "--set", "data.k=2"]) == 0
+    return path
+
+
+def fresh_run(tmp_path_factory, name: str) -> Path:
+    """A private copy of the prepared template."""
+    dst = tmp_path_factory.mktemp(name) / "run"
+    shutil.copytree(prepared_template(tmp_path_factory), dst)
+    return dst
+
+
+def perturb(module: nnx.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Adds N(0, scale^2) noise (drawn with numpy: no XLA compile) to every parameter, so zero-initialised
+    layers stop being zero."""
+    rng = np.random.default_rng(seed)
+    state = nnx.state(module, nnx.Param)
+    noisy = jax.tree.map(lambda a: jnp.asarray(np.asarray(a) + scale * rng.standard_normal(a.shape, np.float32)),
+                         state)
+    nnx.update(module, noisy)
+
+
+@nnx.jit
+def forward(model, x, t, y=None):
+    return model(x, t, y)
+
+
+def model_inputs(shape, batch=3, seed=0):
+    """(x [batch, *shape] standard normal, t [batch] uniform) as jax arrays."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *shape), dtype=np.float32)
+    return jnp.asarray(x), jnp.asarray(rng.uniform(size=batch).astype(np.float32))
