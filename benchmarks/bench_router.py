@@ -1,0 +1,123 @@
+"""Router cost per sampling step relative to one expert of the default preset: FLOPs and measured time.
+
+    python benchmarks/bench_router.py [--quick] [--repeats N] [--batch B]
+
+With top-1 routing every velocity evaluation runs the router once and one expert per sample, so the router's
+overhead is router cost / expert cost per image. For each config's expert (configs/digits.yaml: DiT micro,
+8x8x1 patch 2, K=4; configs/mnist10k.yaml: DiT small, 28x28x1 patch 4, K=8) and each router (conv and dit
+architectures at the micro/tiny/small presets), this prints
+- the analytic FLOPs ratio (`router.model.router_flops_per_image` / `ddm.dit.dit_flops_per_image`), and
+- the measured forward-time ratio: both jitted, warmed up, called in turn at the same batch, median of the
+  rounds (wall time, and process CPU time as the steadier check on a loaded machine).
+Goal (the issue): <= 10% of an expert's cost. The dit router's patch size is the `RouterConfig` default (2) and,
+where the expert's differs, the expert's too. Parameters are random (cost does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.common import (
+    fmt,
+    interleaved,
+    load_average,
+    machine_table,
+    markdown_table,
+)
+from ddm.config import ModelConfig, RouterConfig
+from ddm.dit import count_params, dit_flops_per_image, dit_from_config
+from router.model import router_flops_per_image, router_from_config
+
+# (config file, expert ModelConfig, image shape, K, the config's router)
+CONFIGS = [
+    ("digits.yaml", ModelConfig(preset="micro", patch_size=2), (8, 8, 1), 4, RouterConfig(arch="conv", preset="tiny")),
+    ("mnist10k.yaml", ModelConfig(preset="small", patch_size=4), (28, 28, 1), 8,
+     RouterConfig(arch="conv", preset="small")),
+]
+PRESETS = ("micro", "tiny", "small")
+
+
+def routers_for(expert: ModelConfig) -> list[RouterConfig]:
+    out = [RouterConfig(arch="conv", preset=p) for p in PRESETS]
+    for p in PRESETS:
+        out.append(RouterConfig(arch="dit", preset=p))  # default patch size 2
+        if expert.patch_size != RouterConfig().patch_size:
+            out.append(RouterConfig(arch="dit", preset=p, patch_size=expert.patch_size))
+    return out
+
+
+def _label(router: RouterConfig) -> str:
+    return f"{router.arch} {router.preset}" + (f" p{router.patch_size}" if router.arch == "dit" else "")
+
+
+def _forward(module: nnx.Module):
+    """A jitted forward (params as an argument, like sampling does) and the params."""
+    graphdef, state = nnx.split(module)
+    fn = jax.jit(lambda s, x, t: nnx.merge(graphdef, s)(x, t))
+    return fn, state
+
+
+def bench_config(name, expert_cfg, shape, k, default_router, batch, repeats) -> list[list[str]]:
+    x = jax.random.normal(jax.random.key(0), (batch, *shape), jnp.float32)
+    t = jax.random.uniform(jax.random.key(1), (batch,), jnp.float32)
+    expert = dit_from_config(expert_cfg, shape, nnx.Rngs(0))
+    expert_flops = dit_flops_per_image(expert_cfg, shape)
+    fns, meta = {}, {}
+    efn, estate = _forward(expert)
+    fns["expert"] = lambda: efn(estate, x, t)
+    meta["expert"] = (f"DiT {expert_cfg.preset} p{expert_cfg.patch_size} (expert)", count_params(expert), expert_flops)
+    for router_cfg in routers_for(expert_cfg):
+        router = router_from_config(router_cfg, shape, k, rngs=nnx.Rngs(0))
+        rfn, rstate = _forward(router)
+        label = _label(router_cfg)
+        fns[label] = lambda rfn=rfn, rstate=rstate: rfn(rstate, x, t)
+        marker = " (config default)" if router_cfg == default_router else ""
+        meta[label] = (label + marker, count_params(router), router_flops_per_image(router_cfg, shape, k))
+    timings = interleaved(fns, repeats=repeats, warmup=2, block=jax.block_until_ready)
+    base = timings["expert"]
+    rows = []
+    for key, timing in timings.items():
+        label, params, flops = meta[key]
+        flops_ratio = flops / expert_flops
+        time_ratio = timing.median / base.median
+        cpu_ratio = timing.cpu_median / base.cpu_median
+        goal = "-" if key == "expert" else ("yes" if max(flops_ratio, cpu_ratio) <= 0.10 else "no")
+        rows.append([f"{name}: {shape[0]}x{shape[1]}x{shape[2]}, K={k}", label, f"{params:,}",
+                     fmt(flops / 1e6), f"{flops_ratio:.1%}", f"{timing.median * 1e3:.2f}", f"{time_ratio:.1%}",
+                     f"{cpu_ratio:.1%}", goal])
+    return rows
+
+
+HEADERS = ["config (image, clusters)", "model", "params", "MFLOPs / image", "FLOPs vs expert",
+           "forward ms (batch)", "time vs expert (wall)", "time vs expert (CPU)", "<= 10%"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (median taken)")
+    parser.add_argument("--batch", type=int, default=64, help="images per forward (default: sample.n = 64)")
+    args = parser.parse_args()
+    repeats = args.repeats or (3 if args.quick else 7)
+    command = "python benchmarks/bench_router.py" + (" --quick" if args.quick else "")
+    print(machine_table(extra={"command": f"`{command}`", "batch": args.batch, "rounds": repeats}))
+    print()
+    rows = []
+    for config in CONFIGS:
+        rows += bench_config(*config, args.batch, repeats)
+        print(f"done: {config[0]} (load average {load_average()})", file=sys.stderr, flush=True)
+    print(markdown_table(HEADERS, rows))
+    print(f"\nload average after: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
