@@ -117,7 +117,7 @@ def test_info(digits_run):
     assert rc == 0, err
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert out.strip() == describe(manifest, str(run_dir))
-    assert "digits: 1797 images (8, 8, 1)" in out and "K=4 by lloyd k-means on pca features" in out
+    assert "digits: 1797 images (8, 8, 1)" in out and "K=4 by lloyd partition of pca features, k-means inertia" in out
     assert "holdout    180 images" in out and "experts    0/4 finished" in out
     for c in manifest["clusters"]:
         assert any(line.split()[:2] == [str(c["id"]), str(c["count"])] for line in out.splitlines())

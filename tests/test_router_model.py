@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ddm.config import ModelConfig, RouterConfig
+from ddm.config import MODEL_PRESETS, ModelConfig, RouterConfig
 from ddm.dit import DIT_PRESETS, DiTBlock, dit_flops_per_image
 from ddm.errors import DDMError
 from router.model import ROUTER_PRESETS, ConvRouter, DiTRouter, router_flops_per_image, router_from_config
@@ -102,7 +102,7 @@ def test_tiny_conv_router_flops_within_budget(shape, patch):
     expert = dit_flops_per_image(ModelConfig(preset="tiny", patch_size=patch), shape)
     router = router_flops_per_image(RouterConfig(arch="conv", preset="tiny"), shape, 8)
     assert 0 < router <= 0.1 * expert
-    assert set(ROUTER_PRESETS) == {"tiny", "small", "S", "B", "L", "XL"}
+    assert set(ROUTER_PRESETS) == set(MODEL_PRESETS)  # every preset a RouterConfig accepts has widths
 
 
 @pytest.mark.parametrize("arch", ["conv", "dit"])
