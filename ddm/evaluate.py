@@ -33,7 +33,7 @@ from flax import nnx
 from data import manifest as mf
 from data.shards import read_shard
 from ddm.errors import DDMError
-from ddm.featurenet import FeatureNetConfig, get_featurenet
+from ddm.featurenet import FeatureNetConfig, apply_padded, get_featurenet
 
 DEFAULT_STRATEGIES = ("full", "top1", "top2", "threshold:0.1", "sample")
 DEFAULT_N = 500
@@ -157,15 +157,7 @@ def router_assignments(ensemble, images: np.ndarray, batch: int = 256) -> np.nda
     """argmax_k p(k | x, t=0) of uint8 images [N, H, W, C] under the ensemble's router: [N] int32.
     Batches are padded to `batch` rows (one compilation for any N)."""
     fn = _router_argmax(ensemble.router_apply)
-    out = []
-    for i in range(0, len(images), batch):
-        chunk = images[i:i + batch]
-        rows = len(chunk)
-        if rows < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - rows,) + chunk.shape[1:], np.uint8)])
-        x = jnp.asarray(chunk.astype(np.float32) / 127.5 - 1.0)
-        out.append(np.asarray(fn(ensemble.router_params, x))[:rows])
-    return np.concatenate(out).astype(np.int32)
+    return apply_padded(lambda x: fn(ensemble.router_params, x), images, batch).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------

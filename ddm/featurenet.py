@@ -52,6 +52,19 @@ NET_VERSION = "kmc-cnn-v1"
 INFO = "info.json"
 
 
+def apply_padded(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """fn over uint8 images [N, H, W, C] (given to fn as float32 in [-1, 1]) in batches padded to `batch` rows,
+    so any N costs one compilation. Returns fn's outputs concatenated over N."""
+    out = []
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        rows = len(chunk)
+        if rows < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - rows,) + chunk.shape[1:], np.uint8)])
+        out.append(np.asarray(fn(jnp.asarray(chunk.astype(np.float32) / 127.5 - 1.0)))[:rows])
+    return np.concatenate(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureNetConfig:
     """Everything that determines the feature network (all of it enters the cache key)."""
@@ -161,15 +174,7 @@ class FeatureNet:
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
             raise DDMError(f"feature net needs uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
-        out = []
-        for i in range(0, len(images), batch):
-            chunk = images[i:i + batch]
-            rows = len(chunk)
-            if rows < batch:
-                chunk = np.concatenate([chunk, np.zeros((batch - rows,) + chunk.shape[1:], np.uint8)])
-            x = jnp.asarray(chunk.astype(np.float32) / 127.5 - 1.0)
-            out.append(np.asarray(self._fn(self._state, x), np.float64)[:rows])
-        return np.concatenate(out)
+        return apply_padded(lambda x: self._fn(self._state, x), images, batch).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------
