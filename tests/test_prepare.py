@@ -78,7 +78,7 @@ def test_prepare_digits_end_to_end(digits_run):
     ds = manifest["dataset"]
     assert ds == {"source": "digits", "fingerprint": fingerprint(images), "num_images": 1797, "image_shape": [8, 8, 1]}
     cl = manifest["clustering"]
-    assert (cl["k"], cl["method"], cl["embedding"], cl["embed_dim"]) == (4, "lloyd", "pca", 16)
+    assert (cl["k"], cl["method"], cl["embedding"], cl["embed_dim"]) == (4, "balanced", "pca", 16)
     assert cl["inertia"] > 0 and cl["n_iter"] >= 1
     assert np.load(run_dir / cl["centroids"]).shape == (4, 16)
     assert manifest["config"]["data"]["k"] == 4 and manifest["config"]["run_dir"] == str(run_dir)
@@ -117,7 +117,7 @@ def test_info(digits_run):
     assert rc == 0, err
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert out.strip() == describe(manifest, str(run_dir))
-    assert "digits: 1797 images (8, 8, 1)" in out and "K=4 by lloyd partition of pca features, k-means inertia" in out
+    assert "digits: 1797 images (8, 8, 1)" in out and "K=4 by balanced partition of pca features, k-means inertia" in out
     assert "holdout    180 images" in out and "experts    0/4 finished" in out
     for c in manifest["clusters"]:
         assert any(line.split()[:2] == [str(c["id"]), str(c["count"])] for line in out.splitlines())

@@ -183,7 +183,12 @@ def test_sharded_step_matches_single_device(shard_reader, tmp_path):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"mesh {data}x{fsdp}")
         got = jax.device_get({k: sharded[k] for k in ("params", "ema", "opt")})
         check = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6, err_msg=f"mesh {data}x{fsdp}")
-        jax.tree.map(check, got, ref)
+        jax.tree.map(check, got["opt"], ref["opt"])
+        # Adam's early updates are ~lr * g / |g|: for a gradient entry near zero, the last-bit differences of a
+        # sharded reduction move the update by a visible fraction of lr. Parameters are therefore compared to
+        # 0.1% of one step's size, which still catches any real sharding error (those are O(lr)).
+        step_scale = functools.partial(check, atol=1e-3 * cfg["lr"])
+        jax.tree.map(step_scale, {k: got[k] for k in ("params", "ema")}, {k: ref[k] for k in ("params", "ema")})
         assert int(sharded["step"]) == 2
 
 
