@@ -7,6 +7,7 @@ checkpoint (any byte changed) never reaches sampling.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -57,8 +58,6 @@ def load_run(run_dir: str, overrides: list[str] | tuple[str, ...] = (), *, with_
     Experts that are not finished are left out (the ensemble masks them and warns); the router is required
     unless `with_router` is False (then only `oracle`/`single:k` strategies work).
     """
-    import functools
-
     from ddm.ensemble import Ensemble
     from experts.train import make_dit, run_config
 

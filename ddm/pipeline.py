@@ -37,11 +37,10 @@ def save_strategy_figure(grids: dict[str, np.ndarray], path: Path, ncols: int = 
 def run_all(cfg: Config, run_dir: str | Path, overrides: list[str], *, base_dir: Path | None = None,
             overwrite: bool = False, parallel: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Runs every stage; returns {stage: output path}. Finished stages are skipped on a rerun."""
-    from data.manifest import read_manifest
+    from data.manifest import manifest_sha256, read_manifest
     from data.prepare import prepare
     from ddm.loading import load_run
     from ddm.sampling import Request, generate, save_outputs, usage_summary
-    from data.manifest import manifest_sha256
     from experts.islands import launch_local
     from router.train import train_router
 
