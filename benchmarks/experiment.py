@@ -3,7 +3,7 @@ strategy, with k-means vs random partitions, over several seeds (our version of 
 
     python benchmarks/experiment.py [--dataset digits|mnist10k] [--seeds 0,1,2] [--partitions kmeans,random]
         [--expert-steps 250] [--router-steps 150] [--n 400] [--sample-steps 20] [--out runs/experiment]
-        [--set section.key=value ...] [--table-only]
+        [--set section.key=value ...] [--strategies full,top1,...] [--table-only]
 
 Per seed s and partition p, one run directory OUT/<dataset>/<p>-s<s>/:
 - prepare with the dataset's config + the overrides below (stored in the manifest, so every later stage uses
@@ -53,8 +53,8 @@ DATASET_OVERRIDES = {
     "mnist10k": ["expert.model.preset=micro", "expert.model.patch_size=4", "router.preset=tiny",
                  f"data.source={REPO.parent / 'shared' / 'data' / 'mnist10k.npz'}"],
 }
-STRATEGIES = ("full", "top1", "top2", "threshold:0.1", "sample")
-ROW_ORDER = ("monolith", "full", "top1", "top2", "threshold:0.1", "sample")
+# The paper's Table 1 strategies, plus ours: top-1 with the full posterior while t > 0.5 (ddm/routing.py).
+STRATEGIES = ("full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5")
 PAPER_FID = {"monolith": 12.81, "full": 10.52, "top1": 9.84, "top2": 10.31, "threshold:0.1": 10.15,
              "sample": 157.05}
 
@@ -185,10 +185,10 @@ def evaluate(args, run_dir: Path, seed: int) -> dict:
     if report_path.exists():
         report = json.loads(report_path.read_text())
         if report["request"] == {"n": args.n, "steps": args.sample_steps, "solver": report["request"]["solver"],
-                                 "seed": seed} and set(STRATEGIES) <= set(report["results"]):
+                                 "seed": seed} and set(args.strategies) <= set(report["results"]):
             return report
     t0 = time.perf_counter()
-    report = evaluate_run(run_dir, n=args.n, steps=args.sample_steps, seed=seed, strategies=STRATEGIES,
+    report = evaluate_run(run_dir, n=args.n, steps=args.sample_steps, seed=seed, strategies=args.strategies,
                           cache_dir=Path(args.out) / "cache", log=quiet)
     log(f"{run_dir.name}: evaluated in {time.perf_counter() - t0:.0f}s")
     return report
@@ -207,11 +207,11 @@ def _cell(values: list[float], digits: int) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
-def collect(reports: dict[tuple[str, int], dict]) -> list[dict]:
+def collect(reports: dict[tuple[str, int], dict], strategies: tuple[str, ...]) -> list[dict]:
     """One row per (partition, model): lists of per-seed metrics."""
     rows = []
     for partition in ("kmeans", "random"):
-        names = [n for n in ROW_ORDER if n != "monolith" or partition == "kmeans"] + ["real (train)"]
+        names = ["monolith"] * (partition == "kmeans") + list(strategies) + ["real (train)"]
         for name in names:
             per_seed = [r["results"][name] for (p, _), r in sorted(reports.items()) if p == partition
                         and name in r["results"]]
@@ -248,8 +248,12 @@ def main() -> int:
     parser.add_argument("--sample-steps", type=int, default=20, help="Heun steps")
     parser.add_argument("--out", default=str(REPO / "runs" / "experiment"))
     parser.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help="routing strategies to evaluate, comma-separated (a finished run's report is reused "
+                             "when it has them all)")
     parser.add_argument("--table-only", action="store_true", help="print the table of finished runs only")
     args = parser.parse_args()
+    args.strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     seeds = [int(s) for s in args.seeds.split(",") if s]
     partitions = [p for p in args.partitions.split(",") if p]
 
@@ -277,7 +281,7 @@ def main() -> int:
         return 1
     any_report = next(iter(reports.values()))
     budget = flops(cfg, tuple(any_report["dataset"]["image_shape"]), any_report["num_clusters"])
-    rows = collect(reports)
+    rows = collect(reports, args.strategies)
     table = format_table(rows, any_report["featurenet"]["metric_name"].replace(" features", ""))
     header = (f"{args.dataset}: K={any_report['num_clusters']}, {args.expert_steps} steps/expert x batch "
               f"{cfg.expert.train.batch_size}, router {args.router_steps} steps x {cfg.router.train.batch_size}, "

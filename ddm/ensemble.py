@@ -98,7 +98,7 @@ def _route(router_apply, router_params, x, t, y, mask, key, offset, *, strategy:
     if strategy.kind == "sample":
         index = offset + jnp.arange(x.shape[0], dtype=jnp.uint32)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
-    return route_weights(probs, strategy, mask=mask, rng=keys)
+    return route_weights(probs, strategy, mask=mask, rng=keys, t=t)
 
 
 def _expert_contrib(expert_apply, null_label, trace_counter, params, acc, x, t, y, weights, k, idx, cfg_scale, *, cfg):

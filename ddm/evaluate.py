@@ -35,7 +35,7 @@ from data.shards import read_shard
 from ddm.errors import DDMError
 from ddm.featurenet import FeatureNetConfig, apply_padded, get_featurenet
 
-DEFAULT_STRATEGIES = ("full", "top1", "top2", "threshold:0.1", "sample")
+DEFAULT_STRATEGIES = ("full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5")
 DEFAULT_N = 500
 KNN_K = 3
 MONOLITH = "monolith"

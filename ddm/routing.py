@@ -12,6 +12,13 @@ only part of the posterior; the paper's best ImageNet result was top-1 (see /wor
 | `sample`          | kind="sample"                    | one expert drawn from the posterior (one-hot)             |
 | `oracle`          | kind="oracle"                    | one-hot of the sample's known cluster label               |
 | `single:K`        | kind="single", expert=K          | one-hot of expert K for every sample                      |
+| `S+full:T`        | S with full_above=T              | the posterior while t > T, strategy S below (S: top-k,    |
+|                   |                                  | threshold or sample), e.g. `top1+full:0.8`                |
+
+Why `+full:T`: near t = 1 the posterior is close to the cluster prior, so top-1 commits each sample to the
+argmax of an almost flat distribution, biased towards the largest cluster, and a flow committed early stays
+there (docs/results.md). Mixing with the full posterior over the first, noisiest part of the solve and
+routing sparsely once the posterior is sharp costs K expert calls per step only while t > T.
 
 Strategies are plain hashable data, so they can be static arguments of `jax.jit`. `route_weights` is a pure,
 jit-able function; the decisions are per sample (two samples of a batch may pick different experts).
@@ -28,9 +35,12 @@ import jax.numpy as jnp
 from ddm.errors import DDMError
 
 KINDS = ("full", "topk", "threshold", "sample", "oracle", "single")
-ACCEPTED_FORMS = "full, top1, top2, topN, topk:N, threshold:TAU (0 < TAU <= 1), sample, oracle, single:K"
+ACCEPTED_FORMS = ("full, top1, top2, topN, topk:N, threshold:TAU (0 < TAU <= 1), sample, oracle, single:K; "
+                  "topN, threshold:TAU and sample also as S+full:T (the full posterior while t > T, 0 <= T < 1)")
 # Strategies whose weights come from the router's posterior (oracle and single need no router).
 ROUTED_KINDS = ("full", "topk", "threshold", "sample")
+# Strategies that take the `+full:T` modifier (full itself needs none; oracle and single ignore the router).
+SPARSE_KINDS = ("topk", "threshold", "sample")
 
 _DEFAULTS = {"k": 1, "tau": 0.0, "expert": 0}
 _USED_FIELDS = {"full": (), "topk": ("k",), "threshold": ("tau",), "sample": (), "oracle": (), "single": ("expert",)}
@@ -43,12 +53,15 @@ class Strategy:
 
     kind: one of KINDS. k: experts kept by "topk" (>= 1). tau: posterior threshold of "threshold", in (0, 1].
     expert: the expert index of "single" (>= 0).
+    full_above: for the sparse kinds (topk, threshold, sample), use the full posterior at times t > full_above;
+    in [0, 1), or 1.0 (the default) for never.
     """
 
     kind: str
     k: int = 1
     tau: float = 0.0
     expert: int = 0
+    full_above: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -57,6 +70,13 @@ class Strategy:
             if name not in _USED_FIELDS[self.kind]:
                 object.__setattr__(self, name, default)
         object.__setattr__(self, "tau", float(self.tau))
+        object.__setattr__(self, "full_above", float(self.full_above))
+        if self.full_above != 1.0:
+            if self.kind not in SPARSE_KINDS:
+                raise DDMError(f"'+full:T' applies to top-k, threshold and sample routing, not {self.kind}; "
+                               f"accepted: {ACCEPTED_FORMS}")
+            if not 0.0 <= self.full_above < 1.0:
+                raise DDMError(f"'+full:T' needs 0 <= T < 1, got {self.full_above}")
         if self.kind == "topk" and (not isinstance(self.k, int) or self.k < 1):
             raise DDMError(f"routing strategy top-k needs k >= 1, got {self.k}")
         if self.kind == "threshold" and not 0.0 < self.tau <= 1.0:
@@ -65,13 +85,14 @@ class Strategy:
             raise DDMError(f"routing strategy single needs an expert index >= 0, got {self.expert}")
 
     def __str__(self) -> str:
+        suffix = f"+full:{self.full_above!r}" if self.full_above != 1.0 else ""  # float repr round-trips
         if self.kind == "topk":
-            return f"top{self.k}"
+            return f"top{self.k}{suffix}"
         if self.kind == "threshold":
-            return f"threshold:{self.tau!r}"  # repr of a float round-trips exactly
+            return f"threshold:{self.tau!r}{suffix}"
         if self.kind == "single":
             return f"single:{self.expert}"
-        return self.kind
+        return self.kind + suffix
 
     @property
     def needs_router(self) -> bool:
@@ -80,7 +101,9 @@ class Strategy:
 
     @property
     def one_hot(self) -> bool:
-        """Whether every sample gets exactly one expert (so a chosen expert id is meaningful)."""
+        """Whether every sample gets exactly one expert at every step (so a chosen expert id is meaningful)."""
+        if self.full_above != 1.0:
+            return False
         return self.kind in ("sample", "oracle", "single") or (self.kind == "topk" and self.k == 1)
 
 
@@ -89,13 +112,22 @@ _FLOAT = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
 
 def parse_strategy(text: str | Strategy) -> Strategy:
-    """Parses "full", "top1", "top2", "topk:3", "threshold:0.1", "sample", "oracle", "single:2" (case and
-    surrounding spaces ignored); a `Strategy` passes through. `parse_strategy(str(s)) == s` for every strategy."""
+    """Parses "full", "top1", "top2", "topk:3", "threshold:0.1", "sample", "oracle", "single:2", and the sparse
+    ones with a "+full:T" suffix ("top1+full:0.8") (case and surrounding spaces ignored); a `Strategy` passes
+    through. `parse_strategy(str(s)) == s` for every strategy."""
     if isinstance(text, Strategy):
         return text
     if not isinstance(text, str):
         raise DDMError(f"routing strategy must be text, got {type(text).__name__}; accepted: {ACCEPTED_FORMS}")
     s = text.strip().lower()
+    if m := re.fullmatch(r"(.+?)\s*\+\s*full:" + _FLOAT, s):
+        base = parse_strategy(m.group(1))
+        if base.full_above != 1.0:
+            raise DDMError(f"routing strategy {text!r} has two '+full' parts; accepted: {ACCEPTED_FORMS}")
+        full_above = float(m.group(2))
+        if not full_above < 1.0:  # 1.0 is the dataclass's "never"; as text it would silently mean plain S
+            raise DDMError(f"'+full:T' needs 0 <= T < 1, got {m.group(2)} in {text!r}")
+        return dataclasses.replace(base, full_above=full_above)
     if s in ("full", "sample", "oracle"):
         return Strategy(s)
     if m := (re.fullmatch(r"top" + _INT, s) or re.fullmatch(r"topk:" + _INT, s)):
@@ -150,6 +182,7 @@ def route_weights(
     mask: jax.Array,
     rng: jax.Array | None = None,
     labels: jax.Array | None = None,
+    t: jax.Array | None = None,
 ) -> jax.Array:
     """Mixing weights [B, K] float32 (rows sum to 1) from the router posterior `probs` [B, K].
 
@@ -164,6 +197,8 @@ def route_weights(
       it at once) or per-sample keys [B] (what `Ensemble` uses, so draws do not depend on batching).
     - oracle: one-hot of `labels` [B] int (the samples' known clusters).
     - single: one-hot of `strategy.expert`.
+    - `+full:T` (strategy.full_above = T < 1): samples whose time t [B] (required then) is > T get the full
+      posterior, the others the strategy's weights.
     oracle/single choices that are masked out or out of range fall back to the top-1 available expert
     (`Ensemble` refuses such requests up front; this only keeps the function total under jit).
 
@@ -178,6 +213,19 @@ def route_weights(
     if mask.shape != (num,):
         raise DDMError(f"route_weights mask must have shape ({num},), got {mask.shape}")
     p = masked_posterior(probs, mask)
+    if strategy.full_above == 1.0:
+        return _sparse_weights(p, strategy, mask, rng, labels)
+    if t is None:
+        raise DDMError(f"routing strategy {strategy} needs the samples' times t")
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (probs.shape[0],))
+    sparse = _sparse_weights(p, dataclasses.replace(strategy, full_above=1.0), mask, rng, labels)
+    return jnp.where(t[:, None] > strategy.full_above, p, sparse)
+
+
+def _sparse_weights(p: jax.Array, strategy: Strategy, mask: jax.Array, rng: jax.Array | None,
+                    labels: jax.Array | None) -> jax.Array:
+    """`route_weights` of one strategy (no `+full` part) from the masked posterior p [B, K]."""
+    num = p.shape[1]
     kind = strategy.kind
 
     if kind == "full":
@@ -201,20 +249,20 @@ def route_weights(
         logp = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
         if keys.shape == ():
             choice = jax.random.categorical(keys, logp, axis=-1)
-        elif keys.shape == (probs.shape[0],):
+        elif keys.shape == (p.shape[0],):
             choice = jax.vmap(jax.random.categorical)(keys, logp)
         else:
-            raise DDMError(f"routing rng must be one key or [B]={probs.shape[0]} keys, got shape {keys.shape}")
+            raise DDMError(f"routing rng must be one key or [B]={p.shape[0]} keys, got shape {keys.shape}")
         return jax.nn.one_hot(choice, num, dtype=jnp.float32)
     if kind == "oracle":
         if labels is None:
             raise DDMError("routing strategy 'oracle' needs the samples' cluster labels")
         labels = jnp.asarray(labels, jnp.int32)
-        if labels.shape != (probs.shape[0],):
-            raise DDMError(f"oracle labels must have shape ({probs.shape[0]},), got {labels.shape}")
+        if labels.shape != (p.shape[0],):
+            raise DDMError(f"oracle labels must have shape ({p.shape[0]},), got {labels.shape}")
         return _one_hot_or_top1(p, labels, mask)
     # single
     if strategy.expert >= num:
         raise DDMError(f"routing strategy {strategy} names expert {strategy.expert}, but there are only {num}")
-    choice = jnp.full((probs.shape[0],), strategy.expert, jnp.int32)
+    choice = jnp.full((p.shape[0],), strategy.expert, jnp.int32)
     return _one_hot_or_top1(p, choice, mask)

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_shipped_configs_load():
     digits = load_config(REPO / "configs" / "digits.yaml")
     assert digits.data.source == "digits" and digits.data.k == 4 and digits.data.embed_dim == 16
-    assert digits.sample.strategies == ("top1", "top2", "full", "threshold:0.1", "sample")
+    assert digits.sample.strategies == ("top1", "top2", "full", "threshold:0.1", "sample", "top1+full:0.5")
     mnist = load_config(REPO / "configs" / "mnist10k.yaml")
     assert mnist.data.k == 8 and mnist.data.array_key == "data" and mnist.expert.model.patch_size == 4
     assert load_config(None) == Config()

@@ -20,7 +20,7 @@ from PIL import Image
 from ddm import solvers
 from ddm.ensemble import Ensemble, SampleResult, make_grid, save_grid_png, to_uint8
 from ddm.errors import DDMError
-from ddm.routing import Strategy
+from ddm.routing import Strategy, parse_strategy
 
 SHAPE = (2, 2, 1)
 D = 4
@@ -174,7 +174,7 @@ def test_single_expert_is_not_the_mixture(ensemble):
         assert np.abs(np.asarray(v).reshape(-1, D) - ref).max() > 0.1
 
 
-@pytest.mark.parametrize("text", ["top1", "top2", "threshold:0.1", "sample", "full"])
+@pytest.mark.parametrize("text", ["top1", "top2", "threshold:0.1", "sample", "full", "top1+full:0.5"])
 def test_dispatch_equals_all_experts_then_mask(ensemble, text):
     """Grouping samples per expert (gather, padded bucket, scatter-add) is exact."""
     x, t, _ = noisy_points(256, seed=4, t_low=0.3, t_high=0.8)
@@ -252,6 +252,26 @@ def test_top1_sampling_lands_on_components_but_is_biased(ensemble):
     assert result.padded_evals < 2 * result.expert_evals
     assert result.expert_ids.shape == (40, n)
     np.testing.assert_array_equal(result.expert_ids, np.argmax(result.weights, -1))
+
+
+def test_full_start_shrinks_top1_bias_at_the_cost_it_predicts(ensemble):
+    """`top1+full:T` mixes with the full posterior while t > T. The lower T, the closer the samples' component
+    weights get to the mixture's (the bias of top1 above comes from committing near t = 1), and every step
+    with t > T costs K expert calls per sample instead of one."""
+    n, steps = 4000, 40
+    errors = {}
+    for text in ("top1", "top1+full:0.5", "top1+full:0.3", "full"):
+        result = ensemble.sample(n, text, steps=steps, solver="euler", seed=1, batch_size=1000)
+        weights, _, _ = _mixture_stats(result.x.reshape(n, D))
+        errors[text] = np.abs(weights - PI).max()
+        full_steps = int((solvers.time_grid(steps)[:-1] > parse_strategy(text).full_above).sum())
+        if text == "full":
+            full_steps = steps
+        elif text == "top1":
+            assert full_steps == 0
+        assert result.expert_evals == n * (K * full_steps + (steps - full_steps)), text
+    assert errors["top1"] > errors["top1+full:0.5"] > errors["top1+full:0.3"] > errors["full"], errors
+    assert errors["top1"] > 0.08 and errors["top1+full:0.3"] < 0.04, errors
 
 
 # --------------------------------------------------------------------------------------------------------

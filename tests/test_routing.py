@@ -38,6 +38,10 @@ def _probs(batch: int = 64, seed: int = 0) -> np.ndarray:
         ("  TOP2 ", Strategy("topk", k=2)),
         ("threshold:1", Strategy("threshold", tau=1.0)),
         ("threshold:1e-2", Strategy("threshold", tau=0.01)),
+        ("top1+full:0.8", Strategy("topk", k=1, full_above=0.8)),
+        (" top2 + FULL:0.25", Strategy("topk", k=2, full_above=0.25)),
+        ("threshold:0.1+full:0.5", Strategy("threshold", tau=0.1, full_above=0.5)),
+        ("sample+full:0", Strategy("sample", full_above=0.0)),
     ],
 )
 def test_parse_and_round_trip(text, expected):
@@ -59,11 +63,22 @@ def test_canonical_text():
 @pytest.mark.parametrize(
     "text",
     ["", "top", "top0", "topk:0", "topk:", "threshold", "threshold:0", "threshold:1.5", "threshold:-0.1",
-     "single", "single:-1", "single:x", "best", "top1 full", "sample:2"],
+     "single", "single:-1", "single:x", "best", "top1 full", "sample:2",
+     "full+full:0.5", "oracle+full:0.5", "single:1+full:0.5", "top1+full:1", "top1+full:1.5", "top1+full:",
+     "top1+full:-0.1", "top1+full:0.5+full:0.2", "+full:0.5"],
 )
 def test_parse_errors_name_accepted_forms(text):
     with pytest.raises(DDMError, match="accepted|needs"):
         parse_strategy(text)
+
+
+def test_full_start_is_not_one_hot_and_needs_a_sparse_kind():
+    assert parse_strategy("top1").one_hot and not parse_strategy("top1+full:0.5").one_hot
+    assert not parse_strategy("sample+full:0.5").one_hot
+    with pytest.raises(DDMError, match="top-k, threshold and sample"):
+        Strategy("full", full_above=0.5)
+    with pytest.raises(DDMError, match="0 <= T < 1"):
+        Strategy("topk", k=1, full_above=-0.5)
 
 
 def test_unknown_kind_error():
@@ -86,6 +101,29 @@ def test_rows_sum_to_one_and_float32(text):
     assert w.dtype == jnp.float32 and w.shape == probs.shape
     np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, atol=1e-6)
     assert (np.asarray(w) >= 0).all()
+
+
+@pytest.mark.parametrize("text", ["top1+full:0.5", "top2+full:0.5", "threshold:0.3+full:0.5", "sample+full:0.5"])
+def test_full_start_uses_the_posterior_above_t_and_the_strategy_below(text):
+    probs = _probs()
+    t = np.linspace(0.0, 1.0, 64, dtype=np.float32)  # half of the rows above 0.5
+    strategy = parse_strategy(text)
+    base = parse_strategy(text.split("+")[0])
+    key = jax.random.key(3)
+    w = np.asarray(route_weights(probs, strategy, mask=ALL, rng=key, t=t))
+    below = np.asarray(route_weights(probs, base, mask=ALL, rng=key))
+    above = t > 0.5
+    assert 0 < above.sum() < 64
+    np.testing.assert_allclose(w[above], probs[above], rtol=1e-6)
+    np.testing.assert_array_equal(w[~above], below[~above])
+    # jitted with the strategy static, as the ensemble runs it
+    jitted = jax.jit(route_weights, static_argnames=("strategy",))(probs, strategy=strategy, mask=ALL, rng=key, t=t)
+    np.testing.assert_allclose(np.asarray(jitted), w, rtol=1e-6)
+
+
+def test_full_start_needs_times():
+    with pytest.raises(DDMError, match="needs the samples' times"):
+        route_weights(_probs(), parse_strategy("top1+full:0.5"), mask=ALL)
 
 
 def test_full_is_posterior():
