@@ -16,10 +16,6 @@ Before timing, the PyTorch model is checked to be the same function: equal param
 (randomised) parameters copied in, the same velocities to float32 round-off. Both are warmed up; then they
 alternate, round after round, each round `n` steps of one side, and images/s is batch * n / median round time.
 Ratio = ours / theirs (> 1: ours is faster). Goal (the issue): >= 1.0.
-
-The "experiment" column is not the product: our same step traced with every dense layer applied to a 2-D
-[B*N, D] view of its [B, N, D] input (`our_steps(flat_dense=True)`), which spares XLA the transposed copies
-of activations it otherwise makes for the weight gradients; the gap to PyTorch is in our backward pass.
 """
 
 from __future__ import annotations
@@ -277,23 +273,8 @@ def check_same_model(cfg: ModelConfig, shape) -> tuple[int, float]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _dense_2d(linear: nnx.Linear, x: jax.Array) -> jax.Array:
-    """nnx.Linear on x [..., D] through a [prod(...), D] view (the experiment of `our_steps`)."""
-    if x.ndim <= 2:
-        return _LINEAR_CALL(linear, x)
-    return _LINEAR_CALL(linear, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-
-
-_LINEAR_CALL = nnx.Linear.__call__
-
-
-def our_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, shape, images, labels, n: int, *, flat_dense: bool):
-    """A callable running `n` of our training steps (`ddm.trainer.train_step`, jitted, state donated).
-
-    flat_dense (an experiment, not the product): trace the step with every `nnx.Linear` applied to a 2-D view
-    [B*N, D] of its [B, N, D] input. Same math; XLA then computes the weight gradients without materialising
-    transposed copies of the activations (see docs/benchmarks.md).
-    """
+def our_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, shape, images, labels, n: int):
+    """A callable running `n` of our training steps (`ddm.trainer.train_step`, jitted, state donated)."""
     make_model = functools.partial(make_dit, model_cfg, shape)
     tx = make_optimizer(train_cfg)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(nnx.Rngs(params=0))))
@@ -301,12 +282,8 @@ def our_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, shape, images, lab
                                         train_cfg.ema_decay), donate_argnums=0)
     state = {"s": jax.jit(functools.partial(init_state, make_model, tx, 0))()}
     images_j, labels_j = jnp.asarray(images), jnp.asarray(labels)
-    nnx.Linear.__call__ = _dense_2d if flat_dense else _LINEAR_CALL
-    try:  # trace and compile now, while the patch (if any) is in place
-        state["s"], metrics = step_fn(state["s"], images_j, labels_j)
-        jax.block_until_ready(metrics)
-    finally:
-        nnx.Linear.__call__ = _LINEAR_CALL
+    state["s"], metrics = step_fn(state["s"], images_j, labels_j)  # compile outside the timed rounds
+    jax.block_until_ready(metrics)
 
     def run():
         s = state["s"]
@@ -326,8 +303,7 @@ def bench_case(preset: str, shape, patch: int, batch: int, steps_per_round: int,
     labels = np.zeros((batch,), np.int32)
 
     # Ours: the product's step function, jitted with the state donated, as the Trainer runs it.
-    ours = our_steps(model_cfg, train_cfg, shape, images, labels, steps_per_round, flat_dense=False)
-    ours_flat = our_steps(model_cfg, train_cfg, shape, images, labels, steps_per_round, flat_dense=True)
+    ours = our_steps(model_cfg, train_cfg, shape, images, labels, steps_per_round)
 
     # Theirs.
     torch.manual_seed(0)
@@ -347,21 +323,18 @@ def bench_case(preset: str, shape, patch: int, batch: int, steps_per_round: int,
     def block(out):
         return jax.block_until_ready(out) if isinstance(out, jax.Array) else out.item()
 
-    timings = interleaved({"ours": ours, "theirs": theirs, "flat": ours_flat}, repeats=repeats, warmup=2,
-                          block=block)
+    timings = interleaved({"ours": ours, "theirs": theirs}, repeats=repeats, warmup=2, block=block)
     per_round = batch * steps_per_round
     ips = {name: per_round / t.median for name, t in timings.items()}
     cpu = {name: t.cpu_median for name, t in timings.items()}
     h, w, c = shape
     return [f"{preset} {h}x{w}x{c}/p{patch}", f"{n_params:,}", f"{err:.1e}", batch, fmt(ips["ours"]),
             fmt(ips["theirs"]), f"{ips['ours'] / ips['theirs']:.2f}", f"{cpu['theirs'] / cpu['ours']:.2f}",
-            f"{ips['flat'] / ips['theirs']:.2f} ({cpu['theirs'] / cpu['flat']:.2f})",
             f"{timings['ours'].spread:.0%} / {timings['theirs'].spread:.0%}"]
 
 
 HEADERS = ["DiT (preset, image/patch)", "params (both)", "max abs v diff", "batch", "ours img/s", "PyTorch img/s",
-           "ours / PyTorch (wall)", "ours / PyTorch (CPU time)", "experiment: 2-D dense / PyTorch, wall (CPU)",
-           "spread ours / PyTorch"]
+           "ours / PyTorch (wall)", "ours / PyTorch (CPU time)", "spread ours / PyTorch"]
 
 
 def main() -> None:
