@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--n", type=int, default=500, help="samples per strategy (default 500)")
     p.add_argument("--strategies", default=None,
-                   help="comma-separated (default full,top1,top2,threshold:0.1,sample)")
+                   help="comma-separated (default full,top1,top2,threshold:0.1,sample,top1+full:0.5)")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: sample.steps)")
     p.add_argument("--solver", choices=("euler", "heun"), default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--n", type=int, default=None, help="number of images (default: sample.n)")
     p.add_argument("--strategy", default=None,
-                   help="full | top1 | top2 | topk:K | threshold:TAU | sample | oracle | single:K (default top1)")
+                   help="full | top1 | top2 | topk:K | threshold:TAU | sample | oracle | single:K; top-k, threshold "
+                        "and sample also as S+full:T, e.g. top1+full:0.5 (default top1)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--solver", choices=("euler", "heun"), default=None)
     p.add_argument("--seed", type=int, default=None)
