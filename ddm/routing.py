@@ -54,14 +54,14 @@ class Strategy:
     kind: one of KINDS. k: experts kept by "topk" (>= 1). tau: posterior threshold of "threshold", in (0, 1].
     expert: the expert index of "single" (>= 0).
     full_above: for the sparse kinds (topk, threshold, sample), use the full posterior at times t > full_above;
-    in [0, 1), or 1.0 (the default) for never.
+    in [0, 1), or None (the default) for never.
     """
 
     kind: str
     k: int = 1
     tau: float = 0.0
     expert: int = 0
-    full_above: float = 1.0
+    full_above: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -70,8 +70,8 @@ class Strategy:
             if name not in _USED_FIELDS[self.kind]:
                 object.__setattr__(self, name, default)
         object.__setattr__(self, "tau", float(self.tau))
-        object.__setattr__(self, "full_above", float(self.full_above))
-        if self.full_above != 1.0:
+        if self.full_above is not None:
+            object.__setattr__(self, "full_above", float(self.full_above))
             if self.kind not in SPARSE_KINDS:
                 raise DDMError(f"'+full:T' applies to top-k, threshold and sample routing, not {self.kind}; "
                                f"accepted: {ACCEPTED_FORMS}")
@@ -85,7 +85,7 @@ class Strategy:
             raise DDMError(f"routing strategy single needs an expert index >= 0, got {self.expert}")
 
     def __str__(self) -> str:
-        suffix = f"+full:{self.full_above!r}" if self.full_above != 1.0 else ""  # float repr round-trips
+        suffix = f"+full:{self.full_above!r}" if self.full_above is not None else ""  # float repr round-trips
         if self.kind == "topk":
             return f"top{self.k}{suffix}"
         if self.kind == "threshold":
@@ -102,7 +102,7 @@ class Strategy:
     @property
     def one_hot(self) -> bool:
         """Whether every sample gets exactly one expert at every step (so a chosen expert id is meaningful)."""
-        if self.full_above != 1.0:
+        if self.full_above is not None:
             return False
         return self.kind in ("sample", "oracle", "single") or (self.kind == "topk" and self.k == 1)
 
@@ -122,12 +122,9 @@ def parse_strategy(text: str | Strategy) -> Strategy:
     s = text.strip().lower()
     if m := re.fullmatch(r"(.+?)\s*\+\s*full:" + _FLOAT, s):
         base = parse_strategy(m.group(1))
-        if base.full_above != 1.0:
+        if base.full_above is not None:
             raise DDMError(f"routing strategy {text!r} has two '+full' parts; accepted: {ACCEPTED_FORMS}")
-        full_above = float(m.group(2))
-        if not full_above < 1.0:  # 1.0 is the dataclass's "never"; as text it would silently mean plain S
-            raise DDMError(f"'+full:T' needs 0 <= T < 1, got {m.group(2)} in {text!r}")
-        return dataclasses.replace(base, full_above=full_above)
+        return dataclasses.replace(base, full_above=float(m.group(2)))
     if s in ("full", "sample", "oracle"):
         return Strategy(s)
     if m := (re.fullmatch(r"top" + _INT, s) or re.fullmatch(r"topk:" + _INT, s)):
@@ -197,7 +194,7 @@ def route_weights(
       it at once) or per-sample keys [B] (what `Ensemble` uses, so draws do not depend on batching).
     - oracle: one-hot of `labels` [B] int (the samples' known clusters).
     - single: one-hot of `strategy.expert`.
-    - `+full:T` (strategy.full_above = T < 1): samples whose time t [B] (required then) is > T get the full
+    - `+full:T` (strategy.full_above = T): samples whose time t [B] (required then) is > T get the full
       posterior, the others the strategy's weights.
     oracle/single choices that are masked out or out of range fall back to the top-1 available expert
     (`Ensemble` refuses such requests up front; this only keeps the function total under jit).
@@ -213,12 +210,12 @@ def route_weights(
     if mask.shape != (num,):
         raise DDMError(f"route_weights mask must have shape ({num},), got {mask.shape}")
     p = masked_posterior(probs, mask)
-    if strategy.full_above == 1.0:
+    if strategy.full_above is None:
         return _sparse_weights(p, strategy, mask, rng, labels)
     if t is None:
         raise DDMError(f"routing strategy {strategy} needs the samples' times t")
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (probs.shape[0],))
-    sparse = _sparse_weights(p, dataclasses.replace(strategy, full_above=1.0), mask, rng, labels)
+    sparse = _sparse_weights(p, dataclasses.replace(strategy, full_above=None), mask, rng, labels)
     return jnp.where(t[:, None] > strategy.full_above, p, sparse)
 
 

@@ -264,11 +264,8 @@ def test_full_start_shrinks_top1_bias_at_the_cost_it_predicts(ensemble):
         result = ensemble.sample(n, text, steps=steps, solver="euler", seed=1, batch_size=1000)
         weights, _, _ = _mixture_stats(result.x.reshape(n, D))
         errors[text] = np.abs(weights - PI).max()
-        full_steps = int((solvers.time_grid(steps)[:-1] > parse_strategy(text).full_above).sum())
-        if text == "full":
-            full_steps = steps
-        elif text == "top1":
-            assert full_steps == 0
+        full_above = {"top1": 1.0, "full": -1.0}.get(text, parse_strategy(text).full_above)
+        full_steps = int((solvers.time_grid(steps)[:-1] > full_above).sum())
         assert result.expert_evals == n * (K * full_steps + (steps - full_steps)), text
     assert errors["top1"] > errors["top1+full:0.5"] > errors["top1+full:0.3"] > errors["full"], errors
     assert errors["top1"] > 0.08 and errors["top1+full:0.3"] < 0.04, errors
