@@ -43,6 +43,7 @@ from data import manifest as mf
 from data.shards import read_shard, write_shard
 from ddm.config import load_config
 from ddm.dit import dit_flops_per_image
+from ddm.evaluate import DEFAULT_STRATEGIES, evaluate_run
 from router.model import router_flops_per_image
 
 CONFIGS = {"digits": REPO / "configs" / "digits.yaml", "mnist10k": REPO / "configs" / "mnist10k.yaml"}
@@ -54,8 +55,6 @@ DATASET_OVERRIDES = {
     "mnist10k": ["expert.model.preset=micro", "expert.model.patch_size=4", "router.preset=tiny",
                  "expert.train.lr=0.002", f"data.source={REPO.parent / 'shared' / 'data' / 'mnist10k.npz'}"],
 }
-# The paper's Table 1 strategies, plus ours: top-1 with the full posterior while t > 0.5 (ddm/routing.py).
-STRATEGIES = ("full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5")
 PAPER_FID = {"monolith": 12.81, "full": 10.52, "top1": 9.84, "top2": 10.31, "threshold:0.1": 10.15,
              "sample": 157.05}
 
@@ -180,8 +179,6 @@ def build_run(args, partition: str, seed: int) -> Path:
 
 
 def evaluate(args, run_dir: Path, seed: int) -> dict:
-    from ddm.evaluate import evaluate_run
-
     report_path = run_dir / "eval" / "report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())
@@ -249,7 +246,8 @@ def main() -> int:
     parser.add_argument("--sample-steps", type=int, default=20, help="Heun steps")
     parser.add_argument("--out", default=str(REPO / "runs" / "experiment"))
     parser.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+    # Default: `ddm evaluate`'s list, the paper's Table 1 strategies plus top1+full:0.5 (ddm/routing.py).
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                         help="routing strategies to evaluate, comma-separated (a finished run's report is reused "
                              "when it has them all)")
     parser.add_argument("--table-only", action="store_true", help="print the table of finished runs only")
