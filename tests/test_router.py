@@ -140,22 +140,25 @@ def test_missing_shard_is_a_clear_error(mixture_run, tmp_path, capsys):
     assert "cluster 1" in _error_line(capsys)
 
 
-def test_manifest_without_clusters_is_a_clear_error(mixture_run, tmp_path, capsys):
+def _copy_with_clusters(run_dir, tmp_path, keep: slice):
+    """A copy of the run whose manifest keeps only clusters[keep]."""
     run = tmp_path / "run"
-    shutil.copytree(mixture_run, run)
+    shutil.copytree(run_dir, run)
     manifest = json.loads((run / "manifest.json").read_text())
-    manifest["clusters"] = []
+    manifest["clusters"] = manifest["clusters"][keep]
     (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+def test_manifest_without_clusters_is_a_clear_error(mixture_run, tmp_path, capsys):
+    run = _copy_with_clusters(mixture_run, tmp_path, slice(0, 0))
     assert main(["train-router", "--run-dir", str(run), "--no-progress"]) == 2
     assert "no clusters" in _error_line(capsys)
 
 
 def test_k_mismatch_between_manifest_and_router_is_refused(mixture_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(mixture_run, run)
-    manifest = json.loads((run / "manifest.json").read_text())
-    manifest["clusters"] = manifest["clusters"][:2]  # as if re-clustered with K=2 behind the router's back
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    # as if re-clustered with K=2 behind the router's back
+    run = _copy_with_clusters(mixture_run, tmp_path, slice(0, 2))
     assert main(["eval-router", "--run-dir", str(run)]) == 2
     assert "3" in _error_line(capsys)
     # resuming training on the old checkpoint with a different K is refused too, not silently restarted
