@@ -1,4 +1,4 @@
-"""Times `data.kmeans.kmeans` against scikit-learn's Lloyd k-means on the same data, start and iterations.
+"""Times `ddm.data.kmeans.kmeans` against scikit-learn's Lloyd k-means on the same data, start and iterations.
 
     python benchmarks/bench_kmeans.py [--repeats 5] [--iters 50]
 
@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import sklearn  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
 
-from data.kmeans import kmeans  # noqa: E402
+from ddm.data.kmeans import kmeans  # noqa: E402
 
 MNIST10K = REPO.parent / "shared" / "data" / "mnist10k.npz"
 

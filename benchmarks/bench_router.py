@@ -33,9 +33,9 @@ from benchmarks.common import (
     machine_table,
     markdown_table,
 )
-from ddm.config import ModelConfig, RouterConfig
-from ddm.dit import count_params, dit_flops_per_image, dit_from_config
-from router.model import router_flops_per_image, router_from_config
+from ddm.core.config import ModelConfig, RouterConfig
+from ddm.core.dit import count_params, dit_flops_per_image, dit_from_config
+from ddm.router.model import router_flops_per_image, router_from_config
 
 # (config file, expert ModelConfig, image shape, K, the config's router)
 CONFIGS = [

@@ -49,11 +49,11 @@ from benchmarks.common import (
     markdown_table,
     time_fn,
 )
-from ddm import ensemble as ensemble_lib
-from ddm import solvers
-from ddm.dit import DiT, preset_dims
-from ddm.ensemble import Ensemble
-from router.model import ConvRouter, conv_widths
+from ddm.core import ensemble as ensemble_lib
+from ddm.core import flow as solvers
+from ddm.core.dit import DiT, preset_dims
+from ddm.core.ensemble import Ensemble
+from ddm.router.model import ConvRouter, conv_widths
 
 K = 8
 STRATEGIES = ("top1", "top2", "full")
@@ -175,7 +175,7 @@ def plain_loop(expert_apply, params, noise: jax.Array, steps: int):
 def fine_bucket_size(count: int, batch: int, floor: int) -> int:
     """An experiment, not what `Ensemble` does: the next size >= max(count, floor) on the grid 1, 2, 3, 4, 6, 8,
     12, 16, 24, ... (2^k and 3 * 2^(k-1)), capped at the batch. At most a third of a bucket is padding instead of
-    half, for up to twice the compilations of `ddm.ensemble._bucket_size`'s powers of two."""
+    half, for up to twice the compilations of `ddm.core.ensemble._bucket_size`'s powers of two."""
     if count >= batch:
         return batch
     c = max(count, floor)

@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.shards import ShardReader, open_shard, write_shard  # noqa: E402
+from ddm.data.shards import ShardReader, open_shard, write_shard  # noqa: E402
 
 MNIST10K = REPO.parent / "shared" / "data" / "mnist10k.npz"
 

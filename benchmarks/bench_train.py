@@ -52,7 +52,7 @@ class SyntheticReader:
         self._labels = np.zeros(batch_size, np.int32)
 
     def position(self, step: int):
-        from data.shards import ReaderPosition
+        from ddm.data.shards import ReaderPosition
 
         return ReaderPosition(epoch=0, offset=step * self.batch_size)
 
@@ -66,10 +66,10 @@ def worker(args) -> None:
 
     import jax
 
-    from ddm.config import ModelConfig, TrainConfig
-    from ddm.dit import dit_flops_per_image
-    from ddm.trainer import Task, Trainer
-    from experts.train import flow_loss, make_dit
+    from ddm.core.config import ModelConfig, TrainConfig
+    from ddm.core.dit import dit_flops_per_image
+    from ddm.core.trainer import Task, Trainer
+    from ddm.experts.train import flow_loss, make_dit
 
     image_shape = tuple(args.image)
     model_cfg = ModelConfig(preset=args.preset, patch_size=2)
@@ -77,7 +77,7 @@ def worker(args) -> None:
                 loss=functools.partial(flow_loss, "logit_normal"),
                 reader=SyntheticReader(image_shape, args.batch), out_dir=Path("/nonexistent"), meta={})
     cfg = TrainConfig(steps=1000, batch_size=args.batch, warmup_steps=10, mesh_data=args.data, mesh_fsdp=args.fsdp)
-    trainer = Trainer(task, cfg, progress=False, log=lambda _: None)
+    trainer = Trainer(task, cfg, progress=False)
     with jax.set_mesh(trainer.mesh):
         state = trainer._init()
         images, labels = trainer._global_batch(0)

@@ -10,7 +10,7 @@ Per seed s and partition p, one run directory OUT/<dataset>/<p>-s<s>/:
   them). The clustering itself uses data.seed=0 for every seed, so all runs share the same holdout set and
   the same feature network; the seed changes expert/router initialisation, data order and sampling noise.
 - `random`: after preparing, the training images are re-split uniformly at random into K equal-size shards
-  (seeded by s), written with `data.shards.write_shard`; the manifest's clusters say so
+  (seeded by s), written with `ddm.data.shards.write_shard`; the manifest's clusters say so
   (clustering.method = "random"). The held-out images get random labels.
 - K experts x S steps, the router x R steps, then (kmeans runs only; the monolith does not depend on the
   partition) the monolith with the same total training FLOPs:
@@ -39,12 +39,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data import manifest as mf
-from data.shards import read_shard, write_shard
-from ddm.config import load_config
-from ddm.dit import dit_flops_per_image
-from ddm.evaluate import DEFAULT_STRATEGIES, evaluate_run
-from router.model import router_flops_per_image
+from ddm.core.config import load_config
+from ddm.core.dit import dit_flops_per_image
+from ddm.data import manifest as mf
+from ddm.data.shards import read_shard, write_shard
+from ddm.eval.evaluate import DEFAULT_STRATEGIES, evaluate_run
+from ddm.router.model import router_flops_per_image
 
 CONFIGS = {"digits": REPO / "configs" / "digits.yaml", "mnist10k": REPO / "configs" / "mnist10k.yaml"}
 # CPU-sized settings per dataset (on top of the config file); --set adds more.
@@ -62,9 +62,6 @@ PAPER_FID = {"monolith": 12.81, "full": 10.52, "top1": 9.84, "top2": 10.31, "thr
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,7 +98,7 @@ def flops(cfg, image_shape: tuple[int, int, int], k: int) -> dict:
 
 def _partition_inertia(images: np.ndarray, labels: np.ndarray, cfg) -> float:
     """Within-cluster sum of squares of a partition in the run's clustering embedding (as k-means reports)."""
-    from data.embed import embed
+    from ddm.data.embed import embed
 
     features = embed(images, cfg.data).astype(np.float64)
     return float(sum(((features[labels == k] - features[labels == k].mean(0)) ** 2).sum()
@@ -144,27 +141,27 @@ def finished(entry: dict | None, steps: int) -> bool:
 
 def build_run(args, partition: str, seed: int) -> Path:
     """Prepares and trains one run directory, skipping whatever is already finished."""
-    from data.prepare import prepare
-    from experts.train import train_expert, train_monolith
-    from router.train import train_router
+    from ddm.data.prepare import prepare
+    from ddm.experts.train import train_expert, train_monolith
+    from ddm.router.train import train_router
 
     run_dir = Path(args.out) / args.dataset / f"{partition}-s{seed}"
     overrides = run_overrides(args, seed)
     cfg = load_config(CONFIGS[args.dataset], overrides)
     if not mf.manifest_path(run_dir).exists():
         log(f"{run_dir}: prepare")
-        prepare(cfg, run_dir, base_dir=REPO, log=quiet)
+        prepare(cfg, run_dir, base_dir=REPO)
     if partition == "random":
         random_partition(run_dir, seed, cfg)
     manifest = mf.read_manifest(run_dir)
     for c in manifest["clusters"]:
         if not finished(manifest.get("experts", {}).get(str(c["id"])), cfg.expert.train.steps):
             t0 = time.perf_counter()
-            train_expert(run_dir, c["id"], log=quiet, progress=False)
+            train_expert(run_dir, c["id"], progress=False)
             log(f"{run_dir.name}: expert {c['id']} ({c['count']} images) {time.perf_counter() - t0:.0f}s")
     if not finished(mf.read_manifest(run_dir).get("router"), cfg.router.train.steps):
         t0 = time.perf_counter()
-        train_router(run_dir, log=quiet, progress=False)
+        train_router(run_dir, progress=False)
         log(f"{run_dir.name}: router {time.perf_counter() - t0:.0f}s")
     if partition == "kmeans":
         budget = flops(cfg, tuple(manifest["dataset"]["image_shape"]), len(manifest["clusters"]))
@@ -173,7 +170,7 @@ def build_run(args, partition: str, seed: int) -> Path:
             t0 = time.perf_counter()
             train_monolith(run_dir, [f"expert.train.steps={m}", f"expert.train.warmup_steps={max(m // 10, 1)}",
                                      f"expert.train.checkpoint_every={m}", f"expert.train.log_every={max(m // 4, 1)}"],
-                           log=quiet, progress=False)
+                           progress=False)
             log(f"{run_dir.name}: monolith ({m} steps) {time.perf_counter() - t0:.0f}s")
     return run_dir
 
@@ -187,7 +184,7 @@ def evaluate(args, run_dir: Path, seed: int) -> dict:
             return report
     t0 = time.perf_counter()
     report = evaluate_run(run_dir, n=args.n, steps=args.sample_steps, seed=seed, strategies=args.strategies,
-                          cache_dir=Path(args.out) / "cache", log=quiet)
+                          cache_dir=Path(args.out) / "cache")
     log(f"{run_dir.name}: evaluated in {time.perf_counter() - t0:.0f}s")
     return report
 

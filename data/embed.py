@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ddm.config import DataConfig
-from ddm.errors import DDMError
+from ddm.core.config import DataConfig
+from ddm.core.errors import DDMError
+from ddm.core.images import to_model_range
 
 
 def embed(images: np.ndarray, cfg: DataConfig, base_dir: Path | None = None) -> np.ndarray:
     """Features for k-means. images: [N, H, W, C] uint8 -> [N, D] float32."""
     if cfg.embedding == "file":
         return load_features(cfg, len(images), base_dir)
-    pixels = images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0
+    pixels = to_model_range(images.reshape(len(images), -1))
     if cfg.embedding == "pixels":
         return pixels
     return pca(pixels, cfg.embed_dim, cfg.seed)

@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ddm.errors import DDMError
+from ddm.core.config import KMEANS_MODES as MODES
+from ddm.core.errors import DDMError
 
-MODES = ("lloyd", "balanced", "two_stage")
-LOG_EVERY = 10  # iterations between progress lines (and host syncs) when a `log` callback is given
+logger = logging.getLogger(__name__)
+
+LOG_EVERY = 10  # iterations between progress lines (and host syncs) when progress is on
 # Above this many N*K distance entries the assignment step runs over blocks of rows, so memory stays at
 # about CHUNK_ELEMENTS floats instead of N*K (1.28M points x 1024 fine centroids would be 5 GB). Below it
 # one unblocked pass is faster: on CPU a scan over cache-sized blocks measured 2-3x slower per iteration.
@@ -446,7 +448,7 @@ def _fit(
     cap: int,
     max_iter: int,
     tol: float,
-    log: Callable[[str], None] | None,
+    progress: bool,
     stage: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
     """Runs the Lloyd loop on x [N, D] with weights w [N] from centroids c0 [K, D].
@@ -463,15 +465,15 @@ def _fit(
     c, it, prev = jnp.asarray(c0, jnp.float32), jnp.int32(0), jnp.float32(jnp.inf)
     done_iters = 0
     while done_iters < max_iter:
-        # Without a log callback the whole run is one device call; with one, it syncs every LOG_EVERY steps.
-        limit = max_iter if log is None else min(max_iter, done_iters + LOG_EVERY)
+        # Without progress lines the whole run is one device call; with them, it syncs every LOG_EVERY steps.
+        limit = max_iter if not progress else min(max_iter, done_iters + LOG_EVERY)
         c, it, prev, done = _lloyd_loop(
             xd, wd, x_sq, c, it, prev, jnp.int32(limit), tol_d, cap_d, balanced=balanced, block=block,
             reduce=reduce,
         )
         done_iters = int(it)
-        if log is not None:
-            log(f"kmeans[{stage}] iter {done_iters}/{max_iter} inertia {float(prev):.6g}")
+        if progress:
+            logger.info(f"kmeans[{stage}] iter {done_iters}/{max_iter} inertia {float(prev):.6g}")
         if bool(done):
             break
     c, labels, sqdist, _, stuck = _final_assign(
@@ -494,11 +496,11 @@ def _sizes_text(sizes: np.ndarray) -> str:
     return f"min {sizes.min()} median {int(np.median(sizes))} max {sizes.max()} over {sizes.size} clusters"
 
 
-def _result(c, labels, sqdist, n_iter, k, mode, log) -> KMeansResult:
+def _result(c, labels, sqdist, n_iter, k, mode, progress) -> KMeansResult:
     sizes = np.bincount(labels, minlength=k).astype(np.int64)
     inertia = float(np.sum(sqdist, dtype=np.float64))
-    if log is not None:
-        log(f"kmeans[{mode}] done: {n_iter} iterations, inertia {inertia:.6g}, sizes {_sizes_text(sizes)}")
+    if progress:
+        logger.info(f"kmeans[{mode}] done: {n_iter} iterations, inertia {inertia:.6g}, sizes {_sizes_text(sizes)}")
     return KMeansResult(
         centroids=np.asarray(c, np.float32), labels=labels.astype(np.int32), inertia=inertia, n_iter=n_iter,
         sizes=sizes,
@@ -516,7 +518,7 @@ def kmeans(
     fine_k: int = 256,
     balance_slack: float = 1.1,
     init: np.ndarray | None = None,
-    log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> KMeansResult:
     """Clusters x [N, D] (any real dtype, used as float32) into k non-empty clusters.
 
@@ -525,8 +527,8 @@ def kmeans(
     exactly max_iter iterations. mode: "lloyd", "balanced" (no cluster above
     ceil(balance_slack * N / k) points) or "two_stage" (min(max(fine_k, k), N) fine centroids, then a
     weighted k-means of those into k). init: [k, D] starting centroids instead of k-means++ (for two_stage:
-    the coarse stage's start, [k, D] as well). log: called with a short progress line every LOG_EVERY
-    iterations and at the end.
+    the coarse stage's start, [k, D] as well). progress: log a short line (logger `ddm.data.kmeans`, INFO)
+    every LOG_EVERY iterations and at the end.
 
     Returns a KMeansResult (centroids [k, D] f32, labels [N] int32, inertia, n_iter, sizes [k] int64).
     Raises DDMError on bad input: wrong shape, N=0, NaN/Inf rows, k < 1 or k > N, unknown mode, or fewer
@@ -542,7 +544,7 @@ def kmeans(
             raise DDMError(f"kmeans: init must have shape ({k}, {d}) = (k, D), got {c0.shape}")
     key = jax.random.key(seed)
     ones = np.ones((n,), np.float32)
-    common = dict(max_iter=max_iter, tol=tol, log=log)
+    common = dict(max_iter=max_iter, tol=tol, progress=progress)
 
     if mode == "two_stage":
         return _two_stage(pts, k, key, min(max(fine_k, k), n), c0, common)
@@ -554,14 +556,14 @@ def kmeans(
     c, labels, sqdist, n_iter, stuck = _fit(pts, ones, c0, balanced=balanced, cap=cap, stage=mode, **common)
     if stuck:
         _refuse_degenerate(pts, k)
-    return _result(c, labels, sqdist, n_iter, k, mode, log)
+    return _result(c, labels, sqdist, n_iter, k, mode, progress)
 
 
 def _two_stage(pts: np.ndarray, k: int, key: jax.Array, n_fine: int, c0, common: dict) -> KMeansResult:
     """Fine k-means with n_fine centroids, weighted k-means of the fine centroids into k, point labels by
     lookup; the returned centroids are recomputed as the mean of each coarse cluster's points."""
     n = pts.shape[0]
-    log = common["log"]
+    progress = common["progress"]
     ones = np.ones((n,), np.float32)
     key_fine, key_coarse = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     fine_c0 = _seed_centroids(pts, ones, n_fine, key_fine)
@@ -586,7 +588,7 @@ def _two_stage(pts: np.ndarray, k: int, key: jax.Array, n_fine: int, c0, common:
     lookup[keep] = coarse_labels
     labels = lookup[fine_labels]
     c, sqdist = _coarse_centroids(jnp.asarray(pts), jnp.asarray(labels), k, _reduce_kind() == "scatter")
-    return _result(np.asarray(c), labels, np.asarray(sqdist), fine_iters + coarse_iters, k, "two_stage", log)
+    return _result(np.asarray(c), labels, np.asarray(sqdist), fine_iters + coarse_iters, k, "two_stage", progress)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "scatter"))

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ddm.errors import DDMError
+from ddm.core.errors import DDMError
 
 FORMAT = "ddm-run/v1"
 MANIFEST = "manifest.json"

@@ -7,20 +7,23 @@ An existing run directory is never clobbered by accident: a different dataset or
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from data import manifest as mf
-from data.embed import embed
-from data.kmeans import assign, kmeans
-from data.shards import write_shard
-from data.sources import fingerprint, load_dataset
-from ddm.config import Config, to_dict
-from ddm.errors import DDMError
+from ddm.core.config import Config, to_dict
+from ddm.core.errors import DDMError
+from ddm.core.hashing import dataset_fingerprint
+from ddm.data import manifest as mf
+from ddm.data.embed import embed
+from ddm.data.kmeans import assign, kmeans
+from ddm.data.shards import write_shard
+from ddm.data.sources import load_dataset
+
+logger = logging.getLogger(__name__)
 
 # Everything ddm writes in a run directory; `--overwrite` removes only these.
 RUN_CONTENTS = ("manifest.json", "shards", "clusters", "experts", "router", "monolith", "samples", "eval")
@@ -87,37 +90,36 @@ def split_holdout(n: int, fraction: float, k: int, seed: int) -> tuple[np.ndarra
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
-def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_dir: Path | None = None,
-            log: Callable[[str], None] = print) -> dict:
+def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_dir: Path | None = None) -> dict:
     """Runs the data pipeline for `cfg` into `run_dir`; returns the manifest."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    log(f"loading {cfg.data.source} ...")
+    logger.info(f"loading {cfg.data.source} ...")
     dataset = load_dataset(cfg.data, base_dir)
     images, n = dataset.images, len(dataset.images)
-    data_fp = fingerprint(images)
-    log(f"  {n} images of shape {dataset.image_shape}, fingerprint {data_fp[:16]}")
+    data_fp = dataset_fingerprint(images)
+    logger.info(f"  {n} images of shape {dataset.image_shape}, fingerprint {data_fp[:16]}")
     params = _clustering_params(cfg)
     if cfg.data.k > n:
         raise DDMError(f"data.k={cfg.data.k} is larger than the dataset ({n} images)")
     _ensure_writable(run_dir)
     if _check_run_dir(run_dir, data_fp, params, overwrite):
-        log(f"{run_dir} is already prepared with this dataset and clustering; nothing to do")
+        logger.info(f"{run_dir} is already prepared with this dataset and clustering; nothing to do")
         return mf.read_manifest(run_dir)
 
     train_idx, hold_idx = split_holdout(n, cfg.data.holdout_fraction, cfg.data.k, cfg.data.seed)
-    log(f"embedding with {cfg.data.embedding} ...")
+    logger.info(f"embedding with {cfg.data.embedding} ...")
     features = embed(images, cfg.data, base_dir)
-    log(f"  features {features.shape}; k-means ({cfg.data.kmeans}) K={cfg.data.k} on {len(train_idx)} images ...")
+    logger.info(f"  features {features.shape}; k-means ({cfg.data.kmeans}) K={cfg.data.k} on {len(train_idx)} images ...")
     result = kmeans(features[train_idx], cfg.data.k, seed=cfg.data.seed, max_iter=cfg.data.max_iter,
                     tol=cfg.data.tol, mode=cfg.data.kmeans, fine_k=cfg.data.fine_k,
-                    balance_slack=cfg.data.balance_slack, log=lambda s: log("  " + s))
+                    balance_slack=cfg.data.balance_slack, progress=True)
     hold_labels = assign(features[hold_idx], result.centroids) if len(hold_idx) else np.zeros(0, np.int32)
 
     if overwrite and mf.manifest_path(run_dir).exists():
-        log(f"--overwrite: removing the earlier preparation in {run_dir}")
+        logger.info(f"--overwrite: removing the earlier preparation in {run_dir}")
         _clear_run_dir(run_dir)
-    log("writing shards ...")
+    logger.info("writing shards ...")
     (run_dir / "clusters").mkdir(exist_ok=True)
     np.save(run_dir / "clusters" / "centroids.npy", result.centroids)
     np.save(run_dir / "clusters" / "labels.npy", result.labels.astype(np.int32))
@@ -147,8 +149,8 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
         "experts": {},
     }
     mf.write_manifest(run_dir, manifest)
-    log(f"prepared {run_dir} in {time.perf_counter() - t0:.1f}s")
-    log(cluster_table(clusters))
+    logger.info(f"prepared {run_dir} in {time.perf_counter() - t0:.1f}s")
+    logger.info(cluster_table(clusters))
     return manifest
 
 

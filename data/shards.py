@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorstore as ts
 
-from ddm.errors import DDMError
+from ddm.core.errors import DDMError
 
 # Above this many bytes a reader streams rows from the store instead of caching the whole shard in memory.
 IN_MEMORY_LIMIT_BYTES = 2 << 30

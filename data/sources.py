@@ -1,7 +1,7 @@
 """Dataset sources: everything becomes canonical uint8 images [N, H, W, C].
 
 uint8 is the storage format (shards, fingerprints, hashes); models see float32 in [-1, 1] through
-`to_model_range`. Supported sources:
+`ddm.core.images.to_model_range`. Supported sources:
 - `digits`: scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn, no download);
 - a `.npz` / `.npy` file holding [N, H, W] or [N, H, W, C] (uint8, or floats in [0, 1] / [-1, 1] / [0, 255]);
 - an image folder or a `.parquet` file, decoded through Hugging Face `datasets`;
@@ -10,15 +10,14 @@ uint8 is the storage format (shards, fingerprints, hashes); models see float32 i
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ddm.config import DataConfig
-from ddm.errors import DDMError
+from ddm.core.config import DataConfig
+from ddm.core.errors import DDMError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Files an image folder may hold besides images (Hugging Face imagefolder metadata, docs).
@@ -35,23 +34,6 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.images.shape[1:])
-
-
-def fingerprint(images: np.ndarray) -> str:
-    """SHA-256 of the canonical uint8 data, shape included. images: [N, H, W, C] uint8."""
-    digest = hashlib.sha256(f"ddm-dataset:v1:{','.join(map(str, images.shape))}\n".encode())
-    digest.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
-    return digest.hexdigest()
-
-
-def to_model_range(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, C] -> float32 in [-1, 1]."""
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
-def from_model_range(x: np.ndarray) -> np.ndarray:
-    """float [..., H, W, C] in [-1, 1] -> uint8 (clipped, rounded)."""
-    return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:

@@ -7,6 +7,7 @@ from their checkpoints.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
@@ -14,10 +15,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from data import manifest as mf
-from experts.train import run_config
+from ddm.data.run import Run
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,29 +30,20 @@ class Island:
     returncode: int | None = None
 
 
-def unfinished(manifest: dict, target_steps: int) -> list[int]:
-    """Clusters whose expert has not finished `target_steps` steps."""
-    experts = manifest.get("experts", {})
-    return [c["id"] for c in manifest["clusters"]
-            if experts.get(str(c["id"]), {}).get("status") != "finished"
-            or experts[str(c["id"])].get("step", 0) < target_steps]
-
-
 def island_command(run_dir: Path, cluster: int, overrides: list[str]) -> list[str]:
     sets = [arg for o in overrides for arg in ("--set", o)]
-    return [sys.executable, "-m", "ddm.cli", "train-expert", "--run-dir", str(run_dir), "--cluster", str(cluster),
+    return [sys.executable, "-m", "ddm", "train-expert", "--run-dir", str(run_dir), "--cluster", str(cluster),
             "--no-progress", *sets]
 
 
 def launch_local(run_dir: str | Path, overrides: list[str], *, parallel: int = 1,
-                 log: Callable[[str], None] = print, env: dict | None = None) -> list[Island]:
+                 env: dict | None = None) -> list[Island]:
     """Runs every unfinished island as its own process, at most `parallel` at once; returns their outcomes."""
     run_dir = Path(run_dir).absolute()
-    manifest = mf.read_manifest(run_dir)
-    cfg = run_config(manifest, overrides)
-    todo = unfinished(manifest, cfg.expert.train.steps)
-    islands = {c["id"]: Island(c["id"], "pending" if c["id"] in todo else "finished") for c in manifest["clusters"]}
-    log(f"{len(todo)} of {len(islands)} islands to train ({parallel} at a time); logs in {run_dir}/experts/<k>/train.log")
+    run = Run.open(run_dir, overrides)
+    todo = run.unfinished_experts(run.config.expert.train.steps)
+    islands = {k: Island(k, "pending" if k in todo else "finished") for k in run.cluster_ids}
+    logger.info(f"{len(todo)} of {len(islands)} islands to train ({parallel} at a time); logs in {run_dir}/experts/<k>/train.log")
     queue, running = list(todo), {}
     while queue or running:
         while queue and len(running) < max(1, parallel):
@@ -63,7 +55,7 @@ def launch_local(run_dir: str | Path, overrides: list[str], *, parallel: int = 1
                                     env={**os.environ, **(env or {})})
             running[k] = (proc, handle, time.perf_counter())
             islands[k].status, islands[k].log = "running", log_path
-            log(f"  island {k}: started (pid {proc.pid})")
+            logger.info(f"  island {k}: started (pid {proc.pid})")
         time.sleep(0.2)
         for k, (proc, handle, t0) in list(running.items()):
             if proc.poll() is None:
@@ -73,9 +65,9 @@ def launch_local(run_dir: str | Path, overrides: list[str], *, parallel: int = 1
             island.returncode, island.seconds = proc.returncode, time.perf_counter() - t0
             island.status = "finished" if proc.returncode == 0 else "failed"
             tail = "" if proc.returncode == 0 else f": {_last_line(island.log)}"
-            log(f"  island {k}: {island.status} in {island.seconds:.0f}s{tail}")
+            logger.info(f"  island {k}: {island.status} in {island.seconds:.0f}s{tail}")
             del running[k]
-    log(status_table(list(islands.values())))
+    logger.info(status_table(list(islands.values())))
     return list(islands.values())
 
 
@@ -100,9 +92,8 @@ def write_slurm_script(run_dir: str | Path, overrides: list[str], *, nodes: int 
     srun, which `jax.distributed.initialize()` detects).
     """
     run_dir = Path(run_dir).absolute()
-    manifest = mf.read_manifest(run_dir)
-    cfg = run_config(manifest, overrides)
-    todo = unfinished(manifest, cfg.expert.train.steps) or [c["id"] for c in manifest["clusters"]]
+    run = Run.open(run_dir, overrides)
+    todo = run.unfinished_experts(run.config.expert.train.steps) or run.cluster_ids
     array = ",".join(map(str, todo)) + (f"%{parallel}" if parallel else "")
     sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
     lines = [
@@ -123,7 +114,7 @@ def write_slurm_script(run_dir: str | Path, overrides: list[str], *, nodes: int 
         "# One array task = one island = one expert. Islands never talk to each other; a failed task can be",
         "# resubmitted alone (sbatch --array=<k> ...) and resumes from its last checkpoint.",
         "set -euo pipefail",
-        f"srun {shlex.quote(sys.executable)} -m ddm.cli train-expert --run-dir {shlex.quote(str(run_dir))} "
+        f"srun {shlex.quote(sys.executable)} -m ddm train-expert --run-dir {shlex.quote(str(run_dir))} "
         f"--cluster $SLURM_ARRAY_TASK_ID --no-progress {sets}".rstrip(),
         "",
     ]

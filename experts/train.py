@@ -7,25 +7,21 @@ reader sees and where the results go (`RUN_DIR/experts/k/` or `RUN_DIR/monolith/
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import jax
 from flax import nnx
 
-from data import manifest as mf
-from data.shards import ShardReader
-from ddm.config import Config, ModelConfig, config_from_data, to_dict
-from ddm.dit import dit_from_config
-from ddm.errors import DDMError
-from ddm.flow import flow_matching_loss
-from ddm.trainer import Task, Trainer, TrainResult
+from ddm.core.config import Config, ModelConfig, to_dict
+from ddm.core.dit import dit_from_config
+from ddm.core.flow import flow_matching_loss
+from ddm.core.trainer import Task, Trainer, TrainResult
+from ddm.data.run import Run
+from ddm.data.shards import ShardReader
 
-
-def run_config(manifest: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The run's stored config with this command's `--set` overrides applied."""
-    return config_from_data(manifest["config"], overrides)
+logger = logging.getLogger(__name__)
 
 
 def flow_loss(t_sampling: str, model: nnx.Module, x: jax.Array, labels: jax.Array, rng: jax.Array):
@@ -34,6 +30,7 @@ def flow_loss(t_sampling: str, model: nnx.Module, x: jax.Array, labels: jax.Arra
 
 
 def make_dit(model_cfg: ModelConfig, image_shape: tuple[int, int, int], rngs: nnx.Rngs) -> nnx.Module:
+    """The expert (and monolith) network; a seam tests replace with a smaller model."""
     return dit_from_config(model_cfg, image_shape, rngs)
 
 
@@ -43,60 +40,48 @@ def _reader(paths: list[str], labels: list[int], cfg: Config) -> ShardReader:
                        process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _diffusion_task(name: str, cfg: Config, manifest: dict, reader: ShardReader, out_dir: Path) -> Task:
-    image_shape = tuple(manifest["dataset"]["image_shape"])
+def _diffusion_task(name: str, run: Run, reader: ShardReader, out_dir: Path) -> Task:
+    cfg = run.config
     return Task(
         name=name,
-        make_model=functools.partial(make_dit, cfg.expert.model, image_shape),
+        make_model=functools.partial(make_dit, cfg.expert.model, run.image_shape),
         loss=functools.partial(flow_loss, cfg.expert.train.t_sampling),
         reader=reader,
         out_dir=out_dir,
-        meta={"config": to_dict(cfg), "image_shape": list(image_shape)},
+        meta={"config": to_dict(cfg), "image_shape": list(run.image_shape)},
     )
 
 
-def cluster_entry(manifest: dict, cluster: int) -> dict:
-    clusters = manifest["clusters"]
-    if not 0 <= cluster < len(clusters):
-        raise DDMError(f"cluster {cluster} does not exist: the run has clusters 0..{len(clusters) - 1}")
-    return clusters[cluster]
-
-
-def _record(run_dir: Path, section: str, key, result: TrainResult, cfg: Config, seconds: float) -> None:
+def _record(run: Run, section: str, key, result: TrainResult, seconds: float) -> None:
     if jax.process_index() != 0:
         return
+    cfg = run.config
     entry = {"status": "finished", "step": result.step, "sha256": result.ema_sha256,
-             "path": str(result.final_path.relative_to(run_dir.absolute())), "seconds": round(seconds, 1),
+             "path": run.relative(result.final_path), "seconds": round(seconds, 1),
              "model": to_dict(cfg.expert.model), "train": to_dict(cfg.expert.train)}
-    mf.record_component(run_dir, section, key, entry)
+    run.record(section, key, entry)
 
 
 def train_expert(run_dir: str | Path, cluster: int, overrides: list[str] | tuple[str, ...] = (), *,
-                 log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+                 progress: bool = False) -> TrainResult:
     """Trains (or resumes) expert `cluster` of the run and records its EMA SHA-256 in the manifest."""
-    run_dir = Path(run_dir)
-    manifest = mf.read_manifest(run_dir)
-    cfg = run_config(manifest, overrides)
-    entry = cluster_entry(manifest, cluster)
-    reader = _reader([mf.resolve(run_dir, entry["shard"])], [cluster], cfg)
-    task = _diffusion_task(f"expert {cluster}", cfg, manifest, reader, run_dir.absolute() / "experts" / str(cluster))
+    run = Run.open(run_dir, overrides)
+    reader = _reader([run.shard_path(cluster)], [cluster], run.config)
+    task = _diffusion_task(f"expert {cluster}", run, reader, run.expert_dir(cluster))
     t0 = time.perf_counter()
-    result = Trainer(task, cfg.expert.train, log=log, progress=progress).run()
-    _record(run_dir, "experts", cluster, result, cfg, time.perf_counter() - t0)
-    log(f"expert {cluster}: finished at step {result.step}, EMA sha256 {result.ema_sha256[:16]}")
+    result = Trainer(task, run.config.expert.train, progress=progress).run()
+    _record(run, "experts", cluster, result, time.perf_counter() - t0)
+    logger.info(f"expert {cluster}: finished at step {result.step}, EMA sha256 {result.ema_sha256[:16]}")
     return result
 
 
 def train_monolith(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
-                   log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+                   progress: bool = False) -> TrainResult:
     """The baseline: the same trainer and model on the union of all shards, under `RUN_DIR/monolith/`."""
-    run_dir = Path(run_dir)
-    manifest = mf.read_manifest(run_dir)
-    cfg = run_config(manifest, overrides)
-    paths = [mf.resolve(run_dir, c["shard"]) for c in manifest["clusters"]]
-    reader = _reader(paths, [c["id"] for c in manifest["clusters"]], cfg)
-    task = _diffusion_task("monolith", cfg, manifest, reader, run_dir.absolute() / "monolith")
+    run = Run.open(run_dir, overrides)
+    reader = _reader(run.shard_paths(), run.cluster_ids, run.config)
+    task = _diffusion_task("monolith", run, reader, run.component_dir("monolith"))
     t0 = time.perf_counter()
-    result = Trainer(task, cfg.expert.train, log=log, progress=progress).run()
-    _record(run_dir, "monolith", None, result, cfg, time.perf_counter() - t0)
+    result = Trainer(task, run.config.expert.train, progress=progress).run()
+    _record(run, "monolith", None, result, time.perf_counter() - t0)
     return result

@@ -8,6 +8,7 @@ confusion matrix, and the mean predicted distribution at t = 1 (pure noise) agai
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -15,13 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import manifest as mf
-from data.shards import read_shard
-from data.sources import to_model_range
-from ddm.errors import DDMError
-from ddm.flow import interpolate
-from ddm.loading import load_router
-from experts.train import run_config
+from ddm.core.errors import DDMError
+from ddm.core.flow import interpolate
+from ddm.core.images import to_model_range
+from ddm.core.plots import pyplot, save_figure
+from ddm.data.run import Run
+from ddm.data.shards import read_shard
+from ddm.router.trained import load_router
+
+logger = logging.getLogger(__name__)
 
 T_BINS = 10
 ECE_BINS = 15
@@ -52,23 +55,20 @@ def router_probabilities(apply: Callable, x0: np.ndarray, t: np.ndarray, seed: i
 
 
 def evaluate_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, seed: int = 0,
-                    repeats: int = 4, log: Callable[[str], None] = print) -> dict:
+                    repeats: int = 4) -> dict:
     """Writes RUN/eval/router.json and router.png; returns the report."""
-    run_dir = Path(run_dir)
-    manifest = mf.read_manifest(run_dir)
-    cfg = run_config(manifest, overrides)
-    holdout = manifest.get("holdout", {})
-    if not holdout.get("count"):
-        raise DDMError(f"{run_dir} has no held-out images (prepared with data.holdout_fraction=0)")
-    apply, state = load_router(str(run_dir), manifest, cfg)
+    run = Run.open(run_dir, overrides)
+    if run.holdout_path() is None:
+        raise DDMError(f"{run.root} has no held-out images (prepared with data.holdout_fraction=0)")
+    apply, state = load_router(run)
 
     def model(x, t):
         return apply(state, x, t, None)
 
-    images = to_model_range(read_shard(mf.resolve(run_dir, holdout["shard"])))
-    labels = np.load(mf.resolve(run_dir, holdout["labels"]))
-    k = len(manifest["clusters"])
-    prior = np.array([c["share"] for c in manifest["clusters"]])
+    images = to_model_range(read_shard(run.holdout_path()))
+    labels = run.holdout_labels()
+    k = run.num_clusters
+    prior = run.cluster_shares()
 
     # Each held-out image at `repeats` noise levels spread evenly over the t-bins.
     n = len(images)
@@ -94,12 +94,12 @@ def evaluate_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
         "at_pure_noise": {"predicted": at_noise.tolist(), "cluster_shares": prior.tolist(),
                           "total_variation": float(0.5 * np.abs(at_noise - prior).sum())},
     }
-    out_dir = run_dir / "eval"
+    out_dir = run.eval_dir
     out_dir.mkdir(exist_ok=True)
     (out_dir / "router.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_router_report(report, out_dir / "router.png")
-    log(format_router_report(report))
-    log(f"wrote {out_dir / 'router.json'} and {out_dir / 'router.png'}")
+    logger.info(format_router_report(report))
+    logger.info(f"wrote {out_dir / 'router.json'} and {out_dir / 'router.png'}")
     return report
 
 
@@ -117,11 +117,7 @@ def format_router_report(report: dict) -> str:
 
 def plot_router_report(report: dict, path: Path) -> None:
     """Accuracy and calibration error vs t, and the confusion matrix, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     bins = report["per_t_bin"]
     centers = [(b["t_lo"] + b["t_hi"]) / 2 for b in bins]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=110)
@@ -139,5 +135,4 @@ def plot_router_report(report: dict, path: Path) -> None:
     ax2.set_ylabel("true cluster")
     ax2.set_title("confusion (row-normalised)")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

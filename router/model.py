@@ -4,9 +4,9 @@ Two architectures (`RouterConfig.arch`):
 - "conv" (`ConvRouter`, default): a small strided conv net. Each stage is conv3x3 -> GroupNorm -> FiLM from
   the conditioning vector (timestep MLP [+ label embedding]) -> SiLU; then global average pool, LayerNorm and
   a linear head. Widths come from `ROUTER_PRESETS`; the tiny preset costs a few percent of a tiny DiT expert.
-- "dit" (`DiTRouter`): the paper's router, DiT blocks from `ddm.dit` (patch embed, fixed position
+- "dit" (`DiTRouter`): the paper's router, DiT blocks from `ddm.core.dit` (patch embed, fixed position
   embedding, conditioning, adaLN-Zero blocks) with a learned CLS token prepended and a linear head on it.
-  Sizes come from `ddm.dit.DIT_PRESETS`, so it costs about as much as a DiT of the same preset.
+  Sizes come from `ddm.core.dit.DIT_PRESETS`, so it costs about as much as a DiT of the same preset.
 
 Both heads start at zero (uniform prediction, loss log K). Logits are float32 whatever the compute dtype.
 """
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ddm.config import RouterConfig
-from ddm.dit import (
+from ddm.core.config import RouterConfig
+from ddm.core.dit import (
     ConditionEmbedder,
     PatchEmbed,
     check_image_shape,
@@ -32,7 +32,7 @@ from ddm.dit import (
     sincos_pos_embed,
     transformer_macs,
 )
-from ddm.errors import DDMError
+from ddm.core.errors import DDMError
 
 # preset name -> channel widths of the conv stages (the first at full resolution, each later one stride 2).
 ROUTER_PRESETS: dict[str, tuple[int, ...]] = {
@@ -44,7 +44,7 @@ ROUTER_PRESETS: dict[str, tuple[int, ...]] = {
     "L": (128, 256, 512, 1024),
     "XL": (192, 384, 768, 1152),
 }
-CONV_FREQ_DIM = 64  # sinusoidal timestep features of the conv router (the DiT router uses ddm.dit.FREQ_DIM)
+CONV_FREQ_DIM = 64  # sinusoidal timestep features of the conv router (the DiT router uses ddm.core.dit.FREQ_DIM)
 
 _zeros = nnx.initializers.zeros_init()
 _normal = nnx.initializers.normal(0.02)
@@ -160,7 +160,7 @@ def router_flops_per_image(router: RouterConfig, image_shape: tuple[int, int, in
     """Forward-pass FLOPs of one image (2 x multiply-accumulates of convs and matmuls; norms are not counted).
 
     conv: sum over stages of H_s W_s 9 Cin Cout + timestep MLP + FiLM (cond_dim 2 Cout per stage) + head.
-    dit:  patch embed N p^2 C D + timestep MLP + blocks on N + 1 tokens (`ddm.dit.transformer_macs`) + head D K.
+    dit:  patch embed N p^2 C D + timestep MLP + blocks on N + 1 tokens (`ddm.core.dit.transformer_macs`) + head D K.
     """
     h, w, c = _check_router_args(image_shape, num_clusters)
     if router.arch == "conv":

@@ -44,18 +44,17 @@ TINY_RUN_OVERRIDES = [
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    from ddm.config import load_config
-    from data.prepare import prepare
-    from experts.train import train_expert
-    from router.train import train_router
+    from ddm.core.config import load_config
+    from ddm.data.prepare import prepare
+    from ddm.experts.train import train_expert
+    from ddm.router.train import train_router
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     cfg = load_config(REPO / "configs" / "digits.yaml", TINY_RUN_OVERRIDES)
-    quiet = lambda *_: None  # noqa: E731
-    prepare(cfg, run_dir, log=quiet)
+    prepare(cfg, run_dir)
     for k in range(cfg.data.k):
-        train_expert(run_dir, k, TINY_RUN_OVERRIDES, log=quiet, progress=False)
-    train_router(run_dir, TINY_RUN_OVERRIDES, log=quiet, progress=False)
+        train_expert(run_dir, k, TINY_RUN_OVERRIDES)
+    train_router(run_dir, TINY_RUN_OVERRIDES)
     return run_dir
 
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def prepared_template(tmp_path_factory) -> Path:
     """digits, K=2, prepared once per session (a few seconds) and shared by the training tests; tests copy it."""
-    from ddm import cli
+    from ddm.app import cli
 
     path = tmp_path_factory.getbasetemp() / "ddm-digits-k2"
     if not (path / "manifest.json").exists():

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from ddm.config import Config, DataConfig, TrainConfig, config_from_data, load_config, parse_override, to_dict
-from ddm.errors import DDMError
+from ddm.core.config import Config, DataConfig, TrainConfig, config_from_data, load_config, parse_override, to_dict
+from ddm.core.errors import DDMError
 
 REPO = Path(__file__).resolve().parents[1]
 

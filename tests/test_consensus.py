@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from ddm import consensus
-from ddm.cli import main
-from ddm.consensus import VerifierSpec, nearest_neighbours, pick_threshold, round_mantissa, vote_rates
-from ddm.errors import DDMError
+from ddm.app.cli import main
+from ddm.core.errors import DDMError
+from ddm.verify.analysis import nearest_neighbours, pick_threshold, vote_rates
+from ddm.verify.worker import VerifierSpec, round_mantissa
 
 
 def test_verifier_spec_parse_and_env():
@@ -69,14 +69,16 @@ def test_round_mantissa():
 
 
 def test_worker_refuses_claims_of_another_run(trained_run, tmp_path, capsys):
-    from ddm.sampling import Request
-    from ddm.verify import make_record
+    from ddm.sampling.request import Request
+    from ddm.verify.records import make_record
 
     images = np.zeros((2, 8, 8, 1), np.uint8)
     claims = {"claims": [{"id": 0, "kind": "honest", "record": make_record("cd" * 32, Request(n=2, steps=2), images)}]}
     (tmp_path / "claims.json").write_text(json.dumps(claims))
-    code = consensus.main(["worker", "--run-dir", str(trained_run), "--claims", str(tmp_path / "claims.json"),
-                           "--out", str(tmp_path / "out.json")])
+    from ddm.verify import worker
+
+    code = worker.main(["--run-dir", str(trained_run), "--claims", str(tmp_path / "claims.json"),
+                        "--out", str(tmp_path / "out.json")])
     assert code == 2 and "not the same run" in capsys.readouterr().err
 
 

@@ -9,18 +9,19 @@ import sys
 import numpy as np
 import pytest
 
-from ddm.errors import DDMError
-from ddm.hashing import hamming, hex_to_hash, images_sha256, perceptual_hashes
-from ddm.sampling import Request, generate
+from ddm.core.errors import DDMError
+from ddm.core.hashing import images_sha256
+from ddm.sampling.request import Request, generate
+from ddm.verify.phash import hamming, hex_to_hash, perceptual_hashes
 
 REQUEST = Request(seed=11, n=6, strategy="sample", steps=2, solver="heun")  # random routing + corrector stage
 
 
 @pytest.fixture(scope="module")
 def ensemble(trained_run):
-    from ddm.ensemble import Ensemble
+    from ddm.sampling.load import load_ensemble
 
-    return Ensemble.load(trained_run)
+    return load_ensemble(trained_run)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_bitwise_identical_in_another_process_with_other_devices_and_threads(tra
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_cpu_multi_thread_eigen=false",
                JAX_PLATFORMS="cpu")
     script = ("import os, sys; os.sched_setaffinity(0, [min(os.sched_getaffinity(0))]); "
-              "from ddm.cli import main; sys.exit(main(sys.argv[1:]))")
+              "from ddm.app.cli import main; sys.exit(main(sys.argv[1:]))")
     cmd = [sys.executable, "-c", script,
            "sample", "--run-dir", str(trained_run), "--n", str(REQUEST.n), "--strategy", REQUEST.strategy,
            "--steps", str(REQUEST.steps), "--solver", REQUEST.solver, "--seed", str(REQUEST.seed),

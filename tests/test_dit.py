@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import forward, model_inputs, perturb
 
-from ddm.config import ModelConfig
-from ddm.dit import (
+from ddm.core.config import ModelConfig
+from ddm.core.dit import (
     DIT_PRESETS,
     DiT,
     abstract_dit,
@@ -20,10 +21,7 @@ from ddm.dit import (
     sincos_pos_embed,
     unpatchify,
 )
-from ddm.errors import DDMError
-
-from helpers import forward, model_inputs, perturb
-
+from ddm.core.errors import DDMError
 
 SMALL = dict(depth=2, width=32, heads=2)  # one small architecture everywhere: XLA compiles are shared
 

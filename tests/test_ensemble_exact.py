@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddm import solvers
-from ddm.ensemble import Ensemble, SampleResult, make_grid, save_grid_png, to_uint8
-from ddm.errors import DDMError
-from ddm.routing import Strategy, parse_strategy
+from ddm.core import flow as solvers
+from ddm.core.ensemble import Ensemble, SampleResult
+from ddm.core.errors import DDMError
+from ddm.core.images import make_grid, save_grid_png, to_uint8
+from ddm.core.routing import Strategy, parse_strategy
 
 SHAPE = (2, 2, 1)
 D = 4

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from ddm.evaluate import (
+from ddm.eval.featurenet import FeatureNetConfig, get_featurenet
+from ddm.eval.metrics import (
     frechet_distance,
     frechet_distance_from_stats,
     gaussian_stats,
     precision_recall,
 )
-from ddm.featurenet import FeatureNetConfig, get_featurenet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,6 @@ def test_precision_recall_identical_sets_are_one_and_disjoint_sets_zero():
 
 # What `ddm evaluate --feature-steps 10` builds: the CLI test below then finds it in the shared cache.
 CLI_NET = FeatureNetConfig(steps=10)
-QUIET = lambda *_: None
 
 
 def _copy_run(src, dst):
@@ -75,14 +74,14 @@ def _copy_run(src, dst):
 def featurenet_cache(trained_run, tmp_path_factory):
     """(cache dir, the FeatureNet trained into it) for the dataset of `trained_run`, trained once per module."""
     base = tmp_path_factory.mktemp("featurenet")
-    net = get_featurenet(_copy_run(trained_run, base / "run"), cfg=CLI_NET, cache_dir=base / "cache", log=QUIET)
+    net = get_featurenet(_copy_run(trained_run, base / "run"), cfg=CLI_NET, cache_dir=base / "cache")
     return base / "cache", net
 
 
 def test_featurenet_cache_is_reused_and_changes_with_the_dataset(trained_run, featurenet_cache, tmp_path):
-    from data import manifest as mf
-    from data.shards import read_shard, write_shard
-    from ddm.errors import DDMError
+    from ddm.core.errors import DDMError
+    from ddm.data import manifest as mf
+    from ddm.data.shards import read_shard, write_shard
 
     cache, first = featurenet_cache
     assert first.trained and len(first.sha256) == 64
@@ -90,7 +89,7 @@ def test_featurenet_cache_is_reused_and_changes_with_the_dataset(trained_run, fe
     # Another run on the same images reuses the cached net (not retrained, same SHA-256, same features) and
     # keeps a pinned copy in its own eval/featurenet/.
     run_b = _copy_run(trained_run, tmp_path / "b")
-    again = get_featurenet(run_b, cfg=CLI_NET, cache_dir=cache, log=QUIET)
+    again = get_featurenet(run_b, cfg=CLI_NET, cache_dir=cache)
     assert not again.trained and again.sha256 == first.sha256 and again.key == first.key
     info = json.loads((run_b / "eval" / "featurenet" / "info.json").read_text())
     assert info["sha256"] == first.sha256 and info["key"] == first.key
@@ -102,21 +101,21 @@ def test_featurenet_cache_is_reused_and_changes_with_the_dataset(trained_run, fe
     info["sha256"] = "0" * 64
     (run_b / "eval" / "featurenet" / "info.json").write_text(json.dumps(info))
     with pytest.raises(DDMError, match="SHA-256"):
-        get_featurenet(run_b, cfg=CLI_NET, cache_dir=cache, log=QUIET)
+        get_featurenet(run_b, cfg=CLI_NET, cache_dir=cache)
 
     # A different dataset (cluster 0 loses half its images) gets a different key and a newly trained net.
     run_c = _copy_run(trained_run, tmp_path / "c")
     shard = str(run_c / "shards" / "cluster_0")
     write_shard(shard, read_shard(shard)[::2])
     mf.update_manifest(run_c, lambda m: m["dataset"].update(fingerprint="f" * 64))
-    other = get_featurenet(run_c, cfg=CLI_NET, cache_dir=cache, log=QUIET)
+    other = get_featurenet(run_c, cfg=CLI_NET, cache_dir=cache)
     assert other.trained and other.key != first.key and other.sha256 != first.sha256
     assert len(list((cache / "featurenet").glob("*/info.json"))) == 2
 
 
 def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featurenet_cache, capsys):
-    from data import manifest as mf
-    from ddm.cli import main
+    from ddm.app.cli import main
+    from ddm.data import manifest as mf
 
     run = trained_run_copy
     cache, net = featurenet_cache

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddm.errors import DDMError
-from ddm.flow import (
+from ddm.core.errors import DDMError
+from ddm.core.flow import (
     drop_labels,
     euler_step,
     flow_matching_loss,

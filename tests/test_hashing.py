@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddm import hashing
-from ddm.errors import DDMError
+from ddm.core import hashing as exact
+from ddm.core.errors import DDMError
+from ddm.verify import phash as hashing
 
 
 def _random_images() -> list[np.ndarray]:
@@ -125,16 +126,16 @@ def test_hash_hex_and_hamming_reject_out_of_range():
 def test_images_sha256_stable_and_sensitive():
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    h = hashing.images_sha256(images)
+    h = exact.images_sha256(images)
     assert len(h) == 64 and int(h, 16) >= 0
-    assert hashing.images_sha256(images.copy()) == h
-    assert hashing.images_sha256(np.asfortranarray(images)) == h  # memory layout does not matter
+    assert exact.images_sha256(images.copy()) == h
+    assert exact.images_sha256(np.asfortranarray(images)) == h  # memory layout does not matter
     changed = images.copy()
     changed[1, 4, 5, 2] ^= 1
-    assert hashing.images_sha256(changed) != h
+    assert exact.images_sha256(changed) != h
     # same bytes, different shape
-    assert hashing.images_sha256(images.reshape(3, 8, 24, 1)) != h
-    assert hashing.images_sha256(images.reshape(1, 24, 8, 3)) != h
+    assert exact.images_sha256(images.reshape(3, 8, 24, 1)) != h
+    assert exact.images_sha256(images.reshape(1, 24, 8, 3)) != h
 
 
 def test_images_sha256_documented_layout():
@@ -142,14 +143,14 @@ def test_images_sha256_documented_layout():
 
     images = np.arange(2 * 2 * 3 * 1, dtype=np.uint8).reshape(2, 2, 3, 1)
     expected = hashlib.sha256(b"ddm-images:v1:2,2,3,1\n" + images.tobytes()).hexdigest()
-    assert hashing.images_sha256(images) == expected
+    assert exact.images_sha256(images) == expected
 
 
 @pytest.mark.parametrize("bad", [np.zeros((1, 4, 4, 3), np.float32), np.zeros((4, 4, 3), np.uint8),
                                  np.zeros((1, 4, 4, 3), np.int16)])
 def test_images_sha256_rejects(bad):
     with pytest.raises(DDMError):
-        hashing.images_sha256(bad)
+        exact.images_sha256(bad)
 
 
 # --- pytree_sha256 ------------------------------------------------------------------------------------------
@@ -168,44 +169,44 @@ def test_pytree_sha256_order_and_container_independent():
     import jax.numpy as jnp
 
     tree = _tree()
-    h = hashing.pytree_sha256(tree)
+    h = exact.pytree_sha256(tree)
     reordered = {"step": tree["step"], "blocks": tree["blocks"],
                  "dense": {"bias": tree["dense"]["bias"], "kernel": tree["dense"]["kernel"]}}
     assert list(reordered) != list(tree)
-    assert hashing.pytree_sha256(reordered) == h
+    assert exact.pytree_sha256(reordered) == h
     as_jax = {"dense": {k: jnp.asarray(v) for k, v in tree["dense"].items()},
               "blocks": [{"w": jnp.asarray(b["w"])} for b in tree["blocks"]], "step": jnp.asarray(tree["step"])}
-    assert hashing.pytree_sha256(as_jax) == h
-    assert hashing.pytree_sha256(_tree()) == h  # stable
+    assert exact.pytree_sha256(as_jax) == h
+    assert exact.pytree_sha256(_tree()) == h  # stable
 
 
 def test_pytree_sha256_sensitive():
     tree = _tree()
-    h = hashing.pytree_sha256(tree)
+    h = exact.pytree_sha256(tree)
 
     one_byte = _tree()
     one_byte["dense"]["kernel"].reshape(-1).view(np.uint8)[5] ^= 1
-    assert hashing.pytree_sha256(one_byte) != h
+    assert exact.pytree_sha256(one_byte) != h
 
     dtype = _tree()
     dtype["dense"]["bias"] = dtype["dense"]["bias"].astype(np.int32)  # zeros: same bytes, other dtype
-    assert hashing.pytree_sha256(dtype) != h
+    assert exact.pytree_sha256(dtype) != h
 
     shape = _tree()
     shape["dense"]["kernel"] = shape["dense"]["kernel"].reshape(3, 4)
-    assert hashing.pytree_sha256(shape) != h
+    assert exact.pytree_sha256(shape) != h
 
     path = _tree()
     path["dense"]["b"] = path["dense"].pop("bias")
-    assert hashing.pytree_sha256(path) != h
+    assert exact.pytree_sha256(path) != h
 
     swapped = _tree()
     swapped["blocks"].reverse()
-    assert hashing.pytree_sha256(swapped) != h
+    assert exact.pytree_sha256(swapped) != h
 
     extra = _tree()
     extra["extra"] = np.zeros((0,), np.float32)  # even an empty leaf counts
-    assert hashing.pytree_sha256(extra) != h
+    assert exact.pytree_sha256(extra) != h
 
 
 def test_pytree_sha256_bfloat16_and_prng_key():
@@ -213,20 +214,20 @@ def test_pytree_sha256_bfloat16_and_prng_key():
     import jax.numpy as jnp
 
     x = jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3)
-    assert hashing.pytree_sha256({"x": x}) != hashing.pytree_sha256({"x": x.astype(jnp.float16)})
+    assert exact.pytree_sha256({"x": x}) != exact.pytree_sha256({"x": x.astype(jnp.float16)})
     k = jax.random.key(0)
-    assert hashing.pytree_sha256({"k": k}) == hashing.pytree_sha256({"k": jax.random.key(0)})
-    assert hashing.pytree_sha256({"k": k}) != hashing.pytree_sha256({"k": jax.random.key(1)})
+    assert exact.pytree_sha256({"k": k}) == exact.pytree_sha256({"k": jax.random.key(0)})
+    assert exact.pytree_sha256({"k": k}) != exact.pytree_sha256({"k": jax.random.key(1)})
 
 
 def test_pytree_sha256_big_endian_equals_little_endian():
     a = np.arange(5, dtype="<f4")
-    assert hashing.pytree_sha256({"a": a}) == hashing.pytree_sha256({"a": a.astype(">f4")})
+    assert exact.pytree_sha256({"a": a}) == exact.pytree_sha256({"a": a.astype(">f4")})
 
 
 def test_pytree_sha256_rejects_object_leaves():
     with pytest.raises(DDMError):
-        hashing.pytree_sha256({"a": np.array([object()], dtype=object)})
+        exact.pytree_sha256({"a": np.array([object()], dtype=object)})
 
 
 # --- hash_files / format_hash_table -------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def test_hash_files_png_and_npz_agree(tmp_path):
 
     rows = hashing.hash_files([str(png), str(npz)])
     assert [(r["file"], r["index"]) for r in rows] == [(str(png), None), (str(npz), 0), (str(npz), 1), (str(npz), 2)]
-    assert rows[0]["sha256"] == hashing.images_sha256(images[1:2])
+    assert rows[0]["sha256"] == exact.images_sha256(images[1:2])
     keys = ("sha256", "phash", "dhash")
     assert {k: rows[0][k] for k in keys} == {k: rows[2][k] for k in keys}
     for i, row in enumerate(rows[1:]):
@@ -267,7 +268,7 @@ def test_hash_files_grayscale_png_and_only_array_npz(tmp_path):
     npz = tmp_path / "mnist_like.npz"
     np.savez(npz, data=gray)  # the only array, [n, H, W] counts as C=1
     rows = hashing.hash_files([str(png), str(npz)])
-    assert rows[0]["sha256"] == hashing.images_sha256(gray[:1, :, :, None]) == rows[1]["sha256"]
+    assert rows[0]["sha256"] == exact.images_sha256(gray[:1, :, :, None]) == rows[1]["sha256"]
     assert rows[0]["phash"] == rows[1]["phash"] and rows[0]["dhash"] == rows[1]["dhash"]
     assert len(rows) == 3
 
@@ -281,8 +282,8 @@ def test_hash_files_palette_png_and_jpeg(tmp_path):
     Image.fromarray(rgb).save(jpg, quality=90)
     rows = hashing.hash_files([str(pal), str(jpg)])
     decoded_pal = np.asarray(Image.open(pal).convert("RGB"))
-    assert rows[0]["sha256"] == hashing.images_sha256(decoded_pal[None])
-    assert rows[1]["sha256"] == hashing.images_sha256(np.asarray(Image.open(jpg))[None])
+    assert rows[0]["sha256"] == exact.images_sha256(decoded_pal[None])
+    assert rows[1]["sha256"] == exact.images_sha256(np.asarray(Image.open(jpg))[None])
 
 
 def test_hash_files_errors(tmp_path):
@@ -314,5 +315,5 @@ def test_hashing_module_does_not_import_imagehash():
     import subprocess
     import sys
 
-    code = "import sys, ddm.hashing; assert 'imagehash' not in sys.modules; assert 'jax' not in sys.modules"
+    code = "import sys, ddm.verify.phash, ddm.core.hashing; assert 'imagehash' not in sys.modules; assert 'jax' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))

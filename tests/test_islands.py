@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from data import manifest as mf
-from ddm import cli
-
 from helpers import prepared_template
+
+from ddm.app import cli
+from ddm.data import manifest as mf
 
 REPO = Path(__file__).resolve().parents[1]
 # The same training config as test_trainer.py: on one device the island programs are compiled once.
@@ -51,7 +50,7 @@ def test_slurm_script_is_written_not_submitted(run, capsys):
     assert "#SBATCH --array=0,1%2" in lines  # one array task per island, at most 2 at once
     assert "#SBATCH --partition=gpu" in lines
     srun = next(line for line in lines if line.startswith("srun "))
-    assert "-m ddm.cli train-expert" in srun and "--cluster $SLURM_ARRAY_TASK_ID" in srun
+    assert "-m ddm train-expert" in srun and "--cluster $SLURM_ARRAY_TASK_ID" in srun
     assert f"--run-dir {run.absolute()}" in srun and "--set expert.train.steps=16" in srun
     assert (run / "experts" / "0").is_dir() and (run / "experts" / "1").is_dir()  # for --output logs
     assert "0" not in mf.read_manifest(run).get("experts", {})  # nothing ran
@@ -94,7 +93,7 @@ def test_local_islands_failure_rerun_and_monolith(run, capsys):
     assert "0 of 2 islands to train" in capsys.readouterr().out
 
     # The monolith baseline: same trainer on all shards, stored under RUN/monolith, recorded in the manifest.
-    proc = subprocess.run([sys.executable, "-m", "ddm.cli", "train-monolith", "--run-dir", str(run),
+    proc = subprocess.run([sys.executable, "-m", "ddm", "train-monolith", "--run-dir", str(run),
                            "--no-progress", *SETS], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifest = mf.read_manifest(run)

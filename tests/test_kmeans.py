@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from data import kmeans as kmeans_module
-from data.kmeans import KMeansResult, assign, balanced_capacity, kmeans
-from ddm.errors import DDMError
+from ddm.core.errors import DDMError
+from ddm.data import kmeans as kmeans_module
+from ddm.data.kmeans import KMeansResult, assign, balanced_capacity, kmeans
 
 N, D, K = 400, 8, 4
 
@@ -186,10 +186,11 @@ def test_assign_is_nearest_centroid():
     np.testing.assert_array_equal(labels, expected)
 
 
-def test_log_reports_progress(blobs):
+def test_log_reports_progress(blobs, caplog):
     x, _ = blobs
-    lines: list[str] = []
-    kmeans(x, K, tol=0.0, max_iter=25, log=lines.append)
+    with caplog.at_level("INFO", logger="ddm.data.kmeans"):
+        kmeans(x, K, tol=0.0, max_iter=25, progress=True)
+    lines = [r.getMessage() for r in caplog.records]
     assert any("iter 10/25" in line for line in lines) and any("iter 25/25" in line for line in lines)
     assert "done" in lines[-1] and "25 iterations" in lines[-1] and "sizes" in lines[-1]
 

@@ -17,11 +17,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from data import manifest as mf
-from ddm.trainer import read_metrics
-
 from helpers import fresh_run
+
+from ddm.core.trainer import read_metrics
+from ddm.data import manifest as mf
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["expert.train.steps=16", "expert.train.batch_size=16", "expert.train.checkpoint_every=4",
@@ -43,7 +42,7 @@ def start(tmp_path_factory, run: Path, processes: int, devices_per_process: int,
                 JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax-cache"))
     if coordinator:
         base.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=str(processes))
-    cmd = [sys.executable, "-m", "ddm.cli", "train-expert", "--run-dir", str(run), "--cluster", "0", "--no-progress",
+    cmd = [sys.executable, "-m", "ddm", "train-expert", "--run-dir", str(run), "--cluster", "0", "--no-progress",
            *[a for s in TRAIN for a in ("--set", s)]]
     return [subprocess.Popen(cmd, env={**base, **({"JAX_PROCESS_ID": str(i)} if coordinator else {})},
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

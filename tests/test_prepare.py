@@ -1,6 +1,6 @@
 """`ddm prepare` and `ddm info` through the CLI: the happy paths, reruns, and every refused input.
 
-The CLI runs in-process (`ddm.cli.main`) so JAX compiles once for the whole module; one test runs it as a real
+The CLI runs in-process (`ddm.app.cli.main`) so JAX compiles once for the whole module; one test runs it as a real
 subprocess to check the user-facing contract (exit code 2, one line on stderr, no traceback) end to end.
 """
 
@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.prepare import split_holdout
-from data.shards import ShardReader, read_shard
-from data.sources import fingerprint, load_dataset
-from ddm.cli import main
-from ddm.config import DataConfig
-from ddm.info import describe
+from ddm.app.cli import main
+from ddm.app.info import describe
+from ddm.core.config import DataConfig
+from ddm.core.hashing import dataset_fingerprint as fingerprint
+from ddm.data.prepare import split_holdout
+from ddm.data.run import Run
+from ddm.data.shards import ShardReader, read_shard
+from ddm.data.sources import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_YAML = str(REPO / "configs" / "digits.yaml")
@@ -116,7 +118,7 @@ def test_info(digits_run):
     rc, out, err = cli("info", run_dir)
     assert rc == 0, err
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert out.strip() == describe(manifest, str(run_dir))
+    assert out.strip() == describe(Run.open(run_dir))
     assert "digits: 1797 images (8, 8, 1)" in out and "K=4 by balanced partition of pca features, k-means inertia" in out
     assert "holdout    180 images" in out and "experts    0/4 finished" in out
     for c in manifest["clusters"]:
@@ -275,9 +277,9 @@ def test_unwritable_run_dir(tmp_path):
 
 
 def test_subprocess_contract(tmp_path):
-    """As a user sees it: `python -m ddm.cli prepare` on a missing source."""
+    """As a user sees it: `python -m ddm prepare` on a missing source."""
     proc = subprocess.run(
-        [sys.executable, "-m", "ddm.cli", "prepare", "--config", DIGITS_YAML, "--run-dir", str(tmp_path / "run"),
+        [sys.executable, "-m", "ddm", "prepare", "--config", DIGITS_YAML, "--run-dir", str(tmp_path / "run"),
          "--set", f"data.source={tmp_path}/missing.npz"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},

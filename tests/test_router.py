@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from ddm.cli import main
-from ddm.config import load_config
-from data.prepare import prepare
-from data import manifest as mf
+from ddm.app.cli import main
+from ddm.core.config import load_config
+from ddm.data import manifest as mf
+from ddm.data.prepare import prepare
 
 # A mixture of 3 well-separated Gaussians in 4x4x1 "images", unequal weights: k-means recovers the components,
 # so the cluster posterior p(k | x_t, t) is known in closed form.
@@ -49,24 +49,25 @@ def mixture_run(tmp_path_factory):
                  "router.train.log_every=250", "router.train.ema_decay=0.9"]
     cfg = load_config(None, overrides)
     run_dir = root / "run"
-    prepare(cfg, run_dir, log=lambda *_: None)
+    prepare(cfg, run_dir)
     assert main(["train-router", "--run-dir", str(run_dir), "--no-progress"]) == 0
     return run_dir
 
 
 def _router(run_dir):
-    from ddm.loading import load_router
-    from experts.train import run_config
+    from ddm.data.run import Run
+    from ddm.router.trained import load_router
 
-    manifest = mf.read_manifest(run_dir)
-    apply, state = load_router(str(run_dir), manifest, run_config(manifest))
+    run = Run.open(run_dir)
+    manifest = run.manifest
+    apply, state = load_router(run)
     return lambda x, t: softmax(np.asarray(apply(state, x, t, None), np.float64), axis=-1), manifest
 
 
 def _cluster_means(manifest, run_dir) -> np.ndarray:
     """The component mean behind each k-means cluster (clusters are numbered arbitrarily)."""
-    from data.shards import read_shard
-    from data.sources import to_model_range
+    from ddm.core.images import to_model_range
+    from ddm.data.shards import read_shard
 
     cluster_means = np.stack([to_model_range(read_shard(mf.resolve(run_dir, c["shard"]))).mean(0)
                               for c in manifest["clusters"]])

@@ -5,14 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from ddm.config import MODEL_PRESETS, ModelConfig, RouterConfig
-from ddm.dit import DIT_PRESETS, DiTBlock, dit_flops_per_image
-from ddm.errors import DDMError
-from router.model import ROUTER_PRESETS, ConvRouter, DiTRouter, router_flops_per_image, router_from_config
-
 from helpers import forward, model_inputs, perturb
 
+from ddm.core.config import MODEL_PRESETS, ModelConfig, RouterConfig
+from ddm.core.dit import DIT_PRESETS, DiTBlock, dit_flops_per_image
+from ddm.core.errors import DDMError
+from ddm.router.model import ROUTER_PRESETS, ConvRouter, DiTRouter, router_flops_per_image, router_from_config
 
 SMALL_DIT = dict(patch_size=2, depth=2, width=32, heads=2)  # a small transformer router: cheap to compile
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddm.errors import DDMError
-from ddm.routing import Strategy, parse_strategy, route_weights
+from ddm.core.errors import DDMError
+from ddm.core.routing import Strategy, parse_strategy, route_weights
 
 K = 5
 ALL = np.ones(K, bool)

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from ddm.cli import main
-from ddm.ensemble import Ensemble
-from ddm.sampling import Request, generate
+from ddm.app.cli import main
+from ddm.sampling.load import load_ensemble
+from ddm.sampling.request import Request, generate
 
 
 def test_ensemble_load_and_sample_top1(trained_run):
-    ensemble = Ensemble.load(trained_run)
+    ensemble = load_ensemble(trained_run)
     assert ensemble.num_experts == 3
     result = ensemble.sample(6, "top1", steps=3, seed=1)
     assert result.images.shape == (6, 8, 8, 1) and result.images.dtype == np.uint8
@@ -23,7 +23,7 @@ def test_ensemble_load_and_sample_top1(trained_run):
 
 
 def test_same_request_is_bitwise_identical_and_seed_matters(trained_run):
-    ensemble = Ensemble.load(trained_run)
+    ensemble = load_ensemble(trained_run)
     request = Request(seed=3, n=4, strategy="full", steps=3, solver="euler")
     a, b = generate(ensemble, request).images, generate(ensemble, request).images
     assert np.array_equal(a, b)
@@ -59,7 +59,7 @@ def test_tampered_expert_checkpoint_refuses_to_load(trained_run_copy):
     manifest["experts"]["1"]["sha256"] = "0" * 64  # as if the weights on disk had been swapped
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(Exception, match="does not match the manifest SHA-256"):
-        Ensemble.load(trained_run_copy)
+        load_ensemble(trained_run_copy)
 
 
 def test_missing_expert_is_masked_with_warning(trained_run_copy):
@@ -68,6 +68,6 @@ def test_missing_expert_is_masked_with_warning(trained_run_copy):
     del manifest["experts"]["2"]
     manifest_path.write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match=r"\[2\]"):
-        ensemble = Ensemble.load(trained_run_copy)
+        ensemble = load_ensemble(trained_run_copy)
     result = ensemble.sample(4, "top1", steps=2, solver="euler")
     assert (result.weights[..., 2] == 0).all()

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import manifest as mf
-from data.shards import ReaderPosition, ShardReader, open_shard, read_shard, write_shard
-from ddm.errors import DDMError
+from ddm.core.errors import DDMError
+from ddm.data import manifest as mf
+from ddm.data.shards import ReaderPosition, ShardReader, open_shard, read_shard, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,9 +167,9 @@ def test_streaming_equals_in_memory(three_shards, batch_size, process_count):
 
 
 def test_reader_streams_large_shards_by_default(three_shards, monkeypatch):
-    import data.shards
+    import ddm.data.shards
 
-    monkeypatch.setattr(data.shards, "IN_MEMORY_LIMIT_BYTES", 10)
+    monkeypatch.setattr(ddm.data.shards, "IN_MEMORY_LIMIT_BYTES", 10)
     assert ShardReader(three_shards[0], batch_size=4, seed=0)._cache is None
     monkeypatch.undo()
     assert ShardReader(three_shards[0], batch_size=4, seed=0)._cache is not None
@@ -253,7 +253,7 @@ def test_manifest_read_errors(tmp_path, content, match):
 
 _WORKER = """
 import sys
-from data import manifest as mf
+from ddm.data import manifest as mf
 run_dir, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def change(m):
     m["counter"] = m.get("counter", 0) + 1

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.embed import embed
-from data.sources import fingerprint, from_model_range, load_dataset, to_model_range
-from ddm.config import DataConfig
-from ddm.errors import DDMError
+from ddm.core.config import DataConfig
+from ddm.core.errors import DDMError
+from ddm.core.hashing import dataset_fingerprint as fingerprint
+from ddm.core.images import to_model_range
+from ddm.core.images import to_uint8 as from_model_range
+from ddm.data.embed import embed
+from ddm.data.sources import load_dataset
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -2,7 +2,7 @@
 resume onto another device count, NaN/Inf stops with the last good checkpoint intact.
 
 In-process tests use a micro DiT built directly (fast compiles); the kill/resume tests run the real CLI
-(`python -m ddm.cli train-expert`, tiny preset) in subprocesses that share a persistent XLA compilation cache,
+(`python -m ddm train-expert`, tiny preset) in subprocesses that share a persistent XLA compilation cache,
 so each distinct program is compiled once per session.
 """
 
@@ -24,17 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from data import manifest as mf
-from data.shards import ShardReader
-from ddm import cli
-from ddm.config import TrainConfig
-from ddm.dit import DiT
-from ddm.errors import DDMError
-from ddm.flow import flow_matching_loss
-from ddm.trainer import NonFiniteError, Task, Trainer, init_state, make_optimizer, read_metrics, train_step
-
 from helpers import fresh_run, prepared_template
+
+from ddm.app import cli
+from ddm.core.config import TrainConfig
+from ddm.core.dit import DiT
+from ddm.core.errors import DDMError
+from ddm.core.flow import flow_matching_loss
+from ddm.core.trainer import NonFiniteError, Task, Trainer, init_state, make_optimizer, read_metrics, train_step
+from ddm.data import manifest as mf
+from ddm.data.shards import ShardReader
 
 REPO = Path(__file__).resolve().parents[1]
 # One training config for every subprocess run here (and in test_islands.py): identical programs hit the cache.
@@ -59,7 +58,7 @@ def child_env(tmp_path_factory, devices: int) -> dict:
 
 def train_cmd(run: Path, *sets: str) -> list[str]:
     args = [a for s in (*TRAIN, *sets) for a in ("--set", s)]
-    return [sys.executable, "-m", "ddm.cli", "train-expert", "--run-dir", str(run), "--cluster", "0",
+    return [sys.executable, "-m", "ddm", "train-expert", "--run-dir", str(run), "--cluster", "0",
             "--no-progress", *args]
 
 
@@ -246,13 +245,13 @@ def poisoned_loss(t_sampling, model, x, labels, rng):
 def test_nonfinite_loss_exits_2_and_keeps_last_good_checkpoint(tmp_path_factory, monkeypatch, capsys):
     """`ddm train-expert` (in-process, micro DiT) whose loss turns NaN at step 5: a NonFiniteError (a DDMError)
     naming step, loss and norms, exit code 2, checkpoint 4 intact and nothing recorded as finished."""
-    import experts.train
+    import ddm.experts.train
 
     assert issubclass(NonFiniteError, DDMError)
-    real_reader = experts.train._reader
-    monkeypatch.setattr(experts.train, "make_dit", lambda model_cfg, image_shape, rngs: micro_dit(image_shape, rngs))
-    monkeypatch.setattr(experts.train, "flow_loss", poisoned_loss)
-    monkeypatch.setattr(experts.train, "_reader", lambda *a: PoisonedReader(real_reader(*a), bad_from=5))
+    real_reader = ddm.experts.train._reader
+    monkeypatch.setattr(ddm.experts.train, "make_dit", lambda model_cfg, image_shape, rngs: micro_dit(image_shape, rngs))
+    monkeypatch.setattr(ddm.experts.train, "flow_loss", poisoned_loss)
+    monkeypatch.setattr(ddm.experts.train, "_reader", lambda *a: PoisonedReader(real_reader(*a), bad_from=5))
     run = fresh_run(tmp_path_factory, "nonfinite")
     sets = [a for s in ("expert.train.steps=10", "expert.train.batch_size=16", "expert.train.warmup_steps=0",
                         "expert.train.log_every=3", "expert.train.checkpoint_every=2")
@@ -275,7 +274,7 @@ def test_nonfinite_loss_exits_2_and_keeps_last_good_checkpoint(tmp_path_factory,
 
 
 def test_truncate_metrics_drops_rows_after_resume_point_and_torn_lines(tmp_path):
-    from ddm.trainer import _truncate_metrics
+    from ddm.core.trainer import _truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)]

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddm.cli import main
-from ddm.errors import DDMError
-from ddm.hashing import hash_hex, hex_to_hash, perceptual_hashes
-from ddm.sampling import Request
-from ddm.verify import DEFAULT_THRESHOLD, compare, make_record
+from ddm.app.cli import main
+from ddm.core.errors import DDMError
+from ddm.sampling.request import Request
+from ddm.verify.phash import hash_hex, hex_to_hash, perceptual_hashes
+from ddm.verify.records import make_record
+from ddm.verify.verdict import DEFAULT_THRESHOLD, compare
 
 MANIFEST_SHA = "ab" * 32
 
@@ -175,7 +176,7 @@ def test_verify_bad_arguments_exit_2(trained_run, honest_record, tmp_path, capsy
 
 
 def test_flipped_checkpoint_byte_is_refused_before_sampling(trained_run_copy, honest_record, capsys):
-    from ddm.loading import load_run
+    from ddm.sampling.load import load_ensemble
 
     final = trained_run_copy / "experts" / "1" / "final"
     data = max((p for p in final.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
@@ -183,7 +184,7 @@ def test_flipped_checkpoint_byte_is_refused_before_sampling(trained_run_copy, ho
     raw[len(raw) // 2] ^= 0x01
     data.write_bytes(bytes(raw))
     with pytest.raises(DDMError, match="expert 1 checkpoint"):
-        load_run(str(trained_run_copy))
+        load_ensemble(trained_run_copy)
     capsys.readouterr()
     assert main(["verify", str(honest_record), "--run-dir", str(trained_run_copy)]) == 2
     line = _one_error_line(capsys)

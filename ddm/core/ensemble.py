@@ -30,20 +30,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from flax import nnx
 
-from ddm import solvers
-from ddm.errors import DDMError
-from ddm.routing import Strategy, parse_strategy, route_weights
+from ddm.core import flow
+from ddm.core.errors import DDMError
+from ddm.core.images import to_uint8
+from ddm.core.routing import Strategy, parse_strategy, route_weights
 
 ExpertApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 RouterApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -72,12 +71,6 @@ class SampleResult:
     seed: int
     expert_evals: int
     padded_evals: int
-
-
-def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
-    """Images in [-1, 1] (float [..., H, W, C]) -> uint8, round(clip((x + 1) * 127.5, 0, 255)), on the host."""
-    x = np.asarray(x, np.float32)
-    return np.round(np.clip((x + 1.0) * np.float32(127.5), 0.0, 255.0)).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,14 +227,19 @@ class Ensemble:
         self._route_fn = None if router_apply is None else _jitted_route(router_apply)
         self._contrib_fn, self._trace_counter = _jitted_contrib(expert_apply, self.num_classes)
 
-    @classmethod
-    def load(cls, run_dir: str | Path, overrides: Sequence[str] = (), *, with_router: bool = True) -> "Ensemble":
-        """The routed ensemble of a run directory: EMA experts and router, each checked against the SHA-256
-        pinned in the manifest (a mismatch refuses to load). Unfinished experts are masked out with a warning."""
-        from ddm.loading import load_run
-
-        ensemble, _, _ = load_run(str(run_dir), overrides, with_router=with_router)
-        return ensemble
+    def replace(self, **changes: Any) -> Ensemble:
+        """A copy with some constructor arguments changed (e.g. `expert_params`, `router_params`); the rest,
+        availability included, are this ensemble's, and compiled functions are shared."""
+        current = {"expert_apply": self.expert_apply, "expert_params": self.expert_params,
+                   "router_apply": self.router_apply, "router_params": self.router_params,
+                   "image_shape": self.image_shape, "num_classes": self.num_classes,
+                   "available": self.available, "min_bucket": self.min_bucket}
+        unknown = sorted(set(changes) - set(current))
+        if unknown:
+            raise DDMError(f"Ensemble.replace: unknown field {unknown[0]!r} (known: {', '.join(current)})")
+        merged = {**current, **changes}
+        return Ensemble(merged.pop("expert_apply"), merged.pop("expert_params"), merged.pop("router_apply"),
+                        merged.pop("router_params"), **merged)
 
     @property
     def expert_traces(self) -> int:
@@ -425,8 +423,8 @@ class Ensemble:
         if n < 1:
             raise DDMError(f"n must be >= 1, got {n}")
         strategy = self._check_strategy(strategy)
-        step = solvers.step_function(solver)
-        ts = solvers.time_grid(steps)
+        step = flow.step_function(solver)
+        ts = flow.time_grid(steps)
         labels = self._check_labels(strategy, labels, n)
         y_all, cfg = self._check_condition(y, cfg_scale, n)
         batch_size = n if batch_size is None else int(batch_size)
@@ -483,55 +481,19 @@ class Ensemble:
         )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Image grids.
-# ---------------------------------------------------------------------------------------------------------
+def model_apply(model: nnx.Module, *, labels: bool = True) -> tuple[Callable, Any]:
+    """A pure apply function and the state of an NNX model, in the form `Ensemble` takes.
 
-
-def make_grid(images: np.ndarray, ncols: int, *, pad: int = 1, pad_value: int = 0) -> np.ndarray:
-    """Tiles uint8 images [n, H, W, C] into one uint8 image [rows*(H+pad)+pad, ncols*(W+pad)+pad, C].
-
-    Cells fill row by row; unused cells and the `pad`-pixel borders are `pad_value`.
+    Returns (apply(state, x [b, H, W, C], t [b], y [b] | None) -> output, state). labels=False drops y (for a
+    model without a class input).
     """
-    images = np.asarray(images)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise DDMError(f"make_grid needs uint8 images [n, H, W, C], got {images.dtype} {images.shape}")
-    n, h, w, c = images.shape
-    if n == 0:
-        raise DDMError("make_grid needs at least one image")
-    if ncols < 1:
-        raise DDMError(f"make_grid needs ncols >= 1, got {ncols}")
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncols)
-        top, left = pad + r * (h + pad), pad + q * (w + pad)
-        grid[top : top + h, left : left + w] = images[i]
-    return grid
+    graphdef, state = nnx.split(model)
 
+    if labels:
+        def apply(state, x, t, y):
+            return nnx.merge(graphdef, state)(x, t, y)
+    else:
+        def apply(state, x, t, y):
+            return nnx.merge(graphdef, state)(x, t)
 
-def save_grid_png(
-    images: np.ndarray, path: str | Path, ncols: int | None = None, scale: int | None = None, pad: int = 1
-) -> Path:
-    """Writes uint8 images [n, H, W, C] (C = 1 or 3) as one PNG grid; returns the path.
-
-    ncols: default ceil(sqrt(n)). scale: integer nearest-neighbour upscaling of each image (default: enough
-    to make cells at least 64 pixels, so 8x8 digits are viewable), applied before tiling so borders stay thin.
-    """
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DDMError(f"save_grid_png needs images [n, H, W, 1 or 3], got {images.shape}")
-    n, h, w, _ = images.shape
-    if scale is None:
-        scale = max(1, math.ceil(64 / max(1, min(h, w))))
-    if scale < 1:
-        raise DDMError(f"scale must be >= 1, got {scale}")
-    if scale > 1:
-        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    grid = make_grid(images, ncols or math.ceil(math.sqrt(n)), pad=pad)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # uint8 [H, W] becomes mode "L", uint8 [H, W, 3] mode "RGB".
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")
-    return path
+    return apply, state

@@ -1,31 +1,17 @@
-"""Exact and perceptual hashes of generated images, and exact hashes of parameter trees.
+"""Perceptual hashes (pHash, dHash; 64 bits each) of images, and the `ddm hash FILE...` command's reader.
 
-Exact hashes (SHA-256) pin what must be bit-identical: a checkpoint's parameters, or a batch of images
-regenerated on the same hardware. Perceptual hashes (pHash, dHash; 64 bits each) are what verifiers compare
-across hardware, within a Hamming threshold (GUIDE section 4).
-
-Canonical byte layouts, versioned so that a change of layout can never collide with an old hash:
-
-- `images_sha256`: the ASCII header ``"ddm-images:v1:{n},{H},{W},{C}\\n"`` followed by the raw uint8 bytes of
-  the [n, H, W, C] array in C order.
-- `pytree_sha256`: the header ``"ddm-pytree:v1:{number of leaves}\\n"``, then for every leaf, in order of its
-  key-path string (`jax.tree_util.keystr`), the record
-  ``"{len(path)}:{path}\\n{dtype name}\\n{shape, comma-separated}\\n{number of bytes}\\n"`` followed by the
-  leaf's little-endian C-order bytes. Only the key paths, dtypes, shapes and values count: the container
-  types and the order in which a dict was filled do not, nor how a checkpoint lays the arrays out on disk.
-
+Perceptual hashes are what verifiers compare across hardware, within a Hamming threshold (GUIDE section 4).
 `phash` and `dhash` agree bit for bit with `imagehash.phash` / `imagehash.dhash` (hash_size=8,
 highfreq_factor=4) applied to `PIL.Image.fromarray(image)`; a [H, W, 1] image is hashed as the [H, W]
 grayscale image it holds (PIL cannot wrap a one-channel 3-D array). The 64 bits are the 8x8 boolean grid in
 row-major order, first bit most significant, so `hash_hex` equals `str()` of the imagehash object.
 
-Runtime dependencies are numpy, PIL and scipy only (jax is imported by `pytree_sha256` alone); imagehash is
-used by the tests as the reference and never imported here.
+Runtime dependencies are numpy, PIL and scipy only; imagehash is used by the tests as the reference and never
+imported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import zipfile
 from pathlib import Path
@@ -35,78 +21,15 @@ import numpy as np
 import scipy.fft
 from PIL import Image, UnidentifiedImageError
 
-from ddm.errors import DDMError
+from ddm.core.errors import DDMError
+from ddm.core.hashing import images_sha256
 
 HASH_SIZE = 8  # the perceptual hashes are HASH_SIZE x HASH_SIZE = 64 bits
+HASH_BITS = HASH_SIZE * HASH_SIZE
 HIGHFREQ_FACTOR = 4  # pHash resizes to HASH_SIZE * HIGHFREQ_FACTOR = 32 pixels square
-HASH_HEX_DIGITS = HASH_SIZE * HASH_SIZE // 4
+HASH_HEX_DIGITS = HASH_BITS // 4
 _HEX_RE = re.compile(rf"[0-9a-fA-F]{{{HASH_HEX_DIGITS}}}")
 _KEPT_MODES = ("L", "RGB", "RGBA")  # decoded image files in these modes are hashed as they are
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Exact hashes
-# ----------------------------------------------------------------------------------------------------------
-
-
-def images_sha256(images: np.ndarray) -> str:
-    """SHA-256 hex digest of a batch of images, uint8 [n, H, W, C].
-
-    The hashed bytes are ``b"ddm-images:v1:n,H,W,C\\n"`` followed by the array's C-order bytes, so two
-    batches with the same bytes but different shapes hash differently. Raises DDMError for any dtype other
-    than uint8 or any ndim other than 4.
-    """
-    arr = np.asarray(images)
-    if arr.dtype != np.uint8:
-        raise DDMError(f"images_sha256 needs uint8 images, got dtype {arr.dtype}")
-    if arr.ndim != 4:
-        raise DDMError(f"images_sha256 needs images shaped [n, H, W, C], got shape {arr.shape}")
-    header = "ddm-images:v1:" + ",".join(str(d) for d in arr.shape) + "\n"
-    digest = hashlib.sha256(header.encode("ascii"))
-    digest.update(np.ascontiguousarray(arr).tobytes())
-    return digest.hexdigest()
-
-
-def _leaf_to_numpy(leaf: Any) -> tuple[np.ndarray, str]:
-    """A fully addressable leaf (jax array, numpy array or Python scalar) as (little-endian numpy array,
-    dtype name). Typed PRNG keys are hashed through their raw key data under the key dtype's name."""
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is not None and type(dtype).__module__.startswith("jax"):
-        import jax
-
-        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            return np.asarray(jax.random.key_data(leaf)), str(dtype)
-    arr = np.asarray(leaf)
-    if arr.dtype.hasobject:
-        raise DDMError(f"cannot hash a pytree leaf of type {type(leaf).__name__} (object dtype)")
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return arr, arr.dtype.name
-
-
-def pytree_sha256(tree: Any) -> str:
-    """SHA-256 hex digest of a pytree of arrays (jax or numpy, any shapes and dtypes).
-
-    Leaves are visited in order of their key-path string, and each contributes its path, dtype name, shape
-    and C-order bytes (layout in the module docstring), so the digest depends only on what the tree holds:
-    dict insertion order, container types and checkpoint file layout do not change it; any changed byte,
-    dtype, shape or path does. Jax arrays are fetched to the host (they must be fully addressable).
-    """
-    import jax
-
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    keyed = sorted(((jax.tree_util.keystr(path), leaf) for path, leaf in leaves), key=lambda kv: kv[0])
-    for (a, _), (b, _) in zip(keyed, keyed[1:]):
-        if a == b:
-            raise DDMError(f"cannot hash pytree: two leaves share the key path {a}")
-    digest = hashlib.sha256(f"ddm-pytree:v1:{len(keyed)}\n".encode("ascii"))
-    for path, leaf in keyed:
-        arr, dtype_name = _leaf_to_numpy(leaf)
-        data = np.ascontiguousarray(arr).tobytes()
-        shape = ",".join(str(d) for d in arr.shape)
-        digest.update(f"{len(path)}:{path}\n{dtype_name}\n{shape}\n{len(data)}\n".encode("utf-8"))
-        digest.update(data)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,7 +84,7 @@ def dhash(image: np.ndarray) -> int:
 
 def hash_hex(h: int) -> str:
     """A 64-bit hash as 16 lowercase hex digits, the same string as ``str()`` of the imagehash object."""
-    if not isinstance(h, (int, np.integer)) or isinstance(h, bool) or not 0 <= int(h) < 1 << (HASH_SIZE * HASH_SIZE):
+    if not isinstance(h, (int, np.integer)) or isinstance(h, bool) or not 0 <= int(h) < 1 << HASH_BITS:
         raise DDMError(f"not a 64-bit hash: {h!r}")
     return f"{int(h):0{HASH_HEX_DIGITS}x}"
 

@@ -7,11 +7,32 @@ a failed verification exits 1.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
-from ddm.errors import DDMError
+from ddm.app import logs
+from ddm.app.info import describe
+from ddm.app.pipeline import run_all
+from ddm.app.sample import sample_command
+from ddm.core.config import Config, load_config
+from ddm.core.distributed import initialize
+from ddm.core.errors import DDMError
+from ddm.data.prepare import prepare
+from ddm.data.run import Run
+from ddm.eval.evaluate import DEFAULT_STRATEGIES, evaluate_run
+from ddm.eval.featurenet import FeatureNetConfig
+from ddm.experts import islands
+from ddm.experts.train import train_expert, train_monolith
+from ddm.router.evaluate import evaluate_router
+from ddm.router.train import train_router
+from ddm.sampling.request import Request
+from ddm.verify.claims import EvalSettings
+from ddm.verify.phash import format_hash_table, hash_files
+from ddm.verify.report import consensus_eval
+from ddm.verify.verdict import DEFAULT_THRESHOLD, format_verdict, verify_record
+from ddm.verify.worker import DEFAULT_VERIFIERS, VerifierSpec
 
 DEFAULT_CONFIG = "configs/digits.yaml"
 
@@ -21,57 +42,49 @@ def _base_dir(config_path: str | None) -> Path | None:
     return Path(config_path).resolve().parent.parent if config_path else None
 
 
-def _load(args) -> "Config":  # noqa: F821
-    from ddm.config import load_config
-
+def _load(args) -> tuple[Config, str | None]:
+    """The command's config: --config (default configs/digits.yaml when present) with its --set overrides."""
     config_path = args.config
     if config_path is None and Path(DEFAULT_CONFIG).is_file():
         config_path = DEFAULT_CONFIG
     return load_config(config_path, args.set), config_path
 
 
+def _run(args) -> Run:
+    """The run directory of the command, opened once with its --set overrides."""
+    return Run.open(args.run_dir, args.set)
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
 def cmd_prepare(args) -> int:
-    from data.prepare import prepare
-
     cfg, config_path = _load(args)
     prepare(cfg, args.run_dir or cfg.run_dir, overwrite=args.overwrite, base_dir=_base_dir(config_path))
     return 0
 
 
 def cmd_info(args) -> int:
-    from data.manifest import read_manifest
-    from ddm.info import describe
-
-    print(describe(read_manifest(args.run_dir), args.run_dir))
+    run_dir = args.run_dir or args.run_dir_positional
+    if run_dir is None:
+        raise DDMError("ddm info needs a run directory: ddm info --run-dir RUN")
+    print(describe(Run.open(run_dir)))
     return 0
 
 
 def cmd_train_expert(args) -> int:
-    from ddm.distributed import initialize
-
     initialize()
-    from experts.train import train_expert
-
     train_expert(args.run_dir, args.cluster, args.set, progress=not args.no_progress)
     return 0
 
 
 def cmd_train_monolith(args) -> int:
-    from ddm.distributed import initialize
-
     initialize()
-    from experts.train import train_monolith
-
     train_monolith(args.run_dir, args.set, progress=not args.no_progress)
     return 0
 
 
 def cmd_train_islands(args) -> int:
-    from experts import islands
-
     if args.launcher == "slurm":
         path = islands.write_slurm_script(args.run_dir, args.set, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                                           parallel=args.parallel, partition=args.partition)
@@ -86,26 +99,17 @@ def cmd_train_islands(args) -> int:
 
 
 def cmd_train_router(args) -> int:
-    from ddm.distributed import initialize
-
     initialize()
-    from router.train import train_router
-
     train_router(args.run_dir, args.set, progress=not args.no_progress)
     return 0
 
 
 def cmd_eval_router(args) -> int:
-    from router.evaluate import evaluate_router
-
     evaluate_router(args.run_dir, args.set, seed=args.seed)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from ddm.evaluate import DEFAULT_STRATEGIES, evaluate_run
-    from ddm.featurenet import FeatureNetConfig
-
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else list(DEFAULT_STRATEGIES)
     feature_cfg = FeatureNetConfig() if args.feature_steps is None else FeatureNetConfig(steps=args.feature_steps)
     evaluate_run(args.run_dir, args.set, n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
@@ -114,9 +118,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _request(args, cfg) -> "Request":  # noqa: F821
-    from ddm.sampling import Request
-
+def _request(args, cfg: Config) -> Request:
     labels = tuple(int(v) for v in args.labels.split(",")) if args.labels else None
     return Request(seed=cfg.sample.seed if args.seed is None else args.seed,
                    n=cfg.sample.n if args.n is None else args.n,
@@ -126,20 +128,13 @@ def _request(args, cfg) -> "Request":  # noqa: F821
 
 
 def cmd_sample(args) -> int:
-    from data.manifest import read_manifest
-    from ddm.sampling import sample_command
-    from experts.train import run_config
-
-    cfg = run_config(read_manifest(args.run_dir), args.set)
-    out = Path(args.out or Path(args.run_dir) / "samples" / "sample.png")
-    sample_command(args.run_dir, _request(args, cfg), out, overrides=args.set,
-                   record=Path(args.record) if args.record else None)
+    run = _run(args)
+    out = Path(args.out or run.samples_dir / "sample.png")
+    sample_command(run, _request(args, run.config), out, record=Path(args.record) if args.record else None)
     return 0
 
 
 def cmd_run(args) -> int:
-    from ddm.pipeline import run_all
-
     cfg, config_path = _load(args)
     run_all(cfg, args.run_dir or cfg.run_dir, args.set, base_dir=_base_dir(config_path), overwrite=args.overwrite,
             parallel=args.parallel)
@@ -147,15 +142,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_hash(args) -> int:
-    from ddm.hashing import format_hash_table, hash_files
-
     print(format_hash_table(hash_files(args.files)))
     return 0
 
 
 def cmd_verify(args) -> int:
-    from ddm.verify import DEFAULT_THRESHOLD, format_verdict, verify_record
-
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     verdict = verify_record(args.run_dir, args.record, threshold=threshold, overrides=args.set)
     print(format_verdict(verdict))
@@ -163,8 +154,6 @@ def cmd_verify(args) -> int:
 
 
 def cmd_consensus_eval(args) -> int:
-    from ddm.consensus import DEFAULT_VERIFIERS, EvalSettings, VerifierSpec, consensus_eval
-
     specs = [VerifierSpec.parse(text) for text in args.verifier] or list(DEFAULT_VERIFIERS)
     if args.verifiers < 1:
         raise DDMError(f"--verifiers must be >= 1, got {args.verifiers}")
@@ -201,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("info", help="summarise a run directory")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir_positional", nargs="?", metavar="RUN", help="the run directory (or --run-dir)")
+    p.add_argument("--run-dir", default=None, help="the run directory")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train-expert", help="train (or resume) one island's expert")
@@ -304,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    logs.configure(logging.INFO)
     try:
         return args.func(args)
     except DDMError as err:

@@ -1,23 +1,18 @@
-"""Sampling requests and `ddm sample`: a routed-ensemble request in, a grid + arrays (+ record) out.
+"""Sampling requests: everything that determines a generation besides the run itself.
 
-A `Request` is everything that determines the output besides the run itself, so (manifest hash, request)
-pins a generation: that is what verifiers regenerate.
+(run identity, request) pins a generation: that is what verifiers regenerate.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from ddm.config import SOLVERS
-from ddm.errors import DDMError
-from ddm.routing import parse_strategy
+from ddm.core.errors import DDMError
+from ddm.core.flow import SOLVERS
+from ddm.core.routing import parse_strategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,46 +75,3 @@ def generate(ensemble, request: Request, *, batch_size: int | None = None):
     labels = None if request.labels is None else np.asarray(request.labels, np.int32)
     return ensemble.sample(request.n, request.strategy, steps=request.steps, solver=request.solver,
                            seed=request.seed, y=labels, cfg_scale=request.cfg_scale, batch_size=batch_size)
-
-
-def save_outputs(result, request: Request, out_png: Path, *, manifest_sha: str, ncols: int | None = None) -> Path:
-    """Writes the grid PNG and, beside it, an .npz of images + routing decisions + request. Returns the npz."""
-    from ddm.ensemble import save_grid_png
-
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    save_grid_png(result.images, out_png, ncols=ncols)
-    npz = out_png.with_suffix(".npz")
-    arrays = {"images": result.images, "weights": result.weights,
-              "request": np.array(json.dumps(request.to_json())), "manifest_sha256": np.array(manifest_sha)}
-    if result.expert_ids is not None:
-        arrays["expert_ids"] = result.expert_ids
-    np.savez_compressed(npz, **arrays)
-    return npz
-
-
-def usage_summary(result) -> str:
-    """Share of routing weight each expert received, over all steps and samples."""
-    share = np.asarray(result.weights).reshape(-1, result.weights.shape[-1]).mean(0)
-    return "expert usage: " + " ".join(f"{k}:{s:.2f}" for k, s in enumerate(share))
-
-
-def sample_command(run_dir: str, request: Request, out: Path, *, overrides=(), record: Path | None = None,
-                   log: Callable[[str], None] = print) -> None:
-    """`ddm sample`: load the run, generate, write grid/npz (and a verification record)."""
-    from data.manifest import manifest_sha256
-    from ddm.loading import load_run
-
-    ensemble, _, manifest = load_run(run_dir, overrides)
-    t0 = time.perf_counter()
-    result = generate(ensemble, request)
-    seconds = time.perf_counter() - t0
-    manifest_sha = manifest_sha256(manifest)
-    npz = save_outputs(result, request, out, manifest_sha=manifest_sha)
-    log(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps) in {seconds:.1f}s "
-        f"-> {out} and {npz}")
-    log(usage_summary(result))
-    if record is not None:
-        from ddm.verify import make_record, write_record
-
-        write_record(record, make_record(manifest_sha, request, result.images))
-        log(f"verification record -> {record}")

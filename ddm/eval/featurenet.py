@@ -33,6 +33,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -43,10 +44,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data import manifest as mf
-from data.shards import ShardReader, read_shard, write_shard
-from ddm.config import TrainConfig
-from ddm.errors import DDMError
+from ddm.core.checkpoint import load_pinned
+from ddm.core.config import TrainConfig
+from ddm.core.errors import DDMError
+from ddm.core.hashing import images_sha256
+from ddm.core.images import to_model_range
+from ddm.core.trainer import Task, Trainer
+from ddm.data.embed import pca
+from ddm.data.kmeans import kmeans
+from ddm.data.run import Run
+from ddm.data.shards import ShardReader, read_shard, write_shard
+
+logger = logging.getLogger(__name__)
 
 NET_VERSION = "kmc-cnn-v1"
 INFO = "info.json"
@@ -61,7 +70,7 @@ def apply_padded(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch
         rows = len(chunk)
         if rows < batch:
             chunk = np.concatenate([chunk, np.zeros((batch - rows,) + chunk.shape[1:], np.uint8)])
-        out.append(np.asarray(fn(jnp.asarray(chunk.astype(np.float32) / 127.5 - 1.0)))[:rows])
+        out.append(np.asarray(fn(jnp.asarray(to_model_range(chunk))))[:rows])
     return np.concatenate(out)
 
 
@@ -193,21 +202,15 @@ def canonical_order(images: np.ndarray) -> np.ndarray:
     return np.array(sorted(range(len(images)), key=digests.__getitem__), np.int64)
 
 
-def images_sha256(images: np.ndarray) -> str:
-    digest = hashlib.sha256(f"{','.join(map(str, images.shape))}\n".encode())
-    digest.update(np.ascontiguousarray(images, np.uint8).tobytes())
-    return digest.hexdigest()
-
-
 def cache_key(fingerprint: str, train_sha: str, cfg: FeatureNetConfig) -> str:
     config_sha = hashlib.sha256(json.dumps({"version": NET_VERSION, **dataclasses.asdict(cfg)},
                                            sort_keys=True).encode()).hexdigest()
     return f"{fingerprint[:16]}-{train_sha[:8]}-{config_sha[:8]}"
 
 
-def run_training_images(run_dir: Path, manifest: dict) -> np.ndarray:
+def run_training_images(run: Run) -> np.ndarray:
     """The union of a run's training shards in canonical order: uint8 [N, H, W, C]."""
-    images = np.concatenate([read_shard(mf.resolve(run_dir, c["shard"])) for c in manifest["clusters"]])
+    images = np.concatenate([read_shard(path) for path in run.shard_paths()])
     return images[canonical_order(images)]
 
 
@@ -225,32 +228,24 @@ def _lock(path: Path) -> Iterator[None]:
 def _load(directory: Path, image_shape: tuple[int, int, int], cfg: FeatureNetConfig, key: str,
           trained: bool) -> FeatureNet | None:
     """The net stored in `directory` if its info.json names `key`; None if absent. SHA-256 mismatch: DDMError."""
-    from ddm.loading import load_component
-
     info_path = directory / INFO
     if not info_path.is_file():
         return None
     info = json.loads(info_path.read_text())
     if info.get("key") != key:
         return None
-    entry = {"status": "finished", "path": "final", "sha256": info["sha256"]}
-    model = load_component(str(directory), entry, functools.partial(make_encoder, image_shape, cfg),
-                           f"feature net {key}")
+    model = load_pinned(directory / "final", info["sha256"], functools.partial(make_encoder, image_shape, cfg),
+                        f"feature net {key}")
     return FeatureNet(name=info["name"], sha256=info["sha256"], key=key, info=info, trained=trained, model=model)
 
 
-def _train(directory: Path, images: np.ndarray, cfg: FeatureNetConfig, key: str, meta: dict,
-           log: Callable[[str], None]) -> None:
+def _train(directory: Path, images: np.ndarray, cfg: FeatureNetConfig, key: str, meta: dict) -> None:
     """Pseudo-labels by k-means on PCA, one shard per pseudo-class, the shared Trainer; writes info.json last."""
-    from data.embed import pca
-    from data.kmeans import kmeans
-    from ddm.trainer import Task, Trainer
-
     pseudo_k = min(cfg.pseudo_k, len(images))
     if pseudo_k != cfg.pseudo_k:
         raise DDMError(f"feature net: pseudo_k={cfg.pseudo_k} is larger than the {len(images)} training images")
-    log(f"feature net {key}: k-means into {pseudo_k} pseudo-classes on PCA-{cfg.pca_dim} of {len(images)} images")
-    pixels = images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0
+    logger.info(f"feature net {key}: k-means into {pseudo_k} pseudo-classes on PCA-{cfg.pca_dim} of {len(images)} images")
+    pixels = to_model_range(images.reshape(len(images), -1))
     result = kmeans(pca(pixels, cfg.pca_dim, cfg.seed), pseudo_k, seed=cfg.seed, max_iter=100, tol=1e-4)
     labels = np.asarray(result.labels)
     paths = []
@@ -263,7 +258,7 @@ def _train(directory: Path, images: np.ndarray, cfg: FeatureNetConfig, key: str,
     task = Task(name="feature net", make_model=functools.partial(make_encoder, tuple(images.shape[1:]), cfg),
                 loss=classifier_loss, reader=reader, out_dir=directory,
                 meta={"featurenet": dataclasses.asdict(cfg), "key": key})
-    result = Trainer(task, train, log=log, progress=False).run()
+    result = Trainer(task, train).run()
     rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
     info = {"name": cfg.name, "version": NET_VERSION, "key": key, "sha256": result.ema_sha256,
             "config": dataclasses.asdict(cfg), "image_shape": list(images.shape[1:]),
@@ -287,36 +282,35 @@ def _copy_into_run(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
-def get_featurenet(run_dir: str | Path, manifest: dict | None = None, *, cfg: FeatureNetConfig | None = None,
-                   cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> FeatureNet:
+def get_featurenet(run: Run | str | Path, *, cfg: FeatureNetConfig | None = None,
+                   cache_dir: str | Path | None = None) -> FeatureNet:
     """The feature network of a run's dataset: from RUN/eval/featurenet, else the cache, else trained now.
 
     Whichever source it comes from, its parameters are checked against the SHA-256 in info.json, and the
     run directory ends up holding a copy (RUN/eval/featurenet/{info.json,final}).
     """
-    run_dir = Path(run_dir)
-    manifest = manifest or mf.read_manifest(run_dir)
+    run = run if isinstance(run, Run) else Run.open(run)
     cfg = cfg or FeatureNetConfig()
-    image_shape = tuple(manifest["dataset"]["image_shape"])
-    images = run_training_images(run_dir, manifest)
+    image_shape = run.image_shape
+    images = run_training_images(run)
     train_sha = images_sha256(images)
-    key = cache_key(manifest["dataset"]["fingerprint"], train_sha, cfg)
-    in_run = run_dir / "eval" / "featurenet"
+    key = cache_key(run.dataset["fingerprint"], train_sha, cfg)
+    in_run = run.eval_dir / "featurenet"
     net = _load(in_run, image_shape, cfg, key, trained=False)
     if net is not None:
-        log(f"feature net {net.name} {key}: from {in_run} (sha256 {net.sha256[:16]})")
+        logger.info(f"feature net {net.name} {key}: from {in_run} (sha256 {net.sha256[:16]})")
         return net
     cached = Path(cache_dir or default_cache_dir()) / "featurenet" / key
     with _lock(cached.parent / f"{key}.lock"):
         net = _load(cached, image_shape, cfg, key, trained=False)
         if net is None:
-            meta = {"dataset_fingerprint": manifest["dataset"]["fingerprint"], "train_set_sha256": train_sha,
-                    "source": manifest["dataset"].get("source")}
-            _train(cached, images, cfg, key, meta, log)
+            meta = {"dataset_fingerprint": run.dataset["fingerprint"], "train_set_sha256": train_sha,
+                    "source": run.dataset.get("source")}
+            _train(cached, images, cfg, key, meta)
             net = _load(cached, image_shape, cfg, key, trained=True)
-            log(f"feature net {net.name} {key}: trained, sha256 {net.sha256[:16]}, "
+            logger.info(f"feature net {net.name} {key}: trained, sha256 {net.sha256[:16]}, "
                 f"pseudo-class train accuracy {net.info.get('final_train_accuracy') or 0:.2f}")
         else:
-            log(f"feature net {net.name} {key}: from cache {cached} (sha256 {net.sha256[:16]})")
+            logger.info(f"feature net {net.name} {key}: from cache {cached} (sha256 {net.sha256[:16]})")
         _copy_into_run(cached, in_run)
     return net

@@ -17,26 +17,45 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
-from data.shards import ShardReader
-from ddm import mesh as mesh_lib
-from ddm.checkpoint import Checkpointer, abstract_with_shardings, save_params
-from ddm.config import TrainConfig
-from ddm.errors import DDMError
-from ddm.hashing import pytree_sha256
+from ddm.core import mesh as mesh_lib
+from ddm.core.checkpoint import Checkpointer, abstract_with_shardings, save_params
+from ddm.core.config import TrainConfig
+from ddm.core.errors import DDMError
+from ddm.core.hashing import pytree_sha256
+from ddm.core.images import to_model_range
+from ddm.core.plots import plot_loss_curve
+
+logger = logging.getLogger(__name__)
 
 # loss(model, images [B,H,W,C] float32 in [-1,1], labels [B] int32, rng) -> (scalar loss, dict of scalars)
 LossFn = Callable[[nnx.Module, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+
+class BatchReader(Protocol):
+    """What the trainer reads batches from (`ddm.data.shards.ShardReader` is the implementation)."""
+
+    num_images: int
+    seed: int
+    process_index: int
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's rows of step's global batch: (images [B/P, H, W, C] uint8, labels [B/P] int32)."""
+
+    def position(self, step: int) -> Any:
+        """Where the stream is at `step` (an object with `epoch` and `offset`), stored in checkpoints."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +65,7 @@ class Task:
     name: str  # for messages, e.g. "expert 3"
     make_model: Callable[[nnx.Rngs], nnx.Module]
     loss: LossFn
-    reader: ShardReader
+    reader: BatchReader
     out_dir: Path
     meta: dict  # resolved config etc., stored beside every checkpoint
 
@@ -98,7 +117,7 @@ def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images
     so the host can stop with the last good state still intact.
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    x = images.astype(jnp.float32) / 127.5 - 1.0
+    x = to_model_range(images)
 
     def objective(params):
         return loss(nnx.merge(graphdef, params, state["rest"]), x, labels, rng)
@@ -149,9 +168,8 @@ class TrainResult:
 class Trainer:
     """Builds the sharded state for a `Task` and runs it to `cfg.steps`, resuming if a checkpoint exists."""
 
-    def __init__(self, task: Task, cfg: TrainConfig, *, log: Callable[[str], None] = print,
-                 progress: bool = True):
-        self.task, self.cfg, self.log, self.progress = task, cfg, log, progress
+    def __init__(self, task: Task, cfg: TrainConfig, *, progress: bool = False):
+        self.task, self.cfg, self.progress = task, cfg, progress
         self.mesh = mesh_lib.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
         mesh_lib.check_batch(cfg.batch_size, self.mesh)
         self.tx = make_optimizer(cfg)
@@ -196,14 +214,14 @@ class Trainer:
         resumed_from = checkpointer.latest_step()
         if resumed_from is not None:
             state, _ = checkpointer.restore(self.abstract)
-            self.log(f"{task.name}: resumed from step {resumed_from}")
+            logger.info(f"{task.name}: resumed from step {resumed_from}")
         else:
             with jax.set_mesh(self.mesh):
                 state = self._init()
         start = int(jax.device_get(state["step"]))
         if jax.process_index() == 0:
             _truncate_metrics(metrics_path, start)
-        self.log(f"{task.name}: {self.num_params:,} parameters, {task.reader.num_images} images, "
+        logger.info(f"{task.name}: {self.num_params:,} parameters, {task.reader.num_images} images, "
                  f"mesh {dict(self.mesh.shape)}, batch {cfg.batch_size}, steps {start}->{cfg.steps}")
         try:
             state = self._loop(state, start, checkpointer, metrics_path)
@@ -217,7 +235,7 @@ class Trainer:
         save_params(final_path, final)
         ema_sha = pytree_sha256(_to_host(final))
         if jax.process_index() == 0:
-            plot_loss_curve(metrics_path, task.out_dir / "loss.png", title=task.name)
+            plot_loss_curve(read_metrics(metrics_path), task.out_dir / "loss.png", title=task.name)
         return TrainResult(cfg.steps, ema_sha, final_path, metrics_path, resumed_from)
 
     def _loop(self, state: dict, start: int, checkpointer: Checkpointer, metrics_path: Path) -> dict:
@@ -251,7 +269,7 @@ class Trainer:
                             f.write(json.dumps(row) + "\n")
                     message = (f"{self.task.name}: step {done}/{cfg.steps} loss {row['loss']:.4f} "
                                f"grad {row['grad_norm']:.3f} {rate:,.0f} img/s eta {eta:,.0f}s")
-                    bar.write(message) if bar is not None else self.log(message)
+                    logger.info(message)
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self._check_finite(state)  # never checkpoint a poisoned state
                     checkpointer.save(done, state, self._meta(done))
@@ -275,8 +293,6 @@ def _to_host(tree):
 
 
 def _progress_bar(start: int, total: int, name: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=start, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True,
                 mininterval=1.0, disable=None)
 
@@ -320,24 +336,3 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> None:
-    """Loss vs step from metrics.jsonl as a PNG."""
-    rows = read_metrics(metrics_path)
-    if not rows:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)

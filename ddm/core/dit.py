@@ -8,7 +8,7 @@
 adaLN-Zero: every block's modulation (shift, scale, gate for attention and MLP) is a linear map of silu(c)
 initialised to zero, so each block starts as the identity; the final linear layer is zero too, so a new
 model predicts v = 0 everywhere. The model is deterministic: label dropout for classifier-free guidance
-happens in the loss (`ddm.flow.drop_labels`), not here.
+happens in the loss (`ddm.core.flow.drop_labels`), not here.
 
 Precision: parameters are float32. Matmuls run in the compute `dtype` (e.g. bfloat16); the residual stream,
 layer norms and the attention softmax stay float32, and the output is float32.
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ddm.config import ModelConfig
-from ddm.errors import DDMError
+from ddm.core.config import ModelConfig
+from ddm.core.errors import DDMError
 
 # name -> (depth, width, heads). S/B/L/XL are the DiT paper's configurations.
 DIT_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -262,7 +262,7 @@ class FinalLayer(nnx.Module):
 
 
 class DiT(nnx.Module):
-    """Velocity model v(x_t, t, y) for flow matching (see `ddm.flow` for the time convention).
+    """Velocity model v(x_t, t, y) for flow matching (see `ddm.core.flow` for the time convention).
 
     `image_shape` is (H, W, C); H and W must be divisible by `patch_size`. `num_classes > 0` adds a label
     embedding with a null row (index `num_classes`); `y=None` then means "unconditional" (null label).

@@ -16,16 +16,15 @@ from typing import Any
 
 import yaml
 
-from ddm.errors import DDMError
+from ddm.core.errors import DDMError
+from ddm.core.flow import SOLVERS, T_SAMPLINGS
 
 EMBEDDINGS = ("pixels", "pca", "file")
 KMEANS_MODES = ("lloyd", "balanced", "two_stage")
 MODEL_PRESETS = ("micro", "tiny", "small", "S", "B", "L", "XL")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant")
-T_SAMPLINGS = ("uniform", "logit_normal")
 ROUTER_ARCHS = ("conv", "dit")
-SOLVERS = ("euler", "heun")
 
 
 class _Loader(yaml.SafeLoader):

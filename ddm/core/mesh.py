@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ddm.errors import DDMError
+from ddm.core.errors import DDMError
 
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # batch rows are split over every device of the mesh

@@ -32,7 +32,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from ddm.errors import DDMError
+from ddm.core.errors import DDMError
 
 KINDS = ("full", "topk", "threshold", "sample", "oracle", "single")
 ACCEPTED_FORMS = ("full, top1, top2, topN, topk:N, threshold:TAU (0 < TAU <= 1), sample, oracle, single:K; "

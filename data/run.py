@@ -1,0 +1,171 @@
+"""`Run`: one object for a prepared run directory.
+
+Every command that works on a run (train an island, the router or the monolith, sample, evaluate, verify)
+opens it the same way: read and check `manifest.json`, resolve the stored config with this command's
+`--set` overrides, and ask the run where its shards, components and outputs live. Paths inside the manifest
+are relative to the run directory, so a run can be moved or copied as a whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ddm.core.config import Config, config_from_data
+from ddm.core.errors import DDMError
+from ddm.data import manifest as mf
+
+COMPONENTS = ("router", "monolith")  # single components beside the per-cluster experts
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A prepared run directory. `manifest` is as read when the Run was opened (see `reload`)."""
+
+    root: Path
+    manifest: dict
+    config: Config
+    overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def open(cls, root: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
+        """Reads and checks `root/manifest.json` and resolves its config with `overrides` (`--set` values)."""
+        manifest = mf.read_manifest(root)
+        return cls(Path(root), manifest, config_from_data(manifest["config"], overrides), tuple(overrides))
+
+    def reload(self) -> Run:
+        """The same run with its manifest read again (after another process recorded a component)."""
+        return Run.open(self.root, self.overrides)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Identity and dataset.
+    # -----------------------------------------------------------------------------------------------------
+
+    @property
+    def sha256(self) -> str:
+        """The manifest's SHA-256: the name verification records give this run."""
+        return mf.manifest_sha256(self.manifest)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.manifest["dataset"]["image_shape"])
+
+    @property
+    def dataset(self) -> dict:
+        return self.manifest["dataset"]
+
+    def resolve(self, relative: str) -> str:
+        """A path stored in the manifest, made absolute against the run directory (URLs pass through)."""
+        return mf.resolve(self.root, relative)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Clusters and shards.
+    # -----------------------------------------------------------------------------------------------------
+
+    @property
+    def clusters(self) -> list[dict]:
+        return self.manifest["clusters"]
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.clusters)
+
+    @property
+    def cluster_ids(self) -> list[int]:
+        return [c["id"] for c in self.clusters]
+
+    def cluster(self, k: int) -> dict:
+        """The manifest entry of cluster k; DDMError naming the valid range if there is none."""
+        if not 0 <= k < self.num_clusters:
+            raise DDMError(f"cluster {k} does not exist: the run has clusters 0..{self.num_clusters - 1}")
+        return self.clusters[k]
+
+    def shard_path(self, k: int) -> str:
+        return self.resolve(self.cluster(k)["shard"])
+
+    def shard_paths(self) -> list[str]:
+        """Every cluster's shard, in cluster order."""
+        return [self.resolve(c["shard"]) for c in self.clusters]
+
+    def cluster_shares(self) -> np.ndarray:
+        """[K] float64: each cluster's share of the training images (the router's prior)."""
+        return np.array([c["share"] for c in self.clusters], np.float64)
+
+    @property
+    def holdout(self) -> dict:
+        return self.manifest.get("holdout") or {}
+
+    def holdout_path(self) -> str | None:
+        """The held-out images' shard, or None when the run was prepared without a holdout."""
+        holdout = self.holdout
+        return self.resolve(holdout["shard"]) if holdout.get("shard") and holdout.get("count") else None
+
+    def holdout_labels(self) -> np.ndarray:
+        """[N_holdout] int32: the nearest centroid of each held-out image."""
+        return np.load(self.resolve(self.holdout["labels"]))
+
+    # -----------------------------------------------------------------------------------------------------
+    # Components (experts, router, monolith).
+    # -----------------------------------------------------------------------------------------------------
+
+    def component(self, section: str, key: int | str | None = None) -> dict | None:
+        """The manifest entry of a component: `component("experts", 3)`, `component("router")`; None if absent."""
+        entry = self.manifest.get(section)
+        if key is not None:
+            entry = (entry or {}).get(str(key))
+        return entry or None
+
+    def expert(self, k: int) -> dict | None:
+        return self.component("experts", k)
+
+    @staticmethod
+    def finished(entry: dict | None, steps: int | None = None) -> bool:
+        """Whether a component entry is finished (and, if `steps` is given, reached at least that many)."""
+        return bool(entry) and entry.get("status") == "finished" and (steps is None or entry.get("step", 0) >= steps)
+
+    def trained(self, section: str, key: int | str | None = None, *, what: str, hint: str = "") -> dict:
+        """The entry of a finished component; DDMError naming `what` (and `hint`, what to run) otherwise."""
+        entry = self.component(section, key)
+        if not self.finished(entry):
+            raise DDMError(f"{what} is not trained (status: {(entry or {}).get('status', 'missing')})"
+                           + (f": {hint}" if hint else ""))
+        return entry
+
+    def finished_experts(self) -> list[int]:
+        return [k for k in self.cluster_ids if self.finished(self.expert(k))]
+
+    def unfinished_experts(self, steps: int | None = None) -> list[int]:
+        """Clusters whose expert has not finished (`steps` steps, when given)."""
+        return [k for k in self.cluster_ids if not self.finished(self.expert(k), steps)]
+
+    def expert_dir(self, k: int) -> Path:
+        return self.root.absolute() / "experts" / str(k)
+
+    def component_dir(self, name: str) -> Path:
+        """RUN/router, RUN/monolith, ... (absolute)."""
+        return self.root.absolute() / name
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    def relative(self, path: Path) -> str:
+        """`path` (inside the run) as the manifest stores it: relative to the run directory."""
+        return str(Path(path).absolute().relative_to(self.root.absolute()))
+
+    def record(self, section: str, key: int | str | None, entry: dict) -> Run:
+        """Sets a component's manifest entry (under the manifest lock); returns the run re-read."""
+        mf.record_component(self.root, section, key, entry)
+        return self.reload()
+
+    def update(self, change: Callable[[dict], None]) -> Run:
+        """Read-modify-write of the manifest under its lock; returns the run re-read."""
+        mf.update_manifest(self.root, change)
+        return self.reload()

@@ -1,0 +1,65 @@
+"""How the `ddm` command shows logs: plain lines that do not tear progress bars, and no third-party chatter.
+
+Library modules log through `logging.getLogger(__name__)` (all under the `ddm` logger) and print nothing
+themselves; only the CLI decides where those lines go: progress and results (INFO) to stdout, warnings to
+stderr. Other libraries' records (absl, jax, orbax) reach the user only at ERROR and above: their INFO and
+WARNING lines are internal details, not something a user can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from tqdm import tqdm
+
+
+def _is_ddm(record: logging.LogRecord) -> bool:
+    return record.name == "ddm" or record.name.startswith("ddm.")
+
+
+class _DdmLines(logging.Handler):
+    """ddm's own records, one per line through `tqdm.write` (an active progress bar is redrawn below).
+    The stream is looked up at each record, so redirected stdout/stderr are honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            tqdm.write(self.format(record), file=stream)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
+class _OthersToStderr(logging.Handler):
+    """Everyone else's records at this handler's level and above, as `LEVEL name: message` on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _is_ddm(record):
+            return  # already shown by _DdmLines
+        try:
+            sys.stderr.write(f"{record.levelname} {record.name}: {record.getMessage()}\n")
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+
+def configure(level: int = logging.INFO, others: int = logging.ERROR) -> None:
+    """Shows ddm's records of `level` and above, and other libraries' of `others` and above (idempotent).
+
+    absl installs a plain stderr handler on the root logger the first time anything logs through it (that is
+    where `WARNING:absl:...` lines come from); such handlers are turned into the same filtered one.
+    """
+    ddm_logger = logging.getLogger("ddm")
+    for handler in [h for h in ddm_logger.handlers if isinstance(h, _DdmLines)]:
+        ddm_logger.removeHandler(handler)
+    lines = _DdmLines()
+    lines.setFormatter(logging.Formatter("%(message)s"))
+    ddm_logger.addHandler(lines)
+    ddm_logger.setLevel(level)
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler or isinstance(handler, _OthersToStderr):
+            root.removeHandler(handler)
+    others_handler = _OthersToStderr()
+    others_handler.setLevel(others)
+    root.addHandler(others_handler)

@@ -1,0 +1,31 @@
+"""`ddm sample`: load a run, generate a request, write the grid + arrays (and a verification record)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ddm.data.run import Run
+from ddm.sampling.load import load_ensemble
+from ddm.sampling.outputs import save_outputs, usage_summary
+from ddm.sampling.request import Request, generate
+from ddm.verify.records import make_record, write_record
+
+logger = logging.getLogger(__name__)
+
+
+def sample_command(run: Run, request: Request, out: Path, *, record: Path | None = None) -> Path:
+    """Generates `request` with the run's ensemble; writes `out` (PNG grid) and its .npz; returns the npz."""
+    ensemble = load_ensemble(run)
+    t0 = time.perf_counter()
+    result = generate(ensemble, request)
+    seconds = time.perf_counter() - t0
+    npz = save_outputs(result, request, out, manifest_sha=run.sha256)
+    logger.info(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps) in {seconds:.1f}s "
+                f"-> {out} and {npz}")
+    logger.info(usage_summary(result))
+    if record is not None:
+        write_record(record, make_record(run.sha256, request, result.images))
+        logger.info(f"verification record -> {record}")
+    return npz

@@ -1,0 +1,63 @@
+"""A run's trained models, ready to sample: the routed `Ensemble`, or one model (the monolith) on its own.
+
+Every component is restored from its `final/` checkpoint and checked against the SHA-256 pinned in the
+manifest (`ddm.core.checkpoint.load_pinned`): a corrupted or tampered checkpoint never reaches sampling.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from ddm.core.checkpoint import load_pinned
+from ddm.core.config import ModelConfig, from_dict
+from ddm.core.dit import dit_from_config
+from ddm.core.ensemble import Ensemble, model_apply
+from ddm.core.errors import DDMError
+from ddm.data.run import Run
+from ddm.router.trained import load_router
+
+
+def open_run(run: Run | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
+    """`run` itself, or the run directory at that path opened with `overrides`."""
+    return run if isinstance(run, Run) else Run.open(run, overrides)
+
+
+def load_ensemble(run: Run | str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+                  with_router: bool = True) -> Ensemble:
+    """The routed ensemble of a run: its finished experts (EMA weights) and its router.
+
+    Experts that are not finished are left out (the ensemble masks them and warns); the router is required
+    unless `with_router` is False (then only the `oracle` / `single:k` strategies work).
+    """
+    run = open_run(run, overrides)
+    make_expert = functools.partial(dit_from_config, run.config.expert.model, run.image_shape)
+    states, apply = [], None
+    for k in run.cluster_ids:
+        entry = run.expert(k)
+        if not run.finished(entry):
+            states.append(None)
+            continue
+        model = load_pinned(run.resolve(entry["path"]), entry.get("sha256"), make_expert, f"expert {k}")
+        apply, state = model_apply(model)
+        states.append(state)
+    if apply is None:
+        raise DDMError(f"no expert of {run.root} is trained yet: run `ddm train-islands --run-dir {run.root}`")
+    router_apply = router_state = None
+    if with_router:
+        router_apply, router_state = load_router(run)
+    return Ensemble(apply, states, router_apply, router_state, image_shape=run.image_shape,
+                    num_classes=run.config.expert.model.num_classes)
+
+
+def load_single(run: Run | str | Path, section: str = "monolith") -> Ensemble | None:
+    """A run's single model (the monolith) as a 1-expert Ensemble (sample it with `single:0`); None if it is
+    not trained. Its model config is the one it was trained with (stored in its manifest entry)."""
+    run = open_run(run)
+    entry = run.component(section)
+    if not run.finished(entry):
+        return None
+    model_cfg = from_dict(ModelConfig, entry["model"]) if "model" in entry else run.config.expert.model
+    make = functools.partial(dit_from_config, model_cfg, run.image_shape)
+    apply, state = model_apply(load_pinned(run.resolve(entry["path"]), entry.get("sha256"), make, section))
+    return Ensemble(apply, [state], None, None, image_shape=run.image_shape, num_classes=model_cfg.num_classes)

@@ -1,0 +1,36 @@
+"""What a generation leaves on disk: a PNG grid and, beside it, an .npz of images, routing and request."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ddm.core.ensemble import SampleResult
+from ddm.core.images import save_grid_png
+from ddm.sampling.request import Request
+
+
+def save_outputs(result: SampleResult, request: Request, out_png: Path, *, manifest_sha: str,
+                 ncols: int | None = None) -> Path:
+    """Writes the grid PNG and, beside it, an .npz of images + routing decisions + request. Returns the npz.
+
+    npz keys: images uint8 [n, H, W, C], weights float32 [steps, n, K], expert_ids int32 [steps, n] (one-hot
+    strategies only), request (JSON text), manifest_sha256 (text).
+    """
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    save_grid_png(result.images, out_png, ncols=ncols)
+    npz = out_png.with_suffix(".npz")
+    arrays = {"images": result.images, "weights": result.weights,
+              "request": np.array(json.dumps(request.to_json())), "manifest_sha256": np.array(manifest_sha)}
+    if result.expert_ids is not None:
+        arrays["expert_ids"] = result.expert_ids
+    np.savez_compressed(npz, **arrays)
+    return npz
+
+
+def usage_summary(result: SampleResult) -> str:
+    """Share of routing weight each expert received, over all steps and samples."""
+    share = np.asarray(result.weights).reshape(-1, result.weights.shape[-1]).mean(0)
+    return "expert usage: " + " ".join(f"{k}:{s:.2f}" for k, s in enumerate(share))

@@ -1,0 +1,167 @@
+"""The claimant's side of `ddm consensus-eval`: honest and tampered claims to put before the verifiers.
+
+For request i (seed `seed + i`, the chosen strategy, steps and solver) and S_i = the same request with strategy
+`single:k` (k = i mod K over present experts):
+
+| kind                  | claims to be the output of | but its images are                                      |
+|-----------------------|----------------------------|---------------------------------------------------------|
+| honest                | R_i                        | R_i's output                                            |
+| honest_single         | S_i                        | S_i's output                                            |
+| same_cluster          | S_i                        | S_i with another seed: same expert, other noise         |
+| seed                  | R_i                        | R_i with another seed                                   |
+| strategy              | R_i                        | R_i with another routing strategy                       |
+| steps                 | R_i                        | R_i with half the solver steps                          |
+| perturbed_expert:S    | R_i                        | R_i after adding N(0, (S * rms of the leaf)^2) noise to |
+|                       |                            | every parameter of the expert R_i used most             |
+| swapped_experts       | R_i                        | R_i with the two most used experts' parameters swapped  |
+| pixel_noise           | R_i                        | R_i's output + N(0, sigma^2) pixel noise, rounded       |
+
+`same_cluster` pairs and the nearest neighbours among all generated images that come from different noise are
+the intra-class collision measurements: a threshold that accepts them lets a different image pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import numpy as np
+
+from ddm.core.ensemble import Ensemble
+from ddm.core.errors import DDMError
+from ddm.core.routing import parse_strategy
+from ddm.sampling.request import Request, generate
+from ddm.verify.phash import perceptual_hashes
+from ddm.verify.records import make_record
+from ddm.verify.worker import DEFAULT_VERIFIERS, VerifierSpec
+
+logger = logging.getLogger(__name__)
+
+HONEST_KINDS = ("honest", "honest_single")
+INTRA_KIND = "same_cluster"
+OTHER_SEED_OFFSET = 1_000_000  # the seed of "another seed" claims: seed + this (never a request's own seed)
+ALT_STRATEGIES = ("full", "top2", "sample", "top1")  # the "strategy" tamper cycles over those that differ
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What `consensus_eval` measures. Defaults are sized for a CPU (a few minutes on 2 cores)."""
+
+    requests: int = 8
+    images: int = 8
+    steps: int = 8
+    solver: str = "euler"
+    strategy: str = "top1"
+    seed: int = 0
+    verifiers: tuple[VerifierSpec, ...] = DEFAULT_VERIFIERS
+    perturb_scales: tuple[float, ...] = (0.01, 0.1)  # expert noise, relative to each leaf's RMS
+    pixel_noise: float = 8.0  # std of the added pixel noise, in uint8 levels
+    parallel: int | None = None  # verifier processes at a time (default: all)
+
+    def __post_init__(self) -> None:
+        for name in ("requests", "images"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise DDMError(f"consensus-eval {name}={value!r} must be a positive integer")
+        if not isinstance(self.steps, int) or self.steps < 2:
+            raise DDMError(f"consensus-eval steps={self.steps!r} must be >= 2 (the 'steps' tamper halves it)")
+        if not self.verifiers:
+            raise DDMError("consensus-eval needs at least one verifier")
+        if any(not (s > 0) for s in self.perturb_scales):
+            raise DDMError(f"perturb scales must be positive, got {self.perturb_scales}")
+        if not self.pixel_noise > 0:
+            raise DDMError(f"pixel noise must be positive, got {self.pixel_noise}")
+        if self.parallel is not None and self.parallel < 1:
+            raise DDMError(f"parallel={self.parallel} must be >= 1")
+        if parse_strategy(self.strategy).kind in ("oracle", "single"):
+            raise DDMError(f"consensus-eval strategy must be routed (top1, full, ...), not {self.strategy}")
+        Request(seed=self.seed, n=self.images, strategy=self.strategy, steps=self.steps, solver=self.solver)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["verifiers"] = [v.describe() for v in self.verifiers]
+        return d
+
+
+def perturb_params(params, scale: float, rng: np.random.Generator):
+    """Every floating leaf x of a param tree -> x + scale * rms(x) * N(0, 1) (same dtype and placement)."""
+    def noise(leaf):
+        arr = np.asarray(leaf)
+        if not np.issubdtype(arr.dtype, np.floating):
+            return leaf
+        rms = float(np.sqrt(np.mean(np.square(arr, dtype=np.float64)))) or 1.0
+        new = (arr + scale * rms * rng.standard_normal(arr.shape)).astype(arr.dtype)
+        return jax.device_put(new, leaf.sharding) if hasattr(leaf, "sharding") else new
+
+    return jax.tree.map(noise, params)
+
+
+def _alt_strategy(strategy: str, i: int) -> str:
+    options = [s for s in ALT_STRATEGIES if parse_strategy(s) != parse_strategy(strategy)]
+    return options[i % len(options)]
+
+
+def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) -> tuple[list[dict], list[dict]]:
+    """(claims, gallery). A claim is {"id", "kind", "meta", "record"} (record: `ddm.verify.make_record`).
+    gallery: every generated image that is a faithful output of some request, as {"noise": [seed, index],
+    "cluster": k or None, "phash": hex}, for the nearest-neighbour collision measurement."""
+    present = [k for k in range(ensemble.num_experts) if ensemble.available[k]]
+    rng = np.random.default_rng(settings.seed)
+    claims: list[dict] = []
+    gallery: list[dict] = []
+
+    def add(kind: str, request: Request, images: np.ndarray, **meta) -> None:
+        claims.append({"id": len(claims), "kind": kind, "meta": meta,
+                       "record": make_record(manifest_sha, request, images)})
+
+    def remember(images: np.ndarray, seed: int, cluster: int | None) -> None:
+        for j, h in enumerate(perceptual_hashes(images)):
+            gallery.append({"noise": [seed, j], "cluster": cluster, "phash": h["phash"]})
+
+    t0 = time.perf_counter()
+    for i in range(settings.requests):
+        seed = settings.seed + i
+        other_seed = seed + OTHER_SEED_OFFSET
+        req = Request(seed=seed, n=settings.images, strategy=settings.strategy, steps=settings.steps,
+                      solver=settings.solver)
+        honest = generate(ensemble, req)
+        add("honest", req, honest.images)
+        remember(honest.images, seed, None)
+
+        moved = generate(ensemble, dataclasses.replace(req, seed=other_seed)).images
+        add("seed", req, moved, seed=other_seed)
+        remember(moved, other_seed, None)
+        alt = _alt_strategy(req.strategy, i)
+        add("strategy", req, generate(ensemble, dataclasses.replace(req, strategy=alt)).images, strategy=alt)
+        fewer = req.steps // 2
+        add("steps", req, generate(ensemble, dataclasses.replace(req, steps=fewer)).images, steps=fewer)
+
+        usage = np.asarray(honest.weights, np.float64).sum(axis=(0, 1))  # [K] routing weight per expert
+        order = [int(k) for k in np.argsort(-usage, kind="stable") if ensemble.available[int(k)]]
+        a = order[0]
+        for scale in settings.perturb_scales:
+            params = list(ensemble.expert_params)
+            params[a] = perturb_params(params[a], scale, rng)
+            add(f"perturbed_expert:{scale:g}", req, generate(ensemble.replace(expert_params=params), req).images,
+                expert=a, scale=scale)
+        if len(order) >= 2:
+            b = order[1]
+            params = list(ensemble.expert_params)
+            params[a], params[b] = params[b], params[a]
+            add("swapped_experts", req, generate(ensemble.replace(expert_params=params), req).images, experts=[a, b])
+        noisy = honest.images.astype(np.float64) + rng.normal(0.0, settings.pixel_noise, honest.images.shape)
+        add("pixel_noise", req, np.clip(np.round(noisy), 0, 255).astype(np.uint8), std=settings.pixel_noise)
+
+        k = present[i % len(present)]
+        single = Request(seed=seed, n=settings.images, strategy=f"single:{k}", steps=settings.steps,
+                         solver=settings.solver)
+        own = generate(ensemble, single).images
+        add("honest_single", single, own, expert=k)
+        remember(own, seed, k)
+        other = generate(ensemble, dataclasses.replace(single, seed=other_seed)).images
+        add(INTRA_KIND, single, other, expert=k, seed=other_seed)
+        remember(other, other_seed, k)
+        logger.info(f"claimant: request {i + 1}/{settings.requests} done ({time.perf_counter() - t0:.1f}s)")
+    return claims, gallery
