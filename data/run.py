@@ -17,6 +17,7 @@ import numpy as np
 from ddm.core.config import Config, config_from_data
 from ddm.core.errors import DDMError
 from ddm.data import manifest as mf
+from ddm.data.shards import read_shard
 
 COMPONENTS = ("router", "monolith")  # single components beside the per-cluster experts
 
@@ -106,6 +107,15 @@ class Run:
     def holdout_labels(self) -> np.ndarray:
         """[N_holdout] int32: the nearest centroid of each held-out image."""
         return np.load(self.resolve(self.holdout["labels"]))
+
+    def holdout_set(self, clusters: list[int] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Held-out images whose nearest centroid is one of `clusters` (default: all), with that cluster id:
+        (uint8 [N, H, W, C], int32 [N]). None when the run has no held-out images or none in these clusters."""
+        if self.holdout_path() is None:
+            return None
+        images, labels = read_shard(self.holdout_path()), self.holdout_labels().astype(np.int32)
+        keep = np.ones(len(labels), bool) if clusters is None else np.isin(labels, clusters)
+        return (images[keep], labels[keep]) if keep.any() else None
 
     # -----------------------------------------------------------------------------------------------------
     # Components (experts, router, monolith).

@@ -16,7 +16,8 @@ from flax import nnx
 
 from ddm.core.config import Config, ModelConfig, to_dict
 from ddm.core.dit import dit_from_config
-from ddm.core.flow import flow_matching_loss
+from ddm.core.flow import flow_matching_loss, solve_euler_loop
+from ddm.core.monitor import HeldOut
 from ddm.core.trainer import Task, Trainer, TrainResult
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader
@@ -27,6 +28,11 @@ logger = logging.getLogger(__name__)
 def flow_loss(t_sampling: str, model: nnx.Module, x: jax.Array, labels: jax.Array, rng: jax.Array):
     """Flow-matching loss of an unconditional DiT. x: [B, H, W, C] float32 in [-1, 1]."""
     return flow_matching_loss(lambda x_t, t: model(x_t, t), x, rng, t_sampling), {}
+
+
+def draw_grid(steps: int, model: nnx.Module, noise: jax.Array) -> jax.Array:
+    """The grid drawn while training: `steps` Euler steps from noise [n, H, W, C] float32 -> [n, H, W, C]."""
+    return solve_euler_loop(lambda x_t, t: model(x_t, t), noise, steps)
 
 
 def make_dit(model_cfg: ModelConfig, image_shape: tuple[int, int, int], rngs: nnx.Rngs) -> nnx.Module:
@@ -40,7 +46,13 @@ def _reader(paths: list[str], labels: list[int], cfg: Config) -> ShardReader:
                        process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _diffusion_task(name: str, run: Run, reader: ShardReader, out_dir: Path) -> Task:
+def holdout(run: Run, clusters: list[int] | None) -> HeldOut | None:
+    """Held-out images of these clusters (all: None) labelled with their cluster, as the readers label them."""
+    held = run.holdout_set(clusters)
+    return None if held is None else HeldOut(*held)
+
+
+def _diffusion_task(name: str, run: Run, reader: ShardReader, out_dir: Path, clusters: list[int] | None) -> Task:
     cfg = run.config
     return Task(
         name=name,
@@ -49,6 +61,8 @@ def _diffusion_task(name: str, run: Run, reader: ShardReader, out_dir: Path) -> 
         reader=reader,
         out_dir=out_dir,
         meta={"config": to_dict(cfg), "image_shape": list(run.image_shape)},
+        holdout=holdout(run, clusters),
+        sample=functools.partial(draw_grid, cfg.expert.train.sample_steps),
     )
 
 
@@ -67,7 +81,7 @@ def train_expert(run_dir: str | Path, cluster: int, overrides: list[str] | tuple
     """Trains (or resumes) expert `cluster` of the run and records its EMA SHA-256 in the manifest."""
     run = Run.open(run_dir, overrides)
     reader = _reader([run.shard_path(cluster)], [cluster], run.config)
-    task = _diffusion_task(f"expert {cluster}", run, reader, run.expert_dir(cluster))
+    task = _diffusion_task(f"expert {cluster}", run, reader, run.expert_dir(cluster), [cluster])
     t0 = time.perf_counter()
     result = Trainer(task, run.config.expert.train, progress=progress).run()
     _record(run, "experts", cluster, result, time.perf_counter() - t0)
@@ -80,7 +94,7 @@ def train_monolith(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
     """The baseline: the same trainer and model on the union of all shards, under `RUN_DIR/monolith/`."""
     run = Run.open(run_dir, overrides)
     reader = _reader(run.shard_paths(), run.cluster_ids, run.config)
-    task = _diffusion_task("monolith", run, reader, run.component_dir("monolith"))
+    task = _diffusion_task("monolith", run, reader, run.component_dir("monolith"), None)
     t0 = time.perf_counter()
     result = Trainer(task, run.config.expert.train, progress=progress).run()
     _record(run, "monolith", None, result, time.perf_counter() - t0)

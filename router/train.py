@@ -20,6 +20,7 @@ from flax import nnx
 from ddm.core.config import to_dict
 from ddm.core.errors import DDMError
 from ddm.core.flow import noisy_batch
+from ddm.core.monitor import HeldOut
 from ddm.core.trainer import Task, Trainer, TrainResult
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader
@@ -62,6 +63,8 @@ def train_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
         reader=reader,
         out_dir=run.component_dir("router"),
         meta={"config": to_dict(run.config), "num_clusters": run.num_clusters},
+        # Every held-out image with its nearest cluster: held-out loss and accuracy at every log step.
+        holdout=HeldOut(*held) if (held := run.holdout_set()) is not None else None,
     )
     t0 = time.perf_counter()
     result = Trainer(task, train, progress=progress).run()

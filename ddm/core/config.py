@@ -130,12 +130,24 @@ class TrainConfig:
     log_every: int = 100
     mesh_data: int = -1  # -1: every device not used by fsdp
     mesh_fsdp: int = 1
+    # What a researcher watches while it trains (docs/training.md): held-out loss at every log step, metrics
+    # writers beside metrics.jsonl, and a fixed-noise sample grid from the EMA weights every `sample_every` steps.
+    holdout_loss: bool = True  # loss (and the router's accuracy) on the component's held-out images
+    tensorboard: bool = False  # TensorBoard event files in the component's tb/ (pip install -e '.[tb]')
+    wandb_project: str | None = None  # also log to this Weights & Biases project (needs `wandb`)
+    sample_every: int = 0  # 0: never; only jobs that generate (experts, monolith) draw grids
+    sample_images: int = 16  # images in the grid
+    sample_steps: int = 16  # Euler steps of the grid's ODE solve
 
     def __post_init__(self) -> None:
         _check_choice("train.schedule", self.schedule, SCHEDULES)
         _check_choice("train.t_sampling", self.t_sampling, T_SAMPLINGS)
-        for name in ("steps", "batch_size", "lr", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in ("steps", "batch_size", "lr", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "sample_images", "sample_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
+        _check_positive("train.sample_every", self.sample_every, allow_zero=True)
+        if self.wandb_project is not None and not self.wandb_project.strip():
+            raise DDMError("config train.wandb_project must be a project name or null")
         _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)

@@ -54,17 +54,15 @@ def make_grid(images: np.ndarray, ncols: int, *, pad: int = 1, pad_value: int = 
     return grid
 
 
-def save_grid_png(
-    images: np.ndarray, path: str | Path, ncols: int | None = None, scale: int | None = None, pad: int = 1
-) -> Path:
-    """Writes uint8 images [n, H, W, C] (C = 1 or 3) as one PNG grid; returns the path.
+def grid_image(images: np.ndarray, ncols: int | None = None, scale: int | None = None, pad: int = 1) -> np.ndarray:
+    """uint8 images [n, H, W, C] (C = 1 or 3) tiled into one viewable uint8 image [H', W', C].
 
     ncols: default ceil(sqrt(n)). scale: integer nearest-neighbour upscaling of each image (default: enough
     to make cells at least 64 pixels, so 8x8 digits are viewable), applied before tiling so borders stay thin.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DDMError(f"save_grid_png needs images [n, H, W, 1 or 3], got {images.shape}")
+        raise DDMError(f"a grid needs images [n, H, W, 1 or 3], got {images.shape}")
     n, h, w, _ = images.shape
     if scale is None:
         scale = max(1, math.ceil(64 / max(1, min(h, w))))
@@ -72,9 +70,19 @@ def save_grid_png(
         raise DDMError(f"scale must be >= 1, got {scale}")
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    grid = make_grid(images, ncols or math.ceil(math.sqrt(n)), pad=pad)
+    return make_grid(images, ncols or math.ceil(math.sqrt(n)), pad=pad)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Writes one uint8 image [H, W, C] (C = 1: mode "L", C = 3: "RGB") as a PNG; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # uint8 [H, W] becomes mode "L", uint8 [H, W, 3] mode "RGB".
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
     return path
+
+
+def save_grid_png(
+    images: np.ndarray, path: str | Path, ncols: int | None = None, scale: int | None = None, pad: int = 1
+) -> Path:
+    """Writes uint8 images [n, H, W, C] (C = 1 or 3) as one PNG grid (`grid_image`); returns the path."""
+    return save_png(grid_image(images, ncols, scale, pad), path)

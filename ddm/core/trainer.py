@@ -5,6 +5,7 @@ A job is a `Task` (which model, which loss, which data, where to write) plus a `
     setup       mesh, abstract state -> shardings, init straight into shards (no unsharded copy)
     resume      latest orbax checkpoint if any (onto the current mesh, any device count)
     loop        batch = reader(step) -> train_step (jit, donated state) -> log / checkpoint
+                (log steps also evaluate the held-out set and feed the metrics writers; `ddm.core.monitor`)
     finish      final EMA params saved standalone, their SHA-256 returned for the manifest
 
 Everything random is a pure function of (seed, step): `fold_in(key, step)` for noise, the reader's
@@ -36,6 +37,7 @@ from ddm.core.config import TrainConfig
 from ddm.core.errors import DDMError
 from ddm.core.hashing import pytree_sha256
 from ddm.core.images import to_model_range
+from ddm.core.monitor import HeldOut, Monitor, Sampler
 from ddm.core.plots import plot_loss_curve
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class BatchReader(Protocol):
     num_images: int
     seed: int
     process_index: int
+    image_shape: tuple[int, int, int]
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """This process's rows of step's global batch: (images [B/P, H, W, C] uint8, labels [B/P] int32)."""
@@ -68,6 +71,8 @@ class Task:
     reader: BatchReader
     out_dir: Path
     meta: dict  # resolved config etc., stored beside every checkpoint
+    holdout: HeldOut | None = None  # held-out images of the job's own data: loss at every log step
+    sample: Sampler | None = None  # how the EMA model draws the grid every `train.sample_every` steps
 
 
 class NonFiniteError(DDMError):
@@ -188,6 +193,11 @@ class Trainer:
         self._step = jax.jit(step_fn, donate_argnums=0,
                              in_shardings=(self.shardings, self.batch_sharding, self.batch_sharding),
                              out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)))
+        self.monitor = Monitor(name=task.name, cfg=cfg, out_dir=task.out_dir, graphdef=self.graphdef, loss=task.loss,
+                               shardings=self.shardings, mesh=self.mesh, batch_sharding=self.batch_sharding,
+                               holdout=task.holdout, sampler=task.sample,
+                               image_shape=getattr(task.reader, "image_shape", None),
+                               config=task.meta.get("config"), writes=jax.process_index() == 0)
 
     def _global_batch(self, step: int) -> tuple[jax.Array, jax.Array]:
         images, labels = self.task.reader.batch(step)
@@ -224,12 +234,14 @@ class Trainer:
         logger.info(f"{task.name}: {self.num_params:,} parameters, {task.reader.num_images} images, "
                  f"mesh {dict(self.mesh.shape)}, batch {cfg.batch_size}, steps {start}->{cfg.steps}")
         try:
+            self.monitor.open(start)
             state = self._loop(state, start, checkpointer, metrics_path)
             self._check_finite(state)
             if start < cfg.steps or checkpointer.latest_step() != cfg.steps:
                 checkpointer.save(cfg.steps, state, self._meta(cfg.steps), force=True)
         finally:
             checkpointer.close()
+            self.monitor.close()
         final_path = task.out_dir / "final"
         final = final_params(state)
         save_params(final_path, final)
@@ -263,13 +275,20 @@ class Trainer:
                     eta = (cfg.steps - done) * cfg.batch_size / max(rate, 1e-9)
                     row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()},
                            "lr": float(self._lr(step)), "images_per_s": rate, "time": time.time()}
-                    t_last, step_last = now, done
+                    row.update(self.monitor.holdout(state))
                     if jax.process_index() == 0:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(row) + "\n")
-                    message = (f"{self.task.name}: step {done}/{cfg.steps} loss {row['loss']:.4f} "
+                    self.monitor.row(done, row)
+                    held_out = f" (held-out {row['holdout_loss']:.4f})" if "holdout_loss" in row else ""
+                    message = (f"{self.task.name}: step {done}/{cfg.steps} loss {row['loss']:.4f}{held_out} "
                                f"grad {row['grad_norm']:.3f} {rate:,.0f} img/s eta {eta:,.0f}s")
                     logger.info(message)
+                    t_last, step_last = time.perf_counter(), done  # held-out evaluation is not training time
+                if self.monitor.sample_due(done):
+                    t0 = time.perf_counter()
+                    self.monitor.sample(done, state)
+                    t_last += time.perf_counter() - t0
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self._check_finite(state)  # never checkpoint a poisoned state
                     checkpointer.save(done, state, self._meta(done))
