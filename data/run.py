@@ -4,6 +4,10 @@ Every command that works on a run (train an island, the router or the monolith, 
 opens it the same way: read and check `manifest.json`, resolve the stored config with this command's
 `--set` overrides, and ask the run where its shards, components and outputs live. Paths inside the manifest
 are relative to the run directory, so a run can be moved or copied as a whole.
+
+An *export* (`ddm export`: the finished models as safetensors files beside the same manifest, no shards) opens
+the same way: `Run.open` checks its SHA256SUMS first, and `weights_path` names the exported file of a
+component instead of its orbax checkpoint; everything that loads models works on either.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from ddm.core.config import Config, config_from_data
 from ddm.core.errors import DDMError
 from ddm.data import manifest as mf
 from ddm.data.shards import read_shard
+from ddm.data.sums import check_sums
 
 COMPONENTS = ("router", "monolith")  # single components beside the per-cluster experts
+EXPORT_INFO = "export.json"  # marks an exported run folder
+WEIGHTS_SUFFIX = ".safetensors"  # an exported component's file: its manifest path + this suffix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +40,10 @@ class Run:
 
     @classmethod
     def open(cls, root: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
-        """Reads and checks `root/manifest.json` and resolves its config with `overrides` (`--set` values)."""
+        """Reads and checks `root/manifest.json` and resolves its config with `overrides` (`--set` values).
+        An export's files are first checked against its SHA256SUMS."""
+        if (Path(root) / EXPORT_INFO).is_file():
+            check_sums(Path(root))
         manifest = mf.read_manifest(root)
         return cls(Path(root), manifest, config_from_data(manifest["config"], overrides), tuple(overrides))
 
@@ -57,6 +67,11 @@ class Run:
     @property
     def dataset(self) -> dict:
         return self.manifest["dataset"]
+
+    @property
+    def is_export(self) -> bool:
+        """Whether this is an exported folder (`ddm export`) rather than a training run directory."""
+        return (self.root / EXPORT_INFO).is_file()
 
     def resolve(self, relative: str) -> str:
         """A path stored in the manifest, made absolute against the run directory (URLs pass through)."""
@@ -143,6 +158,11 @@ class Run:
             raise DDMError(f"{what} is not trained (status: {(entry or {}).get('status', 'missing')})"
                            + (f": {hint}" if hint else ""))
         return entry
+
+    def weights_path(self, entry: dict) -> str:
+        """Where a finished component's pinned weights are: its orbax `final/` checkpoint in a run directory,
+        the `.safetensors` file beside that path in an export."""
+        return self.resolve(entry["path"] + (WEIGHTS_SUFFIX if self.is_export else ""))
 
     def finished_experts(self) -> list[int]:
         return [k for k in self.cluster_ids if self.finished(self.expert(k))]

@@ -32,5 +32,5 @@ def load_router(run: Run) -> tuple[Callable, object]:
     if entry.get("num_clusters") != run.num_clusters:
         raise DDMError(f"router was trained for {entry.get('num_clusters')} clusters but the manifest has "
                        f"{run.num_clusters}")
-    model = load_pinned(run.resolve(entry["path"]), entry.get("sha256"), router_factory(run), "router")
+    model = load_pinned(run.weights_path(entry), entry.get("sha256"), router_factory(run), "router")
     return model_apply(model, labels=False)

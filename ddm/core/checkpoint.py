@@ -19,6 +19,7 @@ from flax import nnx
 
 from ddm.core.errors import DDMError
 from ddm.core.hashing import pytree_sha256
+from ddm.core.weights import load_safetensors
 
 
 @functools.cache
@@ -147,16 +148,20 @@ def abstract_final(make_model: Callable[[nnx.Rngs], nnx.Module]):
     return nnx.graphdef(model), abstract
 
 
-def load_pinned(path: str | Path, sha256: str | None, make_model: Callable[[nnx.Rngs], nnx.Module],
-                what: str) -> nnx.Module:
-    """The EMA model saved at `path` by the trainer, after checking its `pytree_sha256` equals `sha256`.
+def load_pinned_tree(path: str | Path, sha256: str | None, make_model: Callable[[nnx.Rngs], nnx.Module],
+                     what: str):
+    """(graphdef, {"ema", "rest"}) saved at `path`, after checking its `pytree_sha256` equals `sha256`.
 
-    A corrupted or tampered checkpoint (any byte changed) is a DDMError naming `what` and `path`: it never
-    reaches sampling or evaluation.
+    `path` is the trainer's orbax `final/` checkpoint, or a `.safetensors` file written by `ddm export`
+    (`ddm.core.weights`); both are checked against the same pin. A corrupted or tampered file (any byte
+    changed) is a DDMError naming `what` and `path`: it never reaches sampling or evaluation.
     """
     graphdef, abstract = abstract_final(make_model)
     try:
-        tree = load_params(path, abstract)
+        if str(path).endswith(".safetensors"):
+            tree = load_safetensors(path, abstract)
+        else:
+            tree = load_params(path, abstract)
     except DDMError:
         raise
     except Exception as err:  # noqa: BLE001 - a damaged file can fail anywhere inside orbax/tensorstore
@@ -165,4 +170,11 @@ def load_pinned(path: str | Path, sha256: str | None, make_model: Callable[[nnx.
     if actual != sha256:
         raise DDMError(f"{what} checkpoint {path} does not match the manifest SHA-256 "
                        f"(expected {str(sha256)[:16]}, got {actual[:16]}): refusing to load")
+    return graphdef, tree
+
+
+def load_pinned(path: str | Path, sha256: str | None, make_model: Callable[[nnx.Rngs], nnx.Module],
+                what: str) -> nnx.Module:
+    """The EMA model saved at `path` by the trainer (or exported), checked against its pin (`load_pinned_tree`)."""
+    graphdef, tree = load_pinned_tree(path, sha256, make_model, what)
     return nnx.merge(graphdef, tree["ema"], tree["rest"])

@@ -276,6 +276,11 @@ def to_dict(config: Any) -> dict:
     return plain(dataclasses.asdict(config))
 
 
+def to_yaml(config: Any) -> str:
+    """The config as YAML, sections and keys in declaration order (what `ddm config show` prints)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+
+
 def parse_override(text: str) -> dict:
     """`"expert.train.steps=200"` -> `{"expert": {"train": {"steps": 200}}}` (the value is parsed as YAML)."""
     if "=" not in text:

@@ -1,13 +1,17 @@
 """A run's trained models, ready to sample: the routed `Ensemble`, or one model (the monolith) on its own.
 
-Every component is restored from its `final/` checkpoint and checked against the SHA-256 pinned in the
-manifest (`ddm.core.checkpoint.load_pinned`): a corrupted or tampered checkpoint never reaches sampling.
+Every component is restored from its `final/` checkpoint (or, in an export, its `.safetensors` file) and
+checked against the SHA-256 pinned in the manifest (`ddm.core.checkpoint.load_pinned`): a corrupted or
+tampered checkpoint never reaches sampling.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
+
+from flax import nnx
 
 from ddm.core.checkpoint import load_pinned
 from ddm.core.config import ModelConfig, from_dict
@@ -23,6 +27,17 @@ def open_run(run: Run | str | Path, overrides: list[str] | tuple[str, ...] = ())
     return run if isinstance(run, Run) else Run.open(run, overrides)
 
 
+def expert_factory(run: Run) -> Callable[[nnx.Rngs], nnx.Module]:
+    """The constructor every expert of the run is restored into."""
+    return functools.partial(dit_from_config, run.config.expert.model, run.image_shape)
+
+
+def single_factory(run: Run, entry: dict) -> tuple[ModelConfig, Callable[[nnx.Rngs], nnx.Module]]:
+    """(model config, constructor) of a single model (the monolith): the config it was trained with."""
+    model_cfg = from_dict(ModelConfig, entry["model"]) if "model" in entry else run.config.expert.model
+    return model_cfg, functools.partial(dit_from_config, model_cfg, run.image_shape)
+
+
 def load_ensemble(run: Run | str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                   with_router: bool = True) -> Ensemble:
     """The routed ensemble of a run: its finished experts (EMA weights) and its router.
@@ -31,14 +46,14 @@ def load_ensemble(run: Run | str | Path, overrides: list[str] | tuple[str, ...] 
     unless `with_router` is False (then only the `oracle` / `single:k` strategies work).
     """
     run = open_run(run, overrides)
-    make_expert = functools.partial(dit_from_config, run.config.expert.model, run.image_shape)
+    make_expert = expert_factory(run)
     states, apply = [], None
     for k in run.cluster_ids:
         entry = run.expert(k)
         if not run.finished(entry):
             states.append(None)
             continue
-        model = load_pinned(run.resolve(entry["path"]), entry.get("sha256"), make_expert, f"expert {k}")
+        model = load_pinned(run.weights_path(entry), entry.get("sha256"), make_expert, f"expert {k}")
         apply, state = model_apply(model)
         states.append(state)
     if apply is None:
@@ -57,7 +72,6 @@ def load_single(run: Run | str | Path, section: str = "monolith") -> Ensemble | 
     entry = run.component(section)
     if not run.finished(entry):
         return None
-    model_cfg = from_dict(ModelConfig, entry["model"]) if "model" in entry else run.config.expert.model
-    make = functools.partial(dit_from_config, model_cfg, run.image_shape)
-    apply, state = model_apply(load_pinned(run.resolve(entry["path"]), entry.get("sha256"), make, section))
+    model_cfg, make = single_factory(run, entry)
+    apply, state = model_apply(load_pinned(run.weights_path(entry), entry.get("sha256"), make, section))
     return Ensemble(apply, [state], None, None, image_shape=run.image_shape, num_classes=model_cfg.num_classes)
