@@ -8,15 +8,17 @@ from pathlib import Path
 
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
-from ddm.sampling.outputs import save_outputs, usage_summary
+from ddm.sampling.outputs import save_outputs, save_pngs, usage_summary
 from ddm.sampling.request import Request, generate
 from ddm.verify.records import make_record, write_record
 
 logger = logging.getLogger(__name__)
 
 
-def sample_command(run: Run, request: Request, out: Path, *, record: Path | None = None) -> Path:
-    """Generates `request` with the run's ensemble; writes `out` (PNG grid) and its .npz; returns the npz."""
+def sample_command(run: Run, request: Request, out: Path, *, record: Path | None = None,
+                   png_dir: Path | None = None) -> Path:
+    """Generates `request` with the run's ensemble; writes `out` (PNG grid) and its .npz (and one PNG per image
+    into `png_dir`); returns the npz."""
     ensemble = load_ensemble(run)
     t0 = time.perf_counter()
     result = generate(ensemble, request)
@@ -25,6 +27,9 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     logger.info(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps) in {seconds:.1f}s "
                 f"-> {out} and {npz}")
     logger.info(usage_summary(result))
+    if png_dir is not None:
+        save_pngs(result.images, png_dir)
+        logger.info(f"{request.n} PNGs -> {png_dir}")
     if record is not None:
         write_record(record, make_record(run.sha256, request, result.images))
         logger.info(f"verification record -> {record}")

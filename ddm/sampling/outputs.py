@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ddm.core.ensemble import SampleResult
-from ddm.core.images import save_grid_png
+from ddm.core.images import save_grid_png, save_png
 from ddm.sampling.request import Request
 
 
@@ -28,6 +28,15 @@ def save_outputs(result: SampleResult, request: Request, out_png: Path, *, manif
         arrays["expert_ids"] = result.expert_ids
     np.savez_compressed(npz, **arrays)
     return npz
+
+
+def save_pngs(images: np.ndarray, folder: str | Path) -> list[Path]:
+    """One PNG per image (uint8 [n, H, W, C], C = 1 or 3) as folder/000000.png, 000001.png, ... at native size:
+    what clean-fid, torch-fidelity and other folder-based metrics read. Returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    width = max(6, len(str(len(images) - 1)))
+    return [save_png(image, folder / f"{i:0{width}d}.png") for i, image in enumerate(np.asarray(images))]
 
 
 def usage_summary(result: SampleResult) -> str:
