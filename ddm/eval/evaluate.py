@@ -36,7 +36,8 @@ from ddm.core.plots import save_strategy_figure
 from ddm.core.routing import parse_strategy
 from ddm.data.run import Run
 from ddm.data.shards import read_shard
-from ddm.eval.featurenet import FeatureNetConfig, apply_padded, get_featurenet
+from ddm.eval.features import UserFeatures
+from ddm.eval.featurenet import FeatureNet, FeatureNetConfig, apply_padded, get_featurenet
 from ddm.eval.metrics import KNN_K, quality, shares, total_variation
 from ddm.sampling.load import load_ensemble, load_single
 from ddm.sampling.outputs import usage_summary
@@ -85,11 +86,12 @@ def _load_real(run: Run) -> np.ndarray:
 def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int = DEFAULT_N, steps: int | None = None,
                  solver: str | None = None, seed: int = 0, strategies: Sequence[str] = DEFAULT_STRATEGIES,
                  monolith: bool = True, batch_size: int | None = None, cache_dir: str | Path | None = None,
-                 feature_cfg: FeatureNetConfig | None = None) -> dict:
+                 feature_cfg: FeatureNetConfig | None = None, features: UserFeatures | None = None) -> dict:
     """Evaluates a run; writes RUN/eval/{report.json, report.md, strategies.png, samples.npz}; returns the report.
 
     n: samples per strategy (> k=3). steps / solver: ODE settings (default: the run's sample section).
     seed: noise seed, the same for every strategy (paired comparison). monolith: include RUN/monolith if trained.
+    features: a user feature extractor (`ddm.eval.features.load_features`) instead of the run's feature net.
     """
     run_dir = Path(run_dir)
     if n <= KNN_K:
@@ -106,7 +108,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
     out_dir = run.eval_dir
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    net = get_featurenet(run, cfg=feature_cfg, cache_dir=cache_dir)
+    net = features or get_featurenet(run, cfg=feature_cfg, cache_dir=cache_dir)
     real = net.features(real_images)
     data_share = run.cluster_shares()
     holdout_share = shares(router_assignments(ensemble, real_images), num_clusters)
@@ -149,9 +151,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         "dataset": {k: manifest["dataset"].get(k) for k in ("source", "fingerprint", "num_images", "image_shape")},
         "num_clusters": num_clusters,
         "clustering": manifest["clustering"].get("method"),
-        "featurenet": {"name": net.name, "sha256": net.sha256, "key": net.key, "dim": net.dim,
-                       "trained_now": net.trained, "path": str(Path("eval") / "featurenet"),
-                       "metric_name": f"FD in {net.name} features"},
+        "featurenet": _features_info(net),
         "request": {"n": n, "steps": steps, "solver": solver, "seed": seed},
         "holdout_count": len(real_images),
         "knn_k": KNN_K,
@@ -165,6 +165,17 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
     (out_dir / "report.md").write_text(format_markdown(report))
     logger.info(f"report -> {out_dir / 'report.json'}, {out_dir / 'report.md'}; grids -> {figure}")
     return report
+
+
+def _features_info(net: FeatureNet | UserFeatures) -> dict:
+    """The report's description of the feature space the metrics were computed in."""
+    if isinstance(net, UserFeatures):
+        return {"name": net.name, "user": True, "dim": net.dim, "metric_name": f"FD in {net.name} features",
+                "description": f"the user's feature extractor `{net.name}`"}
+    return {"name": net.name, "sha256": net.sha256, "key": net.key, "dim": net.dim, "trained_now": net.trained,
+            "path": str(Path("eval") / "featurenet"), "metric_name": f"FD in {net.name} features",
+            "description": (f"a conv net trained on this dataset's k-means pseudo-classes, sha256 `{net.sha256[:16]}`; "
+                            "**not FID**: comparable only between runs on this dataset")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,8 +193,7 @@ def format_markdown(report: dict) -> str:
     lines = [
         f"# Evaluation of `{report['run_dir']}`",
         "",
-        (f"{net['metric_name']} (a conv net trained on this dataset's k-means pseudo-classes, sha256 "
-         f"`{net['sha256'][:16]}`; **not FID**: comparable only between runs on this dataset). "
+        (f"{net['metric_name']} ({net['description']}). "
          f"{req['n']} samples per row, {req['steps']} {req['solver']} steps, seed {req['seed']}, against "
          f"{report['holdout_count']} held-out images. Precision/recall: k-NN manifolds, k={report['knn_k']} "
          "(Kynkäänniemi et al. 2019). Coverage: total variation between the router's t=0 cluster assignment of "
