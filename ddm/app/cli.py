@@ -12,21 +12,24 @@ import os
 import sys
 from pathlib import Path
 
+import ddm
 from ddm.app import logs
 from ddm.app.info import describe
 from ddm.app.pipeline import run_all
 from ddm.app.sample import sample_command
-from ddm.core.config import Config, load_config
+from ddm.core.config import Config, load_config, to_yaml
 from ddm.core.distributed import initialize
 from ddm.core.errors import DDMError
 from ddm.data.prepare import prepare
 from ddm.data.run import Run
 from ddm.eval.evaluate import DEFAULT_STRATEGIES, evaluate_run
+from ddm.eval.features import load_features
 from ddm.eval.featurenet import FeatureNetConfig
 from ddm.experts import islands
 from ddm.experts.train import train_expert, train_monolith
 from ddm.router.evaluate import evaluate_router
 from ddm.router.train import train_router
+from ddm.sampling.export import export_run
 from ddm.sampling.request import Request
 from ddm.verify.claims import EvalSettings
 from ddm.verify.phash import format_hash_table, hash_files
@@ -114,7 +117,7 @@ def cmd_evaluate(args) -> int:
     feature_cfg = FeatureNetConfig() if args.feature_steps is None else FeatureNetConfig(steps=args.feature_steps)
     evaluate_run(args.run_dir, args.set, n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
                  strategies=strategies, monolith=not args.no_monolith, cache_dir=args.cache_dir,
-                 feature_cfg=feature_cfg)
+                 feature_cfg=feature_cfg, features=_user_features(args.features))
     return 0
 
 
@@ -130,7 +133,33 @@ def _request(args, cfg: Config) -> Request:
 def cmd_sample(args) -> int:
     run = _run(args)
     out = Path(args.out or run.samples_dir / "sample.png")
-    sample_command(run, _request(args, run.config), out, record=Path(args.record) if args.record else None)
+    sample_command(run, _request(args, run.config), out, record=Path(args.record) if args.record else None,
+                   png_dir=Path(args.png_dir) if args.png_dir else None)
+    return 0
+
+
+def _user_features(spec: str | None):
+    """`--features module:function`, importable from the working directory as `python -m` would allow."""
+    if spec is None:
+        return None
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return load_features(spec)
+
+
+def cmd_export(args) -> int:
+    export_run(args.run_dir, args.out)
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    if args.run_dir is not None:
+        if args.config is not None:
+            raise DDMError("ddm config show takes --config or --run-dir, not both")
+        cfg = Run.open(args.run_dir, args.set).config
+    else:
+        cfg = _load(args)[0]
+    print(to_yaml(cfg), end="")
     return 0
 
 
@@ -182,6 +211,8 @@ def _add_common(p: argparse.ArgumentParser, *, config: bool = False, run_dir_req
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddm", description="Decentralized diffusion models in JAX.")
+    parser.add_argument("--version", action="version", version=f"ddm {ddm.__version__}",
+                        help="print the installed ddm version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="load, embed and cluster a dataset into K shards + manifest")
@@ -235,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-monolith", action="store_true", help="skip RUN/monolith even if it is trained")
     p.add_argument("--cache-dir", default=None, help="feature-net cache (default $DDM_CACHE_DIR or ~/.cache/ddm)")
     p.add_argument("--feature-steps", type=int, default=None, help="feature-net training steps (default 600)")
+    _add_feature_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="sample with the routed ensemble (PNG grid + .npz)")
@@ -250,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample.png); an .npz is written beside")
     p.add_argument("--record", default=None, help="also write a verification record (JSON) here")
+    _add_sample_outputs(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("run", help="the main job: prepare, train islands + router, sample every strategy")
@@ -288,7 +321,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=None, help="verifier processes at a time (default all)")
     p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     p.set_defaults(func=cmd_consensus_eval)
+    _add_export_and_config(sub)
     return parser
+
+
+def _add_sample_outputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--png-dir", default=None, metavar="DIR",
+                   help="also write one PNG per image into DIR (000000.png, ...), for clean-fid / torch-fidelity")
+
+
+def _add_feature_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", default=None, metavar="MODULE:FUNCTION",
+                   help="compute FD / precision / recall in your own feature space: a function taking uint8 images "
+                        "[N, H, W, C] and returning features [N, D] (module importable from the working directory)")
+
+
+def _add_export_and_config(sub) -> None:
+    p = sub.add_parser("export", help="finished experts, router (and monolith) as safetensors + manifest + pins + "
+                                      "model card, a folder to share (load_ensemble and ddm sample read it)")
+    p.add_argument("--run-dir", required=True, help="the run directory to export")
+    p.add_argument("--out", required=True, metavar="DIR", help="the export folder (must not exist or be empty)")
+    p.set_defaults(func=cmd_export)
+
+    config = sub.add_parser("config", help="inspect configs")
+    actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("show", help="print the fully resolved config (every default filled in) as YAML")
+    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG} when present, else the built-in defaults)")
+    p.add_argument("--run-dir", default=None, help="print the config stored in this run (or export) instead")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set expert.train.steps=500")
+    p.set_defaults(func=cmd_config_show)
 
 
 def main(argv: list[str] | None = None) -> int:
