@@ -227,14 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-expert", help="train (or resume) one island's expert")
     _add_common(p)
-    p.add_argument("--cluster", type=int, required=True)
+    p.add_argument("--cluster", type=int, required=True, help="which island: the cluster id k (0..K-1)")
     p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     p.set_defaults(func=cmd_train_expert)
 
     p = sub.add_parser("train-islands", help="train every unfinished expert, each in its own process")
     _add_common(p)
     p.add_argument("--parallel", type=int, default=None, help="islands at a time (local: default 1)")
-    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: one OS process per island here (default); slurm: write an array-job script")
     p.add_argument("--nodes", type=int, default=1, help="slurm: nodes per island")
     p.add_argument("--gpus-per-node", type=int, default=0, help="slurm: GPUs per node")
     p.add_argument("--partition", default=None, help="slurm: partition")
@@ -242,17 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-monolith", help="train the single-model baseline on all data")
     _add_common(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     p.set_defaults(func=cmd_train_monolith)
 
     p = sub.add_parser("train-router", help="train the router p(cluster | x_t, t) on all shards")
     _add_common(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     p.set_defaults(func=cmd_train_router)
 
     p = sub.add_parser("eval-router", help="router accuracy / calibration on held-out data (JSON + PNG)")
     _add_common(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise levels and noise draws (default 0)")
     p.set_defaults(func=cmd_eval_router)
 
     p = sub.add_parser("evaluate", help="FD / precision / recall / coverage per routing strategy and the monolith")
@@ -261,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default=None,
                    help="comma-separated (default full,top1,top2,threshold:0.1,sample,top1+full:0.5)")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: sample.steps)")
-    p.add_argument("--solver", choices=("euler", "heun"), default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: sample.solver)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every strategy (default 0)")
     p.add_argument("--no-monolith", action="store_true", help="skip RUN/monolith even if it is trained")
     p.add_argument("--cache-dir", default=None, help="feature-net cache (default $DDM_CACHE_DIR or ~/.cache/ddm)")
     p.add_argument("--feature-steps", type=int, default=None, help="feature-net training steps (default 600)")
@@ -275,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=None,
                    help="full | top1 | top2 | topk:K | threshold:TAU | sample | oracle | single:K; top-k, threshold "
                         "and sample also as S+full:T, e.g. top1+full:0.5 (default top1)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--solver", choices=("euler", "heun"), default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: sample.steps)")
+    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: sample.solver)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: sample.seed)")
     p.add_argument("--labels", default=None, help="comma-separated class labels (class-conditional experts)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample.png); an .npz is written beside")
@@ -287,16 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the main job: prepare, train islands + router, sample every strategy")
     _add_common(p, config=True, run_dir_required=False)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a run directory prepared differently")
     p.add_argument("--parallel", type=int, default=None, help="islands at a time (default: min(K, cores))")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("hash", help="SHA-256, pHash and dHash of PNG files or images in .npz files")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", metavar="FILE", help="PNG files or .npz files with an images array")
     p.set_defaults(func=cmd_hash)
 
     p = sub.add_parser("verify", help="regenerate a verification record and judge it (exit 0 honest, 1 not)")
-    p.add_argument("record")
+    p.add_argument("record", help="the verification record (JSON) written by ddm sample --record")
     _add_common(p)
     p.add_argument("--threshold", type=int, default=None, help="max pHash Hamming distance per image")
     p.set_defaults(func=cmd_verify)
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=8, help="requests per claim kind (default 8)")
     p.add_argument("--images", type=int, default=8, help="images per request (default 8)")
     p.add_argument("--steps", type=int, default=8, help="solver steps (default 8)")
-    p.add_argument("--solver", choices=("euler", "heun"), default="euler")
+    p.add_argument("--solver", choices=("euler", "heun"), default="euler", help="ODE solver (default euler)")
     p.add_argument("--strategy", default="top1", help="routing strategy of the honest requests (default top1)")
     p.add_argument("--seed", type=int, default=0, help="first request seed")
     p.add_argument("--perturb-scale", default="0.01,0.1",
