@@ -145,3 +145,38 @@ def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featur
     with np.load(run / "eval" / "samples.npz") as samples:
         assert samples["threshold_0.1"].shape == (12, 8, 8, 1)
     assert "report ->" in capsys.readouterr().out
+
+
+def test_ddm_evaluate_with_a_user_feature_extractor(trained_run_copy, tmp_path, monkeypatch, capsys):
+    """`--features module:function`: every metric in the user's feature space (here: 16 mean-pooled pixel
+    blocks), recomputable from the written samples; a bad spec or a bad output shape is a one-line error."""
+    from ddm.app.cli import main
+    from ddm.data.shards import read_shard
+
+    (tmp_path / "myfeats.py").write_text(
+        "import numpy as np\n"
+        "def blocks(images):\n"
+        "    x = images.astype(np.float64).reshape(len(images), 4, 2, 4, 2).mean((2, 4))\n"
+        "    return x.reshape(len(images), -1)\n"
+        "def wrong(images):\n"
+        "    return np.zeros((3, 2))\n")
+    monkeypatch.chdir(tmp_path)  # the module is found in the working directory, as users keep theirs
+    run = trained_run_copy
+    args = ["evaluate", "--run-dir", str(run), "--n", "12", "--steps", "2", "--strategies", "top1", "--no-monolith"]
+    assert main([*args, "--features", "myfeats:blocks"]) == 0
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["featurenet"]["name"] == "myfeats:blocks" and report["featurenet"]["dim"] == 16
+    assert report["featurenet"]["metric_name"] == "FD in myfeats:blocks features"
+    import myfeats
+
+    real = myfeats.blocks(read_shard(str(run / "shards" / "holdout")))
+    with np.load(run / "eval" / "samples.npz") as samples:
+        fake = myfeats.blocks(samples["top1"])
+    np.testing.assert_allclose(report["results"]["top1"]["fd"], frechet_distance(real, fake), rtol=1e-9)
+    assert "the user's feature extractor `myfeats:blocks`" in (run / "eval" / "report.md").read_text()
+    capsys.readouterr()
+    for spec, message in [("myfeats", "module:function"), ("nosuchmodule:f", "cannot import 'nosuchmodule'"),
+                          ("myfeats:missing", "has no 'missing'"), ("myfeats:wrong", "must return [")]:
+        assert main([*args, "--features", spec]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (spec, err)
