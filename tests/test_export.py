@@ -122,3 +122,12 @@ def test_export_refuses_a_non_empty_folder_and_an_export(trained_run, exported, 
     assert "not empty" in err[0] and "already an export" in err[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # nothing written half-way
     assert (busy / "keep.txt").read_text() == "mine"
+
+
+def test_model_card_snippet_runs_on_the_export(exported, monkeypatch):
+    from test_docs import python_blocks
+
+    (block,) = python_blocks((exported / "README.md").read_text())
+    namespace: dict = {}
+    exec(compile(block.replace("THIS_FOLDER", str(exported)), "model card", "exec"), namespace)  # noqa: S102
+    assert namespace["result"].images.shape == (16, 8, 8, 1)
