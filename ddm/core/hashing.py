@@ -12,12 +12,16 @@ collide with an old hash:
   ``"{len(path)}:{path}\n{dtype name}\n{shape, comma-separated}\n{number of bytes}\n"`` followed by the
   leaf's little-endian C-order bytes. Only the key paths, dtypes, shapes and values count: the container
   types and the order in which a dict was filled do not, nor how a checkpoint lays the arrays out on disk.
+- `canonical_json(obj)`: the UTF-8 bytes of ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
+  ensure_ascii=True, allow_nan=False)``: keys sorted, no whitespace, non-ASCII as \\uXXXX escapes, floats as
+  Python's shortest round-trip repr. What signatures and commitments are computed over.
 """
 
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -31,6 +35,15 @@ def array_sha256(array: np.ndarray, tag: str) -> str:
     digest = hashlib.sha256(f"{tag}:{','.join(str(d) for d in arr.shape)}\n".encode("ascii"))
     digest.update(arr.tobytes())
     return digest.hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The canonical bytes of a JSON value (layout in the module docstring); DDMError for NaN / Inf or a value
+    JSON cannot hold."""
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as err:
+        raise DDMError(f"not canonical JSON: {err}") from None
 
 
 def images_sha256(images: np.ndarray) -> str:

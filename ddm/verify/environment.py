@@ -1,0 +1,57 @@
+"""The software and hardware that decide the bits of a generation, as a record states them.
+
+`ddm verify --mode auto` compares the claimant's environment (stored in its record) with its own: equal means
+the regeneration must be bitwise identical (exact mode), anything else is compared within calibrated
+tolerances. What is in it follows the measurements in docs/verification.md: the jax / jaxlib versions, the
+backend and device kind, the CPU, XLA flags and the numerics switches. Left out because they were measured not
+to change a bit: the device count (`--xla_force_host_platform_device_count`), thread counts and CPU affinity.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import jax
+import jaxlib
+
+IGNORED_XLA_FLAGS = ("--xla_force_host_platform_device_count",)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else whatever `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def xla_flags(text: str) -> str:
+    """XLA_FLAGS as the environment states them: tokens sorted, bit-neutral flags dropped."""
+    kept = [f for f in text.split() if f.split("=")[0] not in IGNORED_XLA_FLAGS]
+    return " ".join(sorted(kept))
+
+
+def environment(emulation: str | None = None) -> dict[str, str]:
+    """This process's environment: {"jax", "jaxlib", "backend", "device", "machine", "cpu", "xla_flags",
+    "matmul_precision", "x64", "threefry_partitionable"} as strings, plus "emulation" when given (a verifier
+    that emulates other hardware, e.g. "param_mantissa=10")."""
+    env = {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "xla_flags": xla_flags(os.environ.get("XLA_FLAGS", "")),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
+        "x64": str(bool(jax.config.jax_enable_x64)),
+        "threefry_partitionable": str(bool(jax.config.jax_threefry_partitionable)),
+    }
+    if emulation:
+        env["emulation"] = emulation
+    return env
