@@ -32,9 +32,11 @@ from ddm.router.train import train_router
 from ddm.sampling.export import export_run
 from ddm.sampling.request import Request
 from ddm.verify.claims import EvalSettings
+from ddm.verify.limits import VerifyLimits
 from ddm.verify.phash import format_hash_table, hash_files
 from ddm.verify.report import consensus_eval
-from ddm.verify.verdict import DEFAULT_THRESHOLD, format_verdict, verify_record
+from ddm.verify.signing import generate_keypair, key_id, load_public_key
+from ddm.verify.verdict import MODES, format_verdict, run_thresholds, verify_record
 from ddm.verify.worker import DEFAULT_VERIFIERS, VerifierSpec
 
 DEFAULT_CONFIG = "configs/digits.yaml"
@@ -131,10 +133,12 @@ def _request(args, cfg: Config) -> Request:
 
 
 def cmd_sample(args) -> int:
+    if args.key and not args.record:
+        raise DDMError("--key signs a verification record: pass --record too")
     run = _run(args)
     out = Path(args.out or run.samples_dir / "sample.png")
     sample_command(run, _request(args, run.config), out, record=Path(args.record) if args.record else None,
-                   png_dir=Path(args.png_dir) if args.png_dir else None)
+                   png_dir=Path(args.png_dir) if args.png_dir else None, key=Path(args.key) if args.key else None)
     return 0
 
 
@@ -176,10 +180,21 @@ def cmd_hash(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    verdict = verify_record(args.run_dir, args.record, threshold=threshold, overrides=args.set)
+    limits = VerifyLimits(max_n=args.max_n, max_steps=args.max_steps, max_image_steps=args.max_image_steps)
+    public_key = load_public_key(args.public_key) if args.public_key else None
+    thresholds = None
+    if any(v is not None for v in (args.threshold, args.max_abs, args.rms)):
+        thresholds = run_thresholds(_run(args), phash=args.threshold, max_abs=args.max_abs, rms=args.rms)
+    verdict = verify_record(args.run_dir, args.record, mode=args.mode, public_key=public_key, thresholds=thresholds,
+                            limits=limits, overrides=args.set)
     print(format_verdict(verdict))
     return 0 if verdict.honest else 1
+
+
+def cmd_keygen(args) -> int:
+    private, public = generate_keypair(args.out)
+    print(f"wrote {private} (private key, keep it secret) and {public} (public key, {key_id(load_public_key(public))})")
+    return 0
 
 
 def cmd_consensus_eval(args) -> int:
@@ -190,10 +205,12 @@ def cmd_consensus_eval(args) -> int:
         scales = tuple(float(v) for v in args.perturb_scale.split(","))
     except ValueError:
         raise DDMError(f"--perturb-scale must be comma-separated numbers, got {args.perturb_scale!r}") from None
+    copiers = () if args.copiers == "none" else tuple(c for c in args.copiers.split(",") if c)
     settings = EvalSettings(requests=args.requests, images=args.images, steps=args.steps, solver=args.solver,
                             strategy=args.strategy, seed=args.seed,
                             verifiers=tuple(specs[i % len(specs)] for i in range(args.verifiers)),
-                            perturb_scales=scales, pixel_noise=args.pixel_noise, parallel=args.parallel)
+                            perturb_scales=scales, pixel_noise=args.pixel_noise, parallel=args.parallel,
+                            copiers=copiers, margin=args.margin)
     consensus_eval(args.run_dir, settings, args.out, overrides=args.set)
     return 0
 
@@ -283,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample.png); an .npz is written beside")
     p.add_argument("--record", default=None, help="also write a verification record (JSON) here")
+    p.add_argument("--key", default=None, help="sign the record with this Ed25519 private key (ddm keygen)")
     _add_sample_outputs(p)
     p.set_defaults(func=cmd_sample)
 
@@ -299,11 +317,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="regenerate a verification record and judge it (exit 0 honest, 1 not)")
     p.add_argument("record", help="the verification record (JSON) written by ddm sample --record")
     _add_common(p)
-    p.add_argument("--threshold", type=int, default=None, help="max pHash Hamming distance per image")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="exact (bit for bit), tolerance (calibrated value drift), phash, or auto (default: exact "
+                        "when the record's environment is this verifier's, else tolerance)")
+    p.add_argument("--public-key", default=None, help="require a signature by this Ed25519 public key (KEY.pub)")
+    p.add_argument("--threshold", type=int, default=None, help="phash mode: max pHash Hamming distance per image")
+    p.add_argument("--max-abs", type=float, default=None, help="tolerance mode: max |dx| per image")
+    p.add_argument("--rms", type=float, default=None, help="tolerance mode: max RMS dx per image")
+    defaults = VerifyLimits()
+    p.add_argument("--max-n", type=int, default=defaults.max_n, help=f"refuse records of more images "
+                                                                   f"(default {defaults.max_n})")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps,
+                   help=f"refuse records of more solver steps (default {defaults.max_steps})")
+    p.add_argument("--max-image-steps", type=int, default=defaults.max_image_steps,
+                   help=f"refuse records whose n * steps is larger (default {defaults.max_image_steps})")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("consensus-eval", help="N verifier processes + majority vote on honest and tampered claims; "
-                                              "measures distance distributions and picks the threshold")
+    p = sub.add_parser("keygen", help="write a new Ed25519 key pair for signing records: KEY and KEY.pub")
+    p.add_argument("--out", required=True, help="the private key's path; the public key goes to OUT.pub")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("consensus-eval", help="N verifier processes (commit, then reveal) + majority vote on honest and "
+                                              "tampered claims; calibrates the verify thresholds")
     _add_common(p)
     p.add_argument("--verifiers", type=int, default=3, help="verifier processes (default 3)")
     p.add_argument("--verifier", action="append", default=[], metavar="SPEC",
@@ -319,8 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturb-scale", default="0.01,0.1",
                    help="expert parameter noise, relative to each tensor's RMS, comma-separated (default 0.01,0.1)")
     p.add_argument("--pixel-noise", type=float, default=8.0, help="std of pixel noise in uint8 levels (default 8)")
-    p.add_argument("--parallel", type=int, default=None, help="verifier processes at a time (default all)")
-    p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    p.add_argument("--parallel", type=int, default=None, help="verifier processes regenerating at a time "
+                                                                "(default all)")
+    p.add_argument("--copiers", default="reveal,commitment",
+                   help="copying verifiers (of verifier 0) that commit-reveal must catch: comma-separated among "
+                        "reveal, commitment, or none (default reveal,commitment)")
+    p.add_argument("--margin", type=float, default=2.0,
+                   help="tolerance thresholds = margin x the largest honest drift measured (default 2)")
+    p.add_argument("--out", default=None, help="output folder, thresholds included (default RUN/eval, where "
+                                               "ddm verify reads verify_thresholds.json)")
     p.set_defaults(func=cmd_consensus_eval)
     _add_export_and_config(sub)
     return parser

@@ -10,15 +10,21 @@ from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
 from ddm.sampling.outputs import save_outputs, save_pngs, usage_summary
 from ddm.sampling.request import Request, generate
+from ddm.verify.environment import environment
 from ddm.verify.records import make_record, write_record
+from ddm.verify.signing import key_id, load_private_key, sign_record
 
 logger = logging.getLogger(__name__)
 
 
 def sample_command(run: Run, request: Request, out: Path, *, record: Path | None = None,
-                   png_dir: Path | None = None) -> Path:
+                   png_dir: Path | None = None, key: Path | None = None) -> Path:
     """Generates `request` with the run's ensemble; writes `out` (PNG grid) and its .npz (and one PNG per image
-    into `png_dir`); returns the npz."""
+    into `png_dir`); returns the npz.
+
+    record: also write a verification record there; key: sign it with this Ed25519 private key (`ddm keygen`).
+    """
+    private_key = None if key is None else load_private_key(key)  # a bad key fails before any work
     ensemble = load_ensemble(run)
     t0 = time.perf_counter()
     result = generate(ensemble, request)
@@ -31,6 +37,10 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
         save_pngs(result.images, png_dir)
         logger.info(f"{request.n} PNGs -> {png_dir}")
     if record is not None:
-        write_record(record, make_record(run.sha256, request, result.images))
-        logger.info(f"verification record -> {record}")
+        rec = make_record(run.sha256, request, result.x, environment())
+        if private_key is not None:
+            rec = sign_record(rec, private_key)
+        write_record(record, rec)
+        signed = "" if private_key is None else f", signed by {key_id(private_key.public_key())}"
+        logger.info(f"verification record -> {record}{signed}")
     return npz

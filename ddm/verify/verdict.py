@@ -1,63 +1,179 @@
-"""`ddm verify`: regenerate a record's claimed output and judge it.
+"""`ddm verify`: judge a record by regenerating its request, in one of three modes.
 
-A verifier regenerates from the record's request and compares per image. Bitwise equality
-(same SHA-256) is expected on the same software and hardware; across hardware, tiny float differences may
-flip a few pixels, so an image passes when its pHash Hamming distance is within the threshold. The default
-threshold comes from measured distributions (docs/verification.md, `ddm consensus-eval`).
+A record is honest only if (1) its signature passes (`ddm.verify.signing`; required with --public-key), (2) it
+is consistent: its batch digest and every per-image sha256 / pHash / dHash are the digests of its own values
+(`ddm.verify.records.contradictions`), and (3) every image agrees with the regeneration under the mode:
+
+- exact: the regenerated values are bit for bit the claimed ones (so are the images, the batch digest and
+  every hash). For a verifier on the claimant's software and hardware;
+- tolerance: per image, max |dx| <= max_abs and RMS dx <= rms between regenerated and claimed values (float32,
+  model range), with thresholds calibrated from honest cross-hardware drift (`ddm consensus-eval`);
+- phash: per image, pHash Hamming distance <= phash bits (the old perceptual check, blind to small changes on
+  8x8 images: docs/verification.md);
+- auto (the default): exact when the claimant's environment (in the record) equals this verifier's
+  (`ddm.verify.environment`), else tolerance.
+
+(1) and (2) need no model: a record that fails them is judged without regenerating anything. dHash is part of
+the verdict only through (2); the distances each mode does not use are printed for information, labelled so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from ddm.core.errors import DDMError
-from ddm.core.hashing import images_sha256
+from ddm.core.hashing import canonical_json
+from ddm.core.images import to_uint8
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
-from ddm.sampling.request import generate
-from ddm.verify.phash import HASH_BITS, hamming, hex_to_hash, perceptual_hashes
-from ddm.verify.records import read_record
+from ddm.sampling.request import Request, generate
+from ddm.verify.environment import environment
+from ddm.verify.limits import DEFAULT_LIMITS, VerifyLimits
+from ddm.verify.phash import hamming, hex_to_hash, perceptual_hashes
+from ddm.verify.records import claimed_values, contradictions, read_record
+from ddm.verify.signing import SignatureCheck, check_signature
+from ddm.verify.thresholds import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, Thresholds, read_thresholds
 
-# The largest pHash Hamming distance per image that still passes. Picked by `ddm consensus-eval` on runs/digits
-# (32 requests x 16 images, heun 30 steps): honest regenerations <= 2 bits, nearest different images >= 2 bits;
-# see docs/verification.md for the distributions and the rule.
-DEFAULT_THRESHOLD = 2
+__all__ = ["DEFAULT_THRESHOLD", "MODES", "ImageCheck", "Verdict", "Verifier", "compare", "format_verdict",
+           "verify_record"]
+
+MODES = ("auto", "exact", "tolerance", "phash")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
+class ImageCheck:
+    """One image, claimed vs regenerated. identical: the float32 values are bit for bit equal. phash, dhash:
+    Hamming distances of the perceptual hashes of the two uint8 images. max_abs, rms: of the value difference
+    (inf when a regenerated value is not finite)."""
+
+    identical: bool
+    phash: int
+    dhash: int
+    max_abs: float
+    rms: float
+
+    def passes(self, mode: str, thresholds: Thresholds) -> bool:
+        if mode == "exact":
+            return self.identical
+        if mode == "tolerance":
+            return self.max_abs <= thresholds.max_abs and self.rms <= thresholds.rms
+        if mode == "phash":
+            return self.phash <= thresholds.phash
+        raise DDMError(f"mode {mode!r} is not one of exact, tolerance, phash")
+
+
+def value_distances(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image max |a - b| and RMS(a - b) of float batches [n, ...]: two float64 [n]; inf where either is
+    not finite (NaN never compares as small)."""
+    diff = (np.asarray(a, np.float64) - np.asarray(b, np.float64)).reshape(len(a), -1)
+    finite = np.isfinite(diff).all(axis=1)
+    diff = np.where(np.isfinite(diff), diff, 0.0)
+    max_abs = np.where(finite, np.abs(diff).max(axis=1), np.inf)
+    rms = np.where(finite, np.sqrt(np.mean(diff * diff, axis=1)), np.inf)
+    return max_abs, rms
+
+
+def image_checks(claimed: np.ndarray, regenerated: np.ndarray) -> list[ImageCheck]:
+    """Per-image comparison of two float32 batches [n, H, W, C] (claimed, regenerated)."""
+    claimed, regenerated = np.asarray(claimed, np.float32), np.asarray(regenerated, np.float32)
+    if claimed.shape != regenerated.shape:
+        raise DDMError(f"regenerated values have shape {list(regenerated.shape)}, the record claims "
+                       f"{list(claimed.shape)}")
+    n = len(claimed)
+    same = (claimed.view(np.uint32) == regenerated.view(np.uint32)).reshape(n, -1).all(axis=1)
+    # a non-finite regeneration never passes (value_distances); hash it as zeros rather than cast NaN to uint8
+    ha, hb = perceptual_hashes(to_uint8(claimed)), perceptual_hashes(to_uint8(np.nan_to_num(regenerated)))
+    max_abs, rms = value_distances(claimed, regenerated)
+    return [ImageCheck(identical=bool(same[i]),
+                       phash=hamming(hex_to_hash(ha[i]["phash"]), hex_to_hash(hb[i]["phash"])),
+                       dhash=hamming(hex_to_hash(ha[i]["dhash"]), hex_to_hash(hb[i]["dhash"])),
+                       max_abs=float(max_abs[i]), rms=float(rms[i])) for i in range(n)]
+
+
+def resolve_mode(mode: str, claimant_env: dict | None, verifier_env: dict | None) -> tuple[str, str]:
+    """(exact | tolerance | phash, why): auto is exact when both environments are known and equal."""
+    if mode not in MODES:
+        raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode, "chosen"
+    if verifier_env is not None and claimant_env == verifier_env:
+        return "exact", "auto: the claimant's environment is this verifier's"
+    differ = sorted(k for k in set(claimant_env or {}) | set(verifier_env or {})
+                    if (claimant_env or {}).get(k) != (verifier_env or {}).get(k))
+    return "tolerance", f"auto: environments differ in {', '.join(differ) or 'unknown fields'}"
+
+
+def describe_claim(record: dict, signer: str | None) -> str:
+    """Who claimed what, in one line."""
+    r = record["request"]
+    extra = "".join(f" {k}={r[k]}" for k in ("labels", "cfg_scale") if r.get(k) is not None)
+    return (f"{signer or 'an unsigned claimant'} claims {r['n']} images {record['shape'][1:]} of run "
+            f"{record['manifest_sha256'][:16]}: seed={r['seed']} strategy={r['strategy']} steps={r['steps']} "
+            f"solver={r['solver']}{extra}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Verdict:
+    """honest: the record passed every check. mode: exact | tolerance | phash (auto resolved; mode_reason says
+    why). checks: per image (empty when the record failed before regeneration). problems: why it is not
+    honest, one line each."""
+
     honest: bool
-    exact: bool  # bitwise-identical batch
-    distances: list[int]  # pHash Hamming distance per image
-    dhash_distances: list[int]
-    threshold: int
+    mode: str
+    mode_reason: str
+    thresholds: Thresholds
+    checks: tuple[ImageCheck, ...]
+    problems: tuple[str, ...]
+    claim: str
+    signature: str
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.checks) and all(c.identical for c in self.checks)
 
     def to_json(self) -> dict:
-        return {"honest": self.honest, "exact": self.exact, "distances": self.distances,
-                "dhash_distances": self.dhash_distances, "threshold": self.threshold}
+        return {"honest": self.honest, "mode": self.mode, "mode_reason": self.mode_reason,
+                "thresholds": self.thresholds.to_json(), "exact": self.exact,
+                "images": [dataclasses.asdict(c) for c in self.checks], "problems": list(self.problems),
+                "claim": self.claim, "signature": self.signature}
 
 
-def hash_distances(record: dict, hashes: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Per-image (pHash, dHash) Hamming distances between a record's hashes and `hashes` (same layout)."""
-    if len(hashes) != len(record["images"]):
-        raise DDMError(f"{len(hashes)} image hashes to compare with a record of {len(record['images'])}")
-    dp = [hamming(hex_to_hash(a["phash"]), hex_to_hash(b["phash"])) for a, b in zip(record["images"], hashes)]
-    dd = [hamming(hex_to_hash(a["dhash"]), hex_to_hash(b["dhash"])) for a, b in zip(record["images"], hashes)]
-    return dp, dd
+def decide(checks: list[ImageCheck] | None, problems: list[str], mode: str,
+           thresholds: Thresholds) -> tuple[bool, list[str]]:
+    """(honest, problems) of a record under a resolved mode: any earlier problem, or any image that fails."""
+    problems = list(problems)
+    if checks is None:
+        return False, problems or ["not regenerated"]
+    failed = [i for i, c in enumerate(checks) if not c.passes(mode, thresholds)]
+    if failed:
+        problems.append(f"{len(failed)} of {len(checks)} images fail {mode} mode (images {failed[:8]}"
+                        f"{' ...' if len(failed) > 8 else ''})")
+    return not problems, problems
 
 
-def compare(record: dict, images: np.ndarray, threshold: int = DEFAULT_THRESHOLD) -> Verdict:
-    """Judges a claim against regenerated images: uint8 [n, H, W, C]. Honest when the batch is bitwise
-    identical or every image's pHash is within `threshold` bits of the claimed one."""
-    if list(images.shape) != list(record["shape"]):
-        raise DDMError(f"regenerated images have shape {list(images.shape)}, the record claims {record['shape']}")
-    dp, dd = hash_distances(record, perceptual_hashes(images))
-    exact = images_sha256(images) == record["sha256"]
-    return Verdict(honest=exact or max(dp) <= threshold, exact=exact, distances=dp, dhash_distances=dd,
-                   threshold=threshold)
+def record_problems(record: dict, signature: SignatureCheck | None = None) -> list[str]:
+    """What is wrong with a validated record before any regeneration: a failed signature, contradictions."""
+    problems = [] if signature is None or signature.ok else [f"signature: {signature.message}"]
+    return problems + [f"contradictory record: {p}" for p in contradictions(record, claimed_values(record))]
+
+
+def compare(record: dict, regenerated: np.ndarray | None, *, mode: str = "exact",
+            thresholds: Thresholds = DEFAULT_THRESHOLDS, verifier_env: dict | None = None,
+            signature: SignatureCheck | None = None) -> Verdict:
+    """Judges a validated record against regenerated values (float32 [n, H, W, C], the final ODE state; None
+    when the verifier did not regenerate) under `mode` (auto needs `verifier_env`)."""
+    problems = record_problems(record, signature)
+    claimed = claimed_values(record)
+    resolved, reason = resolve_mode(mode, record.get("environment"), verifier_env)
+    checks = None if regenerated is None else image_checks(claimed, regenerated)
+    honest, problems = decide(checks, problems, resolved, thresholds)
+    signer = None if signature is None else signature.signer
+    return Verdict(honest=honest, mode=resolved, mode_reason=reason, thresholds=thresholds,
+                   checks=tuple(checks or ()), problems=tuple(problems), claim=describe_claim(record, signer),
+                   signature="not checked" if signature is None else signature.message)
 
 
 def check_record_fits_run(record: dict, run: Run) -> None:
@@ -72,24 +188,97 @@ def check_record_fits_run(record: dict, run: Run) -> None:
         raise DDMError(f"record claims images of shape {record['shape'][1:]}, but run {run_dir} makes {image_shape}")
 
 
-def verify_record(run_dir: str, record_path: str | Path, *, threshold: int = DEFAULT_THRESHOLD,
-                  overrides=()) -> Verdict:
-    """Regenerates the record's request on `run_dir` and compares. DDMError if the record is malformed or the
-    run does not match it (manifest SHA-256, image shape, a checkpoint that fails its SHA-256 pin)."""
-    if not isinstance(threshold, int) or not 0 <= threshold <= HASH_BITS:
-        raise DDMError(f"threshold must be an integer in [0, {HASH_BITS}], got {threshold!r}")
-    record, request = read_record(record_path)
+def run_thresholds(run: Run, **flags) -> Thresholds:
+    """The thresholds for verifying on `run`: its calibration file (else the defaults), with any of phash /
+    max_abs / rms given in `flags` (not None) replacing the stored value."""
+    base = read_thresholds(run.eval_dir, run.sha256) or Thresholds()
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return base
+    names = ", ".join("--" + name.replace("_", "-") for name in given)
+    return dataclasses.replace(base, **given, source=f"{base.source}, with {names}")
+
+
+class Verifier:
+    """A run opened once for many records (a verifier serving a network, or the fuzz benchmark): the ensemble
+    loads on first use and each distinct request is regenerated once.
+
+    mode: auto | exact | tolerance | phash. public_key: an Ed25519 public key every record must be signed by
+    (None: unsigned records pass). thresholds: None for `run_thresholds(run)`. limits: what a record may ask.
+    """
+
+    def __init__(self, run: Run, *, mode: str = "auto", public_key=None, thresholds: Thresholds | None = None,
+                 limits: VerifyLimits = DEFAULT_LIMITS):
+        if mode not in MODES:
+            raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        self.run, self.mode, self.public_key, self.limits = run, mode, public_key, limits
+        self.thresholds = thresholds or run_thresholds(run)
+        self.environment = environment()
+        self._ensemble = None
+        self._regenerated: dict[bytes, np.ndarray] = {}
+
+    def regenerate(self, request: Request) -> np.ndarray:
+        """The run's output for `request`: float32 [n, H, W, C] final ODE state (cached per request)."""
+        key = canonical_json(request.to_json())
+        if key not in self._regenerated:
+            if self._ensemble is None:
+                self._ensemble = load_ensemble(self.run)
+            self._regenerated[key] = generate(self._ensemble, request).x
+        return self._regenerated[key]
+
+    def verify(self, record_path: str | Path, *, mode: str | None = None) -> Verdict:
+        """Reads, checks and (when signature and consistency pass) regenerates one record, in `mode` (default:
+        the verifier's). DDMError if the record is malformed or beyond the limits, or the run does not match it
+        (manifest SHA-256, image shape, a checkpoint that fails its SHA-256 pin)."""
+        mode = self.mode if mode is None else mode
+        if mode not in MODES:
+            raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        record, request = read_record(record_path, self.limits)
+        signature = check_signature(record, self.public_key)
+        check_record_fits_run(record, self.run)
+        # a bad signature or a contradictory record is judged without regenerating anything
+        regenerated = None if record_problems(record, signature) else self.regenerate(request)
+        return compare(record, regenerated, mode=mode, thresholds=self.thresholds,
+                       verifier_env=self.environment, signature=signature)
+
+
+def verify_record(run_dir: str, record_path: str | Path, *, mode: str = "auto", public_key=None,
+                  thresholds: Thresholds | None = None, limits: VerifyLimits = DEFAULT_LIMITS, overrides=()) -> Verdict:
+    """`ddm verify`: one record against `run_dir` (see `Verifier`)."""
+    if mode not in MODES:
+        raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    record_path = Path(record_path)
+    read_record(record_path, limits)  # the cheap checks before the run is opened
     run = Run.open(run_dir, overrides)
-    check_record_fits_run(record, run)
-    return compare(record, generate(load_ensemble(run), request).images, threshold)
+    return Verifier(run, mode=mode, public_key=public_key, thresholds=thresholds, limits=limits).verify(record_path)
+
+
+def _fmt(x: float) -> str:
+    return "inf" if not np.isfinite(x) else f"{x:.1e}"
 
 
 def format_verdict(verdict: Verdict) -> str:
-    lines = [f"{'image':>5}  {'phash dist':>10}  {'dhash dist':>10}  verdict"]
-    for i, (dp, dd) in enumerate(zip(verdict.distances, verdict.dhash_distances)):
-        t = verdict.threshold
-        lines.append(f"{i:>5}  {dp:>10}  {dd:>10}  {f'ok (<= {t})' if dp <= t else f'MISMATCH (> {t})'}")
-    overall = "HONEST" if verdict.honest else "NOT HONEST"
-    lines.append(f"overall: {overall} ({'bitwise identical' if verdict.exact else 'not bitwise identical'}, "
-                 f"max pHash distance {max(verdict.distances)}, threshold {verdict.threshold})")
+    t = verdict.thresholds
+    rule = {"exact": "bit for bit", "tolerance": f"max|dx| <= {t.max_abs:g} and rms <= {t.rms:g}",
+            "phash": f"pHash distance <= {t.phash}"}[verdict.mode]
+    lines = [f"claim: {verdict.claim}", f"signature: {verdict.signature}",
+             f"mode: {verdict.mode} ({verdict.mode_reason}); passes when {rule}; thresholds from {t.source}"]
+    if verdict.checks:
+        lines.append(f"{'image':>5}  {'bitwise':>7}  {'pHash':>5}  {'max|dx|':>8}  {'rms dx':>8}  verdict "
+                     f"(dHash distance, not judged)")
+        for i, c in enumerate(verdict.checks):
+            ok = "ok" if c.passes(verdict.mode, t) else "MISMATCH"
+            lines.append(f"{i:>5}  {'yes' if c.identical else 'no':>7}  {c.phash:>5}  {_fmt(c.max_abs):>8}  "
+                         f"{_fmt(c.rms):>8}  {ok} ({c.dhash})")
+    for p in verdict.problems:
+        lines.append(f"problem: {p}")
+    if verdict.honest:
+        checks = verdict.checks
+        detail = {"exact": "bitwise identical",
+                  "tolerance": f"max|dx| {_fmt(max(c.max_abs for c in checks))}, max rms "
+                               f"{_fmt(max(c.rms for c in checks))}",
+                  "phash": f"max pHash distance {max(c.phash for c in checks)}"}[verdict.mode]
+        lines.append(f"overall: HONEST ({verdict.mode} mode: {detail})")
+    else:
+        lines.append(f"overall: NOT HONEST ({verdict.problems[0]})")
     return "\n".join(lines)
