@@ -1,25 +1,42 @@
-"""The analysis of `ddm consensus-eval`: distance distributions, the threshold rule, and vote rates.
+"""The analysis of `ddm consensus-eval`: distance distributions, the threshold rules, and vote rates per mode.
 
-Distances are pooled per claim kind; the threshold is picked by `pick_threshold`, and every threshold is scored
-with one verifier (mean over verifiers), the majority of N (a claim fails when more than half of the verifiers
-reject it), and the majority with one Byzantine verifier that votes the wrong way on every claim (worst case
-over which verifier it is). A verifier rejects a claim when any image's pHash distance exceeds the threshold
-(as `ddm verify` does).
+Only verifiers whose reveal matched their commitment vote (`ddm.verify.commit`). Distances are pooled per claim
+kind. The pHash threshold is picked by `pick_threshold` and scored at every value 0..64; the tolerance
+thresholds by `pick_tolerance` from honest drift alone (the attacks are measured, never used to tune). Every
+mode (exact, tolerance, phash, and auto: exact for a verifier whose environment is the claimant's, else
+tolerance) is scored with one verifier (mean over verifiers), the majority of N (a claim fails when more than
+half reject it), and the majority with one Byzantine verifier that votes the wrong way on every claim (worst
+case over which verifier it is). A verifier's verdict on a claim is `ddm verify`'s: the record is consistent
+and every image passes the mode (`ddm.verify.verdict.ImageCheck.passes`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from ddm.verify.claims import HONEST_KINDS, INTRA_KIND
 from ddm.verify.phash import HASH_BITS
+from ddm.verify.thresholds import Thresholds
+from ddm.verify.verdict import ImageCheck
+
+MODES_SCORED = ("exact", "tolerance", "phash", "auto")
+# Tolerance thresholds never go below these, even when every measured verifier was bitwise identical: the
+# drift of fast-math XLA on CPU (max |dx| 8.9e-5, RMS 1.1e-5 measured on runs/digits) must still pass.
+TOLERANCE_FLOOR = (1e-4, 2.5e-5)
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.uint64)
     return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1).astype(np.int64)
+
+
+def _different_noise(gallery: list[dict]) -> np.ndarray:
+    """[N, N] bool: pairs of gallery images made from different noise (a collision if they match)."""
+    noise = np.array([g["noise"] for g in gallery], np.int64)  # [N, 2]: (seed, index in the request)
+    return ~((noise[:, None, 0] == noise[None, :, 0]) & (noise[:, None, 1] == noise[None, :, 1]))
 
 
 def nearest_neighbours(gallery: list[dict]) -> dict[str, list[int]]:
@@ -28,33 +45,59 @@ def nearest_neighbours(gallery: list[dict]) -> dict[str, list[int]]:
     if len(gallery) < 2:
         return {"same_cluster": [], "any": []}
     hashes = np.array([int(g["phash"], 16) for g in gallery], np.uint64)
-    noise = np.array([g["noise"] for g in gallery], np.int64)  # [N, 2]: (seed, index in the request)
-    same_noise = (noise[:, None, 0] == noise[None, :, 0]) & (noise[:, None, 1] == noise[None, :, 1])
+    other = _different_noise(gallery)
     clusters = np.array([-1 if g["cluster"] is None else g["cluster"] for g in gallery])
     dist = _popcount(hashes[:, None] ^ hashes[None, :])
     big = HASH_BITS + 1
-    any_ = np.where(same_noise, big, dist).min(1)
-    same = np.where(same_noise | (clusters[:, None] != clusters[None, :]) | (clusters[:, None] < 0), big, dist)
+    any_ = np.where(other, dist, big).min(1)
+    same = np.where(~other | (clusters[:, None] != clusters[None, :]) | (clusters[:, None] < 0), big, dist)
     same = same.min(1)[clusters >= 0]
     return {"same_cluster": [int(d) for d in same if d < big], "any": [int(d) for d in any_ if d < big]}
+
+
+def value_nearest_neighbours(gallery: list[dict], chunk: int = 32) -> dict[str, list[float]]:
+    """For each gallery image, the smallest max |dx| and the smallest RMS dx to an image made from different
+    noise (each minimum taken on its own), from the images' values."""
+    if len(gallery) < 2:
+        return {"max_abs": [], "rms": []}
+    x = np.stack([np.asarray(g["x"], np.float32).reshape(-1) for g in gallery])  # [N, D]
+    other = _different_noise(gallery)
+    best_abs, best_rms = [], []
+    for start in range(0, len(x), chunk):
+        diff = x[start:start + chunk, None, :] - x[None, :, :]  # [c, N, D]
+        mask = other[start:start + chunk]
+        best_abs += np.where(mask, np.abs(diff).max(-1), np.inf).min(1).tolist()
+        best_rms += np.where(mask, np.sqrt(np.mean(diff * diff, -1)), np.inf).min(1).tolist()
+    return {"max_abs": [v for v in best_abs if np.isfinite(v)], "rms": [v for v in best_rms if np.isfinite(v)]}
 
 
 def _stats(values) -> dict:
     v = np.asarray(list(values), np.float64)
     if v.size == 0:
         return {"count": 0}
-    return {"count": int(v.size), "min": int(v.min()), "p5": float(np.percentile(v, 5)),
-            "median": float(np.median(v)), "mean": round(float(v.mean()), 3), "p95": float(np.percentile(v, 95)),
-            "max": int(v.max())}
+    whole = bool(np.all(v == np.round(v)) and np.isfinite(v).all())
+    num = (lambda a: int(a)) if whole else (lambda a: float(f"{a:.4g}"))
+    return {"count": int(v.size), "min": num(v.min()), "p5": float(np.percentile(v, 5)),
+            "median": float(np.median(v)), "mean": round(float(v.mean()), 6), "p95": float(np.percentile(v, 95)),
+            "max": num(v.max())}
 
 
 def _histogram(values) -> list[int]:
     return np.bincount(np.asarray(list(values), np.int64), minlength=HASH_BITS + 1).tolist()
 
 
+LOG_EDGES = np.arange(-8.0, 1.01, 0.25)  # log10 bins of value distances (0 falls in the first, inf in the last)
+
+
+def _log_histogram(values) -> list[int]:
+    v = np.asarray(list(values), np.float64)
+    logs = np.log10(np.clip(np.where(np.isfinite(v), v, 10.0), 10.0 ** LOG_EDGES[0], 10.0 ** LOG_EDGES[-1]))
+    return np.histogram(logs, LOG_EDGES)[0].tolist()
+
+
 def pick_threshold(honest: list[int], intra: list[int]) -> dict:
-    """The threshold rule (docs/verification.md), from per-image pHash distances of honest regenerations and
-    of intra-class collisions (different noise, same cluster, and nearest neighbours).
+    """The pHash threshold rule (docs/verification.md), from per-image pHash distances of honest regenerations
+    and of intra-class collisions (different noise, same cluster, and nearest neighbours).
 
     - largest_zero_false_accept = min(intra) - 1: the largest threshold that accepts no measured collision;
     - if that is >= max(honest) the sets separate, and the recommended threshold is the midpoint
@@ -83,15 +126,42 @@ def pick_threshold(honest: list[int], intra: list[int]) -> dict:
             "separable": False, "recommended": int(np.argmin(cost))}
 
 
-def vote_rates(max_dist: np.ndarray, threshold: int, *, honest: bool) -> dict[str, float]:
-    """Rejection rates of claims at `threshold`.
+def pick_tolerance(honest_max_abs: list[float], honest_rms: list[float], intra_max_abs: list[float],
+                   intra_rms: list[float], margin: float = 2.0) -> dict:
+    """The tolerance thresholds rule, per image, from value distances of honest regenerations (across the
+    verifiers' setups) and of intra-class collisions (images from different noise).
 
-    max_dist: [V, C] each verifier's largest per-image pHash distance for each claim (a verifier rejects when
-    it exceeds the threshold). honest: whether these claims are honest (the Byzantine verifier then rejects
-    them; otherwise it accepts them). Returns single (mean over verifiers), majority (more than half reject)
-    and byzantine (majority with one verifier voting the wrong way; worst case over which one).
+    Each threshold is margin x the largest honest distance (room for drift the verifiers did not show), raised to
+    `TOLERANCE_FLOOR`. If that would accept an intra-class image (max |dx| and RMS both within), each threshold
+    is lowered to the geometric midpoint of the honest maximum and the intra-class minimum, when that still
+    lies above the honest maximum ("separable"); otherwise the sets overlap and no threshold is safe.
     """
-    reject = np.asarray(max_dist) > threshold  # [V, C]
+    h_abs = max(honest_max_abs, default=0.0)
+    h_rms = max(honest_rms, default=0.0)
+    t_abs = max(margin * h_abs, TOLERANCE_FLOOR[0])
+    t_rms = max(margin * h_rms, TOLERANCE_FLOOR[1])
+    i_abs, i_rms = min(intra_max_abs, default=math.inf), min(intra_rms, default=math.inf)
+    rule = f"{margin:g} x the largest honest distance (floor {TOLERANCE_FLOOR[0]:g} / {TOLERANCE_FLOOR[1]:g})"
+    collides = any(a <= t_abs and r <= t_rms for a, r in zip(intra_max_abs, intra_rms))
+    separable = h_abs < i_abs or h_rms < i_rms
+    if collides and separable:
+        t_abs = min(t_abs, math.sqrt(max(h_abs, 1e-12) * i_abs)) if h_abs < i_abs else t_abs
+        t_rms = min(t_rms, math.sqrt(max(h_rms, 1e-12) * i_rms)) if h_rms < i_rms else t_rms
+        rule += ", lowered to the geometric midpoint below the closest intra-class image"
+    return {"rule": rule, "margin": margin, "honest_max_abs": h_abs, "honest_max_rms": h_rms,
+            "intra_min_max_abs": None if math.isinf(i_abs) else i_abs,
+            "intra_min_rms": None if math.isinf(i_rms) else i_rms, "separable": separable,
+            "max_abs": float(f"{t_abs:.3g}"), "rms": float(f"{t_rms:.3g}")}
+
+
+def vote_rates(reject: np.ndarray, *, honest: bool) -> dict[str, float]:
+    """Rejection rates of claims from each verifier's votes.
+
+    reject: [V, C] bool, verifier v rejects claim c. honest: whether these claims are honest (the Byzantine
+    verifier then rejects them; otherwise it accepts them). Returns single (mean over verifiers), majority (more
+    than half reject) and byzantine (majority with one verifier voting the wrong way; worst case over which).
+    """
+    reject = np.asarray(reject, bool)
     n_verifiers = reject.shape[0]
     single = float(reject.mean())
     majority = float((reject.sum(0) * 2 > n_verifiers).mean())
@@ -104,59 +174,141 @@ def vote_rates(max_dist: np.ndarray, threshold: int, *, honest: bool) -> dict[st
     return {"single": round(single, 4), "majority": round(majority, 4), "byzantine": round(byzantine, 4)}
 
 
-def analyse(claims: list[dict], outputs: list[dict], gallery: list[dict]) -> dict:
-    """Distributions, threshold pick and per-threshold rates from the claims and the verifiers' outputs."""
+def _checks(result: dict) -> list[ImageCheck]:
+    d = result["distances"]
+    inf = math.inf
+    return [ImageCheck(identical=s, phash=p, dhash=q, max_abs=inf if a is None else a, rms=inf if r is None else r)
+            for s, p, q, a, r in zip(d["identical"], d["phash"], d["dhash"], d["max_abs"], d["rms"])]
+
+
+def image_passes(result: dict, mode: str, thresholds: Thresholds) -> list[bool]:
+    """Per image of one verifier's result on one claim: whether it passes `mode` (auto: the verifier's)."""
+    mode = result["auto_mode"] if mode == "auto" else mode
+    return [c.passes(mode, thresholds) for c in _checks(result)]
+
+
+def claim_rejected(result: dict, mode: str, thresholds: Thresholds) -> bool:
+    """Whether a verifier rejects a claim in `mode` at `thresholds`, as `ddm verify` would."""
+    return not (result["consistent"] and all(image_passes(result, mode, thresholds)))
+
+
+def _rate_bound(misses: int, total: int) -> float | None:
+    """95% upper bound on a rate of which `misses` of `total` were seen (exact for 0: the rule of three)."""
+    if total == 0:
+        return None
+    if misses == 0:
+        return round(1 - 0.05 ** (1 / total), 6)
+    return None
+
+
+def analyse(claims: list[dict], reveals: list[dict], reveal_checks: list[dict], gallery: list[dict],
+            margin: float = 2.0) -> dict:
+    """Distributions, threshold picks and per-mode rates from the claims and the verifiers' reveals; only
+    verifiers that passed commit-reveal count."""
+    voters = [i for i, c in enumerate(reveal_checks) if c["ok"]]
     kinds = list(dict.fromkeys(c["kind"] for c in claims))
-    by_id = [{r["id"]: r for r in out["results"]} for out in outputs]
-    per_image: dict[str, list[int]] = {k: [] for k in kinds}
-    per_image_dhash: dict[str, list[int]] = {k: [] for k in kinds}
-    max_dist: dict[str, np.ndarray] = {}
-    image_dist: dict[str, np.ndarray] = {}  # [V, images of all claims of the kind]
-    exact: dict[str, list[float]] = {}
+    by_id = [{r["claim"]: r for r in reveals[v]["results"]} for v in voters]
+    rows: dict[str, list[list[dict]]] = {}  # kind -> [V][C] results
+    per_image: dict[str, dict[str, list]] = {}
     for kind in kinds:
         ids = [c["id"] for c in claims if c["kind"] == kind]
-        rows = [[results[i] for i in ids] for results in by_id]  # [V][C]
-        max_dist[kind] = np.array([[max(r["phash"]) for r in row] for row in rows])
-        image_dist[kind] = np.array([[d for r in row for d in r["phash"]] for row in rows])
-        for row in rows:
+        rows[kind] = [[results[i] for i in ids] for results in by_id]
+        pooled = {"phash": [], "dhash": [], "max_abs": [], "rms": []}
+        for row in rows[kind]:
             for r in row:
-                per_image[kind] += r["phash"]
-                per_image_dhash[kind] += r["dhash"]
-        exact[kind] = [round(float(np.mean([r["exact"] for r in row])), 4) for row in rows]
-    nn = nearest_neighbours(gallery)
-    honest_images = [d for k in HONEST_KINDS if k in per_image for d in per_image[k]]
-    intra_images = per_image.get(INTRA_KIND, []) + nn["same_cluster"] + nn["any"]
-    pick = pick_threshold(honest_images, intra_images)
+                for key in pooled:
+                    pooled[key] += [math.inf if v is None else v for v in r["distances"][key]]
+        per_image[kind] = pooled
+    exact = {k: [round(float(np.mean([all(r["distances"]["identical"]) for r in row])), 4) for row in rows[k]]
+             for k in kinds}
 
-    table = []
+    nn = nearest_neighbours(gallery)
+    value_nn = value_nearest_neighbours(gallery)
+    honest = [k for k in HONEST_KINDS if k in per_image]
+    pick = pick_threshold([d for k in honest for d in per_image[k]["phash"]],
+                          per_image.get(INTRA_KIND, {}).get("phash", []) + nn["same_cluster"] + nn["any"])
+    intra = per_image.get(INTRA_KIND, {"max_abs": [], "rms": []})
+    tol = pick_tolerance([d for k in honest for d in per_image[k]["max_abs"]],
+                         [d for k in honest for d in per_image[k]["rms"]],
+                         intra["max_abs"] + value_nn["max_abs"], intra["rms"] + value_nn["rms"], margin)
+    thresholds = Thresholds(phash=pick["recommended"], max_abs=tol["max_abs"], rms=tol["rms"],
+                            source="consensus-eval calibration")
+
+    # pHash at every threshold (the rule's input and the sweep in docs/verification.md). A verifier rejects a
+    # claim in phash mode when it is inconsistent or its largest pHash distance exceeds the threshold.
+    worst = {k: np.array([[max(r["distances"]["phash"]) if r["consistent"] else HASH_BITS + 1 for r in vrow]
+                          for vrow in rows[k]]) for k in kinds}
+    tampered = [k for k in kinds if k not in HONEST_KINDS]
+    per_threshold = []
     for t in range(HASH_BITS + 1):
+        at = Thresholds(phash=t, max_abs=thresholds.max_abs, rms=thresholds.rms)
         row: dict[str, Any] = {"threshold": t}
         for kind in kinds:
-            rates = vote_rates(max_dist[kind], t, honest=kind in HONEST_KINDS)
-            row[kind] = rates
-        # intra-class false accepts per image: one image claimed as another made from different noise
-        img = image_dist.get(INTRA_KIND)
-        fa = {} if img is None else vote_rates(img, t, honest=False)
-        row["intra_false_accept_per_image"] = {
-            **{m: round(1.0 - v, 4) for m, v in fa.items()},
-            "nearest_neighbour": round(float(np.mean(np.asarray(nn["any"]) <= t)), 4) if nn["any"] else None,
-        }
-        tampered = [k for k in kinds if k not in HONEST_KINDS]
+            row[kind] = vote_rates(worst[kind] > t, honest=kind in HONEST_KINDS)
+        row["intra_false_accept_per_image"] = _intra_false_accepts(rows, "phash", at, nn["any"], [])
         if tampered:
-            pooled = np.concatenate([max_dist[k] for k in tampered], axis=1)
-            row["all_attacks"] = vote_rates(pooled, t, honest=False)
-        table.append(row)
+            row["all_attacks"] = vote_rates(np.concatenate([worst[k] > t for k in tampered], axis=1), honest=False)
+        per_threshold.append(row)
+
+    modes = {}
+    for mode in MODES_SCORED:
+        table = {}
+        for kind in kinds:
+            reject = np.array([[claim_rejected(r, mode, thresholds) for r in vrow] for vrow in rows[kind]])
+            rates = vote_rates(reject, honest=kind in HONEST_KINDS)
+            count = reject.shape[1]
+            misses = int((reject.sum(0) * 2 <= reject.shape[0]).sum()) if kind not in HONEST_KINDS else \
+                int((reject.sum(0) * 2 > reject.shape[0]).sum())
+            table[kind] = {**rates, "claims": count, "majority_errors": misses,
+                           "majority_error_bound95": _rate_bound(misses, count)}
+        value_nn_pairs = list(zip(value_nn["max_abs"], value_nn["rms"]))
+        table["intra_false_accept_per_image"] = _intra_false_accepts(rows, mode, thresholds, nn["any"],
+                                                                     value_nn_pairs)
+        modes[mode] = table
 
     return {
+        "voters": voters,
+        "commit_reveal": reveal_checks,
         "kinds": kinds,
-        "claims_per_kind": {k: int(max_dist[k].shape[1]) for k in kinds},
-        "phash_per_image": {k: _stats(v) for k, v in per_image.items()},
-        "dhash_per_image": {k: _stats(v) for k, v in per_image_dhash.items()},
-        "phash_per_claim_max": {k: _stats(max_dist[k].ravel()) for k in kinds},
+        "claims_per_kind": {k: len(rows[k][0]) if rows[k] else 0 for k in kinds},
+        "phash_per_image": {k: _stats(v["phash"]) for k, v in per_image.items()},
+        "dhash_per_image": {k: _stats(v["dhash"]) for k, v in per_image.items()},
+        "max_abs_per_image": {k: _stats(v["max_abs"]) for k, v in per_image.items()},
+        "rms_per_image": {k: _stats(v["rms"]) for k, v in per_image.items()},
         "nearest_neighbour": {k: _stats(v) for k, v in nn.items()},
-        "histograms": {**{k: _histogram(v) for k, v in per_image.items()},
+        "value_nearest_neighbour": {k: _stats(v) for k, v in value_nn.items()},
+        "histograms": {**{k: _histogram(v["phash"]) for k, v in per_image.items()},
                        **{f"nearest_neighbour_{k}": _histogram(v) for k, v in nn.items()}},
+        "max_abs_histograms": {"log10_edges": LOG_EDGES.tolist(),
+                               **{k: _log_histogram(v["max_abs"]) for k, v in per_image.items()},
+                               "nearest_neighbour": _log_histogram(value_nn["max_abs"])},
         "bitwise_identical": exact,
         "threshold": pick,
-        "per_threshold": table,
+        "tolerance": tol,
+        "thresholds": thresholds.to_json(),
+        "per_threshold": per_threshold,
+        "modes": modes,
     }
+
+
+def _intra_false_accepts(rows: dict, mode: str, thresholds: Thresholds, nn_phash: list[int],
+                         nn_values: list[tuple[float, float]]) -> dict:
+    """Intra-class false accepts per image in `mode`: `same_cluster` images (one image claimed as another of the
+    same expert from different noise) that pass, by vote; and the share of gallery images with a nearest
+    different-noise neighbour that would pass (pHash distance, or max |dx| and RMS, by the mode)."""
+    out: dict[str, Any] = {}
+    if rows.get(INTRA_KIND):
+        reject = np.array([[not p for r in vrow for p in image_passes(r, mode, thresholds)]
+                           for vrow in rows[INTRA_KIND]])
+        out.update({m: round(1.0 - v, 6) for m, v in vote_rates(reject, honest=False).items()})
+        out["images"] = int(reject.shape[1])
+    if mode == "phash":
+        hits = [d <= thresholds.phash for d in nn_phash]
+    elif mode == "exact":
+        hits = [False] * len(nn_values)  # different noise is never bit for bit the same image
+    else:  # tolerance, and auto (whose non-exact verifiers use tolerance): a conservative count, since the
+        # smallest max |dx| and the smallest RMS may come from two different neighbours
+        hits = [a <= thresholds.max_abs and r <= thresholds.rms for a, r in nn_values]
+    out["nearest_neighbour"] = round(float(np.mean(hits)), 6) if hits else None
+    out["nearest_neighbour_images"] = len(hits)
+    return out

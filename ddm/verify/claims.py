@@ -11,13 +11,18 @@ For request i (seed `seed + i`, the chosen strategy, steps and solver) and S_i =
 | seed                  | R_i                        | R_i with another seed                                   |
 | strategy              | R_i                        | R_i with another routing strategy                       |
 | steps                 | R_i                        | R_i with half the solver steps                          |
+| steps_minus1/_plus1   | R_i                        | R_i with one solver step fewer / more                   |
+| solver                | R_i                        | R_i with the other solver (euler <-> heun)              |
 | perturbed_expert:S    | R_i                        | R_i after adding N(0, (S * rms of the leaf)^2) noise to |
 |                       |                            | every parameter of the expert R_i used most             |
 | swapped_experts       | R_i                        | R_i with the two most used experts' parameters swapped  |
-| pixel_noise           | R_i                        | R_i's output + N(0, sigma^2) pixel noise, rounded       |
+| pixel_noise           | R_i                        | R_i's output + N(0, sigma^2) noise (sigma in uint8      |
+|                       |                            | levels, added to the values)                            |
 
-`same_cluster` pairs and the nearest neighbours among all generated images that come from different noise are
-the intra-class collision measurements: a threshold that accepts them lets a different image pass.
+Every claim is a consistent `ddm-record/v2` record of the images it really holds (values, digests), made in the
+claimant's environment: the cheats are in what it claims those images are. `same_cluster` pairs and the nearest
+neighbours among all generated images that come from different noise are the intra-class collision measurements:
+a threshold that accepts them lets a different image pass.
 """
 
 from __future__ import annotations
@@ -31,18 +36,21 @@ import numpy as np
 
 from ddm.core.ensemble import Ensemble
 from ddm.core.errors import DDMError
+from ddm.core.images import to_uint8
 from ddm.core.routing import parse_strategy
 from ddm.sampling.request import Request, generate
+from ddm.verify.environment import environment
 from ddm.verify.phash import perceptual_hashes
 from ddm.verify.records import make_record
-from ddm.verify.worker import DEFAULT_VERIFIERS, VerifierSpec
+from ddm.verify.worker import COPY_MODES, DEFAULT_VERIFIERS, VerifierSpec
 
 logger = logging.getLogger(__name__)
 
 HONEST_KINDS = ("honest", "honest_single")
 INTRA_KIND = "same_cluster"
 OTHER_SEED_OFFSET = 1_000_000  # the seed of "another seed" claims: seed + this (never a request's own seed)
-ALT_STRATEGIES = ("full", "top2", "sample", "top1")  # the "strategy" tamper cycles over those that differ
+# the "strategy" tamper cycles over those that differ from the request's
+ALT_STRATEGIES = ("full", "top2", "sample", "top1+full:0.5", "top1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +67,8 @@ class EvalSettings:
     perturb_scales: tuple[float, ...] = (0.01, 0.1)  # expert noise, relative to each leaf's RMS
     pixel_noise: float = 8.0  # std of the added pixel noise, in uint8 levels
     parallel: int | None = None  # verifier processes at a time (default: all)
+    copiers: tuple[str, ...] = COPY_MODES  # one copying verifier (of verifier 0) per mode; () for none
+    margin: float = 2.0  # tolerance thresholds = margin x the largest honest drift measured
 
     def __post_init__(self) -> None:
         for name in ("requests", "images"):
@@ -75,6 +85,10 @@ class EvalSettings:
             raise DDMError(f"pixel noise must be positive, got {self.pixel_noise}")
         if self.parallel is not None and self.parallel < 1:
             raise DDMError(f"parallel={self.parallel} must be >= 1")
+        if any(c not in COPY_MODES for c in self.copiers):
+            raise DDMError(f"copiers must be among {', '.join(COPY_MODES)}, got {self.copiers}")
+        if not self.margin >= 1:
+            raise DDMError(f"margin={self.margin} must be >= 1 (thresholds below the measured honest drift)")
         if parse_strategy(self.strategy).kind in ("oracle", "single"):
             raise DDMError(f"consensus-eval strategy must be routed (top1, full, ...), not {self.strategy}")
         Request(seed=self.seed, n=self.images, strategy=self.strategy, steps=self.steps, solver=self.solver)
@@ -83,6 +97,10 @@ class EvalSettings:
         d = dataclasses.asdict(self)
         d["verifiers"] = [v.describe() for v in self.verifiers]
         return d
+
+    def all_verifiers(self) -> tuple[VerifierSpec, ...]:
+        """The honest verifiers, then one copier of verifier 0 per `copiers` mode."""
+        return self.verifiers + tuple(VerifierSpec(copy_of=0, copy_mode=m) for m in self.copiers)
 
 
 def perturb_params(params, scale: float, rng: np.random.Generator):
@@ -106,19 +124,21 @@ def _alt_strategy(strategy: str, i: int) -> str:
 def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) -> tuple[list[dict], list[dict]]:
     """(claims, gallery). A claim is {"id", "kind", "meta", "record"} (record: `ddm.verify.make_record`).
     gallery: every generated image that is a faithful output of some request, as {"noise": [seed, index],
-    "cluster": k or None, "phash": hex}, for the nearest-neighbour collision measurement."""
+    "cluster": k or None, "phash": hex, "x": float32 [H, W, C] values}, for the nearest-neighbour collision
+    measurements (in memory only)."""
     present = [k for k in range(ensemble.num_experts) if ensemble.available[k]]
     rng = np.random.default_rng(settings.seed)
+    env = environment()
     claims: list[dict] = []
     gallery: list[dict] = []
 
-    def add(kind: str, request: Request, images: np.ndarray, **meta) -> None:
+    def add(kind: str, request: Request, values: np.ndarray, **meta) -> None:
         claims.append({"id": len(claims), "kind": kind, "meta": meta,
-                       "record": make_record(manifest_sha, request, images)})
+                       "record": make_record(manifest_sha, request, values, env)})
 
-    def remember(images: np.ndarray, seed: int, cluster: int | None) -> None:
-        for j, h in enumerate(perceptual_hashes(images)):
-            gallery.append({"noise": [seed, j], "cluster": cluster, "phash": h["phash"]})
+    def remember(values: np.ndarray, seed: int, cluster: int | None) -> None:
+        for j, h in enumerate(perceptual_hashes(to_uint8(values))):
+            gallery.append({"noise": [seed, j], "cluster": cluster, "phash": h["phash"], "x": values[j]})
 
     t0 = time.perf_counter()
     for i in range(settings.requests):
@@ -127,16 +147,19 @@ def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) 
         req = Request(seed=seed, n=settings.images, strategy=settings.strategy, steps=settings.steps,
                       solver=settings.solver)
         honest = generate(ensemble, req)
-        add("honest", req, honest.images)
-        remember(honest.images, seed, None)
+        add("honest", req, honest.x)
+        remember(honest.x, seed, None)
 
-        moved = generate(ensemble, dataclasses.replace(req, seed=other_seed)).images
+        moved = generate(ensemble, dataclasses.replace(req, seed=other_seed)).x
         add("seed", req, moved, seed=other_seed)
         remember(moved, other_seed, None)
         alt = _alt_strategy(req.strategy, i)
-        add("strategy", req, generate(ensemble, dataclasses.replace(req, strategy=alt)).images, strategy=alt)
-        fewer = req.steps // 2
-        add("steps", req, generate(ensemble, dataclasses.replace(req, steps=fewer)).images, steps=fewer)
+        add("strategy", req, generate(ensemble, dataclasses.replace(req, strategy=alt)).x, strategy=alt)
+        for kind, steps in (("steps", req.steps // 2), ("steps_minus1", req.steps - 1),
+                            ("steps_plus1", req.steps + 1)):
+            add(kind, req, generate(ensemble, dataclasses.replace(req, steps=steps)).x, steps=steps)
+        solver = "euler" if req.solver == "heun" else "heun"
+        add("solver", req, generate(ensemble, dataclasses.replace(req, solver=solver)).x, solver=solver)
 
         usage = np.asarray(honest.weights, np.float64).sum(axis=(0, 1))  # [K] routing weight per expert
         order = [int(k) for k in np.argsort(-usage, kind="stable") if ensemble.available[int(k)]]
@@ -144,23 +167,23 @@ def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) 
         for scale in settings.perturb_scales:
             params = list(ensemble.expert_params)
             params[a] = perturb_params(params[a], scale, rng)
-            add(f"perturbed_expert:{scale:g}", req, generate(ensemble.replace(expert_params=params), req).images,
+            add(f"perturbed_expert:{scale:g}", req, generate(ensemble.replace(expert_params=params), req).x,
                 expert=a, scale=scale)
         if len(order) >= 2:
             b = order[1]
             params = list(ensemble.expert_params)
             params[a], params[b] = params[b], params[a]
-            add("swapped_experts", req, generate(ensemble.replace(expert_params=params), req).images, experts=[a, b])
-        noisy = honest.images.astype(np.float64) + rng.normal(0.0, settings.pixel_noise, honest.images.shape)
-        add("pixel_noise", req, np.clip(np.round(noisy), 0, 255).astype(np.uint8), std=settings.pixel_noise)
+            add("swapped_experts", req, generate(ensemble.replace(expert_params=params), req).x, experts=[a, b])
+        noise = rng.normal(0.0, settings.pixel_noise / 127.5, honest.x.shape)  # uint8 levels -> model range
+        add("pixel_noise", req, (honest.x + noise).astype(np.float32), std=settings.pixel_noise)
 
         k = present[i % len(present)]
         single = Request(seed=seed, n=settings.images, strategy=f"single:{k}", steps=settings.steps,
                          solver=settings.solver)
-        own = generate(ensemble, single).images
+        own = generate(ensemble, single).x
         add("honest_single", single, own, expert=k)
         remember(own, seed, k)
-        other = generate(ensemble, dataclasses.replace(single, seed=other_seed)).images
+        other = generate(ensemble, dataclasses.replace(single, seed=other_seed)).x
         add(INTRA_KIND, single, other, expert=k, seed=other_seed)
         remember(other, other_seed, k)
         logger.info(f"claimant: request {i + 1}/{settings.requests} done ({time.perf_counter() - t0:.1f}s)")
