@@ -116,6 +116,22 @@ def test_compare_nan_regeneration_never_passes():
     assert not verdict.honest and np.isinf(verdict.checks[1].max_abs) and verdict.checks[0].max_abs == 0
 
 
+def test_tolerance_holds_the_median_of_a_claim_to_typical_drift():
+    """One image may drift as far as max_abs (an honest outlier); all of them that far is a lazy claim."""
+    values = np.zeros((6, 8, 8, 1), np.float32)
+    record = make_record(MANIFEST_SHA, Request(seed=0, n=6, steps=2), values, ENV)
+    t = Thresholds(max_abs=1e-2, rms=1e-2, median_max_abs=1e-3, median_rms=1e-2)
+    one = values.copy()
+    one[2, 0, 0, 0] = 5e-3
+    assert compare(record, one, mode="tolerance", thresholds=t).honest
+    every = values.copy()
+    every[:, 0, 0, 0] = 5e-3
+    verdict = compare(record, every, mode="tolerance", thresholds=t)
+    assert not verdict.honest and verdict.problems == ("the median max|dx| over the images, 5.0e-03, exceeds 0.001",)
+    few = make_record(MANIFEST_SHA, Request(seed=0, n=4, steps=2), values[:4], ENV)
+    assert compare(few, every[:4], mode="tolerance", thresholds=t).honest  # 4 images: no median test
+
+
 def test_auto_mode_follows_the_environment():
     values = np.zeros((1, 8, 8, 1), np.float32)
     record = make_record(MANIFEST_SHA, Request(seed=0, n=1, steps=2), values, ENV)
@@ -256,7 +272,7 @@ BAD_RECORDS = {
     "deep nesting": ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
     "too many images": (_set_request("n", 10_000), "n=10000 images exceeds the limit of 256"),
     "too many steps": (_set_request("steps", 10**9), "steps=1000000000 exceeds the limit of 1000"),
-    "too much work": (lambda r: r["request"].update(n=200, steps=200), "n * steps = 40000 exceeds the limit"),
+    "too much work": (lambda r: r["request"].update(n=200, steps=200), "n * steps = 40000 exceeds the limit of 16384"),
     "seed beyond 32 bits": (_set_request("seed", 2**32), "seed 4294967296 is outside 0..4294967295"),
     "huge label": (_set_request("labels", [2**40] * 4), "a class label exceeds"),
     "huge integer": ('{"n": ' + "9" * 5000 + "}", "not valid JSON"),
@@ -453,3 +469,19 @@ def test_seeded_fuzz_no_altered_claim_passes_and_no_traceback(verifier, honest_r
     assert table["request"]["exit1"] > 0 and table["forged_values"]["exit1"] == 20
     assert result["max_seconds"] < 60, result
     assert time.perf_counter() - t0 < 300
+
+
+def test_the_issues_93_false_accepts_now_fail(verifier, honest_record, tmp_path):
+    """Issue 18's 93 alterations that v1 judged HONEST (per-image hashes with the batch digest intact, request
+    changes, batch digests, dHashes), rebuilt on a v2 record: none exits 0."""
+    from ddm.verify.fuzz import issue_cases, judge_mutants
+
+    record = json.loads(honest_record.read_text())
+    cases = issue_cases(record)
+    assert len(cases) == 93
+    result = judge_mutants(verifier, record, cases, tmp_path)
+    assert result["tracebacks"] == [] and result["altered_exit0"] == []
+    table = result["by_category"]
+    assert {k: v["records"] for k, v in table.items()} == {"per_image_hashes": 28, "request": 18,
+                                                           "batch_sha256": 26, "dhash": 21}
+    assert sum(v["exit0"] for v in table.values()) == 0 and table["request"]["altered"] == 18

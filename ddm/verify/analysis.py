@@ -12,6 +12,7 @@ and every image passes the mode (`ddm.verify.verdict.ImageCheck.passes`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -19,8 +20,8 @@ import numpy as np
 
 from ddm.verify.claims import HONEST_KINDS, INTRA_KIND
 from ddm.verify.phash import HASH_BITS
-from ddm.verify.thresholds import Thresholds
-from ddm.verify.verdict import ImageCheck
+from ddm.verify.thresholds import MEDIAN_MIN_IMAGES, Thresholds
+from ddm.verify.verdict import ImageCheck, claim_failures
 
 MODES_SCORED = ("exact", "tolerance", "phash", "auto")
 # Tolerance thresholds never go below these, even when every measured verifier was bitwise identical: the
@@ -127,14 +128,17 @@ def pick_threshold(honest: list[int], intra: list[int]) -> dict:
 
 
 def pick_tolerance(honest_max_abs: list[float], honest_rms: list[float], intra_max_abs: list[float],
-                   intra_rms: list[float], margin: float = 2.0) -> dict:
+                   intra_rms: list[float], margin: float = 2.0, *, honest_median_max_abs: list[float] = (),
+                   honest_median_rms: list[float] = ()) -> dict:
     """The tolerance thresholds rule, per image, from value distances of honest regenerations (across the
     verifiers' setups) and of intra-class collisions (images from different noise).
 
     Each threshold is margin x the largest honest distance (room for drift the verifiers did not show), raised to
     `TOLERANCE_FLOOR`. If that would accept an intra-class image (max |dx| and RMS both within), each threshold
     is lowered to the geometric midpoint of the honest maximum and the intra-class minimum, when that still
-    lies above the honest maximum ("separable"); otherwise the sets overlap and no threshold is safe.
+    lies above the honest maximum ("separable"); otherwise the sets overlap and no threshold is safe. The
+    median thresholds are margin x the largest honest per-claim median (of claims with enough images), with
+    the same floor.
     """
     h_abs = max(honest_max_abs, default=0.0)
     h_rms = max(honest_rms, default=0.0)
@@ -148,7 +152,12 @@ def pick_tolerance(honest_max_abs: list[float], honest_rms: list[float], intra_m
         t_abs = min(t_abs, math.sqrt(max(h_abs, 1e-12) * i_abs)) if h_abs < i_abs else t_abs
         t_rms = min(t_rms, math.sqrt(max(h_rms, 1e-12) * i_rms)) if h_rms < i_rms else t_rms
         rule += ", lowered to the geometric midpoint below the closest intra-class image"
+    m_abs = max(margin * max(honest_median_max_abs, default=0.0), TOLERANCE_FLOOR[0])
+    m_rms = max(margin * max(honest_median_rms, default=0.0), TOLERANCE_FLOOR[1])
     return {"rule": rule, "margin": margin, "honest_max_abs": h_abs, "honest_max_rms": h_rms,
+            "honest_max_median_max_abs": max(honest_median_max_abs, default=0.0),
+            "honest_max_median_rms": max(honest_median_rms, default=0.0),
+            "median_max_abs": float(f"{min(m_abs, t_abs):.3g}"), "median_rms": float(f"{min(m_rms, t_rms):.3g}"),
             "intra_min_max_abs": None if math.isinf(i_abs) else i_abs,
             "intra_min_rms": None if math.isinf(i_rms) else i_rms, "separable": separable,
             "max_abs": float(f"{t_abs:.3g}"), "rms": float(f"{t_rms:.3g}")}
@@ -189,7 +198,8 @@ def image_passes(result: dict, mode: str, thresholds: Thresholds) -> list[bool]:
 
 def claim_rejected(result: dict, mode: str, thresholds: Thresholds) -> bool:
     """Whether a verifier rejects a claim in `mode` at `thresholds`, as `ddm verify` would."""
-    return not (result["consistent"] and all(image_passes(result, mode, thresholds)))
+    mode = result["auto_mode"] if mode == "auto" else mode
+    return not result["consistent"] or bool(claim_failures(_checks(result), mode, thresholds))
 
 
 def _rate_bound(misses: int, total: int) -> float | None:
@@ -202,9 +212,10 @@ def _rate_bound(misses: int, total: int) -> float | None:
 
 
 def analyse(claims: list[dict], reveals: list[dict], reveal_checks: list[dict], gallery: list[dict],
-            margin: float = 2.0) -> dict:
+            margin: float = 2.0, thresholds: Thresholds | None = None) -> dict:
     """Distributions, threshold picks and per-mode rates from the claims and the verifiers' reveals; only
-    verifiers that passed commit-reveal count."""
+    verifiers that passed commit-reveal count. The modes are scored at the thresholds calibrated here, or at
+    `thresholds` when given (calibrated on other claims: a held-out evaluation)."""
     voters = [i for i, c in enumerate(reveal_checks) if c["ok"]]
     kinds = list(dict.fromkeys(c["kind"] for c in claims))
     by_id = [{r["claim"]: r for r in reveals[v]["results"]} for v in voters]
@@ -228,11 +239,17 @@ def analyse(claims: list[dict], reveals: list[dict], reveal_checks: list[dict], 
     pick = pick_threshold([d for k in honest for d in per_image[k]["phash"]],
                           per_image.get(INTRA_KIND, {}).get("phash", []) + nn["same_cluster"] + nn["any"])
     intra = per_image.get(INTRA_KIND, {"max_abs": [], "rms": []})
+    medians = {key: [float(np.median([math.inf if v is None else v for v in r["distances"][key]]))
+                     for k in honest for row in rows[k] for r in row
+                     if len(r["distances"][key]) >= MEDIAN_MIN_IMAGES] for key in ("max_abs", "rms")}
     tol = pick_tolerance([d for k in honest for d in per_image[k]["max_abs"]],
                          [d for k in honest for d in per_image[k]["rms"]],
-                         intra["max_abs"] + value_nn["max_abs"], intra["rms"] + value_nn["rms"], margin)
-    thresholds = Thresholds(phash=pick["recommended"], max_abs=tol["max_abs"], rms=tol["rms"],
-                            source="consensus-eval calibration")
+                         intra["max_abs"] + value_nn["max_abs"], intra["rms"] + value_nn["rms"], margin,
+                         honest_median_max_abs=medians["max_abs"], honest_median_rms=medians["rms"])
+    if thresholds is None:
+        thresholds = Thresholds(phash=pick["recommended"], max_abs=tol["max_abs"], rms=tol["rms"],
+                                median_max_abs=tol["median_max_abs"], median_rms=tol["median_rms"],
+                                source="consensus-eval calibration")
 
     # pHash at every threshold (the rule's input and the sweep in docs/verification.md). A verifier rejects a
     # claim in phash mode when it is inconsistent or its largest pHash distance exceeds the threshold.
@@ -241,7 +258,7 @@ def analyse(claims: list[dict], reveals: list[dict], reveal_checks: list[dict], 
     tampered = [k for k in kinds if k not in HONEST_KINDS]
     per_threshold = []
     for t in range(HASH_BITS + 1):
-        at = Thresholds(phash=t, max_abs=thresholds.max_abs, rms=thresholds.rms)
+        at = dataclasses.replace(thresholds, phash=t)
         row: dict[str, Any] = {"threshold": t}
         for kind in kinds:
             row[kind] = vote_rates(worst[kind] > t, honest=kind in HONEST_KINDS)

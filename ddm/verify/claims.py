@@ -41,7 +41,7 @@ from ddm.core.routing import parse_strategy
 from ddm.sampling.request import Request, generate
 from ddm.verify.environment import environment
 from ddm.verify.phash import perceptual_hashes
-from ddm.verify.records import make_record
+from ddm.verify.records import claimed_values, make_record
 from ddm.verify.worker import COPY_MODES, DEFAULT_VERIFIERS, VerifierSpec
 
 logger = logging.getLogger(__name__)
@@ -121,24 +121,34 @@ def _alt_strategy(strategy: str, i: int) -> str:
     return options[i % len(options)]
 
 
-def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) -> tuple[list[dict], list[dict]]:
-    """(claims, gallery). A claim is {"id", "kind", "meta", "record"} (record: `ddm.verify.make_record`).
-    gallery: every generated image that is a faithful output of some request, as {"noise": [seed, index],
-    "cluster": k or None, "phash": hex, "x": float32 [H, W, C] values}, for the nearest-neighbour collision
-    measurements (in memory only)."""
+def gallery(claims: list[dict]) -> list[dict]:
+    """Every claimed image that is a faithful output of some request from its own noise (the honest, seed,
+    honest_single and same_cluster claims), as {"noise": [seed, index], "cluster": k or None (routed), "phash":
+    hex, "x": float32 [H, W, C] values}: the images among which nearest neighbours are collisions."""
+    out = []
+    for claim in claims:
+        kind, meta, record = claim["kind"], claim["meta"], claim["record"]
+        if kind not in ("honest", "seed", "honest_single", INTRA_KIND):
+            continue
+        seed = meta["seed"] if kind in ("seed", INTRA_KIND) else record["request"]["seed"]
+        cluster = meta["expert"] if kind in ("honest_single", INTRA_KIND) else None
+        values = claimed_values(record)
+        for j, h in enumerate(perceptual_hashes(to_uint8(values))):
+            out.append({"noise": [seed, j], "cluster": cluster, "phash": h["phash"], "x": values[j]})
+    return out
+
+
+def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) -> list[dict]:
+    """The claims, each {"id", "kind", "meta", "record"} (record: `ddm.verify.records.make_record`, made in this
+    process's environment)."""
     present = [k for k in range(ensemble.num_experts) if ensemble.available[k]]
     rng = np.random.default_rng(settings.seed)
     env = environment()
     claims: list[dict] = []
-    gallery: list[dict] = []
 
     def add(kind: str, request: Request, values: np.ndarray, **meta) -> None:
         claims.append({"id": len(claims), "kind": kind, "meta": meta,
                        "record": make_record(manifest_sha, request, values, env)})
-
-    def remember(values: np.ndarray, seed: int, cluster: int | None) -> None:
-        for j, h in enumerate(perceptual_hashes(to_uint8(values))):
-            gallery.append({"noise": [seed, j], "cluster": cluster, "phash": h["phash"], "x": values[j]})
 
     t0 = time.perf_counter()
     for i in range(settings.requests):
@@ -148,11 +158,9 @@ def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) 
                       solver=settings.solver)
         honest = generate(ensemble, req)
         add("honest", req, honest.x)
-        remember(honest.x, seed, None)
 
         moved = generate(ensemble, dataclasses.replace(req, seed=other_seed)).x
         add("seed", req, moved, seed=other_seed)
-        remember(moved, other_seed, None)
         alt = _alt_strategy(req.strategy, i)
         add("strategy", req, generate(ensemble, dataclasses.replace(req, strategy=alt)).x, strategy=alt)
         for kind, steps in (("steps", req.steps // 2), ("steps_minus1", req.steps - 1),
@@ -182,9 +190,7 @@ def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) 
                          solver=settings.solver)
         own = generate(ensemble, single).x
         add("honest_single", single, own, expert=k)
-        remember(own, seed, k)
         other = generate(ensemble, dataclasses.replace(single, seed=other_seed)).x
         add(INTRA_KIND, single, other, expert=k, seed=other_seed)
-        remember(other, other_seed, k)
         logger.info(f"claimant: request {i + 1}/{settings.requests} done ({time.perf_counter() - t0:.1f}s)")
-    return claims, gallery
+    return claims

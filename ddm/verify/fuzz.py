@@ -247,13 +247,16 @@ def run_fuzz(verifier, record: dict, count: int, seed: int, work: str | Path, *,
     "traceback", "max_seconds"}}, "altered_exit0": [details], "tracebacks": [details], "max_seconds",
     "median_seconds"}: exit0 on an altered claim is a verifier failure, as is any traceback.
     """
-    work = Path(work)
+    return _judge(verifier, record, mutants(record, count, seed, categories), Path(work), list(categories))
+
+
+def _judge(verifier, record: dict, cases: list[Mutant], work: Path, categories: list[str]) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     path = work / "mutant.json"
     table = {c: {"records": 0, "altered": 0, "exit0": 0, "exit1": 0, "exit2": 0, "traceback": 0, "max_seconds": 0.0}
              for c in categories}
     altered_exit0, tracebacks, seconds = [], [], []
-    for m in mutants(record, count, seed, categories):
+    for m in cases:
         path.write_text(m.text)
         t0 = time.perf_counter()
         try:
@@ -275,5 +278,63 @@ def run_fuzz(verifier, record: dict, count: int, seed: int, work: str | Path, *,
         row["max_seconds"] = round(max(row["max_seconds"], dt), 3)
         if altered and outcome == "exit0":
             altered_exit0.append(f"{m.category}: {m.detail}")
-    return {"records": count, "by_category": table, "altered_exit0": altered_exit0, "tracebacks": tracebacks,
+    return {"records": len(cases), "by_category": table, "altered_exit0": altered_exit0, "tracebacks": tracebacks,
             "max_seconds": round(max(seconds, default=0.0), 3), "median_seconds": round(float(np.median(seconds)), 4)}
+
+
+def issue_cases(record: dict) -> list[Mutant]:
+    """The 93 alterations that issue 18 found judged HONEST under ddm-record/v1, rebuilt on `record` (4 images):
+    28 per-image hash changes with the batch digest intact (6 pHash swaps, 6 row swaps, 1 / 2 / 32 / 64 pHash
+    bits flipped in each image), 18 request changes (steps, solver, strategy, seed), 26 batch digests altered
+    with the per-image hashes intact, 21 dHashes altered."""
+    n = len(record["images"])
+    out: list[Mutant] = []
+
+    def add(category: str, detail: str, change, altered: bool | None = True) -> None:
+        rec = copy.deepcopy(record)
+        request = change(rec)
+        out.append(Mutant(category, detail, json.dumps(rec, indent=1), altered, request))
+
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)][:6]
+    for i, j in pairs:
+        def swap(rec, i=i, j=j):
+            rec["images"][i]["phash"], rec["images"][j]["phash"] = rec["images"][j]["phash"], rec["images"][i]["phash"]
+        add("per_image_hashes", f"pHash {i} <-> {j}", swap)
+    for i, j in pairs:
+        def swap_rows(rec, i=i, j=j):
+            rec["images"][i], rec["images"][j] = rec["images"][j], rec["images"][i]
+        add("per_image_hashes", f"rows {i} <-> {j}", swap_rows)
+    for bits in (1, 2, 32, 64):
+        for i in range(min(n, 4)):
+            def flip(rec, i=i, bits=bits):
+                rec["images"][i]["phash"] = f"{int(rec['images'][i]['phash'], 16) ^ ((1 << bits) - 1):016x}"
+            add("per_image_hashes", f"image {i}: {bits} pHash bits", flip)
+    s = record["request"]["steps"]
+    changes = [{"steps": v} for v in (2, max(1, s // 2), s - 1, s + 1, 2 * s, 29, 31, 1)]
+    changes += [{"solver": "euler" if record["request"]["solver"] == "heun" else "heun"}]
+    changes += [{"strategy": v} for v in STRATEGIES]
+    changes += [{"seed": record["request"]["seed"] + d} for d in (1, 2, 3, 4, 5)]
+    seen = [record["request"]]
+    for change in changes:
+        if {**record["request"], **change} not in seen:  # only requests that differ from each other and the claim
+            seen.append({**record["request"], **change})
+    for change in [{k: v for k, v in r.items() if record["request"][k] != v} for r in seen[1:19]]:
+        def new_request(rec, change=change):
+            rec["request"].update(change)
+            return rec["request"]
+        add("request", ", ".join(f"{k}={v}" for k, v in change.items()), new_request, None)
+    rng = np.random.default_rng(18)
+    for bit in rng.choice(256, size=26, replace=False):
+        def digest(rec, bit=int(bit)):
+            rec["sha256"] = f"{int(rec['sha256'], 16) ^ (1 << bit):064x}"
+        add("batch_sha256", f"bit {bit}", digest)
+    for k, bit in enumerate(rng.integers(64, size=21)):
+        def dhash(rec, i=k % n, bit=int(bit)):
+            rec["images"][i]["dhash"] = f"{int(rec['images'][i]['dhash'], 16) ^ (1 << bit):016x}"
+        add("dhash", f"image {k % n} bit {bit}", dhash)
+    return out
+
+
+def judge_mutants(verifier, record: dict, cases: list[Mutant], work: str | Path) -> dict:
+    """`run_fuzz` on given mutants (e.g. `issue_cases`)."""
+    return _judge(verifier, record, cases, Path(work), list(dict.fromkeys(m.category for m in cases)))

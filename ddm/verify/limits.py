@@ -20,12 +20,13 @@ LABEL_MAX = 2**31 - 1  # class labels travel as int32
 @dataclasses.dataclass(frozen=True)
 class VerifyLimits:
     """max_n: images per record. max_steps: solver steps. max_image_steps: n * steps, the regeneration work
-    (the worst case at the defaults is 256 images x 128 steps; measured in docs/verification.md).
+    (16,384: 8x `ddm sample`'s default 64 images x 30 steps; the time of the worst case is measured in
+    docs/verification.md).
     max_record_bytes: the size of the record file. max_cfg_scale: |cfg_scale|."""
 
     max_n: int = 256
     max_steps: int = 1000
-    max_image_steps: int = 32_768
+    max_image_steps: int = 16_384
     max_record_bytes: int = 16 * 2**20
     max_cfg_scale: float = 1000.0
 

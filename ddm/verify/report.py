@@ -23,7 +23,7 @@ from ddm.core.plots import pyplot, save_figure
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
 from ddm.verify.analysis import MODES_SCORED, analyse
-from ddm.verify.claims import HONEST_KINDS, INTRA_KIND, EvalSettings, build_claims
+from ddm.verify.claims import HONEST_KINDS, INTRA_KIND, EvalSettings, build_claims, gallery
 from ddm.verify.phash import HASH_BITS
 from ddm.verify.thresholds import Thresholds, write_thresholds
 from ddm.verify.verdict import run_thresholds
@@ -120,7 +120,8 @@ def format_summary(report: dict) -> str:
             lines.append(f"  nearest neighbour {k}: {s['count']} images, min {s['min']:.3g}, median {s['median']:.3g}")
     lines.append(f"pHash threshold: {pick['recommended']} ({pick['rule']}); honest max {pick['honest_max']}, "
                  f"intra-class min {pick['intra_min']}")
-    lines.append(f"tolerance: max|dx| <= {tol['max_abs']:g}, rms <= {tol['rms']:g} ({tol['rule']}); honest max "
+    lines.append(f"tolerance: max|dx| <= {tol['max_abs']:g}, rms <= {tol['rms']:g}, claim medians <= "
+                 f"{tol['median_max_abs']:g} / {tol['median_rms']:g} ({tol['rule']}); honest max "
                  f"{tol['honest_max_abs']:.3g} / {tol['honest_max_rms']:.3g}, intra-class min "
                  f"{tol['intra_min_max_abs']} / {tol['intra_min_rms']}")
     lines.append("rejection rate of claims by mode, single/majority/byzantine (honest kinds: false rejects):")
@@ -139,7 +140,7 @@ def consensus_eval(run_dir: str, settings: EvalSettings = EvalSettings(), out_di
     work.mkdir(parents=True, exist_ok=True)
     ensemble = load_ensemble(run)
     manifest_sha = run.sha256
-    claims, gallery = build_claims(ensemble, manifest_sha, settings)
+    claims = build_claims(ensemble, manifest_sha, settings)
     t_claims = time.perf_counter() - t0
     claims_path = work / "claims.json"
     in_use = run_thresholds(run)  # what the verifiers' committed verdicts use; the analysis recalibrates
@@ -150,7 +151,7 @@ def consensus_eval(run_dir: str, settings: EvalSettings = EvalSettings(), out_di
                 f"starting {len(specs)} verifier processes ({len(settings.copiers)} of them copiers)")
     reveals, checks = run_verifiers(run_dir, claims_path, specs, settings.images, work, overrides=overrides,
                                     parallel=settings.parallel)
-    analysis = analyse(claims, reveals, checks, gallery, margin=settings.margin)
+    analysis = analyse(claims, reveals, checks, gallery(claims), margin=settings.margin)
     report = {
         "format": "ddm-consensus-eval/v2",
         "run_dir": str(run_dir),
@@ -163,7 +164,7 @@ def consensus_eval(run_dir: str, settings: EvalSettings = EvalSettings(), out_di
     report_path = out / "consensus_report.json"
     report_path.write_text(json.dumps(report, indent=1) + "\n")
     png = plot_histograms(analysis, out / "consensus_hist.png")
-    calibrated = Thresholds(**{k: analysis["thresholds"][k] for k in ("phash", "max_abs", "rms")})
+    calibrated = Thresholds(**{k: v for k, v in analysis["thresholds"].items() if k != "source"})
     # in RUN/eval by default, where `ddm verify` looks; with --out, beside the report (copy it to RUN/eval)
     thresholds_file = write_thresholds(out, manifest_sha, calibrated, {
         "report": str(report_path), "settings": settings.to_json(), "pick_phash": analysis["threshold"],

@@ -2,7 +2,12 @@
 
 - phash: the largest per-image pHash Hamming distance that passes in phash mode;
 - max_abs, rms: the largest per-image max |dx| and RMS dx between the regenerated and the claimed values
-  (float32 model range, [-1, 1] spans 255 uint8 levels) that pass in tolerance mode.
+  (float32 model range, [-1, 1] spans 255 uint8 levels) that pass in tolerance mode;
+- median_max_abs, median_rms: in tolerance mode, for a claim of at least `MEDIAN_MIN_IMAGES` images, the largest
+  median over its images of those two distances. Honest drift across hardware is small for most images and
+  large for a few (where a near-tie in top-1 routing or a rounding boundary amplifies it); a lazy claim (fewer
+  steps, another solver, a perturbed model) moves every image. The per-image bounds must admit the honest
+  outliers; the median bounds hold the bulk to the typical drift.
 
 `ddm verify` takes them from, in order: its flags, RUN/eval/verify_thresholds.json (written by
 `ddm consensus-eval` from the honest drift its verifiers measured), the built-in defaults below.
@@ -25,9 +30,16 @@ THRESHOLDS_FILE = "verify_thresholds.json"
 # regenerations <= 2 bits, nearest different images >= 2 bits (docs/verification.md).
 DEFAULT_THRESHOLD = 2
 # Tolerance: 2 x the largest honest drift `ddm consensus-eval` measured on runs/digits with its default
-# verifiers (the TF32-weight one dominates: max |dx| 3.5e-3, RMS 8.2e-4 at heun 30 steps; docs/verification.md).
-DEFAULT_MAX_ABS = 7e-3
-DEFAULT_RMS = 1.7e-3
+# verifiers (32 requests x 16 images, heun 30 steps; the TF32-weight verifier dominates: per image max |dx| 3.2e-2
+# and RMS 8.2e-3 at worst, per-claim medians 1.2e-3 and 3.1e-4; docs/verification.md).
+DEFAULT_MAX_ABS = 0.064
+DEFAULT_RMS = 0.016
+DEFAULT_MEDIAN_MAX_ABS = 2.4e-3
+DEFAULT_MEDIAN_RMS = 6.2e-4
+MEDIAN_MIN_IMAGES = 5  # below this a median is one or two images: too few to tell outliers from the bulk
+
+
+VALUE_FIELDS = ("max_abs", "rms", "median_max_abs", "median_rms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,18 +47,20 @@ class Thresholds:
     phash: int = DEFAULT_THRESHOLD
     max_abs: float = DEFAULT_MAX_ABS
     rms: float = DEFAULT_RMS
+    median_max_abs: float = DEFAULT_MEDIAN_MAX_ABS
+    median_rms: float = DEFAULT_MEDIAN_RMS
     source: str = "built-in defaults"
 
     def __post_init__(self) -> None:
         if isinstance(self.phash, bool) or not isinstance(self.phash, int) or not 0 <= self.phash <= HASH_BITS:
             raise DDMError(f"threshold must be an integer in [0, {HASH_BITS}], got {self.phash!r}")
-        for name in ("max_abs", "rms"):
+        for name in VALUE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise DDMError(f"{name} threshold must be a finite number >= 0, got {value!r}")
 
     def to_json(self) -> dict:
-        return {"phash": self.phash, "max_abs": self.max_abs, "rms": self.rms, "source": self.source}
+        return {"phash": self.phash, **{k: getattr(self, k) for k in VALUE_FIELDS}, "source": self.source}
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -61,7 +75,7 @@ def write_thresholds(eval_dir: str | Path, manifest_sha: str, thresholds: Thresh
     path = thresholds_path(eval_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"format": THRESHOLDS_FORMAT, "manifest_sha256": manifest_sha, "phash": thresholds.phash,
-            "max_abs": thresholds.max_abs, "rms": thresholds.rms, "calibration": calibration}
+            **{k: getattr(thresholds, k) for k in VALUE_FIELDS}, "calibration": calibration}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(body, indent=1) + "\n")
     tmp.replace(path)
@@ -81,6 +95,6 @@ def read_thresholds(eval_dir: str | Path, manifest_sha: str) -> Thresholds | Non
         if body.get("manifest_sha256") != manifest_sha:
             raise DDMError(f"{path} was calibrated on another run (manifest {str(body.get('manifest_sha256'))[:16]}"
                            f", this run is {manifest_sha[:16]}); rerun ddm consensus-eval")
-        return Thresholds(phash=body["phash"], max_abs=body["max_abs"], rms=body["rms"], source=str(path))
+        return Thresholds(phash=body["phash"], **{k: body[k] for k in VALUE_FIELDS}, source=str(path))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise DDMError(f"{path} is not a readable thresholds file: {err}") from None

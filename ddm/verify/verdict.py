@@ -7,7 +7,8 @@ is consistent: its batch digest and every per-image sha256 / pHash / dHash are t
 - exact: the regenerated values are bit for bit the claimed ones (so are the images, the batch digest and
   every hash). For a verifier on the claimant's software and hardware;
 - tolerance: per image, max |dx| <= max_abs and RMS dx <= rms between regenerated and claimed values (float32,
-  model range), with thresholds calibrated from honest cross-hardware drift (`ddm consensus-eval`);
+  model range), and for claims of 5 or more images the medians over images of both within median_max_abs and
+  median_rms (`ddm.verify.thresholds`), all calibrated from honest cross-hardware drift (`ddm consensus-eval`);
 - phash: per image, pHash Hamming distance <= phash bits (the old perceptual check, blind to small changes on
   8x8 images: docs/verification.md);
 - auto (the default): exact when the claimant's environment (in the record) equals this verifier's
@@ -35,7 +36,7 @@ from ddm.verify.limits import DEFAULT_LIMITS, VerifyLimits
 from ddm.verify.phash import hamming, hex_to_hash, perceptual_hashes
 from ddm.verify.records import claimed_values, contradictions, read_record
 from ddm.verify.signing import SignatureCheck, check_signature
-from ddm.verify.thresholds import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, Thresholds, read_thresholds
+from ddm.verify.thresholds import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, MEDIAN_MIN_IMAGES, Thresholds, read_thresholds
 
 __all__ = ["DEFAULT_THRESHOLD", "MODES", "ImageCheck", "Verdict", "Verifier", "compare", "format_verdict",
            "verify_record"]
@@ -141,16 +142,30 @@ class Verdict:
                 "claim": self.claim, "signature": self.signature}
 
 
+def claim_failures(checks: list[ImageCheck], mode: str, thresholds: Thresholds) -> list[str]:
+    """Why a claim's regeneration fails a resolved mode (empty: it passes): images that fail on their own, and in
+    tolerance mode, for 5 or more images, medians over the images beyond their thresholds."""
+    failures = []
+    failed = [i for i, c in enumerate(checks) if not c.passes(mode, thresholds)]
+    if failed:
+        failures.append(f"{len(failed)} of {len(checks)} images fail {mode} mode (images {failed[:8]}"
+                        f"{' ...' if len(failed) > 8 else ''})")
+    if mode == "tolerance" and len(checks) >= MEDIAN_MIN_IMAGES:
+        for name, limit in (("max_abs", thresholds.median_max_abs), ("rms", thresholds.median_rms)):
+            median = float(np.median([getattr(c, name) for c in checks]))
+            if not median <= limit:
+                label = "max|dx|" if name == "max_abs" else "rms dx"
+                failures.append(f"the median {label} over the images, {_fmt(median)}, exceeds {limit:g}")
+    return failures
+
+
 def decide(checks: list[ImageCheck] | None, problems: list[str], mode: str,
            thresholds: Thresholds) -> tuple[bool, list[str]]:
-    """(honest, problems) of a record under a resolved mode: any earlier problem, or any image that fails."""
+    """(honest, problems) of a record under a resolved mode: any earlier problem, or `claim_failures`."""
     problems = list(problems)
     if checks is None:
         return False, problems or ["not regenerated"]
-    failed = [i for i, c in enumerate(checks) if not c.passes(mode, thresholds)]
-    if failed:
-        problems.append(f"{len(failed)} of {len(checks)} images fail {mode} mode (images {failed[:8]}"
-                        f"{' ...' if len(failed) > 8 else ''})")
+    problems += claim_failures(checks, mode, thresholds)
     return not problems, problems
 
 
@@ -259,7 +274,8 @@ def _fmt(x: float) -> str:
 
 def format_verdict(verdict: Verdict) -> str:
     t = verdict.thresholds
-    rule = {"exact": "bit for bit", "tolerance": f"max|dx| <= {t.max_abs:g} and rms <= {t.rms:g}",
+    rule = {"exact": "bit for bit", "tolerance": f"max|dx| <= {t.max_abs:g} and rms <= {t.rms:g} per image, medians "
+                                                 f"<= {t.median_max_abs:g} and {t.median_rms:g}",
             "phash": f"pHash distance <= {t.phash}"}[verdict.mode]
     lines = [f"claim: {verdict.claim}", f"signature: {verdict.signature}",
              f"mode: {verdict.mode} ({verdict.mode_reason}); passes when {rule}; thresholds from {t.source}"]
