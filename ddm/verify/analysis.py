@@ -24,9 +24,9 @@ from ddm.verify.thresholds import MEDIAN_MIN_IMAGES, Thresholds
 from ddm.verify.verdict import ImageCheck, claim_failures
 
 MODES_SCORED = ("exact", "tolerance", "phash", "auto")
-# Tolerance thresholds never go below these, even when every measured verifier was bitwise identical: the
-# drift of fast-math XLA on CPU (max |dx| 8.9e-5, RMS 1.1e-5 measured on runs/digits) must still pass.
-TOLERANCE_FLOOR = (1e-4, 2.5e-5)
+# Tolerance thresholds never go below these (max |dx|, RMS), even when the calibrating verifiers drifted less:
+# 5x the drift of fast-math XLA on CPU (max |dx| 1.0e-4, RMS 1.9e-5 at worst on runs/digits, heun 30 steps).
+TOLERANCE_FLOOR = (5e-4, 1e-4)
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:

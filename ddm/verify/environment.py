@@ -39,7 +39,7 @@ def xla_flags(text: str) -> str:
 def environment(emulation: str | None = None) -> dict[str, str]:
     """This process's environment: {"jax", "jaxlib", "backend", "device", "machine", "cpu", "xla_flags",
     "matmul_precision", "x64", "threefry_partitionable"} as strings, plus "emulation" when given (a verifier
-    that emulates other hardware, e.g. "param_mantissa=10")."""
+    that emulates other hardware or regenerates differently, e.g. "param_mantissa=10; batch_size=3")."""
     env = {
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,

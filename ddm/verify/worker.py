@@ -236,7 +236,9 @@ def verifier_worker(run_dir: str, claims_path: str | Path, work: str | Path, ind
         ensemble = ensemble.replace(
             expert_params=[None if p is None else round_mantissa(p, param_mantissa) for p in ensemble.expert_params],
             router_params=round_mantissa(ensemble.router_params, param_mantissa))
-    env = environment(None if param_mantissa is None else f"param_mantissa={param_mantissa}")
+    # what this verifier changes that `ddm verify` would not: rounded weights, or a split batch (other bits)
+    emulated = [f"{k}={v}" for k, v in (("param_mantissa", param_mantissa), ("batch_size", batch_size)) if v]
+    env = environment("; ".join(emulated) or None)
     cache: dict[str, np.ndarray] = {}
     results = []
     for claim in claims:
