@@ -20,6 +20,7 @@ the verdict only through (2); the distances each mode does not use are printed f
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from pathlib import Path
 
@@ -216,21 +217,22 @@ def run_thresholds(run: Run, **flags) -> Thresholds:
 
 class Verifier:
     """A run opened once for many records (a verifier serving a network, or the fuzz benchmark): the ensemble
-    loads on first use and each distinct request is regenerated once.
+    loads on first use, and the last `cache_size` distinct requests' regenerations are kept.
 
     mode: auto | exact | tolerance | phash. public_key: an Ed25519 public key every record must be signed by
     (None: unsigned records pass). thresholds: None for `run_thresholds(run)`. limits: what a record may ask.
     """
 
     def __init__(self, run: Run, *, mode: str = "auto", public_key=None, thresholds: Thresholds | None = None,
-                 limits: VerifyLimits = DEFAULT_LIMITS):
+                 limits: VerifyLimits = DEFAULT_LIMITS, cache_size: int = 32):
         if mode not in MODES:
             raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.run, self.mode, self.public_key, self.limits = run, mode, public_key, limits
         self.thresholds = thresholds or run_thresholds(run)
         self.environment = environment()
         self._ensemble = None
-        self._regenerated: dict[bytes, np.ndarray] = {}
+        self._regenerated: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self._cache_size = cache_size
 
     def regenerate(self, request: Request) -> np.ndarray:
         """The run's output for `request`: float32 [n, H, W, C] final ODE state (cached per request)."""
@@ -239,6 +241,9 @@ class Verifier:
             if self._ensemble is None:
                 self._ensemble = load_ensemble(self.run)
             self._regenerated[key] = generate(self._ensemble, request).x
+            while len(self._regenerated) > self._cache_size:
+                self._regenerated.popitem(last=False)
+        self._regenerated.move_to_end(key)
         return self._regenerated[key]
 
     def verify(self, record_path: str | Path, *, mode: str | None = None) -> Verdict:
