@@ -1,11 +1,21 @@
-"""Dataset sources: everything becomes canonical uint8 images [N, H, W, C].
+"""Dataset sources: everything becomes canonical uint8 images [N, H, W, C], plus class labels when the source
+has them.
 
 uint8 is the storage format (shards, fingerprints, hashes); models see float32 in [-1, 1] through
-`ddm.core.images.to_model_range`. Supported sources:
-- `digits`: scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn, no download);
+`ddm.core.images.to_model_range`. Supported sources, and where their class labels come from
+(`data.labels: auto` uses them when present, `none` ignores them):
+- `digits`: scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn, no download); labels: the
+  digit (10 classes);
 - a `.npz` / `.npy` file holding [N, H, W] or [N, H, W, C] (uint8, or floats in [0, 1] / [-1, 1] / [0, 255]);
-- an image folder or a `.parquet` file, decoded through Hugging Face `datasets`;
-- `hf:<name>`: any `datasets` hub dataset (needs network on the user's machine).
+  labels: a `labels` (else `y`) array of the .npz, or the array `data.label_column` names;
+- an image folder or a `.parquet` file, decoded through Hugging Face `datasets`; labels: the class subfolders
+  of a folder (`datasets`' image-folder label feature), the `data.label_column` column (default `label`) of a
+  parquet file;
+- `hf:<name>`: any `datasets` hub dataset (needs network on the user's machine); labels as for parquet.
+
+Labels are integers (class i is label i, names "0", "1", ... unless the source names them) or strings (the
+sorted distinct strings become the class names). Anything else, a count that differs from the images', a
+negative label or more than `MAX_CLASSES` classes is a one-line DDMError.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddm.core.config import DataConfig
+from ddm.core.config import MAX_CLASSES, DataConfig
 from ddm.core.errors import DDMError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -24,46 +34,113 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 FOLDER_SIDE_FILES = {"metadata.csv", "metadata.jsonl", "metadata.parquet", "readme.md", "license", ".ds_store"}
 
 
+# npz arrays taken as class labels when data.label_column is not set, in this order.
+NPZ_LABEL_KEYS = ("labels", "y")
+DEFAULT_LABEL_COLUMN = "label"
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """Canonical images plus where they came from."""
+    """Canonical images, their class labels if the source has them, and where they came from."""
 
     images: np.ndarray  # [N, H, W, C] uint8
     source: str
+    labels: np.ndarray | None = None  # [N] int32 in [0, num_classes), same order as images; None: unlabelled
+    class_names: list[str] | None = None  # [num_classes]: class i is class_names[i]; None: unlabelled
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.images.shape[1:])
 
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 for unlabelled data)."""
+        return 0 if self.class_names is None else len(self.class_names)
+
+
+# What a loader returns: images [N, H, W, C] uint8, labels [N] (any dtype, checked by `class_labels`) or None,
+# class names the source declares (e.g. a `datasets.ClassLabel`) or None.
+Loaded = tuple[np.ndarray, np.ndarray | None, list[str] | None]
+
 
 def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
-    """Loads `cfg.source`, applies `limit` and `image_size`, and checks the result.
+    """Loads `cfg.source` (with its class labels, unless `cfg.labels == "none"`), applies `limit` and
+    `image_size`, and checks the result.
 
     Relative paths are resolved against `base_dir` (the config file's repo) and then the working directory.
     """
     source = cfg.source
     if source == "digits":
-        images = _load_digits()
+        images, labels, names = _load_digits(cfg)
     elif source.startswith("hf:"):
-        images = _load_hf(source[3:], cfg, sized=cfg.image_size)
+        images, labels, names = _load_hf(source[3:], cfg, sized=cfg.image_size)
     else:
         path = _resolve(source, base_dir)
         if path.is_dir():
-            images = _load_image_folder(path, cfg)
+            images, labels, names = _load_image_folder(path, cfg)
         elif path.suffix in (".npz", ".npy"):
-            images = _load_array_file(path, cfg.array_key)
+            images, labels, names = _load_array_file(path, cfg)
         elif path.suffix == ".parquet":
-            images = _load_parquet(path, cfg)
+            images, labels, names = _load_parquet(path, cfg)
         else:
             raise DDMError(f"data source {path} is not a folder, .npz, .npy or .parquet file")
         source = str(path)
+    class_names = None
+    if labels is not None and cfg.labels != "none":
+        labels, class_names = class_labels(labels, names, len(images), f"{source} labels")
+    else:
+        labels = None
     if cfg.limit is not None:
         images = images[: cfg.limit]
+        labels = None if labels is None else labels[: cfg.limit]
     if cfg.image_size is not None and images.shape[1:3] != (cfg.image_size, cfg.image_size):
         images = np.stack([_resize_square(img, cfg.image_size) for img in images]) if len(images) else images
     if len(images) == 0:
         raise DDMError(f"data source {source} holds no images")
-    return Dataset(images=np.ascontiguousarray(images), source=source)
+    return Dataset(images=np.ascontiguousarray(images), source=source, labels=labels, class_names=class_names)
+
+
+def class_labels(values, names: list[str] | None, n: int, what: str) -> tuple[np.ndarray, list[str]]:
+    """Source labels -> (int32 [n] in [0, num_classes), class names [num_classes]).
+
+    values: [n] integers (class i = label i; `names`, if given, name them) or strings (sorted distinct strings
+    become the classes). Integral floats count as integers. DDMError for anything else.
+    """
+    values = np.asarray(values)
+    if values.ndim != 1 or len(values) != n:
+        raise DDMError(f"{what}: {len(values) if values.ndim == 1 else values.shape} labels for {n} images")
+    if n == 0:
+        return values.astype(np.int32), list(names or [])
+    if values.dtype.kind in "US" or (values.dtype == object and all(isinstance(v, str) for v in values)):
+        distinct = sorted({str(v) for v in values})
+        if len(distinct) > MAX_CLASSES:
+            raise DDMError(f"{what}: {len(distinct):,} distinct labels, more than {MAX_CLASSES:,} classes")
+        index = {name: i for i, name in enumerate(distinct)}
+        return np.array([index[str(v)] for v in values], np.int32), distinct
+    if values.dtype.kind not in "iuf":
+        raise DDMError(f"{what} are {values.dtype} ({values[0]!r}, ...); expected integers or strings")
+    if values.dtype.kind == "f":
+        bad = ~np.isfinite(values) | (values != np.rint(values))
+        if bad.any():
+            raise DDMError(f"{what} are not integers (row {int(np.argmax(bad))}: {float(values[bad][0]):g})")
+    if values.min() < 0:
+        raise DDMError(f"{what} include a negative label ({values.min():g} at row {int(np.argmin(values))})")
+    if values.max() >= MAX_CLASSES:
+        raise DDMError(f"{what} go up to {values.max():g}: more than {MAX_CLASSES:,} classes")
+    labels = values.astype(np.int32)
+    num_classes = int(labels.max()) + 1
+    if names is not None:
+        if num_classes > len(names):
+            raise DDMError(f"{what} go up to {num_classes - 1} but the source names {len(names)} classes")
+        return labels, [str(name) for name in names]
+    return labels, [str(i) for i in range(num_classes)]
+
+
+def _no_label_column(cfg: DataConfig, source: str) -> None:
+    """data.label_column names labels that only .npz, parquet and hf: sources can hold."""
+    if cfg.label_column is not None:
+        raise DDMError(f"data.label_column={cfg.label_column!r} does not apply to {source}: only .npz, parquet "
+                       "and hf: sources have label columns")
 
 
 def _resolve(source: str, base_dir: Path | None) -> Path:
@@ -75,11 +152,13 @@ def _resolve(source: str, base_dir: Path | None) -> Path:
     raise DDMError(f"data source not found: {source}")
 
 
-def _load_digits() -> np.ndarray:
+def _load_digits(cfg: DataConfig) -> Loaded:
     from sklearn.datasets import load_digits
 
-    pixels = load_digits().images  # [1797, 8, 8] float in 0..16
-    return np.rint(pixels * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    _no_label_column(cfg, "digits")
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # from [1797, 8, 8] in 0..16
+    return images, digits.target, [str(name) for name in digits.target_names]
 
 
 def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
@@ -107,20 +186,29 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
     return np.rint(array).astype(np.uint8)
 
 
-def _load_array_file(path: Path, key: str | None) -> np.ndarray:
+def _load_array_file(path: Path, cfg: DataConfig) -> Loaded:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise DDMError(f"cannot read array file {path}: {err}") from None
     if isinstance(loaded, np.ndarray):
-        return _as_uint8(loaded, str(path))
+        _no_label_column(cfg, f"{path} (a .npy holds one array: use a .npz with a labels array)")
+        return _as_uint8(loaded, str(path)), None, None
     with loaded:
         keys = list(loaded.keys())
+        if cfg.label_column is not None and cfg.label_column not in keys:
+            raise DDMError(f"{path} has no array {cfg.label_column!r} for data.label_column (arrays: {keys})")
+        label_key = cfg.label_column or next((k for k in NPZ_LABEL_KEYS if k in keys), None)
+        key = cfg.array_key
         if key is None:
-            key = next((k for k in ("data", "images", "x") if k in keys), keys[0] if len(keys) == 1 else None)
+            candidates = [k for k in keys if k != label_key and k not in NPZ_LABEL_KEYS]
+            key = next((k for k in ("data", "images", "x") if k in candidates),
+                       candidates[0] if len(candidates) == 1 else None)
         if key not in keys:
             raise DDMError(f"{path} has arrays {keys}; set data.array_key to choose one")
-        return _as_uint8(loaded[key], f"{path}[{key}]")
+        images = _as_uint8(loaded[key], f"{path}[{key}]")
+        labels = loaded[label_key] if label_key is not None and cfg.labels != "none" else None
+        return images, labels, None
 
 
 def _pil_to_array(image, name: str) -> np.ndarray:
@@ -186,7 +274,8 @@ def _check_folder(path: Path) -> list[Path]:
     return images
 
 
-def _load_image_folder(path: Path, cfg: DataConfig) -> np.ndarray:
+def _load_image_folder(path: Path, cfg: DataConfig) -> Loaded:
+    _no_label_column(cfg, f"image folder {path} (its class subfolders are the labels)")
     files = _check_folder(path)
     import datasets
 
@@ -194,7 +283,12 @@ def _load_image_folder(path: Path, cfg: DataConfig) -> np.ndarray:
     # imagefolder orders files itself; decode and report by its own order.
     names = [str(f) for f in files] if len(files) == len(ds) else [f"#{i}" for i in range(len(ds))]
     arrays = [_pil_to_array(row["image"], name) for row, name in zip(ds, names)]
-    return _stack(arrays, names, cfg.image_size, str(path))
+    images = _stack(arrays, names, cfg.image_size, str(path))
+    # Class subfolders become a ClassLabel feature named "label"; a flat folder has none.
+    feature = ds.features.get(DEFAULT_LABEL_COLUMN)
+    if cfg.labels == "none" or not isinstance(feature, datasets.ClassLabel):
+        return images, None, None
+    return images, np.asarray(ds.select_columns([DEFAULT_LABEL_COLUMN])[:][DEFAULT_LABEL_COLUMN]), feature.names
 
 
 def _decode_cell(cell, name: str) -> np.ndarray:
@@ -213,11 +307,36 @@ def _decode_cell(cell, name: str) -> np.ndarray:
     return _as_uint8(array[None], name)[0]
 
 
-def _decode_rows(rows, cfg: DataConfig, source: str, sized: int | None) -> np.ndarray:
+def _row_labels(rows, cfg: DataConfig, source: str, n: int) -> tuple[np.ndarray | None, list[str] | None]:
+    """The first n rows' labels from `data.label_column` (default "label", used only when present)."""
+    import datasets
+
+    if cfg.labels == "none":
+        return None, None
+    column = cfg.label_column or DEFAULT_LABEL_COLUMN
+    if column not in rows.column_names:
+        if cfg.label_column is not None:
+            raise DDMError(f"{source} has no label column {column!r} (columns: {rows.column_names}); "
+                           "set data.label_column, or data.labels=none")
+        return None, None
+    feature = rows.features[column]
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    values = rows.select_columns([column])[:n][column]
+    if any(v is None for v in values):
+        raise DDMError(f"{source} label column {column!r} has an empty cell (row {values.index(None)})")
+    return np.asarray(values), names
+
+
+def _decode_rows(rows, cfg: DataConfig, source: str, sized: int | None) -> Loaded:
     column = cfg.image_column
     if column not in rows.column_names:
         raise DDMError(f"{source} has no column {column!r} (columns: {rows.column_names}); set data.image_column")
     n = len(rows) if cfg.limit is None else min(len(rows), cfg.limit)
+    labels, label_names = _row_labels(rows, cfg, source, n)
+    return _decode_images(rows, n, column, source, sized), labels, label_names
+
+
+def _decode_images(rows, n: int, column: str, source: str, sized: int | None) -> np.ndarray:
     names = [f"{source} row {i}" for i in range(n)]
     cells = [rows[i][column] for i in range(n)]
     if cells and not any(isinstance(c, dict) or hasattr(c, "convert") for c in cells):
@@ -232,7 +351,7 @@ def _decode_rows(rows, cfg: DataConfig, source: str, sized: int | None) -> np.nd
     return _stack(arrays, names, sized, source)
 
 
-def _load_parquet(path: Path, cfg: DataConfig) -> np.ndarray:
+def _load_parquet(path: Path, cfg: DataConfig) -> Loaded:
     import datasets
 
     try:
@@ -251,7 +370,7 @@ def _is_image_column(rows, cfg: DataConfig) -> bool:
     return isinstance(feature, datasets.Image) or (isinstance(feature, dict) and "bytes" in feature)
 
 
-def _load_hf(name: str, cfg: DataConfig, sized: int | None) -> np.ndarray:
+def _load_hf(name: str, cfg: DataConfig, sized: int | None) -> Loaded:
     import datasets
 
     try:

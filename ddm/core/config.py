@@ -8,6 +8,7 @@ the run was prepared with, plus any overrides given on its own command line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -25,6 +26,8 @@ MODEL_PRESETS = ("micro", "tiny", "small", "S", "B", "L", "XL")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant")
 ROUTER_ARCHS = ("conv", "dit")
+LABEL_MODES = ("auto", "none")
+MAX_CLASSES = 10_000  # more distinct labels than this is almost surely an id column, not classes
 
 
 class _Loader(yaml.SafeLoader):
@@ -55,6 +58,10 @@ class DataConfig:
     source: str = "digits"  # "digits", a .npz/.npy file, an image folder, a .parquet file, or "hf:<name>"
     array_key: str | None = None  # array inside a .npz (default: the only one, or "data"/"images")
     image_column: str = "image"  # column holding images for parquet / Hugging Face sources
+    labels: str = "auto"  # "auto": use the source's class labels when it has them; "none": ignore them
+    # Column (parquet, hf:) or .npz array holding the class labels. None: "label" (.npz: "labels", else "y")
+    # when the source has it; a name given here must exist.
+    label_column: str | None = None
     split: str = "train"  # Hugging Face split
     image_size: int | None = None  # resize (shorter side) + center-crop to a square of this size
     limit: int | None = None  # use only the first `limit` images
@@ -75,6 +82,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data.embedding", self.embedding, EMBEDDINGS)
         _check_choice("data.kmeans", self.kmeans, KMEANS_MODES)
+        _check_choice("data.labels", self.labels, LABEL_MODES)
+        if self.labels == "none" and self.label_column is not None:
+            raise DDMError(f"config data.label_column={self.label_column!r} names labels that data.labels='none' "
+                           "ignores")
         if self.k < 1:
             raise DDMError(f"config data.k={self.k} must be >= 1")
         _check_positive("data.embed_dim", self.embed_dim)
@@ -98,17 +109,19 @@ class ModelConfig:
 
     preset: str = "tiny"
     patch_size: int = 2
-    num_classes: int = 0  # 0: unconditional
-    class_dropout: float = 0.1  # label dropout for classifier-free guidance
+    # Class labels the model is conditioned on. None: whatever the data has (`ddm prepare` stores the resolved
+    # value in the run's config: 0 for unlabelled data). A value that disagrees with the data is an error.
+    num_classes: int | None = None
     dtype: str = "float32"  # compute dtype; parameters and the loss stay float32
 
     def __post_init__(self) -> None:
         _check_choice("model.preset", self.preset, MODEL_PRESETS)
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_positive("model.patch_size", self.patch_size)
-        _check_positive("model.num_classes", self.num_classes, allow_zero=True)
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise DDMError(f"config model.class_dropout={self.class_dropout} must be in [0, 1)")
+        if self.num_classes is not None:
+            _check_positive("model.num_classes", self.num_classes, allow_zero=True)
+            if self.num_classes > MAX_CLASSES:
+                raise DDMError(f"config model.num_classes={self.num_classes} is more than {MAX_CLASSES:,} classes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +137,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     t_sampling: str = "logit_normal"
+    class_dropout: float = 0.1  # share of labels replaced by the null label (classifier-free guidance)
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -153,6 +167,8 @@ class TrainConfig:
         _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if not 0.0 <= self.ema_decay < 1.0:
             raise DDMError(f"config train.ema_decay={self.ema_decay} must be in [0, 1)")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise DDMError(f"config train.class_dropout={self.class_dropout} must be in [0, 1)")
         if self.mesh_data == 0 or self.mesh_data < -1 or self.mesh_fsdp < 1:
             raise DDMError(f"config mesh ({self.mesh_data}, {self.mesh_fsdp}) must be positive (data may be -1)")
 
@@ -182,11 +198,14 @@ class SampleConfig:
     solver: str = "euler"
     seed: int = 0
     strategies: tuple[str, ...] = ("top1", "top2", "full")
+    cfg_scale: float = 3.0  # classifier-free guidance scale of class-conditional requests (1: no guidance)
 
     def __post_init__(self) -> None:
         _check_choice("sample.solver", self.solver, SOLVERS)
         _check_positive("sample.n", self.n)
         _check_positive("sample.steps", self.steps)
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise DDMError(f"config sample.cfg_scale={self.cfg_scale} must be a finite number >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +215,23 @@ class Config:
     expert: ExpertConfig = ExpertConfig()
     router: RouterConfig = RouterConfig()
     sample: SampleConfig = SampleConfig()
+
+
+def with_num_classes(cfg: Config, num_classes: int) -> Config:
+    """`cfg` with `expert.model.num_classes` set to the data's `num_classes` (0: unlabelled data).
+
+    An explicit value that disagrees is a DDMError: a model must never be silently unconditional (or condition
+    on labels that do not exist).
+    """
+    explicit = cfg.expert.model.num_classes
+    if explicit is not None and explicit != num_classes:
+        if num_classes == 0:
+            raise DDMError(f"config expert.model.num_classes={explicit}, but the data has no class labels "
+                           "(set data.labels=auto on a labelled source, or leave num_classes unset)")
+        raise DDMError(f"config expert.model.num_classes={explicit} disagrees with the data's {num_classes} "
+                       "classes (leave it unset, or set data.labels=none for an unconditional model)")
+    model = dataclasses.replace(cfg.expert.model, num_classes=num_classes)
+    return dataclasses.replace(cfg, expert=dataclasses.replace(cfg.expert, model=model))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -313,10 +313,13 @@ def preset_dims(preset: str) -> tuple[int, int, int]:
 
 
 def dit_from_config(model: ModelConfig, image_shape: tuple[int, int, int], rngs: nnx.Rngs) -> DiT:
-    """The DiT described by a `ModelConfig` for images of `image_shape` (H, W, C)."""
+    """The DiT described by a `ModelConfig` for images of `image_shape` (H, W, C).
+
+    `num_classes=None` (not yet resolved against a dataset) builds an unconditional model.
+    """
     depth, width, heads = preset_dims(model.preset)
     return DiT(image_shape=tuple(image_shape), patch_size=model.patch_size, depth=depth, width=width,
-               heads=heads, num_classes=model.num_classes, dtype=compute_dtype(model.dtype), rngs=rngs)
+               heads=heads, num_classes=model.num_classes or 0, dtype=compute_dtype(model.dtype), rngs=rngs)
 
 
 # ---------------------------------------------------------------------------------------------------------
