@@ -1,11 +1,14 @@
 """`RUN_DIR/manifest.json`: the description of a run directory.
 
-Schema (format "ddm-run/v1"; paths are relative to the run directory):
+Schema (format "ddm-run/v2"; paths are relative to the run directory):
 
-    dataset:    source, fingerprint (SHA-256 of canonical uint8 data), num_images, image_shape [H, W, C]
+    dataset:    source, fingerprint (SHA-256 of canonical uint8 data), num_images, image_shape [H, W, C],
+                num_classes (0: unlabelled), class_names (null: unlabelled), labels_sha256 (null: unlabelled)
     clustering: method, k, embedding, parameters, inertia, n_iter, centroids (path of [K, D] .npy)
-    clusters:   [{id, count, share, shard}]            one zarr shard per cluster
-    holdout:    {shard, labels, count}                  held-out images labelled by nearest centroid
+    clusters:   [{id, count, share, shard, class_counts}]  one shard folder (images [+ labels]) per cluster;
+                                                            class_counts [num_classes] for labelled data
+    holdout:    {shard, labels, count}                  held-out images (+ class labels in the shard), and
+                                                        `labels`: their nearest centroid (.npy)
     config:     the resolved `Config` the run was prepared with
     experts:    {"k": {status, step, sha256, path}}     filled in by island jobs
     router, monolith: {status, step, sha256, path}
@@ -26,7 +29,9 @@ from typing import Callable, Iterator
 
 from ddm.core.errors import DDMError
 
-FORMAT = "ddm-run/v1"
+FORMAT = "ddm-run/v2"
+# Formats this version cannot read, and why.
+OLD_FORMATS = {"ddm-run/v1": "its shards are bare image arrays without class labels"}
 MANIFEST = "manifest.json"
 # Keys that describe history rather than what the run computes; they do not enter the manifest hash.
 VOLATILE_KEYS = ("created",)
@@ -45,6 +50,9 @@ def read_manifest(run_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DDMError(f"manifest {path} is not valid JSON: {err}") from None
+    if isinstance(manifest, dict) and manifest.get("format") in OLD_FORMATS:
+        raise DDMError(f"manifest {path} is {manifest['format']} ({OLD_FORMATS[manifest['format']]}): prepare the "
+                       f"run again with this version of ddm (ddm prepare --overwrite)")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DDMError(f"manifest {path} is not a {FORMAT} manifest")
     for key in ("dataset", "clustering", "clusters", "config"):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ddm.core.config import Config, to_dict
+from ddm.core.config import Config, to_dict, with_num_classes
 from ddm.core.errors import DDMError
-from ddm.core.hashing import dataset_fingerprint
+from ddm.core.hashing import dataset_fingerprint, labels_fingerprint
 from ddm.data import manifest as mf
 from ddm.data.embed import embed
 from ddm.data.kmeans import assign, kmeans
@@ -43,7 +43,8 @@ def _clustering_params(cfg: Config) -> dict:
     return params
 
 
-def _check_run_dir(run_dir: Path, data_fingerprint: str, params: dict, overwrite: bool) -> bool:
+def _check_run_dir(run_dir: Path, data_fingerprint: str, labels_sha: str | None, params: dict,
+                   overwrite: bool) -> bool:
     """True if this exact preparation already exists; raises if a different one would be overwritten.
 
     Removes nothing: with `overwrite` the old contents are cleared by `_clear_run_dir` only once the new
@@ -55,6 +56,10 @@ def _check_run_dir(run_dir: Path, data_fingerprint: str, params: dict, overwrite
     if old["dataset"]["fingerprint"] != data_fingerprint:
         raise DDMError(f"run directory {run_dir} holds a different dataset (fingerprint "
                        f"{old['dataset']['fingerprint'][:12]}); use --overwrite or another --run-dir")
+    if old["dataset"].get("labels_sha256") != labels_sha:
+        held = "different class labels" if old["dataset"].get("labels_sha256") else "no class labels"
+        raise DDMError(f"run directory {run_dir} was prepared with {held} (data.labels, data.label_column); "
+                       "use --overwrite or another --run-dir")
     old_params = {k: v for k, v in old["clustering"].items() if k in params}
     if old_params != params:
         changed = sorted(k for k in params if old_params.get(k) != params[k])
@@ -96,14 +101,17 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
     t0 = time.perf_counter()
     logger.info(f"loading {cfg.data.source} ...")
     dataset = load_dataset(cfg.data, base_dir)
-    images, n = dataset.images, len(dataset.images)
+    images, labels, n = dataset.images, dataset.labels, len(dataset.images)
     data_fp = dataset_fingerprint(images)
-    logger.info(f"  {n} images of shape {dataset.image_shape}, fingerprint {data_fp[:16]}")
+    labels_sha = None if labels is None else labels_fingerprint(labels, dataset.class_names)
+    logger.info(f"  {n} images of shape {dataset.image_shape}, fingerprint {data_fp[:16]}, "
+                + (f"{dataset.num_classes} classes" if labels is not None else "no class labels"))
+    cfg = with_num_classes(cfg, dataset.num_classes)
     params = _clustering_params(cfg)
     if cfg.data.k > n:
         raise DDMError(f"data.k={cfg.data.k} is larger than the dataset ({n} images)")
     _ensure_writable(run_dir)
-    if _check_run_dir(run_dir, data_fp, params, overwrite):
+    if _check_run_dir(run_dir, data_fp, labels_sha, params, overwrite):
         logger.info(f"{run_dir} is already prepared with this dataset and clustering; nothing to do")
         return mf.read_manifest(run_dir)
 
@@ -125,14 +133,21 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
     np.save(run_dir / "clusters" / "labels.npy", result.labels.astype(np.int32))
     clusters = []
     train_images = images[train_idx]
+    train_classes = None if labels is None else labels[train_idx]
     for k in range(cfg.data.k):
         rel = f"shards/cluster_{k}"
-        members = train_images[result.labels == k]
-        write_shard(mf.resolve(run_dir, rel), members, cfg.data.chunk_images)
-        clusters.append({"id": k, "count": int(len(members)), "share": len(members) / len(train_idx), "shard": rel})
+        rows = result.labels == k
+        members = train_images[rows]
+        member_classes = None if train_classes is None else train_classes[rows]
+        write_shard(mf.resolve(run_dir, rel), members, member_classes, cfg.data.chunk_images)
+        entry = {"id": k, "count": int(len(members)), "share": len(members) / len(train_idx), "shard": rel}
+        if member_classes is not None:  # the cluster's images per class: p(k | y) is count / the class total
+            entry["class_counts"] = np.bincount(member_classes, minlength=dataset.num_classes).tolist()
+        clusters.append(entry)
     holdout = {"count": int(len(hold_idx))}
     if len(hold_idx):
-        write_shard(mf.resolve(run_dir, "shards/holdout"), images[hold_idx], cfg.data.chunk_images)
+        write_shard(mf.resolve(run_dir, "shards/holdout"), images[hold_idx],
+                    None if labels is None else labels[hold_idx], cfg.data.chunk_images)
         np.save(run_dir / "shards" / "holdout_labels.npy", hold_labels.astype(np.int32))
         holdout.update(shard="shards/holdout", labels="shards/holdout_labels.npy")
 
@@ -140,7 +155,8 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
         "format": mf.FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dataset": {"source": dataset.source, "fingerprint": data_fp, "num_images": n,
-                    "image_shape": list(dataset.image_shape)},
+                    "image_shape": list(dataset.image_shape), "num_classes": dataset.num_classes,
+                    "class_names": dataset.class_names, "labels_sha256": labels_sha},
         "clustering": {**params, "inertia": float(result.inertia), "n_iter": int(result.n_iter),
                        "centroids": "clusters/centroids.npy", "train_labels": "clusters/labels.npy"},
         "clusters": clusters,
@@ -150,13 +166,22 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
     }
     mf.write_manifest(run_dir, manifest)
     logger.info(f"prepared {run_dir} in {time.perf_counter() - t0:.1f}s")
-    logger.info(cluster_table(clusters))
+    logger.info(cluster_table(clusters, dataset.class_names))
     return manifest
 
 
-def cluster_table(clusters: list[dict]) -> str:
-    """A readable table: cluster, size, share."""
-    lines = [f"{'cluster':>7}  {'size':>7}  {'share':>6}"]
-    lines += [f"{c['id']:>7}  {c['count']:>7}  {c['share']:>6.1%}" for c in clusters]
+def _top_classes(counts: list[int], names: list[str] | None, top: int = 3) -> str:
+    """The cluster's largest classes with their shares of it, e.g. "0 61%, 6 20%, 4 9%"."""
+    total = max(sum(counts), 1)
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])[:top]
+    return ", ".join(f"{names[i] if names else i} {counts[i] / total:.0%}" for i in order if counts[i])
+
+
+def cluster_table(clusters: list[dict], class_names: list[str] | None = None) -> str:
+    """A readable table: cluster, size, share (and its largest classes, for labelled data)."""
+    labelled = all("class_counts" in c for c in clusters)
+    lines = [f"{'cluster':>7}  {'size':>7}  {'share':>6}" + ("  top classes" if labelled else "")]
+    lines += [f"{c['id']:>7}  {c['count']:>7}  {c['share']:>6.1%}"
+              + (f"  {_top_classes(c['class_counts'], class_names)}" if labelled else "") for c in clusters]
     lines.append(f"{'total':>7}  {sum(c['count'] for c in clusters):>7}  {1:>6.0%}")
     return "\n".join(lines)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ddm.core.config import Config, config_from_data
+from ddm.core.config import Config, config_from_data, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.data import manifest as mf
-from ddm.data.shards import read_shard
+from ddm.data.shards import NO_LABEL, read_labels, read_shard
 from ddm.data.sums import check_sums
 
 COMPONENTS = ("router", "monolith")  # single components beside the per-cluster experts
@@ -41,11 +41,15 @@ class Run:
     @classmethod
     def open(cls, root: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
         """Reads and checks `root/manifest.json` and resolves its config with `overrides` (`--set` values).
-        An export's files are first checked against its SHA256SUMS."""
+        An export's files are first checked against its SHA256SUMS. The resolved `expert.model.num_classes` must
+        be the data's (an override cannot make a conditional run unconditional, or the other way round).
+        """
         if (Path(root) / EXPORT_INFO).is_file():
             check_sums(Path(root))
         manifest = mf.read_manifest(root)
-        return cls(Path(root), manifest, config_from_data(manifest["config"], overrides), tuple(overrides))
+        config = with_num_classes(config_from_data(manifest["config"], overrides),
+                                  int(manifest["dataset"].get("num_classes", 0)))
+        return cls(Path(root), manifest, config, tuple(overrides))
 
     def reload(self) -> Run:
         """The same run with its manifest read again (after another process recorded a component)."""
@@ -72,6 +76,24 @@ class Run:
     def is_export(self) -> bool:
         """Whether this is an exported folder (`ddm export`) rather than a training run directory."""
         return (self.root / EXPORT_INFO).is_file()
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class labels of the data (0: unlabelled, the models are unconditional)."""
+        return int(self.dataset.get("num_classes", 0))
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Name of each class (None: unlabelled)."""
+        return self.dataset.get("class_names")
+
+    def class_shares(self) -> np.ndarray:
+        """[K, num_classes] float64: p(cluster k | class y), each class's training images over the clusters
+        (the router's posterior at pure noise given y). DDMError for unlabelled data."""
+        if not self.num_classes:
+            raise DDMError(f"run {self.root} has no class labels")
+        counts = np.array([c["class_counts"] for c in self.clusters], np.float64)
+        return counts / np.maximum(counts.sum(0, keepdims=True), 1.0)
 
     def resolve(self, relative: str) -> str:
         """A path stored in the manifest, made absolute against the run directory (URLs pass through)."""
@@ -120,17 +142,21 @@ class Run:
         return self.resolve(holdout["shard"]) if holdout.get("shard") and holdout.get("count") else None
 
     def holdout_labels(self) -> np.ndarray:
-        """[N_holdout] int32: the nearest centroid of each held-out image."""
+        """[N_holdout] int32: the nearest centroid (cluster) of each held-out image. Their class labels are
+        in the holdout shard (`ddm.data.shards.read_labels`)."""
         return np.load(self.resolve(self.holdout["labels"]))
 
-    def holdout_set(self, clusters: list[int] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-        """Held-out images whose nearest centroid is one of `clusters` (default: all), with that cluster id:
-        (uint8 [N, H, W, C], int32 [N]). None when the run has no held-out images or none in these clusters."""
+    def holdout_set(self, clusters: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Held-out images whose nearest centroid is one of `clusters` (default: all), with that cluster id and
+        their class label (-1 for unlabelled data), as a reader gives them: (uint8 [N, H, W, C], int32 [N],
+        int32 [N]). None when the run has no held-out images or none in these clusters."""
         if self.holdout_path() is None:
             return None
         images, labels = read_shard(self.holdout_path()), self.holdout_labels().astype(np.int32)
+        classes = read_labels(self.holdout_path())
+        classes = np.full(len(labels), NO_LABEL, np.int32) if classes is None else classes
         keep = np.ones(len(labels), bool) if clusters is None else np.isin(labels, clusters)
-        return (images[keep], labels[keep]) if keep.any() else None
+        return (images[keep], labels[keep], classes[keep]) if keep.any() else None
 
     # -----------------------------------------------------------------------------------------------------
     # Components (experts, router, monolith).

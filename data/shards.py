@@ -1,7 +1,12 @@
 """Cluster shards as zarr arrays (through tensorstore) and a seeded, resumable batch reader.
 
-A shard is uint8 [N_k, H, W, C], chunked along N so an island reads only the chunks it needs. Paths may be
-local or any kvstore URL tensorstore understands (gs://, s3://, file://).
+A shard is a folder of zarr arrays with one row per image, all in the same order:
+
+    SHARD/images/   uint8 [N_k, H, W, C], chunked along N so an island reads only the chunks it needs
+    SHARD/labels/   int32 [N_k] class labels (only when the dataset has them)
+
+Paths may be local or any kvstore URL tensorstore understands (gs://, s3://, file://). Further per-row arrays
+(latents, digests) go beside these two.
 
 The reader is a pure function of the step: the global batch for step s is the s-th block of B indices in the
 stream of per-epoch permutations (seeded by (seed, epoch)). Its "position" is therefore just the step, which
@@ -11,6 +16,7 @@ makes resume exact, and each process of a multi-host job reads only its own rows
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import tensorstore as ts
@@ -19,33 +25,64 @@ from ddm.core.errors import DDMError
 
 # Above this many bytes a reader streams rows from the store instead of caching the whole shard in memory.
 IN_MEMORY_LIMIT_BYTES = 2 << 30
+IMAGES, LABELS = "images", "labels"  # the arrays inside a shard folder
+NO_LABEL = -1  # the class a reader gives rows of unlabelled shards
 
 
-def _spec(path: str) -> dict:
+def _kvstore(path: str, array: str) -> dict | str:
+    """The kvstore of array `array` inside shard folder `path`."""
     if "://" in path and not path.startswith("file://"):
-        return {"driver": "zarr", "kvstore": path}
-    return {"driver": "zarr", "kvstore": {"driver": "file", "path": path.removeprefix("file://")}}
+        return f"{path.rstrip('/')}/{array}/"
+    return {"driver": "file", "path": f"{path.removeprefix('file://').rstrip('/')}/{array}/"}
 
 
-def write_shard(path: str, images: np.ndarray, chunk: int = 256) -> None:
-    """Writes images: [N, H, W, C] uint8 as a zarr array at `path` (replacing any array there)."""
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise DDMError(f"shard {path}: expected uint8 [N, H, W, C], got {images.dtype} {images.shape}")
-    chunk_shape = [max(1, min(chunk, len(images)))] + list(images.shape[1:])
+def _spec(path: str, array: str) -> dict:
+    return {"driver": "zarr", "kvstore": _kvstore(path, array)}
+
+
+def _write_array(path: str, array: str, values: np.ndarray, chunk: int) -> None:
+    chunk_shape = [max(1, min(chunk, len(values)))] + list(values.shape[1:])
     try:
         store = ts.open(
-            _spec(path), create=True, delete_existing=True, dtype=ts.uint8, shape=images.shape,
-            chunk_layout=ts.ChunkLayout(chunk_shape=chunk_shape),
+            _spec(path, array), create=True, delete_existing=True, dtype=ts.dtype(values.dtype.name),
+            shape=values.shape, chunk_layout=ts.ChunkLayout(chunk_shape=chunk_shape),
         ).result()
-        store.write(images).result()
+        store.write(values).result()
     except ValueError as err:
         raise DDMError(f"cannot write shard {path}: {str(err).splitlines()[0]}") from None
 
 
-def open_shard(path: str) -> ts.TensorStore:
-    """Opens an existing shard for reading; DDMError if it is missing or not a uint8 image array."""
+def _delete_array(path: str, array: str) -> None:
+    """Removes array `array` of a shard (if present), so a rewritten shard never keeps stale rows."""
     try:
-        store = ts.open(_spec(path), open=True, read=True).result()
+        ts.KvStore.open(_kvstore(path, array)).result().delete_range(ts.KvStore.KeyRange()).result()
+    except ValueError as err:
+        raise DDMError(f"cannot write shard {path}: {str(err).splitlines()[0]}") from None
+
+
+def write_shard(path: str, images: np.ndarray, labels: np.ndarray | None = None, chunk: int = 256) -> None:
+    """Writes shard folder `path` (replacing any shard there): images uint8 [N, H, W, C] and, for labelled data,
+    labels [N] integer class labels in the same row order (stored int32)."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DDMError(f"shard {path}: expected uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+            raise DDMError(f"shard {path}: labels must be integers [{len(images)}], got {labels.dtype} {labels.shape}")
+        if len(labels) and labels.min() < 0:
+            raise DDMError(f"shard {path}: labels must be >= 0, got {labels.min()}")
+    _write_array(path, IMAGES, images, chunk)
+    if labels is None:
+        _delete_array(path, LABELS)
+    else:
+        # Labels are tiny: one chunk per image chunk keeps a streamed read of a row range to one chunk each.
+        _write_array(path, LABELS, labels.astype(np.int32), chunk)
+
+
+def open_shard(path: str) -> ts.TensorStore:
+    """Opens an existing shard's images for reading; DDMError if they are missing or not a uint8 image array."""
+    try:
+        store = ts.open(_spec(path, IMAGES), open=True, read=True).result()
     except ValueError as err:
         raise DDMError(f"cannot open shard {path}: {str(err).splitlines()[0]}") from None
     if store.dtype != ts.uint8 or store.rank != 4:
@@ -54,8 +91,34 @@ def open_shard(path: str) -> ts.TensorStore:
 
 
 def read_shard(path: str) -> np.ndarray:
-    """The whole shard: [N, H, W, C] uint8."""
+    """The whole shard's images: [N, H, W, C] uint8."""
     return open_shard(path).read().result()
+
+
+def read_labels(path: str) -> np.ndarray | None:
+    """The shard's class labels, int32 [N] (same rows as its images), or None for an unlabelled shard.
+
+    DDMError if the labels are not int32 [N] or not one per image.
+    """
+    try:
+        store = ts.open(_spec(path, LABELS), open=True, read=True).result()
+    except ValueError as err:
+        if "NOT_FOUND" in str(err):
+            return None
+        raise DDMError(f"cannot open the labels of shard {path}: {str(err).splitlines()[0]}") from None
+    count = open_shard(path).shape[0]
+    if store.dtype != ts.int32 or store.shape != (count,):
+        raise DDMError(f"shard {path} has labels {store.dtype} {list(store.shape)} for {count} images; "
+                       f"expected int32 [{count}]")
+    return store.read().result()
+
+
+class Batch(NamedTuple):
+    """This process's rows of one step's global batch."""
+
+    images: np.ndarray  # [B/P, H, W, C] uint8
+    clusters: np.ndarray  # [B/P] int32: the cluster id of each row's shard (the router's target)
+    classes: np.ndarray  # [B/P] int32: each row's class label; NO_LABEL (-1) for unlabelled shards
 
 
 @dataclass(frozen=True)
@@ -67,13 +130,15 @@ class ReaderPosition:
 
 
 class ShardReader:
-    """Seeded batches from one or more shards, with the shard index as label.
+    """Seeded batches from one or more shards: images, each row's cluster id (its shard's entry of
+    `cluster_ids`, default the shard's index) and its class label.
 
     With several shards (router, monolith) the union is shuffled as one dataset, so batches follow the natural
-    data distribution: each cluster appears in proportion to its size.
+    data distribution: each cluster appears in proportion to its size. Shards are all labelled or all not.
+    Class labels are always held in memory (4 bytes a row); images are, up to `IN_MEMORY_LIMIT_BYTES`.
     """
 
-    def __init__(self, paths: list[str], *, batch_size: int, seed: int, labels: list[int] | None = None,
+    def __init__(self, paths: list[str], *, batch_size: int, seed: int, cluster_ids: list[int] | None = None,
                  process_index: int = 0, process_count: int = 1, in_memory: bool | None = None):
         if not paths:
             raise DDMError("a reader needs at least one shard")
@@ -92,7 +157,15 @@ class ShardReader:
         self.num_images = int(self.sizes.sum())
         self.batch_size, self.seed = batch_size, seed
         self.process_index, self.process_count = process_index, process_count
-        self.shard_labels = np.asarray(labels if labels is not None else range(len(paths)), np.int32)
+        self.shard_clusters = np.asarray(cluster_ids if cluster_ids is not None else range(len(paths)), np.int32)
+        if self.shard_clusters.shape != (len(paths),):
+            raise DDMError(f"{len(self.shard_clusters)} cluster ids for {len(paths)} shards")
+        labels = [read_labels(p) for p in paths]
+        if len({label is None for label in labels}) > 1:
+            raise DDMError(f"shard {paths[[label is None for label in labels].index(True)]} has no class labels "
+                           f"but shard {paths[[label is None for label in labels].index(False)]} has")
+        self.labelled = labels[0] is not None
+        self._classes = np.concatenate(labels) if self.labelled else None
         self._offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         nbytes = self.num_images * int(np.prod(self.image_shape))
         if in_memory is None:
@@ -126,18 +199,27 @@ class ShardReader:
             filled += take
         return out
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """This process's rows of step's global batch: (images [B/P, H, W, C] uint8, labels [B/P] int32)."""
+    def batch(self, step: int) -> Batch:
+        """This process's rows of step's global batch (see `Batch`)."""
         lo = self.process_index * self.local_batch_size
         indices = self.global_indices(step)[lo:lo + self.local_batch_size]
         shard = np.searchsorted(self._offsets, indices, side="right") - 1
-        labels = self.shard_labels[shard]
+        clusters = self.shard_clusters[shard]
+        classes = self._classes[indices] if self.labelled else np.full(len(indices), NO_LABEL, np.int32)
         if self._cache is not None:
-            return self._cache[indices], labels
+            return Batch(self._cache[indices], clusters, classes)
         images = np.empty((len(indices),) + self.image_shape, np.uint8)
         for k in np.unique(shard):
             rows = shard == k
             local = indices[rows] - self._offsets[k]
             order = np.argsort(local)  # sorted reads touch each chunk once
             images[np.flatnonzero(rows)[order]] = self.stores[k][local[order]].read().result()
-        return images, labels
+        return Batch(images, clusters, classes)
+
+
+def check_labelled(reader: ShardReader, num_classes: int) -> None:
+    """DDMError unless the reader's shards carry class labels exactly when the model is class-conditional."""
+    if num_classes and not reader.labelled:
+        raise DDMError(f"the model is class-conditional ({num_classes} classes) but the shards have no class labels")
+    if not num_classes and reader.labelled:
+        raise DDMError("the shards have class labels but the model is unconditional (num_classes=0)")

@@ -3,6 +3,11 @@
 Per t-bin: top-1 accuracy and cross-entropy; overall: expected calibration error (15 confidence bins),
 confusion matrix, and the mean predicted distribution at t = 1 (pure noise) against the cluster proportions
 (the posterior there *is* the prior, so a good router predicts the proportions, not uniform).
+
+A router of labelled data is evaluated under the null label (p(k | x_t, t), what unguided sampling uses) and
+given each image's class (p(k | x_t, t, y), what guided sampling uses): accuracy and cross-entropy given y on
+the same noisy inputs, and at pure noise the mean prediction per class against that class's cluster shares
+p(k | y), beside the best a class-blind prediction can do there (the cluster proportions).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from ddm.core.flow import interpolate
 from ddm.core.images import to_model_range
 from ddm.core.plots import pyplot, save_figure
 from ddm.data.run import Run
-from ddm.data.shards import read_shard
+from ddm.data.shards import read_labels, read_shard
 from ddm.router.trained import load_router
 
 logger = logging.getLogger(__name__)
@@ -43,15 +48,44 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
-def router_probabilities(apply: Callable, x0: np.ndarray, t: np.ndarray, seed: int, batch: int = 512) -> np.ndarray:
-    """p(k | x_t, t) for x_t built from x0: [N, H, W, C] in [-1, 1] and t: [N]. Returns [N, K] float32."""
+def router_probabilities(apply: Callable, x0: np.ndarray, t: np.ndarray, seed: int, batch: int = 512,
+                         y: np.ndarray | None = None) -> np.ndarray:
+    """p(k | x_t, t[, y]) for x_t built from x0: [N, H, W, C] in [-1, 1], t: [N] and y: [N] int32 class labels
+    (None: the router's unconditional input). apply(x, t, y) -> logits. Returns [N, K] float32. The noise is a
+    function of (seed, row), so calls with and without y see the same x_t."""
     key = jax.random.key(seed)
-    fn = jax.jit(lambda x, tt, k: jax.nn.softmax(apply(interpolate(x, jax.random.normal(k, x.shape), tt), tt), -1))
+    fn = jax.jit(lambda x, tt, yy, k: jax.nn.softmax(apply(interpolate(x, jax.random.normal(k, x.shape), tt), tt, yy),
+                                                     -1))
     out = []
     for i in range(0, len(x0), batch):
-        out.append(np.asarray(fn(jnp.asarray(x0[i:i + batch]), jnp.asarray(t[i:i + batch]),
+        yb = None if y is None else jnp.asarray(y[i:i + batch])
+        out.append(np.asarray(fn(jnp.asarray(x0[i:i + batch]), jnp.asarray(t[i:i + batch]), yb,
                                  jax.random.fold_in(key, i))))
     return np.concatenate(out)
+
+
+def _given_class(model: Callable, run: Run, x0: np.ndarray, t: np.ndarray, clusters: np.ndarray,
+                 classes: np.ndarray, seed: int) -> dict:
+    """The router given each image's class: accuracy and cross-entropy on the evaluation's (x0, t) draws, and
+    at pure noise the mean p(k | x_1, y) per class vs p(k | y). classes: [N] int32 of x0's rows."""
+    probs = router_probabilities(model, x0, t, seed, y=classes)
+    nll = -np.log(np.clip(probs[np.arange(len(clusters)), clusters], 1e-12, None))
+    num_classes, shares = run.num_classes, run.class_shares().T  # [C, K]
+    present = np.unique(classes)
+    ones = np.ones(len(present), np.float32)
+    blank = np.zeros((len(present),) + x0.shape[1:], np.float32)  # x0 is irrelevant at t = 1
+    at_noise = router_probabilities(model, blank, ones, seed + 1, y=present.astype(np.int32))
+    blind = router_probabilities(model, blank, ones, seed + 1)  # under the null label
+    weight = np.bincount(classes, minlength=num_classes)[present] / len(classes)
+
+    def mean_tv(predicted: np.ndarray) -> float:
+        return float((weight * 0.5 * np.abs(predicted - shares[present]).sum(-1)).sum())
+
+    return {"accuracy": float((probs.argmax(-1) == clusters).mean()), "cross_entropy": float(nll.mean()),
+            "at_pure_noise": {"classes": present.tolist(), "predicted": at_noise.tolist(),
+                              "class_shares": shares[present].tolist(), "total_variation": mean_tv(at_noise),
+                              "null_label_total_variation": mean_tv(blind),
+                              "cluster_shares_total_variation": mean_tv(run.cluster_shares()[None])}}
 
 
 def evaluate_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, seed: int = 0,
@@ -62,8 +96,8 @@ def evaluate_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
         raise DDMError(f"{run.root} has no held-out images (prepared with data.holdout_fraction=0)")
     apply, state = load_router(run)
 
-    def model(x, t):
-        return apply(state, x, t, None)
+    def model(x, t, y=None):
+        return apply(state, x, t, y)
 
     images = to_model_range(read_shard(run.holdout_path()))
     labels = run.holdout_labels()
@@ -77,7 +111,7 @@ def evaluate_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     rng = np.random.default_rng(seed)
     bin_of = np.repeat(np.arange(T_BINS), repeats * n)
     t = ((bin_of + rng.uniform(size=len(x0))) / T_BINS).astype(np.float32)
-    probs = router_probabilities(lambda x, tt: model(x, tt), x0, t, seed)
+    probs = router_probabilities(model, x0, t, seed)
     nll = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))
     correct = probs.argmax(-1) == y
 
@@ -86,7 +120,7 @@ def evaluate_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
                 "ece": expected_calibration_error(probs[bin_of == b], y[bin_of == b])} for b in range(T_BINS)]
     confusion = np.zeros((k, k), np.int64)
     np.add.at(confusion, (y, probs.argmax(-1)), 1)
-    at_noise = router_probabilities(lambda x, tt: model(x, tt), images, np.ones(n, np.float32), seed + 1).mean(0)
+    at_noise = router_probabilities(model, images, np.ones(n, np.float32), seed + 1).mean(0)
     report = {
         "holdout_images": int(n), "evaluations": int(len(y)), "accuracy": float(correct.mean()),
         "cross_entropy": float(nll.mean()), "ece": expected_calibration_error(probs, y), "per_t_bin": per_bin,
@@ -94,6 +128,9 @@ def evaluate_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
         "at_pure_noise": {"predicted": at_noise.tolist(), "cluster_shares": prior.tolist(),
                           "total_variation": float(0.5 * np.abs(at_noise - prior).sum())},
     }
+    if run.num_classes:
+        classes = np.tile(read_labels(run.holdout_path()), repeats * T_BINS)
+        report["given_class"] = _given_class(model, run, x0, t, y, classes, seed)
     out_dir = run.eval_dir
     out_dir.mkdir(exist_ok=True)
     (out_dir / "router.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -112,6 +149,12 @@ def format_router_report(report: dict) -> str:
     noise = report["at_pure_noise"]
     lines.append("at t=1: predicted " + " ".join(f"{p:.3f}" for p in noise["predicted"]) + " | shares "
                  + " ".join(f"{p:.3f}" for p in noise["cluster_shares"]) + f" (TV {noise['total_variation']:.3f})")
+    if "given_class" in report:
+        given = report["given_class"]
+        at = given["at_pure_noise"]
+        lines.append(f"given the class y: accuracy {given['accuracy']:.3f}, cross-entropy {given['cross_entropy']:.3f}; "
+                     f"at t=1 p(k | y) vs the class's cluster shares: TV {at['total_variation']:.3f} (null label "
+                     f"{at['null_label_total_variation']:.3f}, best class-blind {at['cluster_shares_total_variation']:.3f})")
     return "\n".join(lines)
 
 

@@ -1,8 +1,13 @@
-"""Router training: cross-entropy of p(cluster | x_t, t) on noisy samples, on the shared trainer.
+"""Router training: cross-entropy of p(cluster | x_t, t[, y]) on noisy samples, on the shared trainer.
 
 x0 is drawn from the union of all shards shuffled as one dataset, so clusters appear in proportion to their
 sizes: the cluster-size prior is part of the posterior the router must learn (at t = 1 it should predict the
 cluster proportions, not a uniform distribution).
+
+On labelled data the router also sees the class y of x0 (as the paper's router sees the condition), replaced
+by the null label with probability `router.train.class_dropout`. It then learns p(k | x_t, t, y), whose value
+at pure noise is p(k | y), the share of class y's images in cluster k, and under the null label the
+class-blind p(k | x_t, t) that unguided sampling uses.
 """
 
 from __future__ import annotations
@@ -19,22 +24,26 @@ from flax import nnx
 
 from ddm.core.config import to_dict
 from ddm.core.errors import DDMError
-from ddm.core.flow import noisy_batch
+from ddm.core.flow import drop_labels, noisy_batch
 from ddm.core.monitor import HeldOut
 from ddm.core.trainer import Task, Trainer, TrainResult
 from ddm.data.run import Run
-from ddm.data.shards import ShardReader
+from ddm.data.shards import ShardReader, check_labelled
 from ddm.router.trained import router_factory
 
 logger = logging.getLogger(__name__)
 
 
-def router_loss(t_sampling: str, model: nnx.Module, x: jax.Array, labels: jax.Array, rng: jax.Array):
-    """Mean cross-entropy of the router on noisy x. x: [B, H, W, C] in [-1, 1], labels: [B] cluster ids."""
+def router_loss(t_sampling: str, class_dropout: float, num_classes: int, model: nnx.Module, x: jax.Array,
+                clusters: jax.Array, classes: jax.Array, rng: jax.Array):
+    """Mean cross-entropy of the router on noisy x. x: [B, H, W, C] in [-1, 1], clusters: [B] cluster ids (the
+    target), classes: [B] class labels (an input when num_classes > 0, dropped to the null label with
+    probability class_dropout; unused otherwise)."""
     x_t, t, _ = noisy_batch(rng, x, t_sampling)
-    logits = model(x_t, t).astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, {"accuracy": (jnp.argmax(logits, -1) == labels).mean()}
+    y = drop_labels(jax.random.fold_in(rng, 1), classes, class_dropout, num_classes) if num_classes else None
+    logits = model(x_t, t, y).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, clusters).mean()
+    return loss, {"accuracy": (jnp.argmax(logits, -1) == clusters).mean()}
 
 
 def check_router_inputs(run: Run) -> list[str]:
@@ -54,16 +63,17 @@ def train_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
     run = Run.open(run_dir, overrides)
     paths = check_router_inputs(run)
     train = run.config.router.train
-    reader = ShardReader(paths, batch_size=train.batch_size, seed=train.seed, labels=run.cluster_ids,
+    reader = ShardReader(paths, batch_size=train.batch_size, seed=train.seed, cluster_ids=run.cluster_ids,
                          process_index=jax.process_index(), process_count=jax.process_count())
+    check_labelled(reader, run.num_classes)
     task = Task(
         name="router",
         make_model=router_factory(run),
-        loss=functools.partial(router_loss, train.t_sampling),
+        loss=functools.partial(router_loss, train.t_sampling, train.class_dropout, run.num_classes),
         reader=reader,
         out_dir=run.component_dir("router"),
-        meta={"config": to_dict(run.config), "num_clusters": run.num_clusters},
-        # Every held-out image with its nearest cluster: held-out loss and accuracy at every log step.
+        meta={"config": to_dict(run.config), "num_clusters": run.num_clusters, "num_classes": run.num_classes},
+        # Every held-out image with its nearest cluster (and class): held-out loss and accuracy at every log step.
         holdout=HeldOut(*held) if (held := run.holdout_set()) is not None else None,
     )
     t0 = time.perf_counter()
@@ -71,7 +81,7 @@ def train_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
     if jax.process_index() == 0:
         run.record("router", None, {
             "status": "finished", "step": result.step, "sha256": result.ema_sha256,
-            "path": run.relative(result.final_path), "num_clusters": len(paths),
+            "path": run.relative(result.final_path), "num_clusters": len(paths), "num_classes": run.num_classes,
             "seconds": round(time.perf_counter() - t0, 1), "router": to_dict(run.config.router)})
     logger.info(f"router: finished at step {result.step}, EMA sha256 {result.ema_sha256[:16]}")
     return result

@@ -16,21 +16,29 @@ from ddm.router.model import router_from_config
 
 
 def make_router(router_cfg: RouterConfig, image_shape: tuple[int, int, int], num_clusters: int,
-                rngs: nnx.Rngs) -> nnx.Module:
-    return router_from_config(router_cfg, image_shape, num_clusters, rngs=rngs)
+                num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
+    return router_from_config(router_cfg, image_shape, num_clusters, num_classes, rngs=rngs)
 
 
 def router_factory(run: Run) -> Callable[[nnx.Rngs], nnx.Module]:
-    """The router constructor for a run (what its checkpoints are restored into)."""
-    return functools.partial(make_router, run.config.router, run.image_shape, run.num_clusters)
+    """The router constructor for a run (what its checkpoints are restored into). On labelled data the router
+    takes the class as an input: it models p(cluster | x_t, t, y), and p(cluster | x_t, t) under the null label."""
+    return functools.partial(make_router, run.config.router, run.image_shape, run.num_clusters, run.num_classes)
 
 
 def load_router(run: Run) -> tuple[Callable, object]:
-    """(apply(state, x, t, y) -> logits [B, K], state) of the run's finished router, checked against its pin."""
+    """(apply(state, x, t, y) -> logits [B, K], state) of the run's finished router, checked against its pin.
+
+    y: [B] int32 class labels (the null label `num_classes`, or None, for p(k | x_t, t)); ignored by the router
+    of an unlabelled run.
+    """
     entry = run.trained("router", what=f"the router of {run.root}",
                         hint=f"run `ddm train-router --run-dir {run.root}`")
     if entry.get("num_clusters") != run.num_clusters:
         raise DDMError(f"router was trained for {entry.get('num_clusters')} clusters but the manifest has "
                        f"{run.num_clusters}")
+    if entry.get("num_classes", 0) != run.num_classes:
+        raise DDMError(f"router was trained for {entry.get('num_classes', 0)} classes but the data has "
+                       f"{run.num_classes}")
     model = load_pinned(run.weights_path(entry), entry.get("sha256"), router_factory(run), "router")
-    return model_apply(model, labels=False)
+    return model_apply(model, labels=run.num_classes > 0)

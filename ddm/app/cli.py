@@ -22,7 +22,7 @@ from ddm.core.distributed import initialize
 from ddm.core.errors import DDMError
 from ddm.data.prepare import prepare
 from ddm.data.run import Run
-from ddm.eval.evaluate import DEFAULT_STRATEGIES, evaluate_run
+from ddm.eval.evaluate import DEFAULT_CFG_SCALES, DEFAULT_CLASS_N, DEFAULT_STRATEGIES, evaluate_run
 from ddm.eval.features import load_features
 from ddm.eval.featurenet import FeatureNetConfig
 from ddm.experts import islands
@@ -117,19 +117,46 @@ def cmd_eval_router(args) -> int:
 def cmd_evaluate(args) -> int:
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else list(DEFAULT_STRATEGIES)
     feature_cfg = FeatureNetConfig() if args.feature_steps is None else FeatureNetConfig(steps=args.feature_steps)
+    try:
+        scales = tuple(float(v) for v in args.cfg_scales.split(",") if v) if args.cfg_scales else DEFAULT_CFG_SCALES
+    except ValueError:
+        raise DDMError(f"--cfg-scales must be comma-separated numbers, got {args.cfg_scales!r}") from None
     evaluate_run(args.run_dir, args.set, n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
                  strategies=strategies, monolith=not args.no_monolith, cache_dir=args.cache_dir,
-                 feature_cfg=feature_cfg, features=_user_features(args.features))
+                 feature_cfg=feature_cfg, features=_user_features(args.features), cfg_scales=scales,
+                 class_n=args.class_n)
     return 0
 
 
+def _class_labels(args, n: int | None) -> tuple[int, ...] | None:
+    """The request's class labels: --class C (n times) or --labels a,b,c; None for neither."""
+    if args.class_ is not None and args.labels is not None:
+        raise DDMError("give --class or --labels, not both")
+    if args.class_ is not None:
+        if args.class_ < 0:
+            raise DDMError(f"--class {args.class_} must be a class index >= 0")
+        return (args.class_,) * n
+    if args.labels is None:
+        return None
+    try:
+        labels = tuple(int(v) for v in args.labels.split(","))
+    except ValueError:
+        raise DDMError(f"--labels must be comma-separated class indices, got {args.labels!r}") from None
+    if args.n is not None and len(labels) != args.n:
+        raise DDMError(f"--labels gives {len(labels)} labels for --n {args.n} images")
+    return labels
+
+
 def _request(args, cfg: Config) -> Request:
-    labels = tuple(int(v) for v in args.labels.split(",")) if args.labels else None
-    return Request(seed=cfg.sample.seed if args.seed is None else args.seed,
-                   n=cfg.sample.n if args.n is None else args.n,
+    n = cfg.sample.n if args.n is None else args.n
+    labels = _class_labels(args, n)
+    if labels is not None:
+        n = len(labels)  # --labels without --n: one image per label
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (cfg.sample.cfg_scale if labels else None)
+    return Request(seed=cfg.sample.seed if args.seed is None else args.seed, n=n,
                    strategy=args.strategy or "top1",
                    steps=cfg.sample.steps if args.steps is None else args.steps,
-                   solver=args.solver or cfg.sample.solver, labels=labels, cfg_scale=args.cfg_scale)
+                   solver=args.solver or cfg.sample.solver, labels=labels, cfg_scale=cfg_scale)
 
 
 def cmd_sample(args) -> int:
@@ -283,8 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every strategy (default 0)")
     p.add_argument("--no-monolith", action="store_true", help="skip RUN/monolith even if it is trained")
     p.add_argument("--cache-dir", default=None, help="feature-net cache (default $DDM_CACHE_DIR or ~/.cache/ddm)")
-    p.add_argument("--feature-steps", type=int, default=None, help="feature-net training steps (default 600)")
+    p.add_argument("--feature-steps", type=int, default=None,
+                   help="feature-net (and class classifier) training steps (default 600)")
     _add_feature_option(p)
+    p.add_argument("--cfg-scales", default=None,
+                   help="guidance scales of the class accuracy, comma-separated (default 1,2,3; conditional runs)")
+    p.add_argument("--class-n", type=int, default=DEFAULT_CLASS_N,
+                   help=f"guided samples per model and scale for the class accuracy (default {DEFAULT_CLASS_N})")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="sample with the routed ensemble (PNG grid + .npz)")
@@ -296,8 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: sample.steps)")
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: sample.solver)")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: sample.seed)")
-    p.add_argument("--labels", default=None, help="comma-separated class labels (class-conditional experts)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--class", dest="class_", type=int, default=None, metavar="C",
+                   help="sample n images of class C (class-conditional runs)")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated class labels, one per image (their count is n)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale with --class/--labels (default: sample.cfg_scale; 1: none)")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample.png); an .npz is written beside")
     p.add_argument("--record", default=None, help="also write a verification record (JSON) here")
     p.add_argument("--key", default=None, help="sign the record with this Ed25519 private key (ddm keygen)")

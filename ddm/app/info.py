@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ddm.data.prepare import cluster_table
 from ddm.data.run import Run
 
 
@@ -11,6 +12,10 @@ def _component(entry: dict | None) -> str:
     if entry.get("status") != "finished":
         return entry.get("status", "?")
     return f"finished, step {entry.get('step')}, sha256 {entry.get('sha256', '')[:12]}"
+
+
+def _names(names: list[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def describe(run: Run) -> str:
@@ -24,12 +29,14 @@ def describe(run: Run) -> str:
         f"fingerprint {ds['fingerprint'][:16]}",
         f"clusters   K={cl['k']} by {cl['method']} partition of {cl.get('embedding', '?')} features"
         + (f", k-means inertia {cl['inertia']:.4g} after {cl.get('n_iter', '?')} iterations" if "inertia" in cl else ""),
+        "classes    " + (f"{run.num_classes} ({_names(run.class_names)}): experts and router are class-conditional"
+                          if run.num_classes else "none (unconditional)"),
         f"holdout    {run.holdout.get('count', 0)} images",
         "",
-        f"{'cluster':>7}  {'size':>7}  {'share':>6}  expert",
     ]
-    for c in run.clusters:
-        lines.append(f"{c['id']:>7}  {c['count']:>7}  {c['share']:>6.1%}  {_component(run.expert(c['id']))}")
+    table = cluster_table(run.clusters, run.class_names).splitlines()
+    lines.append(table[0] + "  expert")
+    lines += [row + f"  {_component(run.expert(c['id']))}" for row, c in zip(table[1:], run.clusters)]
     lines += ["", f"experts    {len(run.finished_experts())}/{run.num_clusters} finished",
               f"router     {_component(run.component('router'))}",
               f"monolith   {_component(run.component('monolith'))}"]

@@ -30,8 +30,9 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     result = generate(ensemble, request)
     seconds = time.perf_counter() - t0
     npz = save_outputs(result, request, out, manifest_sha=run.sha256)
-    logger.info(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps) in {seconds:.1f}s "
-                f"-> {out} and {npz}")
+    guided = "" if request.labels is None else f", classes {_classes_text(request.labels)}, cfg scale {request.cfg_scale}"
+    logger.info(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps{guided}) in "
+                f"{seconds:.1f}s -> {out} and {npz}")
     logger.info(usage_summary(result))
     if png_dir is not None:
         save_pngs(result.images, png_dir)
@@ -44,3 +45,8 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
         signed = "" if private_key is None else f", signed by {key_id(private_key.public_key())}"
         logger.info(f"verification record -> {record}{signed}")
     return npz
+
+
+def _classes_text(labels: tuple[int, ...]) -> str:
+    distinct = sorted(set(labels))
+    return str(distinct[0]) if len(distinct) == 1 else ",".join(map(str, distinct[:10])) + ("..." if len(distinct) > 10 else "")

@@ -65,6 +65,13 @@ def dataset_fingerprint(images: np.ndarray) -> str:
     return array_sha256(np.asarray(images, dtype=np.uint8), "ddm-dataset:v1")
 
 
+def labels_fingerprint(labels: np.ndarray, class_names: list[str]) -> str:
+    """SHA-256 of a dataset's class labels int [N] and the class names they index (tag ``ddm-labels:v1``)."""
+    digest = hashlib.sha256(array_sha256(np.asarray(labels, dtype="<i4"), "ddm-labels:v1").encode("ascii"))
+    digest.update(json.dumps(list(class_names)).encode())
+    return digest.hexdigest()
+
+
 def _leaf_to_numpy(leaf: Any) -> tuple[np.ndarray, str]:
     """A fully addressable leaf (jax array, numpy array or Python scalar) as (little-endian numpy array,
     dtype name). Typed PRNG keys are hashed through their raw key data under the key dtype's name."""

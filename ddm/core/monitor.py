@@ -1,8 +1,8 @@
 """What the trainer reports besides the training loss: held-out metrics and sample grids, through the writers.
 
 A job hands the data and the way to draw through its `Task`: `holdout` (held-out images of its own cluster
-with their labels) and `sample` ((model, noise) -> images in [-1, 1]). This module evaluates them at fixed
-randomness, so a held-out curve is comparable across steps and every grid starts from the same noise:
+with their cluster ids and class labels) and `sample` ((model, noise) -> images in [-1, 1]). This module
+evaluates them at fixed randomness, so a held-out curve is comparable across steps and every grid starts from the same noise:
 
 - held-out metrics, every log step: the task's own loss (and its aux metrics, e.g. the router's accuracy) on
   one global batch of held-out rows (fewer images are cycled, each copy at other noise), with the training
@@ -40,22 +40,24 @@ HOLDOUT_KEY, GRID_KEY = 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class HeldOut:
-    """Held-out images of a component's data and the labels its loss expects."""
+    """Held-out images of a component's data with what its loss expects, as a reader gives them."""
 
     images: np.ndarray  # uint8 [N, H, W, C]
-    labels: np.ndarray  # int32 [N]
+    clusters: np.ndarray  # int32 [N]: each image's cluster (the router's target)
+    classes: np.ndarray  # int32 [N]: each image's class label (-1 for unlabelled data)
 
-    def rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exactly n rows, cycling through the set: (uint8 [n, H, W, C], int32 [n])."""
+    def rows(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exactly n rows, cycling through the set: (uint8 [n, H, W, C], int32 [n], int32 [n])."""
         index = np.arange(n) % len(self.images)
-        return self.images[index], np.asarray(self.labels, np.int32)[index]
+        return (self.images[index], np.asarray(self.clusters, np.int32)[index],
+                np.asarray(self.classes, np.int32)[index])
 
 
-def holdout_metrics(graphdef, loss, seed: int, params, rest, images, labels) -> dict:
-    """The task's loss and aux metrics on held-out rows (images uint8 [B, H, W, C], labels int32 [B]) at the
-    fixed key fold_in(key(seed), HOLDOUT_KEY): the same t and noise at every step."""
+def holdout_metrics(graphdef, loss, seed: int, params, rest, images, clusters, classes) -> dict:
+    """The task's loss and aux metrics on held-out rows (images uint8 [B, H, W, C], clusters and classes int32
+    [B]) at the fixed key fold_in(key(seed), HOLDOUT_KEY): the same t, noise and label dropout at every step."""
     rng = jax.random.fold_in(jax.random.key(seed), HOLDOUT_KEY)
-    value, aux = loss(nnx.merge(graphdef, params, rest), to_model_range(images), labels, rng)
+    value, aux = loss(nnx.merge(graphdef, params, rest), to_model_range(images), clusters, classes, rng)
     return {"loss": value, **aux}
 
 
@@ -83,12 +85,11 @@ class Monitor:
         replicated = mesh_lib.replicated(mesh)
         self._holdout = self._holdout_fn = None
         if cfg.holdout_loss and holdout is not None and len(holdout.images):
-            images, labels = holdout.rows(cfg.batch_size)
             self._holdout = tuple(jax.make_array_from_callback(a.shape, batch_sharding, lambda i, a=a: a[i])
-                                  for a in (images, labels))
+                                  for a in holdout.rows(cfg.batch_size))
             fn = functools.partial(holdout_metrics, graphdef, loss, cfg.seed)
             self._holdout_fn = jax.jit(fn, in_shardings=(shardings["params"], shardings["rest"], batch_sharding,
-                                                         batch_sharding), out_shardings=replicated)
+                                                         batch_sharding, batch_sharding), out_shardings=replicated)
         self._grid_fn = None
         if cfg.sample_every and sampler is not None and image_shape is not None:
             shape = (cfg.sample_images, *image_shape)

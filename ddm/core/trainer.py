@@ -42,8 +42,10 @@ from ddm.core.plots import plot_loss_curve
 
 logger = logging.getLogger(__name__)
 
-# loss(model, images [B,H,W,C] float32 in [-1,1], labels [B] int32, rng) -> (scalar loss, dict of scalars)
-LossFn = Callable[[nnx.Module, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
+# loss(model, images [B,H,W,C] float32 in [-1,1], clusters [B] int32, classes [B] int32, rng)
+#   -> (scalar loss, dict of scalars). clusters: the row's cluster id (the router's target); classes: its class
+#   label (-1 for unlabelled data).
+LossFn = Callable[[nnx.Module, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
 class BatchReader(Protocol):
@@ -54,8 +56,9 @@ class BatchReader(Protocol):
     process_index: int
     image_shape: tuple[int, int, int]
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """This process's rows of step's global batch: (images [B/P, H, W, C] uint8, labels [B/P] int32)."""
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This process's rows of step's global batch: (images [B/P, H, W, C] uint8, clusters [B/P] int32,
+        classes [B/P] int32). A pure function of (seed, step): that is what makes resume exact."""
 
     def position(self, step: int) -> Any:
         """Where the stream is at `step` (an object with `epoch` and `offset`), stored in checkpoints."""
@@ -115,8 +118,9 @@ def init_state(make_model, tx: optax.GradientTransformation, seed: int) -> dict:
     }
 
 
-def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images, labels):
-    """One optimisation step. images: [B, H, W, C] uint8, labels: [B] int32. Returns (state, metrics).
+def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images, clusters, classes):
+    """One optimisation step. images: [B, H, W, C] uint8, clusters, classes: [B] int32 (see `LossFn`).
+    Returns (state, metrics).
 
     A non-finite loss or gradient leaves params/optimizer untouched and records the step in `state["bad"]`,
     so the host can stop with the last good state still intact.
@@ -125,7 +129,7 @@ def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images
     x = to_model_range(images)
 
     def objective(params):
-        return loss(nnx.merge(graphdef, params, state["rest"]), x, labels, rng)
+        return loss(nnx.merge(graphdef, params, state["rest"]), x, clusters, classes, rng)
 
     (loss_value, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -191,7 +195,8 @@ class Trainer:
         self._lr = jax.jit(learning_rate(cfg))  # host-side, for the log; one compile instead of one per op
         step_fn = functools.partial(train_step, self.graphdef, task.loss, self.tx, cfg.ema_decay)
         self._step = jax.jit(step_fn, donate_argnums=0,
-                             in_shardings=(self.shardings, self.batch_sharding, self.batch_sharding),
+                             in_shardings=(self.shardings, self.batch_sharding, self.batch_sharding,
+                                           self.batch_sharding),
                              out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)))
         self.monitor = Monitor(name=task.name, cfg=cfg, out_dir=task.out_dir, graphdef=self.graphdef, loss=task.loss,
                                shardings=self.shardings, mesh=self.mesh, batch_sharding=self.batch_sharding,
@@ -199,10 +204,10 @@ class Trainer:
                                image_shape=getattr(task.reader, "image_shape", None),
                                config=task.meta.get("config"), writes=jax.process_index() == 0)
 
-    def _global_batch(self, step: int) -> tuple[jax.Array, jax.Array]:
-        images, labels = self.task.reader.batch(step)
-        return (jax.make_array_from_process_local_data(self.batch_sharding, images),
-                jax.make_array_from_process_local_data(self.batch_sharding, labels))
+    def _global_batch(self, step: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(images, clusters, classes) of `step` as global arrays, each process contributing its rows."""
+        return tuple(jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(part))
+                     for part in self.task.reader.batch(step))
 
     def _meta(self, step: int) -> dict:
         pos = self.task.reader.position(step)
@@ -257,8 +262,7 @@ class Trainer:
         previous_loss = None
         with jax.set_mesh(self.mesh):
             for step in range(start, cfg.steps):
-                images, labels = self._global_batch(step)
-                state, metrics = self._step(state, images, labels)
+                state, metrics = self._step(state, *self._global_batch(step))
                 # Bound the dispatch queue to two steps: wait for step s-1 while step s is queued, so the device
                 # never idles, but hundreds of queued multi-device programs never pile up. Unbounded queues of
                 # tiny steps deadlock XLA:CPU's collectives (a rendezvous timeout abort with 8 fake devices).

@@ -10,7 +10,12 @@ features", not FID):
   inside the real manifold (union of balls reaching each real point's 3rd neighbour) and vice versa;
 - coverage: share of samples the router assigns to each cluster at t=0 vs the data's shares (and vs the
   router's own assignment of the held-out images), summarised as total variation (TV) distance;
-- router usage per step: the mean routing weight of each expert at each solver step (from SampleResult.weights).
+- router usage per step: the mean routing weight of each expert at each solver step (from SampleResult.weights);
+- class accuracy (class-conditional runs): `class_n` samples guided towards classes 0, 1, 2, ... in turn, at
+  each guidance scale of `cfg_scales` (1 = the conditional model without guidance), read by the run's class
+  classifier (`ddm.eval.featurenet.get_classifier`: the feature net's architecture trained on the true labels of
+  the training shards); the share read as the class asked for, overall and per class. The reference row gives
+  the classifier's own accuracy on the held-out images.
 
 A reference row ("real (train)": n training images vs the held-out set) gives the floor these finite-sample
 metrics reach on real data. Outputs: RUN/eval/report.json, report.md, strategies.png (grids side by side),
@@ -35,9 +40,9 @@ from ddm.core.errors import DDMError
 from ddm.core.plots import save_strategy_figure
 from ddm.core.routing import parse_strategy
 from ddm.data.run import Run
-from ddm.data.shards import read_shard
+from ddm.data.shards import read_labels, read_shard
 from ddm.eval.features import UserFeatures
-from ddm.eval.featurenet import FeatureNet, FeatureNetConfig, apply_padded, get_featurenet
+from ddm.eval.featurenet import FeatureNet, FeatureNetConfig, apply_padded, get_classifier, get_featurenet
 from ddm.eval.metrics import KNN_K, quality, shares, total_variation
 from ddm.sampling.load import load_ensemble, load_single
 from ddm.sampling.outputs import usage_summary
@@ -46,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STRATEGIES = ("full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5")
 DEFAULT_N = 500
+DEFAULT_CFG_SCALES = (1.0, 2.0, 3.0)
+DEFAULT_CLASS_N = 100  # guided samples per (model, guidance scale)
 MONOLITH = "monolith"
 REFERENCE = "real (train)"
 GRID_IMAGES = 64
@@ -83,19 +90,41 @@ def _load_real(run: Run) -> np.ndarray:
     return images
 
 
+def class_accuracy(model: Ensemble, strategy: str, classifier: FeatureNet, *, class_n: int, cfg_scale: float,
+                   steps: int, solver: str, seed: int, batch_size: int | None = None) -> dict:
+    """Samples class_n images of classes 0, 1, 2, ... in turn (guidance `cfg_scale`; 1: the conditional model
+    alone) and reads them with `classifier`: {"accuracy", "per_class" [num_classes], "seconds"}."""
+    num_classes = model.num_classes
+    y = np.arange(class_n, dtype=np.int32) % num_classes
+    t0 = time.perf_counter()
+    result = model.sample(class_n, strategy, steps=steps, solver=solver, seed=seed, y=y,
+                          cfg_scale=None if cfg_scale == 1.0 else cfg_scale, batch_size=batch_size)
+    correct = classifier.predict(result.images) == y
+    per_class = [float(correct[y == c].mean()) if (y == c).any() else None for c in range(num_classes)]
+    return {"accuracy": float(correct.mean()), "per_class": per_class,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int = DEFAULT_N, steps: int | None = None,
                  solver: str | None = None, seed: int = 0, strategies: Sequence[str] = DEFAULT_STRATEGIES,
                  monolith: bool = True, batch_size: int | None = None, cache_dir: str | Path | None = None,
-                 feature_cfg: FeatureNetConfig | None = None, features: UserFeatures | None = None) -> dict:
+                 feature_cfg: FeatureNetConfig | None = None, features: UserFeatures | None = None,
+                 cfg_scales: Sequence[float] = DEFAULT_CFG_SCALES, class_n: int = DEFAULT_CLASS_N) -> dict:
     """Evaluates a run; writes RUN/eval/{report.json, report.md, strategies.png, samples.npz}; returns the report.
 
     n: samples per strategy (> k=3). steps / solver: ODE settings (default: the run's sample section).
     seed: noise seed, the same for every strategy (paired comparison). monolith: include RUN/monolith if trained.
     features: a user feature extractor (`ddm.eval.features.load_features`) instead of the run's feature net.
+    cfg_scales, class_n: guidance scales and samples per scale of the class accuracy (class-conditional runs;
+    the classifier trains with `feature_cfg`'s settings, whatever `features` is).
     """
     run_dir = Path(run_dir)
     if n <= KNN_K:
         raise DDMError(f"--n must be larger than k={KNN_K} for precision/recall, got {n}")
+    if class_n < 1:
+        raise DDMError(f"--class-n must be >= 1, got {class_n}")
+    if any(not np.isfinite(s) or s < 0 for s in cfg_scales):
+        raise DDMError(f"guidance scales must be finite numbers >= 0, got {list(cfg_scales)}")
     for strategy in strategies:
         parse_strategy(strategy)  # a bad strategy fails before anything is loaded or trained
     run = Run.open(run_dir, overrides)
@@ -117,6 +146,11 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
     train_images = np.concatenate([read_shard(path) for path in run.shard_paths()])
     pick = np.random.default_rng(seed).permutation(len(train_images))[:n]
     rows[REFERENCE] = {"kind": "reference", "n": len(pick), **quality(real, net.features(train_images[pick]))}
+    classifier = None
+    if run.num_classes and cfg_scales:
+        classifier = get_classifier(run, cfg=feature_cfg, cache_dir=cache_dir)
+        real_classes = read_labels(run.holdout_path())
+        rows[REFERENCE]["class_accuracy"] = float((classifier.predict(real_images) == real_classes).mean())
 
     models = [(s, ensemble, s) for s in strategies]
     mono = load_single(run, MONOLITH) if monolith else None
@@ -135,12 +169,17 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
                            "tv_vs_holdout": total_variation(share, holdout_share)}
         if name != MONOLITH:
             row["router_usage"] = np.asarray(result.weights, np.float64).mean(1).tolist()  # [steps, K]
+        if classifier is not None:
+            row["class_accuracy"] = {f"{scale:g}": class_accuracy(
+                model, strategy, classifier, class_n=class_n, cfg_scale=float(scale), steps=steps, solver=solver,
+                seed=seed, batch_size=batch_size) for scale in cfg_scales}
         rows[name] = row
         grids[name] = result.images[:GRID_IMAGES]
         arrays[name] = result.images
         usage = f" ({usage_summary(result)})" if name != MONOLITH else ""
+        accuracy = "".join(f"  acc@{s} {a['accuracy']:.2f}" for s, a in row.get("class_accuracy", {}).items())
         logger.info(f"  {name:<14} FD {row['fd']:8.3f}  P {row['precision']:.3f}  R {row['recall']:.3f}  "
-            f"cov-TV {row['coverage']['tv_vs_data']:.3f}  {seconds:5.1f}s{usage}")
+            f"cov-TV {row['coverage']['tv_vs_data']:.3f}  {seconds:5.1f}s{accuracy}{usage}")
 
     figure = out_dir / "strategies.png"
     save_strategy_figure(grids, figure)
@@ -153,6 +192,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         "clustering": manifest["clustering"].get("method"),
         "featurenet": _features_info(net),
         "request": {"n": n, "steps": steps, "solver": solver, "seed": seed},
+        "num_classes": run.num_classes,
         "holdout_count": len(real_images),
         "knn_k": KNN_K,
         "data_share": data_share.tolist(),
@@ -161,6 +201,11 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         "figure": str(figure.relative_to(run_dir)),
         "samples": "eval/samples.npz",
     }
+    if classifier is not None:
+        report["classifier"] = {"name": classifier.name, "sha256": classifier.sha256, "key": classifier.key,
+                                "trained_now": classifier.trained, "path": str(Path("eval") / "classifier"),
+                                "class_n": class_n, "cfg_scales": [float(s) for s in cfg_scales],
+                                "holdout_accuracy": rows[REFERENCE]["class_accuracy"]}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(format_markdown(report))
     logger.info(f"report -> {out_dir / 'report.json'}, {out_dir / 'report.md'}; grids -> {figure}")
@@ -216,6 +261,8 @@ def format_markdown(report: dict) -> str:
     for name, row in report["results"].items():
         if "coverage" in row:
             lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row["coverage"]["share"]) + " |")
+    if "classifier" in report:
+        lines += _class_accuracy_markdown(report)
     usage = {name: np.asarray(row["router_usage"]) for name, row in report["results"].items() if "router_usage" in row}
     if usage:
         lines += ["", "Router usage (mean weight per expert) at the first, middle and last solver step:", "",
@@ -224,3 +271,23 @@ def format_markdown(report: dict) -> str:
             lines.append(f"| {name} | {_shares_text(u[0])} | {_shares_text(u[len(u) // 2])} | "
                          f"{_shares_text(u[-1])} |")
     return "\n".join(lines) + "\n"
+
+
+def _class_accuracy_markdown(report: dict) -> list[str]:
+    """The class-accuracy table: one row per model, one column per guidance scale (overall and worst class)."""
+    clf = report["classifier"]
+    scales = [f"{s:g}" for s in clf["cfg_scales"]]
+    lines = ["", (f"Class accuracy of guided samples ({clf['class_n']} per cell, classes in turn), read by "
+                  f"{clf['name']} (the same conv net trained on the true labels of the training shards, sha256 "
+                  f"`{clf['sha256'][:16]}`; {clf['holdout_accuracy']:.1%} on the held-out images). Guidance scale 1 "
+                  "is the conditional model without guidance. Cells: overall / worst class."), "",
+             "| model | " + " | ".join(f"cfg {s}" for s in scales) + " |", "|---|" + "---:|" * len(scales)]
+    for name, row in report["results"].items():
+        if "class_accuracy" in row and isinstance(row["class_accuracy"], dict):
+            cells = []
+            for s in scales:
+                acc = row["class_accuracy"][s]
+                worst = min(a for a in acc["per_class"] if a is not None)
+                cells.append(f"{acc['accuracy']:.1%} / {worst:.0%}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines

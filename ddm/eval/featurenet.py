@@ -16,13 +16,17 @@ pre-activation of the penultimate layer (like Inception's pool3).
     images uint8 [N, H, W, C] -> [-1, 1] -> conv3x3(w) GN SiLU -> conv3x3/2(2w) GN SiLU -> conv3x3/2(4w) GN SiLU
         -> flatten -> Linear(feature_dim) = features -> SiLU -> Linear(pseudo_k) = logits
 
-Caching and pinning. The net is trained once per (dataset fingerprint, exact training image set, net config)
-with the shared `Trainer` (pseudo-classes become shards, so the shard reader supplies the labels) in
-`CACHE/featurenet/<key>/`, where key = fingerprint[:16]-trainset[:8]-config[:8]. Its EMA parameters are pinned
-by SHA-256 in `info.json` and checked on every load; a copy goes to `RUN/eval/featurenet/` so the run
-directory stays self-contained. The training set is the union of the run's training shards, put in a
-canonical order (sorted by per-image SHA-256), so any partition of the same images (k-means or random, any K)
-gets the same network. Held-out images are never seen.
+The same machinery trains the *class classifier* of a labelled dataset (`targets="classes"`, named
+"cls<C>-cnn"): the same net and training, with the true class labels as targets. `ddm evaluate` reads guided
+samples with it (class accuracy of classifier-free guidance); `classifier(run)` loads or trains it.
+
+Caching and pinning. The net is trained once per (dataset fingerprint, exact training image set and targets,
+net config) with the shared `Trainer` (each target class becomes a shard, so the shard reader supplies the
+targets as cluster ids) in `CACHE/featurenet/<key>/`, where key = fingerprint[:16]-trainset[:8]-config[:8].
+Its EMA parameters are pinned by SHA-256 in `info.json` and checked on every load; a copy goes to
+`RUN/eval/featurenet/` (`RUN/eval/classifier/`) so the run directory stays self-contained. The training set is
+the union of the run's training shards, put in a canonical order (sorted by per-image SHA-256), so any
+partition of the same images (k-means or random, any K) gets the same network. Held-out images are never seen.
 """
 
 from __future__ import annotations
@@ -47,18 +51,19 @@ from flax import nnx
 from ddm.core.checkpoint import load_pinned
 from ddm.core.config import TrainConfig
 from ddm.core.errors import DDMError
-from ddm.core.hashing import images_sha256
+from ddm.core.hashing import images_sha256, labels_fingerprint
 from ddm.core.images import to_model_range
 from ddm.core.trainer import Task, Trainer
 from ddm.data.embed import pca
 from ddm.data.kmeans import kmeans
 from ddm.data.run import Run
-from ddm.data.shards import ShardReader, read_shard, write_shard
+from ddm.data.shards import ShardReader, read_labels, read_shard, write_shard
 
 logger = logging.getLogger(__name__)
 
 NET_VERSION = "kmc-cnn-v1"
 INFO = "info.json"
+TARGETS = ("kmeans", "classes")  # what the net learns to predict: k-means pseudo-classes, or the true classes
 
 
 def apply_padded(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -86,6 +91,7 @@ class FeatureNetConfig:
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
+    targets: str = "kmeans"  # "kmeans": pseudo-classes (the feature net); "classes": the data's class labels
 
     def __post_init__(self) -> None:
         for name in ("pseudo_k", "pca_dim", "width", "feature_dim", "steps", "batch_size"):
@@ -93,10 +99,20 @@ class FeatureNetConfig:
                 raise DDMError(f"feature net {name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             raise DDMError(f"feature net lr={self.lr} must be > 0")
+        if self.targets not in TARGETS:
+            raise DDMError(f"feature net targets={self.targets!r} is not one of {', '.join(TARGETS)}")
 
     @property
     def name(self) -> str:
         return f"kmc{self.pseudo_k}-cnn"
+
+    def key_fields(self) -> dict:
+        """The fields that enter the cache key (targets only when not the default, so the feature net's keys
+        are those it had before classifiers existed)."""
+        fields = dataclasses.asdict(self)
+        if self.targets == "kmeans":
+            del fields["targets"]
+        return fields
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
@@ -111,9 +127,9 @@ class FeatureNetConfig:
 
 
 class ConvEncoder(nnx.Module):
-    """uint8-range-free encoder: x [B, H, W, C] float32 in [-1, 1] -> (features [B, D], logits [B, pseudo_k])."""
+    """x [B, H, W, C] float32 in [-1, 1] -> features [B, D] (`features`) and logits [B, outputs] (`__call__`)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], cfg: FeatureNetConfig, *, rngs: nnx.Rngs):
+    def __init__(self, image_shape: tuple[int, int, int], cfg: FeatureNetConfig, outputs: int, *, rngs: nnx.Rngs):
         h, w, c = image_shape
         widths = (cfg.width, 2 * cfg.width, 4 * cfg.width)
         self.convs = nnx.List()
@@ -127,7 +143,7 @@ class ConvEncoder(nnx.Module):
                 h, w = -(-h // 2), -(-w // 2)
             in_ch = out_ch
         self.proj = nnx.Linear(h * w * in_ch, cfg.feature_dim, rngs=rngs)
-        self.head = nnx.Linear(cfg.feature_dim, cfg.pseudo_k, rngs=rngs)
+        self.head = nnx.Linear(cfg.feature_dim, outputs, rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
         for conv, norm in zip(self.convs, self.norms):
@@ -138,18 +154,20 @@ class ConvEncoder(nnx.Module):
         return self.head(jax.nn.silu(self.features(x)))
 
 
-def classifier_loss(model: nnx.Module, x: jax.Array, labels: jax.Array, rng: jax.Array):
-    """Cross-entropy on pseudo-classes. x: [B, H, W, C] in [-1, 1]; light noise augmentation (sigma 0.05)."""
+def classifier_loss(model: nnx.Module, x: jax.Array, targets: jax.Array, classes: jax.Array, rng: jax.Array):
+    """Cross-entropy on the targets, which are the reader's cluster ids (one shard per target class).
+    x: [B, H, W, C] in [-1, 1]; light noise augmentation (sigma 0.05). `classes` is unused."""
     import optax
 
     x = x + 0.05 * jax.random.normal(rng, x.shape, x.dtype)
     logits = model(x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, {"accuracy": (jnp.argmax(logits, -1) == labels).mean()}
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return loss, {"accuracy": (jnp.argmax(logits, -1) == targets).mean()}
 
 
-def make_encoder(image_shape: tuple[int, int, int], cfg: FeatureNetConfig, rngs: nnx.Rngs) -> ConvEncoder:
-    return ConvEncoder(tuple(image_shape), cfg, rngs=rngs)
+def make_encoder(image_shape: tuple[int, int, int], cfg: FeatureNetConfig, outputs: int,
+                 rngs: nnx.Rngs) -> ConvEncoder:
+    return ConvEncoder(tuple(image_shape), cfg, outputs, rngs=rngs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,6 +190,7 @@ class FeatureNet:
         graphdef, state = nnx.split(self.model)
         self._state = state
         self._fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).features(x))
+        self._predict = jax.jit(lambda s, x: jnp.argmax(nnx.merge(graphdef, s)(x), -1))
 
     @property
     def dim(self) -> int:
@@ -184,6 +203,13 @@ class FeatureNet:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise DDMError(f"feature net needs uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
         return apply_padded(lambda x: self._fn(self._state, x), images, batch).astype(np.float64)
+
+    def predict(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+        """images: uint8 [N, H, W, C] -> the predicted target (class, or pseudo-class) int32 [N]."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DDMError(f"classifier needs uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
+        return apply_padded(lambda x: self._predict(self._state, x), images, batch).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,15 +229,25 @@ def canonical_order(images: np.ndarray) -> np.ndarray:
 
 
 def cache_key(fingerprint: str, train_sha: str, cfg: FeatureNetConfig) -> str:
-    config_sha = hashlib.sha256(json.dumps({"version": NET_VERSION, **dataclasses.asdict(cfg)},
+    config_sha = hashlib.sha256(json.dumps({"version": NET_VERSION, **cfg.key_fields()},
                                            sort_keys=True).encode()).hexdigest()
     return f"{fingerprint[:16]}-{train_sha[:8]}-{config_sha[:8]}"
 
 
+def run_training_set(run: Run) -> tuple[np.ndarray, np.ndarray | None]:
+    """The union of a run's training shards in canonical order: (images uint8 [N, H, W, C], their class labels
+    int32 [N], or None for unlabelled data)."""
+    paths = run.shard_paths()
+    images = np.concatenate([read_shard(path) for path in paths])
+    labels = [read_labels(path) for path in paths]
+    classes = np.concatenate(labels) if all(label is not None for label in labels) else None
+    order = canonical_order(images)
+    return images[order], None if classes is None else classes[order]
+
+
 def run_training_images(run: Run) -> np.ndarray:
     """The union of a run's training shards in canonical order: uint8 [N, H, W, C]."""
-    images = np.concatenate([read_shard(path) for path in run.shard_paths()])
-    return images[canonical_order(images)]
+    return run_training_set(run)[0]
 
 
 @contextlib.contextmanager
@@ -234,35 +270,44 @@ def _load(directory: Path, image_shape: tuple[int, int, int], cfg: FeatureNetCon
     info = json.loads(info_path.read_text())
     if info.get("key") != key:
         return None
-    model = load_pinned(directory / "final", info["sha256"], functools.partial(make_encoder, image_shape, cfg),
-                        f"feature net {key}")
+    outputs = info.get("outputs", cfg.pseudo_k)
+    model = load_pinned(directory / "final", info["sha256"],
+                        functools.partial(make_encoder, image_shape, cfg, outputs), f"feature net {key}")
     return FeatureNet(name=info["name"], sha256=info["sha256"], key=key, info=info, trained=trained, model=model)
 
 
-def _train(directory: Path, images: np.ndarray, cfg: FeatureNetConfig, key: str, meta: dict) -> None:
-    """Pseudo-labels by k-means on PCA, one shard per pseudo-class, the shared Trainer; writes info.json last."""
-    pseudo_k = min(cfg.pseudo_k, len(images))
-    if pseudo_k != cfg.pseudo_k:
+def _pseudo_classes(images: np.ndarray, cfg: FeatureNetConfig, key: str) -> np.ndarray:
+    """k-means (`pseudo_k`) on PCA-`pca_dim` of the pixels: int32 [N] pseudo-class of each image."""
+    if cfg.pseudo_k > len(images):
         raise DDMError(f"feature net: pseudo_k={cfg.pseudo_k} is larger than the {len(images)} training images")
-    logger.info(f"feature net {key}: k-means into {pseudo_k} pseudo-classes on PCA-{cfg.pca_dim} of {len(images)} images")
+    logger.info(f"feature net {key}: k-means into {cfg.pseudo_k} pseudo-classes on PCA-{cfg.pca_dim} of {len(images)} images")
     pixels = to_model_range(images.reshape(len(images), -1))
-    result = kmeans(pca(pixels, cfg.pca_dim, cfg.seed), pseudo_k, seed=cfg.seed, max_iter=100, tol=1e-4)
-    labels = np.asarray(result.labels)
-    paths = []
-    for j in range(pseudo_k):
+    result = kmeans(pca(pixels, cfg.pca_dim, cfg.seed), cfg.pseudo_k, seed=cfg.seed, max_iter=100, tol=1e-4)
+    return np.asarray(result.labels, np.int32)
+
+
+def _train(directory: Path, images: np.ndarray, targets: np.ndarray, outputs: int, name: str,
+           cfg: FeatureNetConfig, key: str, meta: dict) -> None:
+    """Trains the net to predict targets int32 [N] in [0, outputs) from images: one shard per target class,
+    the shared Trainer; writes info.json last."""
+    paths, ids = [], []
+    for j in range(outputs):
+        if not (targets == j).any():  # a class absent from the training images: no shard, never a target
+            continue
         path = str(directory / "shards" / f"class_{j}")
-        write_shard(path, images[labels == j])
+        write_shard(path, images[targets == j])
         paths.append(path)
+        ids.append(j)
     train = cfg.train_config()
-    reader = ShardReader(paths, batch_size=train.batch_size, seed=train.seed, labels=list(range(pseudo_k)))
-    task = Task(name="feature net", make_model=functools.partial(make_encoder, tuple(images.shape[1:]), cfg),
+    reader = ShardReader(paths, batch_size=train.batch_size, seed=train.seed, cluster_ids=ids)
+    task = Task(name=name, make_model=functools.partial(make_encoder, tuple(images.shape[1:]), cfg, outputs),
                 loss=classifier_loss, reader=reader, out_dir=directory,
                 meta={"featurenet": dataclasses.asdict(cfg), "key": key})
     result = Trainer(task, train).run()
     rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    info = {"name": cfg.name, "version": NET_VERSION, "key": key, "sha256": result.ema_sha256,
-            "config": dataclasses.asdict(cfg), "image_shape": list(images.shape[1:]),
-            "num_train_images": len(images), "pseudo_class_sizes": np.bincount(labels, minlength=pseudo_k).tolist(),
+    info = {"name": name, "version": NET_VERSION, "key": key, "sha256": result.ema_sha256,
+            "config": dataclasses.asdict(cfg), "image_shape": list(images.shape[1:]), "outputs": outputs,
+            "num_train_images": len(images), "pseudo_class_sizes": np.bincount(targets, minlength=outputs).tolist(),
             "final_train_accuracy": rows[-1].get("accuracy") if rows else None, **meta}
     tmp = directory / (INFO + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
@@ -289,16 +334,38 @@ def get_featurenet(run: Run | str | Path, *, cfg: FeatureNetConfig | None = None
     Whichever source it comes from, its parameters are checked against the SHA-256 in info.json, and the
     run directory ends up holding a copy (RUN/eval/featurenet/{info.json,final}).
     """
+    cfg = dataclasses.replace(cfg or FeatureNetConfig(), targets="kmeans")
+    return _get(run if isinstance(run, Run) else Run.open(run), cfg, cache_dir, "featurenet")
+
+
+def get_classifier(run: Run | str | Path, *, cfg: FeatureNetConfig | None = None,
+                   cache_dir: str | Path | None = None) -> FeatureNet:
+    """The class classifier of a labelled run's dataset (`predict(images)` -> class), the feature net's
+    architecture and training on the true labels; from RUN/eval/classifier, else the cache, else trained now,
+    pinned like the feature net. DDMError for unlabelled data."""
     run = run if isinstance(run, Run) else Run.open(run)
-    cfg = cfg or FeatureNetConfig()
+    if not run.num_classes:
+        raise DDMError(f"run {run.root} has no class labels to train a classifier on")
+    return _get(run, dataclasses.replace(cfg or FeatureNetConfig(), targets="classes"), cache_dir, "classifier")
+
+
+def _get(run: Run, cfg: FeatureNetConfig, cache_dir: str | Path | None, folder: str) -> FeatureNet:
     image_shape = run.image_shape
-    images = run_training_images(run)
+    images, classes = run_training_set(run)
     train_sha = images_sha256(images)
+    if cfg.targets == "classes":
+        if classes is None:
+            raise DDMError(f"the training shards of {run.root} have no class labels")
+        outputs, name = run.num_classes, f"cls{run.num_classes}-cnn"
+        # The targets are part of the training set: other labels on the same images are another net.
+        train_sha = hashlib.sha256((train_sha + labels_fingerprint(classes, run.class_names)).encode()).hexdigest()
+    else:
+        outputs, name = cfg.pseudo_k, cfg.name
     key = cache_key(run.dataset["fingerprint"], train_sha, cfg)
-    in_run = run.eval_dir / "featurenet"
+    in_run = run.eval_dir / folder
     net = _load(in_run, image_shape, cfg, key, trained=False)
     if net is not None:
-        logger.info(f"feature net {net.name} {key}: from {in_run} (sha256 {net.sha256[:16]})")
+        logger.info(f"{folder} {net.name} {key}: from {in_run} (sha256 {net.sha256[:16]})")
         return net
     cached = Path(cache_dir or default_cache_dir()) / "featurenet" / key
     with _lock(cached.parent / f"{key}.lock"):
@@ -306,11 +373,12 @@ def get_featurenet(run: Run | str | Path, *, cfg: FeatureNetConfig | None = None
         if net is None:
             meta = {"dataset_fingerprint": run.dataset["fingerprint"], "train_set_sha256": train_sha,
                     "source": run.dataset.get("source")}
-            _train(cached, images, cfg, key, meta)
+            targets = classes if cfg.targets == "classes" else _pseudo_classes(images, cfg, key)
+            _train(cached, images, targets, outputs, name, cfg, key, meta)
             net = _load(cached, image_shape, cfg, key, trained=True)
-            logger.info(f"feature net {net.name} {key}: trained, sha256 {net.sha256[:16]}, "
-                f"pseudo-class train accuracy {net.info.get('final_train_accuracy') or 0:.2f}")
+            logger.info(f"{folder} {net.name} {key}: trained, sha256 {net.sha256[:16]}, "
+                f"train accuracy {net.info.get('final_train_accuracy') or 0:.2f}")
         else:
-            logger.info(f"feature net {net.name} {key}: from cache {cached} (sha256 {net.sha256[:16]})")
+            logger.info(f"{folder} {net.name} {key}: from cache {cached} (sha256 {net.sha256[:16]})")
         _copy_into_run(cached, in_run)
     return net

@@ -66,12 +66,28 @@ class Request:
         return cls(**data)
 
 
+def check_condition(request: Request, num_classes: int) -> None:
+    """DDMError unless the request's class labels and guidance fit a model with `num_classes` classes (0:
+    unconditional): labels only for a conditional model, each in [0, num_classes); a scale only with labels."""
+    if num_classes == 0 and (request.labels is not None or request.cfg_scale is not None):
+        what = "class labels" if request.labels is not None else "a guidance scale"
+        raise DDMError(f"{what} given, but the run is unconditional (its data has no class labels)")
+    if request.labels is None:
+        if request.cfg_scale is not None:
+            raise DDMError("classifier-free guidance (cfg_scale) needs class labels: give --class or --labels")
+        return
+    outside = sorted({v for v in request.labels if v >= num_classes})
+    if outside:
+        raise DDMError(f"class {outside[0]} is outside [0, {num_classes}): the run's classes are 0..{num_classes - 1}")
+
+
 def generate(ensemble, request: Request, *, batch_size: int | None = None):
     """Runs `request` on `ensemble`; returns its `SampleResult` (images uint8 [n, H, W, C]).
 
     batch_size: samples integrated together (default all n). It is not part of the request: it changes memory
     and speed, not the noise or routing draws (docs/verification.md says what it does to the bits).
     """
+    check_condition(request, ensemble.num_classes)
     labels = None if request.labels is None else np.asarray(request.labels, np.int32)
     return ensemble.sample(request.n, request.strategy, steps=request.steps, solver=request.solver,
                            seed=request.seed, y=labels, cfg_scale=request.cfg_scale, batch_size=batch_size)
