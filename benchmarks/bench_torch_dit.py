@@ -278,17 +278,17 @@ def our_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, shape, images, lab
     make_model = functools.partial(make_dit, model_cfg, shape)
     tx = make_optimizer(train_cfg)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(nnx.Rngs(params=0))))
-    step_fn = jax.jit(functools.partial(train_step, graphdef, functools.partial(flow_loss, "logit_normal"), tx,
+    step_fn = jax.jit(functools.partial(train_step, graphdef, functools.partial(flow_loss, "logit_normal", 0.0, 0), tx,
                                         train_cfg.ema_decay), donate_argnums=0)
     state = {"s": jax.jit(functools.partial(init_state, make_model, tx, 0))()}
     images_j, labels_j = jnp.asarray(images), jnp.asarray(labels)
-    state["s"], metrics = step_fn(state["s"], images_j, labels_j)  # compile outside the timed rounds
+    state["s"], metrics = step_fn(state["s"], images_j, labels_j, labels_j)  # compile outside the timed rounds
     jax.block_until_ready(metrics)
 
     def run():
         s = state["s"]
         for _ in range(n):
-            s, metrics = step_fn(s, images_j, labels_j)
+            s, metrics = step_fn(s, images_j, labels_j, labels_j)
         state["s"] = s
         return metrics["loss"]
 

@@ -108,7 +108,7 @@ def read_labels(path: str) -> np.ndarray | None:
         raise DDMError(f"cannot open the labels of shard {path}: {str(err).splitlines()[0]}") from None
     count = open_shard(path).shape[0]
     if store.dtype != ts.int32 or store.shape != (count,):
-        raise DDMError(f"shard {path} has labels {store.dtype} {list(store.shape)} for {count} images; "
+        raise DDMError(f"shard {path} has labels {store.dtype.name} {list(store.shape)} for {count} images; "
                        f"expected int32 [{count}]")
     return store.read().result()
 

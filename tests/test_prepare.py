@@ -20,9 +20,10 @@ from ddm.app.cli import main
 from ddm.app.info import describe
 from ddm.core.config import DataConfig
 from ddm.core.hashing import dataset_fingerprint as fingerprint
+from ddm.core.hashing import labels_fingerprint
 from ddm.data.prepare import split_holdout
 from ddm.data.run import Run
-from ddm.data.shards import ShardReader, read_shard
+from ddm.data.shards import ShardReader, read_labels, read_shard
 from ddm.data.sources import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,10 +76,14 @@ def digits_run(tmp_path_factory):
 def test_prepare_digits_end_to_end(digits_run):
     run_dir, out = digits_run
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    images = load_dataset(DataConfig(source="digits")).images
-    assert manifest["format"] == "ddm-run/v1"
+    dataset = load_dataset(DataConfig(source="digits"))
+    images, classes = dataset.images, dataset.labels
+    assert manifest["format"] == "ddm-run/v2"
     ds = manifest["dataset"]
-    assert ds == {"source": "digits", "fingerprint": fingerprint(images), "num_images": 1797, "image_shape": [8, 8, 1]}
+    assert ds == {"source": "digits", "fingerprint": fingerprint(images), "num_images": 1797, "image_shape": [8, 8, 1],
+                  "num_classes": 10, "class_names": [str(i) for i in range(10)],
+                  "labels_sha256": labels_fingerprint(classes, dataset.class_names)}
+    assert manifest["config"]["expert"]["model"]["num_classes"] == 10  # resolved from the data
     cl = manifest["clustering"]
     assert (cl["k"], cl["method"], cl["embedding"], cl["embed_dim"]) == (4, "balanced", "pca", 16)
     assert cl["inertia"] > 0 and cl["n_iter"] >= 1
@@ -96,9 +101,14 @@ def test_prepare_digits_end_to_end(digits_run):
     labels = np.load(run_dir / cl["train_labels"])
     assert labels.shape == (1617,) and np.array_equal(np.bincount(labels), [c["count"] for c in clusters])
     for c in clusters:
-        assert (run_dir / c["shard"] / ".zarray").is_file()
+        assert (run_dir / c["shard"] / "images" / ".zarray").is_file()
         assert read_shard(str(run_dir / c["shard"])).tobytes() == images[train_idx][labels == c["id"]].tobytes()
+        # ... and beside them their class labels, row for row, counted per class in the manifest.
+        member_classes = classes[train_idx][labels == c["id"]]
+        np.testing.assert_array_equal(read_labels(str(run_dir / c["shard"])), member_classes)
+        assert c["class_counts"] == np.bincount(member_classes, minlength=10).tolist()
     assert read_shard(str(run_dir / holdout["shard"])).tobytes() == images[hold_idx].tobytes()
+    np.testing.assert_array_equal(read_labels(str(run_dir / holdout["shard"])), classes[hold_idx])
     assert np.load(run_dir / holdout["labels"]).shape == (180,)
 
     # A reader over all shards sees the cluster ids as labels.
@@ -107,7 +117,7 @@ def test_prepare_digits_end_to_end(digits_run):
 
     # The closing summary table.
     tail = out.strip().splitlines()[-6:]
-    assert tail[0].split() == ["cluster", "size", "share"]
+    assert tail[0].split() == ["cluster", "size", "share", "top", "classes"]
     for line, c in zip(tail[1:5], clusters):
         assert line.split()[:2] == [str(c["id"]), str(c["count"])]
     assert tail[5].split() == ["total", "1617", "100%"]

@@ -12,7 +12,7 @@ import pytest
 
 from ddm.core.errors import DDMError
 from ddm.data import manifest as mf
-from ddm.data.shards import ReaderPosition, ShardReader, open_shard, read_shard, write_shard
+from ddm.data.shards import NO_LABEL, ReaderPosition, ShardReader, open_shard, read_labels, read_shard, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,9 +32,9 @@ def test_write_read_round_trip_and_chunking(tmp_path):
     assert back.dtype == np.uint8 and back.tobytes() == images.tobytes() and back.shape == images.shape
     store = open_shard(path)
     assert list(store.chunk_layout.read_chunk.shape) == [8, 5, 6, 3]  # chunked along N only
-    meta = json.loads((tmp_path / "s" / ".zarray").read_text())
+    meta = json.loads((tmp_path / "s" / "images" / ".zarray").read_text())
     assert meta["chunks"] == [8, 5, 6, 3] and meta["shape"] == [23, 5, 6, 3]
-    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.name != ".zarray") == [
+    assert sorted(p.name for p in (tmp_path / "s" / "images").iterdir() if p.name != ".zarray") == [
         "0.0.0.0", "1.0.0.0", "2.0.0.0"]
     np.testing.assert_array_equal(store[9:17].read().result(), images[9:17])
     # A chunk longer than the shard is clipped; rewriting replaces the old array; file:// URLs work.
@@ -108,12 +108,12 @@ def test_reader_is_deterministic_and_labels_match_shards(three_shards):
     b = ShardReader(paths, batch_size=16, seed=7)
     c = ShardReader(paths, batch_size=16, seed=8)
     for step in (0, 5, 3, 40):  # any order: a pure function of the step
-        ia, la = a.batch(step)
-        ib, lb = b.batch(step)
+        ia, la, _ = a.batch(step)
+        ib, lb, _ = b.batch(step)
         assert ia.tobytes() == ib.tobytes() and np.array_equal(la, lb)
         assert la.dtype == np.int32 and np.array_equal(la, ia[:, 0, 0, 0])  # label = shard the image came from
     assert not np.array_equal(a.batch(0)[0], c.batch(0)[0])
-    relabelled = ShardReader(paths, batch_size=16, seed=7, labels=[5, 6, 7])
+    relabelled = ShardReader(paths, batch_size=16, seed=7, cluster_ids=[5, 6, 7])
     assert np.array_equal(relabelled.batch(5)[1], a.batch(5)[1] + 5)
 
 
@@ -133,11 +133,11 @@ def test_process_slicing(three_shards):
     parts = [ShardReader(paths, batch_size=24, seed=1, process_index=i, process_count=2) for i in range(2)]
     assert parts[0].local_batch_size == 12
     for step in (0, 4, 9):
-        images, labels = whole.batch(step)
+        images, labels, _ = whole.batch(step)
         local = [p.batch(step) for p in parts]
-        assert all(x.shape == (12, 4, 4, 1) for x, _ in local)
-        np.testing.assert_array_equal(np.concatenate([x for x, _ in local]), images)
-        np.testing.assert_array_equal(np.concatenate([y for _, y in local]), labels)
+        assert all(x.shape == (12, 4, 4, 1) for x, _, _ in local)
+        np.testing.assert_array_equal(np.concatenate([x for x, _, _ in local]), images)
+        np.testing.assert_array_equal(np.concatenate([y for _, y, _ in local]), labels)
 
 
 def test_position(three_shards):
@@ -161,8 +161,8 @@ def test_streaming_equals_in_memory(three_shards, batch_size, process_count):
     stream = ShardReader(paths, in_memory=False, **kw)
     assert memory._cache is not None and stream._cache is None
     for step in (0, 1, 7):
-        mi, ml = memory.batch(step)
-        si, sl = stream.batch(step)
+        mi, ml, _ = memory.batch(step)
+        si, sl, _ = stream.batch(step)
         assert mi.tobytes() == si.tobytes() and np.array_equal(ml, sl)
 
 
@@ -173,6 +173,69 @@ def test_reader_streams_large_shards_by_default(three_shards, monkeypatch):
     assert ShardReader(three_shards[0], batch_size=4, seed=0)._cache is None
     monkeypatch.undo()
     assert ShardReader(three_shards[0], batch_size=4, seed=0)._cache is not None
+
+
+# --- class labels -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def labelled_shards(tmp_path_factory):
+    """Two labelled shards (sizes 40, 25): pixel (0, 0, 0) holds the shard id, (0, 1, 0) the row, and the
+    label of row r of shard k is (7 * r + k) % 5."""
+    root = tmp_path_factory.mktemp("labelled")
+    paths = []
+    for k, n in enumerate((40, 25)):
+        images = _images(n, seed=10 + k)
+        images[:, 0, 0, 0], images[:, 0, 1, 0] = k, np.arange(n)
+        write_shard(str(root / f"c{k}"), images, (7 * np.arange(n) + k) % 5, chunk=8)
+        paths.append(str(root / f"c{k}"))
+    return paths
+
+
+@pytest.mark.parametrize("in_memory, process_count", [(True, 1), (False, 1), (False, 2)])
+def test_reader_gives_each_image_its_own_class(labelled_shards, in_memory, process_count):
+    reader = ShardReader(labelled_shards, batch_size=26, seed=4, in_memory=in_memory,
+                         process_index=process_count - 1, process_count=process_count)
+    assert reader.labelled
+    for step in (0, 3, 11):
+        images, clusters, classes = reader.batch(step)
+        shard, row = images[:, 0, 0, 0].astype(np.int64), images[:, 0, 1, 0].astype(np.int64)
+        assert classes.dtype == np.int32 and clusters.dtype == np.int32
+        np.testing.assert_array_equal(classes, (7 * row + shard) % 5)
+        np.testing.assert_array_equal(clusters, shard)
+
+
+def test_labels_round_trip_and_rewrites(tmp_path, three_shards):
+    path = str(tmp_path / "s")
+    labels = np.array([3, 0, 2, 2, 9], np.int64)
+    write_shard(path, _images(5), labels)
+    back = read_labels(path)
+    assert back.dtype == np.int32 and back.tolist() == labels.tolist()
+    assert read_labels(three_shards[0][0]) is None  # an unlabelled shard
+    reader = ShardReader(three_shards[0], batch_size=8, seed=0)
+    assert not reader.labelled and (reader.batch(0).classes == NO_LABEL).all()
+    # Rewriting without labels drops the old ones: the shard never keeps labels of other rows.
+    write_shard(path, _images(3))
+    assert read_labels(path) is None and read_shard(path).shape == (3, 4, 4, 1)
+
+
+def test_bad_labels(tmp_path, labelled_shards, three_shards):
+    with pytest.raises(DDMError, match="labels must be integers"):
+        write_shard(str(tmp_path / "a"), _images(3), np.array([0.5, 1, 2]))
+    with pytest.raises(DDMError, match="labels must be integers"):
+        write_shard(str(tmp_path / "a"), _images(3), np.array([0, 1]))
+    with pytest.raises(DDMError, match=">= 0"):
+        write_shard(str(tmp_path / "a"), _images(3), np.array([0, -1, 1]))
+    with pytest.raises(DDMError, match=r"has no class labels but shard .*c0 has"):
+        ShardReader([three_shards[0][0], labelled_shards[0]], batch_size=4, seed=0)
+    # Labels that do not match the images row for row (a shard tampered with by hand) are refused.
+    import tensorstore as ts
+
+    write_shard(str(tmp_path / "t"), _images(5), np.zeros(5, np.int32))
+    ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "t" / "labels")}}, create=True,
+            delete_existing=True, dtype=ts.int32, shape=[4]).result()
+    with pytest.raises(DDMError, match=r"labels int32 \[4\] for 5 images"):
+        ShardReader([str(tmp_path / "t")], batch_size=4, seed=0)
 
 
 # --- manifest ---------------------------------------------------------------------------------------------
@@ -236,8 +299,9 @@ def test_readers_never_see_a_partial_manifest(tmp_path):
     [
         (None, "no manifest"),
         ("{not json", "not valid JSON"),
-        ("[1, 2]", "not a ddm-run/v1 manifest"),
-        (json.dumps({"format": "other/v9"}), "not a ddm-run/v1 manifest"),
+        ("[1, 2]", "not a ddm-run/v2 manifest"),
+        (json.dumps({"format": "other/v9"}), "not a ddm-run/v2 manifest"),
+        (json.dumps({"format": "ddm-run/v1"}), r"ddm-run/v1 \(its shards are .*without class labels\): prepare"),
         (json.dumps({"format": mf.FORMAT, "dataset": {}, "clustering": {}, "config": {}}), "no 'clusters'"),
         (json.dumps({"format": mf.FORMAT, "dataset": {}, "clustering": {}, "config": {}, "clusters": []}),
          "no clusters"),

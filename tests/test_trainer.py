@@ -109,7 +109,7 @@ def micro_dit(image_shape, rngs: nnx.Rngs) -> DiT:
     return DiT(image_shape=tuple(image_shape), patch_size=2, depth=1, width=32, heads=2, rngs=rngs)
 
 
-def micro_loss(model, x, labels, rng):
+def micro_loss(model, x, clusters, classes, rng):
     return flow_matching_loss(lambda x_t, t: model(x_t, t), x, rng, "uniform"), {}
 
 
@@ -122,7 +122,7 @@ def micro_loss(model, x, labels, rng):
 def shard_reader(tmp_path_factory) -> ShardReader:
     run = prepared_template(tmp_path_factory)
     manifest = mf.read_manifest(run)
-    return ShardReader([mf.resolve(run, manifest["clusters"][0]["shard"])], batch_size=16, seed=0, labels=[0])
+    return ShardReader([mf.resolve(run, manifest["clusters"][0]["shard"])], batch_size=16, seed=0, cluster_ids=[0])
 
 
 def _task(reader, out_dir: Path, loss=micro_loss) -> Task:
@@ -158,8 +158,8 @@ def test_sharded_step_matches_single_device(shard_reader, tmp_path):
         compiled = dict(zip(["ref", *trainers], pool.map(compile_step, ["ref", *trainers])))
 
     ref_losses = []
-    for images, labels in batches:
-        state, metrics = compiled["ref"](state, jnp.asarray(images), jnp.asarray(labels))
+    for batch in batches:
+        state, metrics = compiled["ref"](state, *map(jnp.asarray, batch))
         ref_losses.append(float(metrics["loss"]))
     ref = jax.device_get({k: state[k] for k in ("params", "ema", "opt")})
     assert np.isfinite(ref_losses).all() and ref_losses[0] != ref_losses[1]
@@ -175,8 +175,7 @@ def test_sharded_step_matches_single_device(shard_reader, tmp_path):
                     assert leaf.addressable_shards[0].data.size == leaf.size // fsdp
             losses = []
             for s in range(2):
-                images, labels = trainer._global_batch(s)
-                sharded, metrics = compiled[data, fsdp](sharded, images, labels)
+                sharded, metrics = compiled[data, fsdp](sharded, *trainer._global_batch(s))
                 losses.append(float(metrics["loss"]))
             assert any("fsdp" in leaf.sharding.spec for leaf in jax.tree.leaves(sharded["opt"]))
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"mesh {data}x{fsdp}")
@@ -202,7 +201,7 @@ def test_step_rejects_overflowing_parameters():
     def make_model(rngs):
         return nnx.Linear(64, 1, rngs=rngs)
 
-    def loss(model, x, labels, rng):  # saturates: finite loss, zero gradient once |w| is huge
+    def loss(model, x, clusters, classes, rng):  # saturates: finite loss, zero gradient once |w| is huge
         return jnp.mean(jnp.tanh(model(x.reshape(x.shape[0], -1)))), {}
 
     tx = make_optimizer(TrainConfig(lr=3e38, warmup_steps=0, schedule="constant", grad_clip=0.0))
@@ -213,7 +212,7 @@ def test_step_rejects_overflowing_parameters():
     history = []
     for _ in range(3):
         history.append(jax.device_get(state["params"]))
-        state, metrics = step(state, images, labels)
+        state, metrics = step(state, images, labels, labels)
         assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
     bad = np.asarray(state["bad"])
@@ -222,7 +221,7 @@ def test_step_rejects_overflowing_parameters():
 
 
 class PoisonedReader:
-    """A shard reader whose labels become -1 from step `bad_from` on, which makes `poisoned_loss` NaN."""
+    """A shard reader whose cluster ids become -1 from step `bad_from` on, which makes `poisoned_loss` NaN."""
 
     def __init__(self, inner: ShardReader, bad_from: int):
         self.inner, self.bad_from = inner, bad_from
@@ -233,13 +232,13 @@ class PoisonedReader:
         return self.inner.position(step)
 
     def batch(self, step):
-        images, labels = self.inner.batch(step)
-        return images, (np.full_like(labels, -1) if step >= self.bad_from else labels)
+        images, clusters, classes = self.inner.batch(step)
+        return images, (np.full_like(clusters, -1) if step >= self.bad_from else clusters), classes
 
 
-def poisoned_loss(t_sampling, model, x, labels, rng):
-    loss, aux = micro_loss(model, x, labels, rng)
-    return jnp.where(jnp.any(labels < 0), jnp.nan, loss), aux
+def poisoned_loss(t_sampling, class_dropout, num_classes, model, x, clusters, classes, rng):
+    loss, aux = micro_loss(model, x, clusters, classes, rng)
+    return jnp.where(jnp.any(clusters < 0), jnp.nan, loss), aux
 
 
 def test_nonfinite_loss_exits_2_and_keeps_last_good_checkpoint(tmp_path_factory, monkeypatch, capsys):
