@@ -157,8 +157,11 @@ def test_mnist10k_config(mnist10k_path, tmp_path, monkeypatch):
     assert manifest["dataset"]["num_images"] == 2000 and manifest["dataset"]["image_shape"] == [28, 28, 1]
     assert manifest["clustering"]["k"] == 8 and manifest["clustering"]["limit"] == 2000
     assert sum(c["count"] for c in manifest["clusters"]) + manifest["holdout"]["count"] == 2000
-    assert all((tmp_path / "m" / c["shard"] / ".zarray").is_file() for c in manifest["clusters"])
+    assert all((tmp_path / "m" / c["shard"] / "images" / ".zarray").is_file() for c in manifest["clusters"])
     assert "total     1800" in out
+    # The file holds no labels: the run stays unconditional.
+    assert manifest["dataset"]["num_classes"] == 0 and manifest["config"]["expert"]["model"]["num_classes"] == 0
+    assert all("class_counts" not in c for c in manifest["clusters"])
 
 
 # --- refused inputs leave an existing run untouched -------------------------------------------------------
@@ -191,7 +194,24 @@ def _bad_inputs(tmp: Path) -> dict:
     _png_folder(tmp / "with_broken", [(8, 8)] * 3, {"im999.png": b"\x89PNG broken"})
     _png_folder(tmp / "mixed", [(8, 8)] * 3 + [(9, 8)])
     np.savez(tmp / "other.npz", data=np.random.default_rng(1).integers(0, 256, (50, 8, 8), dtype=np.uint8))
+    images = np.random.default_rng(2).integers(0, 256, (50, 8, 8), dtype=np.uint8)
+    bad_labels = {"short_labels": np.arange(49) % 3, "float_labels": np.full(50, 1.5),
+                  "negative_labels": np.arange(50) - 1, "many_labels": np.arange(50) * 1000}
+    for name, labels in bad_labels.items():
+        np.savez(tmp / f"{name}.npz", data=images, labels=labels)
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"image": [a.tolist() for a in images], "digit": list(range(50))}), tmp / "t.parquet")
     return {
+        "labels of the wrong length": ([f"data.source={tmp}/short_labels.npz"], False, ["49 labels for 50 images"]),
+        "non-integer labels": ([f"data.source={tmp}/float_labels.npz"], False, ["labels are not integers"]),
+        "negative labels": ([f"data.source={tmp}/negative_labels.npz"], False, ["negative label"]),
+        "too many classes": ([f"data.source={tmp}/many_labels.npz"], False, ["more than 10,000 classes"]),
+        "missing label column": ([f"data.source={tmp}/t.parquet", "data.label_column=label"], False,
+                                 ["no label column 'label'", "digit"]),
+        "num_classes disagrees": (["expert.model.num_classes=5"], False, ["num_classes=5", "10 classes"]),
+        "num_classes without labels": ([f"data.source={tmp}/other.npz", "expert.model.num_classes=10"], False,
+                                       ["num_classes=10", "no class labels"]),
+        "labels dropped": (["data.labels=none"], False, ["prepared with different class labels", "--overwrite"]),
         "missing path": ([f"data.source={tmp}/does_not_exist.npz"], False, ["not found", "does_not_exist.npz"]),
         "non-image file": ([f"data.source={tmp}/with_text"], False, ["non-image file", "readme.txt"]),
         "unreadable image": ([f"data.source={tmp}/with_broken"], False, ["unreadable image", "im999.png"]),
@@ -237,6 +257,8 @@ def test_bad_input_in_a_fresh_run_dir_writes_no_manifest(tmp_path):
     np.save(tmp_path / "f.npy", features)
     assert_refused(prepare(tmp_path / "run", "data.embedding=file", f"data.features_path={tmp_path}/f.npy"),
                    "NaN or Inf in 2 row(s), first row 100")
+    np.savez(tmp_path / "labels.npz", data=np.zeros((20, 4, 4), np.uint8), y=np.arange(19))
+    assert_refused(prepare(tmp_path / "run", f"data.source={tmp_path}/labels.npz"), "19 labels for 20 images")
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 

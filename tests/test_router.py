@@ -28,11 +28,13 @@ def _means() -> np.ndarray:
 
 
 def analytic_posterior(x_t: np.ndarray, t: np.ndarray, means: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """p(k | x_t) with x_t | k ~ N((1-t) mu_k, ((1-t)^2 s^2 + t^2) I). x_t: [B, ...], t: [B] -> [B, K]."""
+    """p(k | x_t) with x_t | k ~ N((1-t) mu_k, ((1-t)^2 s^2 + t^2) I). x_t: [B, ...], t: [B] -> [B, K].
+
+    prior: p(k) [K], or one prior per sample [B, K] (p(k | y) of each sample's class y)."""
     var = (1 - t) ** 2 * STD**2 + t**2
     diff = x_t[:, None] - (1 - t)[:, None, None, None, None] * means[None]
     sq = (diff**2).reshape(len(x_t), len(means), -1).sum(-1)
-    return softmax(np.log(prior)[None] - 0.5 * sq / var[:, None], axis=-1)
+    return softmax(np.log(np.broadcast_to(prior, sq.shape)) - 0.5 * sq / var[:, None], axis=-1)
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +57,18 @@ def mixture_run(tmp_path_factory):
 
 
 def _router(run_dir):
+    """(router(x, t, y=None) -> p(k | x_t, t[, y]) [B, K] float64, manifest) of a run's trained router."""
     from ddm.data.run import Run
     from ddm.router.trained import load_router
 
     run = Run.open(run_dir)
     manifest = run.manifest
     apply, state = load_router(run)
-    return lambda x, t: softmax(np.asarray(apply(state, x, t, None), np.float64), axis=-1), manifest
+
+    def router(x, t, y=None):
+        return softmax(np.asarray(apply(state, x, t, y), np.float64), axis=-1)
+
+    return router, manifest
 
 
 def _cluster_means(manifest, run_dir) -> np.ndarray:
@@ -165,3 +172,78 @@ def test_k_mismatch_between_manifest_and_router_is_refused(mixture_run, tmp_path
     # resuming training on the old checkpoint with a different K is refused too, not silently restarted
     assert main(["train-router", "--run-dir", str(run), "--no-progress", "--set", "router.train.steps=510"]) == 2
     _error_line(capsys)
+
+
+# --- a class-conditional router ---------------------------------------------------------------------------
+
+# The same three components, now with two classes spread unevenly over them: p(component | class).
+CLASS_COMPONENTS = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+
+
+@pytest.fixture(scope="module")
+def labelled_mixture_run(tmp_path_factory):
+    """The mixture with class labels: class y ~ uniform{0, 1}, component ~ CLASS_COMPONENTS[y]. The router of
+    this run sees y, so p(k | x_t, t, y) is known in closed form too (the prior becomes p(k | y))."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    y = rng.integers(0, 2, n)
+    comp = (rng.random(n)[:, None] > np.cumsum(CLASS_COMPONENTS[y], axis=1)).sum(1)
+    x = np.clip(_means()[comp] + STD * rng.standard_normal((n, *SIZE)), -1, 1)
+    root = tmp_path_factory.mktemp("labelled-mixture")
+    np.savez(root / "mixture.npz", data=x.astype(np.float32), labels=y)
+    overrides = [f"data.source={root / 'mixture.npz'}", "data.k=3", "data.embedding=pixels", "data.holdout_fraction=0.1",
+                 "router.arch=conv", "router.preset=micro", "router.train.steps=500", "router.train.batch_size=128",
+                 "router.train.lr=0.003", "router.train.warmup_steps=20", "router.train.checkpoint_every=500",
+                 "router.train.log_every=250", "router.train.ema_decay=0.9"]
+    run_dir = root / "run"
+    prepare(load_config(None, overrides), run_dir)
+    assert main(["train-router", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    return run_dir
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean KL(p || q) over rows of [B, K] distributions."""
+    return float((p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(-1).mean())
+
+
+def test_conditional_router_matches_the_posterior_given_the_class(labelled_mixture_run):
+    """p(k | x_t, t, y) = p(k | y) N(x_t; (1-t) mu_k, var_t) / Z: the class changes the prior of the posterior.
+    The router given y matches it; the class-blind posterior p(k | x_t, t) does not; under the null label the
+    router falls back to that class-blind posterior."""
+    from ddm.data.run import Run
+
+    router, manifest = _router(labelled_mixture_run)
+    run = Run.open(labelled_mixture_run)
+    assert run.num_classes == 2 and manifest["router"]["num_classes"] == 2
+    means = _cluster_means(manifest, labelled_mixture_run)
+    given_class = run.class_shares().T  # [2, K]: p(k | y), the cluster shares of each class's images
+    prior = run.cluster_shares()
+    rng = np.random.default_rng(4)
+    n = 2000
+    y = rng.integers(0, 2, n)
+    k = (rng.random(n)[:, None] > np.cumsum(given_class[y], axis=1)).sum(1)
+    x0 = means[k] + STD * rng.standard_normal((n, *SIZE))
+    t = rng.uniform(0.0, 1.0, size=n)
+    x_t = ((1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * rng.standard_normal(x0.shape)).astype(np.float32)
+    truth = analytic_posterior(x_t, t, means, given_class[y])
+    blind = analytic_posterior(x_t, t, means, prior)
+    kl = _kl(truth, router(x_t, t.astype(np.float32), y.astype(np.int32)))
+    assert kl < 0.05, f"mean KL(true || router given y) = {kl:.4f}"
+    assert kl < 0.25 * _kl(truth, blind)  # knowing y is worth it: the class-blind posterior is far off
+    null = _kl(blind, router(x_t, t.astype(np.float32)))
+    assert null < 0.1, f"mean KL(class-blind posterior || router under the null label) = {null:.4f}"
+
+
+def test_eval_router_reports_the_posterior_given_the_class(labelled_mixture_run, tmp_path):
+    """At pure noise the posterior given y is p(k | y); eval-router measures the router's distance to it, next to
+    the best any class-blind prediction can do (the cluster shares, TV 0.3 for this mixture)."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_mixture_run, run)
+    assert main(["eval-router", "--run-dir", str(run)]) == 0
+    report = json.loads((run / "eval" / "router.json").read_text())
+    at_noise = report["given_class"]["at_pure_noise"]
+    assert at_noise["classes"] == [0, 1]
+    assert at_noise["total_variation"] < 0.05, at_noise
+    assert at_noise["cluster_shares_total_variation"] > 0.2
+    assert at_noise["null_label_total_variation"] > 0.2  # the null label really hides the class
+    assert report["given_class"]["accuracy"] >= report["accuracy"]

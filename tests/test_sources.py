@@ -304,3 +304,111 @@ def test_bad_feature_files(tmp_path):
     pq.write_table(pa.table({"emb": [[1.0, 2.0]] * 39 + [[1.0]]}), tmp_path / "ragged.parquet")
     with pytest.raises(DDMError, match="equal-length"):
         embed(IMAGES, _file_cfg(tmp_path / "ragged.parquet"))
+
+
+# --- class labels -----------------------------------------------------------------------------------------
+
+
+def test_digits_labels_are_the_digits():
+    from sklearn.datasets import load_digits
+
+    ds = load_dataset(DataConfig(source="digits"))
+    assert ds.labels.dtype == np.int32 and ds.labels.shape == (1797,)
+    np.testing.assert_array_equal(ds.labels, load_digits().target)
+    assert ds.class_names == [str(i) for i in range(10)] and ds.num_classes == 10
+    assert load_dataset(DataConfig(source="digits", limit=100)).labels.shape == (100,)
+    unlabelled = load_dataset(DataConfig(source="digits", labels="none"))
+    assert unlabelled.labels is None and unlabelled.num_classes == 0
+
+
+def test_npz_labels(tmp_path):
+    ints = np.array([2, 0, 1, 2, 5, 0])
+    np.savez(tmp_path / "a.npz", images=GRAY, labels=ints)
+    ds = _load(tmp_path / "a.npz")
+    np.testing.assert_array_equal(ds.images, GRAY)  # the labels array is never mistaken for the images
+    assert ds.labels.tolist() == ints.tolist() and ds.class_names == ["0", "1", "2", "3", "4", "5"]
+    # `y` works too, beside an image array of any name; integral floats count as integers.
+    np.savez(tmp_path / "b.npz", pixels=GRAY, y=ints.astype(np.float64))
+    assert _load(tmp_path / "b.npz").labels.tolist() == ints.tolist()
+    # String labels: the sorted distinct strings are the classes.
+    np.savez(tmp_path / "c.npz", data=GRAY, labels=np.array(["cat", "dog", "ant", "dog", "cat", "cat"]))
+    ds = _load(tmp_path / "c.npz")
+    assert ds.class_names == ["ant", "cat", "dog"] and ds.labels.tolist() == [1, 2, 0, 2, 1, 1]
+    # An explicit label array, or none at all.
+    np.savez(tmp_path / "d.npz", data=GRAY, digit=ints, labels=np.zeros(6, int))
+    assert _load(tmp_path / "d.npz", label_column="digit").labels.tolist() == ints.tolist()
+    assert _load(tmp_path / "d.npz", labels="none").labels is None
+    assert _load(tmp_path / "a.npz", limit=3).labels.tolist() == [2, 0, 1]
+    np.savez(tmp_path / "e.npz", data=GRAY)
+    assert _load(tmp_path / "e.npz").labels is None  # unlabelled: unconditional
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (np.arange(5), "5 labels for 6 images"),
+        (np.array([0, 1, 2, 3, 4, 5.5]), r"not integers \(row 5: 5.5\)"),
+        (np.array([0, 1, np.nan, 3, 4, 5]), "not integers"),
+        (np.array([0, 1, -2, 3, 4, 5]), "negative label"),
+        (np.array([0, 1, 2, 3, 4, 10_000]), "more than 10,000 classes"),
+        (np.array([True, False, True, True, False, False]), "expected integers or strings"),
+    ],
+)
+def test_bad_labels(tmp_path, labels, match):
+    np.savez(tmp_path / "l.npz", data=GRAY, labels=labels)
+    with pytest.raises(DDMError, match=match) as err:
+        _load(tmp_path / "l.npz")
+    assert "\n" not in str(err.value)
+
+
+def test_more_than_10000_string_classes(tmp_path):
+    np.savez(tmp_path / "s.npz", data=np.zeros((10_001, 1, 1), np.uint8), labels=np.array([f"c{i}" for i in range(10_001)]))
+    with pytest.raises(DDMError, match="10,001 distinct labels, more than 10,000 classes"):
+        _load(tmp_path / "s.npz")
+
+
+def test_label_column_must_exist_where_named(tmp_path):
+    np.savez(tmp_path / "a.npz", data=GRAY, labels=np.zeros(6, int))
+    with pytest.raises(DDMError, match="no array 'cls'"):
+        _load(tmp_path / "a.npz", label_column="cls")
+    np.save(tmp_path / "a.npy", GRAY)
+    with pytest.raises(DDMError, match="label_column"):
+        _load(tmp_path / "a.npy", label_column="labels")
+    with pytest.raises(DDMError, match="label_column"):
+        load_dataset(DataConfig(source="digits", label_column="target"))
+    with pytest.raises(DDMError, match="data.labels='none'"):
+        DataConfig(labels="none", label_column="label")
+    with pytest.raises(DDMError, match="data.labels"):
+        DataConfig(labels="yes")
+
+
+def test_image_folder_class_subfolders(tmp_path):
+    _save_pngs(tmp_path / "pets" / "dog", RGB[:2])
+    _save_pngs(tmp_path / "pets" / "cat", RGB[2:5])
+    ds = _load(tmp_path / "pets")
+    assert ds.class_names == ["cat", "dog"] and sorted(ds.labels.tolist()) == [0, 0, 0, 1, 1]
+    # Each image keeps its own folder's label, whatever order the folder is read in.
+    for image, label in zip(ds.images, ds.labels):
+        is_dog = any(np.array_equal(image, dog) for dog in RGB[:2])
+        assert ds.class_names[label] == ("dog" if is_dog else "cat")
+    assert _load(tmp_path / "pets", labels="none").labels is None
+    _save_pngs(tmp_path / "flat", RGB[:3])
+    assert _load(tmp_path / "flat").labels is None  # no subfolders, no classes
+
+
+def test_parquet_label_column(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    images = [{"bytes": _png(a)} for a in GRAY]
+    pq.write_table(pa.table({"image": images, "label": [3, 1, 3, 0, 1, 2]}), tmp_path / "int.parquet")
+    ds = _load(tmp_path / "int.parquet")
+    assert ds.labels.tolist() == [3, 1, 3, 0, 1, 2] and ds.num_classes == 4
+    assert _load(tmp_path / "int.parquet", limit=2).labels.tolist() == [3, 1]
+    pq.write_table(pa.table({"image": images, "kind": list("bacabc")}), tmp_path / "str.parquet")
+    assert _load(tmp_path / "str.parquet").labels is None  # no "label" column: unlabelled
+    ds = _load(tmp_path / "str.parquet", label_column="kind")
+    assert ds.class_names == ["a", "b", "c"] and ds.labels.tolist() == [1, 0, 2, 0, 1, 2]
+    with pytest.raises(DDMError, match="no label column 'label'"):
+        _load(tmp_path / "str.parquet", label_column="label")
+    pq.write_table(pa.table({"image": images, "label": [1, None, 0, 1, 0, 1]}), tmp_path / "gap.parquet")
+    with pytest.raises(DDMError, match="empty cell"):
+        _load(tmp_path / "gap.parquet")
