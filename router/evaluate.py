@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 T_BINS = 10
 ECE_BINS = 15
+NOISE_DRAWS = 64  # pure-noise inputs per class for the prediction at t = 1 given the class
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -72,10 +73,11 @@ def _given_class(model: Callable, run: Run, x0: np.ndarray, t: np.ndarray, clust
     nll = -np.log(np.clip(probs[np.arange(len(clusters)), clusters], 1e-12, None))
     num_classes, shares = run.num_classes, run.class_shares().T  # [C, K]
     present = np.unique(classes)
-    ones = np.ones(len(present), np.float32)
-    blank = np.zeros((len(present),) + x0.shape[1:], np.float32)  # x0 is irrelevant at t = 1
-    at_noise = router_probabilities(model, blank, ones, seed + 1, y=present.astype(np.int32))
-    blind = router_probabilities(model, blank, ones, seed + 1)  # under the null label
+    # NOISE_DRAWS pure-noise inputs per class (x0 is irrelevant at t = 1), averaged per class.
+    ys = np.repeat(present, NOISE_DRAWS).astype(np.int32)
+    ones, blank = np.ones(len(ys), np.float32), np.zeros((len(ys),) + x0.shape[1:], np.float32)
+    at_noise = router_probabilities(model, blank, ones, seed + 1, y=ys).reshape(len(present), NOISE_DRAWS, -1).mean(1)
+    blind = router_probabilities(model, blank, ones, seed + 1).reshape(len(present), NOISE_DRAWS, -1).mean(1)
     weight = np.bincount(classes, minlength=num_classes)[present] / len(classes)
 
     def mean_tv(predicted: np.ndarray) -> float:

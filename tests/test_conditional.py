@@ -37,8 +37,8 @@ def _inputs(n: int = 12, seed: int = 0):
 
 
 def test_the_run_is_class_conditional_and_labels_reach_training(trained_run, ensemble):
-    """The trap of issue 12 was a label table left at its initialisation. Here training moves exactly the rows of
-    the classes an expert's shard holds (and the null row, through label dropout)."""
+    """The trap of issue 12 was a label table left at its initialisation. Here training moves the rows of the
+    classes an expert's shard holds (and the null row, through label dropout), and no other."""
     from flax import nnx
 
     from ddm.core.dit import dit_from_config
@@ -54,21 +54,27 @@ def test_the_run_is_class_conditional_and_labels_reach_training(trained_run, ens
         after = np.asarray(params["cond"]["labels"]["embedding"][...])
         assert after.shape == (NUM_CLASSES + 1, before.shape[1])
         moved = np.abs(after - before).max(axis=1)
-        present = np.array(run.cluster(k)["class_counts"]) > 0
-        assert (moved[:NUM_CLASSES][present] > 1e-4).all() and moved[NUM_CLASSES] > 1e-4, (k, moved)
-        assert (moved[:NUM_CLASSES][~present] < 1e-6).all(), (k, moved)
+        counts = np.array(run.cluster(k)["class_counts"])
+        common = counts >= 0.05 * counts.sum()  # (a class seen a few times gets a few tiny updates)
+        assert common.sum() >= 2 and (moved[:NUM_CLASSES][common] > 1e-4).all(), (k, moved)
+        assert moved[NUM_CLASSES] > 1e-4, (k, moved)
+        assert (moved[:NUM_CLASSES][counts == 0] < 1e-6).all(), (k, moved)
 
 
 def test_labels_change_the_output(ensemble):
+    """Experts and router depend on y (after 40 steps only slightly: the label pathway starts behind zero-init
+    modulation layers; `test_guidance_makes_samples_of_the_asked_class` shows the grown-up effect). Identical
+    inputs are bitwise identical, so any difference is the labels'."""
     x, y = _inputs()
     v_a, w_a = ensemble.velocity(x, 0.5, "full", y=y)
     v_b, w_b = ensemble.velocity(x, 0.5, "full", y=(y + 1) % NUM_CLASSES)
     v_null, _ = ensemble.velocity(x, 0.5, "full")  # no labels: the null label, the unconditional flow
-    assert float(jnp.abs(v_a - v_b).max()) > 1e-3 and float(jnp.abs(v_a - v_null).max()) > 1e-3
-    assert float(jnp.abs(w_a - w_b).max()) > 1e-4  # the router sees the class too
-    a = ensemble.sample(4, "top1", steps=3, seed=0, y=1).images
-    b = ensemble.sample(4, "top1", steps=3, seed=0, y=7).images
-    assert not np.array_equal(a, b)
+    assert np.array_equal(np.asarray(v_a), np.asarray(ensemble.velocity(x, 0.5, "full", y=y)[0]))
+    assert float(jnp.abs(v_a - v_b).max()) > 1e-6 and float(jnp.abs(v_a - v_null).max()) > 1e-6
+    assert float(jnp.abs(w_a - w_b).max()) > 1e-6  # the router sees the class too
+    a = ensemble.sample(4, "top1", steps=3, seed=0, y=1).x
+    b = ensemble.sample(4, "top1", steps=3, seed=0, y=7).x
+    assert np.abs(a - b).max() > 1e-6
 
 
 @pytest.mark.parametrize("strategy", ["full", "top1"])
@@ -130,7 +136,9 @@ def _refused(capsys, *needles) -> None:
 
 
 def test_bad_class_requests_are_one_line_errors_and_write_nothing(trained_run_copy, tmp_path, capsys):
-    run, out = trained_run_copy, tmp_path / "bad.png"
+    run, outputs = trained_run_copy, tmp_path / "outputs"
+    outputs.mkdir()
+    out = outputs / "bad.png"
     cases = [
         (["--n", 4, "--class", 10], ["class 10 is outside [0, 10)"]),
         (["--n", 4, "--class", -1], ["--class -1"]),
@@ -141,9 +149,9 @@ def test_bad_class_requests_are_one_line_errors_and_write_nothing(trained_run_co
         (["--n", 2, "--class", 1, "--set", "expert.model.num_classes=4"], ["num_classes=4", "10 classes"]),
     ]
     for args, needles in cases:
-        assert _sample(run, *args, "--out", out, "--record", tmp_path / "r.json") == 2, args
+        assert _sample(run, *args, "--out", out, "--record", outputs / "r.json") == 2, args
         _refused(capsys, *needles)
-    assert not list(tmp_path.iterdir())
+    assert not list(outputs.iterdir()) and not (run / "samples").exists()
 
 
 def test_classes_on_an_unconditional_run_are_refused(tmp_path, capsys):
@@ -176,3 +184,71 @@ def test_run_writes_guided_grids_one_row_per_class(trained_run_copy):
     assert json.loads(str(np.load(samples / "top1.npz")["request"]))["labels"] is None
     for name in ("top1.png", "top1_guided.png", "strategies.png", "strategies_guided.png"):
         assert (samples / name).stat().st_size > 0
+
+
+# --- guidance works (the done-when check of issue 12, at test size) ---------------------------------------
+
+BAR_CLASSES = 4
+OFF_CLASS = 0.15  # share of each class whose bar is drawn at random: p(bar = y | y) = 0.85 + 0.15 / 4
+
+
+def bars(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """8x8 images with a bright 2-row horizontal bar at rows 2r, 2r+1 over a noisy background, labelled y in
+    0..3: the bar is at r = y, except for OFF_CLASS of the images, whose bar is anywhere. The true p(x | y) thus
+    puts 89% of its mass on class y's bar: unguided conditional samples are read as y about that often, while
+    guidance (sampling towards p(y | x)^s) pushes towards y's own bar."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, BAR_CLASSES, n)
+    row = np.where(rng.random(n) < OFF_CLASS, rng.integers(0, BAR_CLASSES, n), y)
+    images = rng.normal(30, 12, (n, 8, 8))
+    for r in range(BAR_CLASSES):
+        images[row == r, 2 * r:2 * r + 2, :] += 170
+    return np.clip(images, 0, 255).astype(np.uint8)[..., None], y
+
+
+@pytest.fixture(scope="module")
+def bars_run(tmp_path_factory):
+    """A conditional K=2 ensemble (micro DiT experts, micro conv router) trained on 1,200 labelled bar images."""
+    from ddm.experts.train import train_expert
+    from ddm.router.train import train_router
+
+    root = tmp_path_factory.mktemp("bars")
+    images, labels = bars(1200, seed=0)
+    np.savez(root / "bars.npz", images=images, labels=labels)
+    sets = [f"data.source={root / 'bars.npz'}", "data.k=2", "data.embedding=pixels", "expert.model.preset=micro",
+            "expert.train.steps=300", "expert.train.batch_size=64", "expert.train.lr=0.01",
+            "expert.train.warmup_steps=10", "expert.train.ema_decay=0.95", "expert.train.checkpoint_every=300",
+            "expert.train.log_every=300", "router.preset=micro", "router.train.steps=400",
+            "router.train.batch_size=64", "router.train.lr=0.01", "router.train.warmup_steps=10",
+            "router.train.ema_decay=0.9", "router.train.checkpoint_every=400", "router.train.log_every=400"]
+    run_dir = root / "run"
+    assert main(["prepare", "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]) == 0
+    for k in range(2):
+        train_expert(run_dir, k)
+    train_router(run_dir)
+    return run_dir, images, labels
+
+
+@pytest.mark.slow
+def test_guidance_makes_samples_of_the_asked_class(bars_run):
+    """A classifier trained on the real images (and their labels) reads guided samples (scale 3, top-1 routing,
+    as `ddm sample --class C --cfg-scale 3`) as the class asked for, >= 90% for every class; without guidance
+    (scale 1, the conditional model alone) it reads fewer of them so."""
+    from sklearn.linear_model import LogisticRegression
+
+    run_dir, images, labels = bars_run
+    classifier = LogisticRegression(max_iter=2000).fit(images.reshape(len(images), -1) / 255.0, labels)
+    ensemble = load_ensemble(run_dir)
+    assert ensemble.num_classes == BAR_CLASSES
+    y = np.repeat(np.arange(BAR_CLASSES), 20)
+    accuracy = {}
+    for scale in (1.0, 3.0):
+        result = ensemble.sample(len(y), "top1", steps=20, seed=0, y=y, cfg_scale=scale)
+        read = classifier.predict(result.images.reshape(len(y), -1) / 255.0) == y
+        accuracy[scale] = [float(read[y == c].mean()) for c in range(BAR_CLASSES)]
+    assert min(accuracy[3.0]) >= 0.9, accuracy
+    assert np.mean(accuracy[1.0]) < np.mean(accuracy[3.0]), accuracy
+    # The labels matter: samples asked for class 0 and for class 3 from the same noise differ.
+    a = ensemble.sample(8, "top1", steps=20, seed=1, y=0, cfg_scale=3.0).images
+    b = ensemble.sample(8, "top1", steps=20, seed=1, y=3, cfg_scale=3.0).images
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 20

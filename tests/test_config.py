@@ -157,3 +157,32 @@ def test_to_dict_round_trip():
     plain = to_dict(cfg)
     assert isinstance(plain["sample"]["strategies"], list)
     assert config_from_data(plain) == cfg
+
+
+def test_labels_and_guidance_settings():
+    cfg = load_config(REPO / "configs" / "digits.yaml")
+    assert cfg.data.labels == "auto" and cfg.data.label_column is None
+    assert cfg.expert.model.num_classes is None  # resolved from the data by `ddm prepare`
+    assert cfg.expert.train.class_dropout == 0.1 and cfg.router.train.class_dropout == 0.1
+    # `--set data.labels=none` reads as null (the override parser's spelling of None): the same "none".
+    assert load_config(None, ["data.labels=none"]).data.labels == "none"
+    for bad, needle in [("data.labels=some", "data.labels"), ("expert.train.class_dropout=1.0", "class_dropout"),
+                        ("sample.cfg_scale=-1", "cfg_scale"), ("expert.model.num_classes=-2", "num_classes"),
+                        ("expert.model.num_classes=10001", "10,000"), ("expert.model.class_dropout=0.1", "unknown")]:
+        with pytest.raises(DDMError, match=needle):
+            load_config(None, [bad])
+
+
+def test_with_num_classes():
+    from ddm.core.config import with_num_classes
+
+    cfg = load_config(None)
+    assert with_num_classes(cfg, 10).expert.model.num_classes == 10
+    assert with_num_classes(cfg, 0).expert.model.num_classes == 0
+    assert with_num_classes(load_config(None, ["expert.model.num_classes=10"]), 10).expert.model.num_classes == 10
+    with pytest.raises(DDMError, match="num_classes=3 disagrees with the data's 10 classes"):
+        with_num_classes(load_config(None, ["expert.model.num_classes=3"]), 10)
+    with pytest.raises(DDMError, match="num_classes=3, but the data has no class labels"):
+        with_num_classes(load_config(None, ["expert.model.num_classes=3"]), 0)
+    with pytest.raises(DDMError, match="num_classes=0 disagrees"):
+        with_num_classes(load_config(None, ["expert.model.num_classes=0"]), 10)

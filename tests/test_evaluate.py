@@ -123,7 +123,7 @@ def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featur
     # monolith path (load_component + make_dit, sampled as single:0) is exercised without training one.
     mf.record_component(run, "monolith", None, dict(mf.read_manifest(run)["experts"]["0"]))
     code = main(["evaluate", "--run-dir", str(run), "--n", "12", "--steps", "2", "--cache-dir", str(cache),
-                 "--feature-steps", "10"])
+                 "--feature-steps", "10", "--cfg-scales", "1,3", "--class-n", "20"])
     assert code == 0
     report = json.loads((run / "eval" / "report.json").read_text())
     expected = {"real (train)", "full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5", "monolith"}
@@ -145,6 +145,18 @@ def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featur
     with np.load(run / "eval" / "samples.npz") as samples:
         assert samples["threshold_0.1"].shape == (12, 8, 8, 1)
     assert "report ->" in capsys.readouterr().out
+    # The run is class-conditional: guided samples per model and scale, read by the class classifier.
+    classifier = report["classifier"]
+    assert classifier["name"] == "cls10-cnn" and classifier["cfg_scales"] == [1.0, 3.0] and classifier["class_n"] == 20
+    assert (run / "eval" / "classifier" / "info.json").is_file()
+    assert 0 <= report["results"]["real (train)"]["class_accuracy"] <= 1
+    for name in expected - {"real (train)"}:
+        accuracy = report["results"][name]["class_accuracy"]
+        assert set(accuracy) == {"1", "3"}
+        for cell in accuracy.values():
+            assert 0 <= cell["accuracy"] <= 1 and len(cell["per_class"]) == 10
+            assert cell["accuracy"] == pytest.approx(np.mean(cell["per_class"]))  # 2 of each class
+    assert "Class accuracy of guided samples" in md and "| cfg 1 | cfg 3 |" in md
 
 
 def test_ddm_evaluate_with_a_user_feature_extractor(trained_run_copy, tmp_path, monkeypatch, capsys):
@@ -162,7 +174,8 @@ def test_ddm_evaluate_with_a_user_feature_extractor(trained_run_copy, tmp_path, 
         "    return np.zeros((3, 2))\n")
     monkeypatch.chdir(tmp_path)  # the module is found in the working directory, as users keep theirs
     run = trained_run_copy
-    args = ["evaluate", "--run-dir", str(run), "--n", "12", "--steps", "2", "--strategies", "top1", "--no-monolith"]
+    args = ["evaluate", "--run-dir", str(run), "--n", "12", "--steps", "2", "--strategies", "top1", "--no-monolith",
+            "--cfg-scales", "none"]
     assert main([*args, "--features", "myfeats:blocks"]) == 0
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["featurenet"]["name"] == "myfeats:blocks" and report["featurenet"]["dim"] == 16

@@ -243,7 +243,7 @@ def test_eval_router_reports_the_posterior_given_the_class(labelled_mixture_run,
     report = json.loads((run / "eval" / "router.json").read_text())
     at_noise = report["given_class"]["at_pure_noise"]
     assert at_noise["classes"] == [0, 1]
-    assert at_noise["total_variation"] < 0.05, at_noise
+    assert at_noise["total_variation"] < 0.06, at_noise
     assert at_noise["cluster_shares_total_variation"] > 0.2
     assert at_noise["null_label_total_variation"] > 0.2  # the null label really hides the class
     assert report["given_class"]["accuracy"] >= report["accuracy"]

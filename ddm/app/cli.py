@@ -117,15 +117,22 @@ def cmd_eval_router(args) -> int:
 def cmd_evaluate(args) -> int:
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else list(DEFAULT_STRATEGIES)
     feature_cfg = FeatureNetConfig() if args.feature_steps is None else FeatureNetConfig(steps=args.feature_steps)
-    try:
-        scales = tuple(float(v) for v in args.cfg_scales.split(",") if v) if args.cfg_scales else DEFAULT_CFG_SCALES
-    except ValueError:
-        raise DDMError(f"--cfg-scales must be comma-separated numbers, got {args.cfg_scales!r}") from None
+    scales = DEFAULT_CFG_SCALES if args.cfg_scales is None else _numbers(args.cfg_scales, "--cfg-scales")
     evaluate_run(args.run_dir, args.set, n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
                  strategies=strategies, monolith=not args.no_monolith, cache_dir=args.cache_dir,
                  feature_cfg=feature_cfg, features=_user_features(args.features), cfg_scales=scales,
                  class_n=args.class_n)
     return 0
+
+
+def _numbers(text: str, option: str) -> tuple[float, ...]:
+    """Comma-separated numbers ("none": no number at all)."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise DDMError(f"{option} must be comma-separated numbers or none, got {text!r}") from None
 
 
 def _class_labels(args, n: int | None) -> tuple[int, ...] | None:
@@ -314,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature-net (and class classifier) training steps (default 600)")
     _add_feature_option(p)
     p.add_argument("--cfg-scales", default=None,
-                   help="guidance scales of the class accuracy, comma-separated (default 1,2,3; conditional runs)")
+                   help="guidance scales of the class accuracy, comma-separated, or none (default 1,2,3; "
+                        "class-conditional runs only)")
     p.add_argument("--class-n", type=int, default=DEFAULT_CLASS_N,
                    help=f"guided samples per model and scale for the class accuracy (default {DEFAULT_CLASS_N})")
     p.set_defaults(func=cmd_evaluate)

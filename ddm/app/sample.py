@@ -9,7 +9,7 @@ from pathlib import Path
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
 from ddm.sampling.outputs import save_outputs, save_pngs, usage_summary
-from ddm.sampling.request import Request, generate
+from ddm.sampling.request import Request, check_condition, generate
 from ddm.verify.environment import environment
 from ddm.verify.records import make_record, write_record
 from ddm.verify.signing import key_id, load_private_key, sign_record
@@ -24,6 +24,7 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
 
     record: also write a verification record there; key: sign it with this Ed25519 private key (`ddm keygen`).
     """
+    check_condition(request, run.num_classes)  # before loading anything: a bad class is the user's first error
     private_key = None if key is None else load_private_key(key)  # a bad key fails before any work
     ensemble = load_ensemble(run)
     t0 = time.perf_counter()

@@ -58,7 +58,9 @@ class DataConfig:
     source: str = "digits"  # "digits", a .npz/.npy file, an image folder, a .parquet file, or "hf:<name>"
     array_key: str | None = None  # array inside a .npz (default: the only one, or "data"/"images")
     image_column: str = "image"  # column holding images for parquet / Hugging Face sources
-    labels: str = "auto"  # "auto": use the source's class labels when it has them; "none": ignore them
+    # "auto": use the source's class labels when it has them; "none" (or null: `--set data.labels=none` parses
+    # as null) ignores them.
+    labels: str | None = "auto"
     # Column (parquet, hf:) or .npz array holding the class labels. None: "label" (.npz: "labels", else "y")
     # when the source has it; a name given here must exist.
     label_column: str | None = None
@@ -82,6 +84,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data.embedding", self.embedding, EMBEDDINGS)
         _check_choice("data.kmeans", self.kmeans, KMEANS_MODES)
+        if self.labels is None:
+            object.__setattr__(self, "labels", "none")
         _check_choice("data.labels", self.labels, LABEL_MODES)
         if self.labels == "none" and self.label_column is not None:
             raise DDMError(f"config data.label_column={self.label_column!r} names labels that data.labels='none' "
