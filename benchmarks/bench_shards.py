@@ -52,7 +52,7 @@ def time_batches(reader: ShardReader, seconds: float) -> tuple[float, int]:
     reader.batch(0)
     steps, t0 = 0, time.perf_counter()
     while True:
-        images = reader.batch(steps + 1).images
+        reader.batch(steps + 1)
         steps += 1
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds and steps >= 3:

@@ -9,13 +9,11 @@ trained on real digits read the samples as the class asked for.
 """
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import fresh_run
 
 from ddm.app.cli import main
 from ddm.core.config import load_config

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from ddm.data import manifest as mf
-
 REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
@@ -28,29 +26,10 @@ def readme_api_section() -> str:
 
 @pytest.fixture(scope="module")
 def workdir(trained_run, tmp_path_factory):
-    """A folder with runs/digits (a copy of the session's trained run) and runs/digits-cond: the same run
-    prepared with expert.model.num_classes=10. Only sampling is shown, so one conditional expert is trained
-    (4 steps, no EMA: enough that the labels reach the zero-initialised adaLN layers) and stands in for all
-    three (its pinned weights registered for each cluster, as tests/test_evaluate.py does for the monolith)."""
-    from conftest import TINY_RUN_OVERRIDES
-
-    from ddm.experts.train import train_expert
-
+    """A folder with runs/digits: a copy of the session's trained run (class-conditional, as the digits have
+    labels)."""
     root = tmp_path_factory.mktemp("docs")
     shutil.copytree(trained_run, root / "runs" / "digits")
-    cond = root / "runs" / "digits-cond"
-    shutil.copytree(trained_run, cond, ignore=shutil.ignore_patterns("experts"))
-
-    def conditional(manifest):
-        manifest["config"]["expert"]["model"]["num_classes"] = 10
-        manifest.pop("experts", None)
-
-    mf.update_manifest(cond, conditional)
-    train_expert(cond, 0, [*TINY_RUN_OVERRIDES, "expert.train.steps=4", "expert.train.warmup_steps=0",
-                           "expert.train.ema_decay=0.0", "expert.train.holdout_loss=false"])
-    entry = mf.read_manifest(cond)["experts"]["0"]
-    for k in (1, 2):
-        mf.record_component(cond, "experts", k, dict(entry))
     return root
 
 

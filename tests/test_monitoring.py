@@ -10,6 +10,7 @@ import sys
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import fresh_run
@@ -18,13 +19,14 @@ from PIL import Image
 from ddm.app import cli
 from ddm.core.config import load_config
 from ddm.core.dit import dit_from_config
-from ddm.core.flow import flow_matching_loss
+from ddm.core.flow import drop_labels, flow_matching_loss
 from ddm.core.images import to_model_range
 from ddm.core.monitor import HOLDOUT_KEY
 from ddm.core.trainer import read_metrics
 from ddm.core.writers import open_writers
 from ddm.data import manifest as mf
-from ddm.data.shards import read_shard
+from ddm.data.run import Run
+from ddm.data.shards import read_labels, read_shard
 
 TRAIN = ["expert.train.steps=8", "expert.train.batch_size=16", "expert.train.warmup_steps=2",
          "expert.train.log_every=4", "expert.train.checkpoint_every=8", "expert.train.tensorboard=true",
@@ -79,7 +81,9 @@ def test_tensorboard_events_hold_loss_holdout_lr_and_the_sample_grids(monitored_
 
 def test_holdout_loss_is_the_loss_on_the_clusters_held_out_images_at_fixed_noise(monitored_expert):
     """Recomputed independently from the step-8 checkpoint: the flow loss of the training parameters on the
-    held-out images whose nearest centroid is cluster 0 (cycled to one batch), at the monitor's fixed key."""
+    held-out images whose nearest centroid is cluster 0 (cycled to one batch), at the monitor's fixed key. The
+    digits are labelled, so the expert is class-conditional: the held-out images' classes, dropped to the null
+    label as in training (fold_in(key, 1), rate train.class_dropout), are its input."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
@@ -91,8 +95,10 @@ def test_holdout_loss_is_the_loss_on_the_clusters_held_out_images_at_fixed_noise
     mine = images[labels == 0]
     assert 0 < len(mine) < len(images)
     rows = mine[np.arange(16) % len(mine)]
+    classes = read_labels(mf.resolve(run, manifest["holdout"]["shard"]))[labels == 0][np.arange(16) % len(mine)]
 
-    model_cfg = load_config(None, ["expert.model.preset=micro"]).expert.model
+    model_cfg = Run.open(run).config.expert.model
+    assert model_cfg.num_classes == 10
     abstract = nnx.eval_shape(lambda: dit_from_config(model_cfg, tuple(images.shape[1:]), nnx.Rngs(params=0)))
     graphdef = nnx.graphdef(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -103,7 +109,8 @@ def test_holdout_loss_is_the_loss_on_the_clusters_held_out_images_at_fixed_noise
                                                 meta))
     model = nnx.merge(graphdef, state["params"], state["rest"])
     rng = jax.random.fold_in(jax.random.key(config.expert.train.seed), HOLDOUT_KEY)
-    loss = flow_matching_loss(lambda x, t: model(x, t), to_model_range(rows), rng,
+    y = drop_labels(jax.random.fold_in(rng, 1), jnp.asarray(classes), config.expert.train.class_dropout, 10)
+    loss = flow_matching_loss(lambda x, t: model(x, t, y), to_model_range(rows), rng,
                               config.expert.train.t_sampling)
     logged = read_metrics(run / "experts/0/metrics.jsonl")[-1]["holdout_loss"]
     np.testing.assert_allclose(float(loss), logged, rtol=1e-4)
