@@ -161,10 +161,11 @@ class ShardReader:
         if self.shard_clusters.shape != (len(paths),):
             raise DDMError(f"{len(self.shard_clusters)} cluster ids for {len(paths)} shards")
         labels = [read_labels(p) for p in paths]
-        if len({label is None for label in labels}) > 1:
-            raise DDMError(f"shard {paths[[label is None for label in labels].index(True)]} has no class labels "
-                           f"but shard {paths[[label is None for label in labels].index(False)]} has")
-        self.labelled = labels[0] is not None
+        unlabelled = [p for p, label in zip(paths, labels) if label is None]
+        if unlabelled and len(unlabelled) < len(paths):
+            labelled = next(p for p, label in zip(paths, labels) if label is not None)
+            raise DDMError(f"shard {unlabelled[0]} has no class labels but shard {labelled} has")
+        self.labelled = not unlabelled
         self._classes = np.concatenate(labels) if self.labelled else None
         self._offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         nbytes = self.num_images * int(np.prod(self.image_shape))

@@ -55,8 +55,11 @@ def router_probabilities(apply: Callable, x0: np.ndarray, t: np.ndarray, seed: i
     (None: the router's unconditional input). apply(x, t, y) -> logits. Returns [N, K] float32. The noise is a
     function of (seed, row), so calls with and without y see the same x_t."""
     key = jax.random.key(seed)
-    fn = jax.jit(lambda x, tt, yy, k: jax.nn.softmax(apply(interpolate(x, jax.random.normal(k, x.shape), tt), tt, yy),
-                                                     -1))
+
+    def probabilities(x, tt, yy, k):
+        return jax.nn.softmax(apply(interpolate(x, jax.random.normal(k, x.shape), tt), tt, yy), -1)
+
+    fn = jax.jit(probabilities)
     out = []
     for i in range(0, len(x0), batch):
         yb = None if y is None else jnp.asarray(y[i:i + batch])

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ddm.core.config import Config
+from ddm.core.ensemble import Ensemble
 from ddm.core.errors import DDMError
 from ddm.core.plots import save_strategy_figure
 from ddm.data.prepare import prepare
@@ -87,7 +88,8 @@ def run_all(cfg: Config, run_dir: str | Path, overrides: list[str], *, base_dir:
     return {"figure": figure, **outputs}
 
 
-def _sample(run: Run, ensemble, request: Request, png: Path, ncols: int | None = None) -> tuple[np.ndarray, Path]:
+def _sample(run: Run, ensemble: Ensemble, request: Request, png: Path,
+            ncols: int | None = None) -> tuple[np.ndarray, Path]:
     """Generates `request`, writes its grid + arrays at `png`, logs time and expert usage; (images, png)."""
     t0 = time.perf_counter()
     result = generate(ensemble, request)

@@ -18,7 +18,7 @@ pre-activation of the penultimate layer (like Inception's pool3).
 
 The same machinery trains the *class classifier* of a labelled dataset (`targets="classes"`, named
 "cls<C>-cnn"): the same net and training, with the true class labels as targets. `ddm evaluate` reads guided
-samples with it (class accuracy of classifier-free guidance); `classifier(run)` loads or trains it.
+samples with it (class accuracy of classifier-free guidance); `get_classifier(run)` loads or trains it.
 
 Caching and pinning. The net is trained once per (dataset fingerprint, exact training image set and targets,
 net config) with the shared `Trainer` (each target class becomes a shard, so the shard reader supplies the
