@@ -3,9 +3,10 @@
     python benchmarks/bench_router.py [--quick] [--repeats N] [--batch B]
 
 With top-1 routing every velocity evaluation runs the router once and one expert per sample, so the router's
-overhead is router cost / expert cost per image. For each config's expert (configs/digits.yaml: DiT micro,
-8x8x1 patch 2, K=4; configs/mnist10k.yaml: DiT small, 28x28x1 patch 4, K=8) and each router (conv and dit
-architectures at the micro/tiny/small presets), this prints
+overhead is router cost / expert cost per image. For each shipped config's expert (configs/digits.yaml: DiT
+micro, 8x8x1 patch 2, K=4; configs/mnist10k.yaml: DiT small, 28x28x1 patch 4, K=8, read from the YAML files)
+and each router (conv, mlp and dit architectures at the micro/tiny/small presets; the config's own is marked),
+this prints
 - the analytic FLOPs ratio (`router.model.router_flops_per_image` / `ddm.dit.dit_flops_per_image`), and
 - the measured forward-time ratio: both jitted, warmed up, called in turn at the same batch, median of the
   rounds (wall time, and process CPU time as the steadier check on a loaded machine).
@@ -33,21 +34,28 @@ from benchmarks.common import (
     machine_table,
     markdown_table,
 )
-from ddm.core.config import ModelConfig, RouterConfig
+from ddm.core.config import ModelConfig, RouterConfig, load_config
 from ddm.core.dit import count_params, dit_flops_per_image, dit_from_config
 from ddm.router.model import router_flops_per_image, router_from_config
 
-# (config file, expert ModelConfig, image shape, K, the config's router)
-CONFIGS = [
-    ("digits.yaml", ModelConfig(preset="micro", patch_size=2), (8, 8, 1), 4, RouterConfig(arch="conv", preset="tiny")),
-    ("mnist10k.yaml", ModelConfig(preset="small", patch_size=4), (28, 28, 1), 8,
-     RouterConfig(arch="conv", preset="small")),
-]
+# Every shipped config, with the image shape its data source gives (configs do not store it).
+SHAPES = {"digits.yaml": (8, 8, 1), "mnist10k.yaml": (28, 28, 1)}
+
+
+def shipped_configs() -> list[tuple[str, ModelConfig, tuple[int, int, int], int, RouterConfig]]:
+    """(config file, expert ModelConfig, image shape, K, the config's router) of configs/*.yaml."""
+    out = []
+    for name, shape in SHAPES.items():
+        cfg = load_config(REPO / "configs" / name)
+        out.append((name, cfg.expert.model, shape, cfg.data.k, cfg.router))
+    return out
+
+
 PRESETS = ("micro", "tiny", "small")
 
 
 def routers_for(expert: ModelConfig) -> list[RouterConfig]:
-    out = [RouterConfig(arch="conv", preset=p) for p in PRESETS]
+    out = [RouterConfig(arch=arch, preset=p) for arch in ("conv", "mlp") for p in PRESETS]
     for p in PRESETS:
         out.append(RouterConfig(arch="dit", preset=p))  # default patch size 2
         if expert.patch_size != RouterConfig().patch_size:
@@ -80,7 +88,9 @@ def bench_config(name, expert_cfg, shape, k, default_router, batch, repeats) -> 
         rfn, rstate = _forward(router)
         label = _label(router_cfg)
         fns[label] = lambda rfn=rfn, rstate=rstate: rfn(rstate, x, t)
-        marker = " (config default)" if router_cfg == default_router else ""
+        same = (router_cfg.arch, router_cfg.preset, router_cfg.patch_size) == (
+            default_router.arch, default_router.preset, default_router.patch_size)
+        marker = " (config default)" if same else ""
         meta[label] = (label + marker, count_params(router), router_flops_per_image(router_cfg, shape, k))
     timings = interleaved(fns, repeats=repeats, warmup=2, block=jax.block_until_ready)
     base = timings["expert"]
@@ -112,7 +122,7 @@ def main() -> None:
     print(machine_table(extra={"command": f"`{command}`", "batch": args.batch, "rounds": repeats}))
     print()
     rows = []
-    for config in CONFIGS:
+    for config in shipped_configs():
         rows += bench_config(*config, args.batch, repeats)
         print(f"done: {config[0]} (load average {load_average()})", file=sys.stderr, flush=True)
     print(markdown_table(HEADERS, rows))
