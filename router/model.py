@@ -51,7 +51,9 @@ ROUTER_PRESETS: dict[str, tuple[int, ...]] = {
 }
 # preset name -> hidden widths of the mlp router's dense layers.
 MLP_PRESETS: dict[str, tuple[int, ...]] = {
-    "micro": (128, 128),
+    # micro: one hidden layer. On digits it routes as well as two (eval-router given the class 0.892 vs 0.891,
+    # class-blind 0.697 vs 0.701) at half the time (5% vs 9-11% of the micro expert's CPU time under load).
+    "micro": (128,),
     "tiny": (256, 256),
     "small": (512, 512),
     "S": (1024, 1024),
