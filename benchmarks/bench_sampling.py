@@ -1,12 +1,18 @@
-"""Sampling throughput of the routed ensemble (top-1, top-2, full) relative to one expert sampling alone.
+"""Sampling throughput of the routed ensemble (top-1, top-2, full, ...) relative to one expert sampling alone.
 
-    python benchmarks/bench_sampling.py [--quick] [--repeats N]
+    python benchmarks/bench_sampling.py [--quick] [--repeats N] [--device cpu|gpu]
 
 For each shape, K=8 randomly initialised DiT experts (same architecture, seeds 0..7) and a random conv router
 are put in one `Ensemble`; the baseline is an `Ensemble` holding only expert 0, sampled with `single:0` (no
-router, one expert call per evaluation). Every strategy samples the same batch (one `sample` call, `n` = batch)
-with the same Euler steps, and images/s = batch / median wall time. Goal (the issue): top-1 >= 0.8x the
-single expert, full ~ 1/K.
+router, one expert call per evaluation), through the same machinery (one device program per solve). Every row
+samples the same batch (one `sample` call, `n` = batch) with the same Euler steps; images/s = batch / median
+wall time. Goal (issue 16): top-1 >= 0.9x the single expert for tiny 8x8 and >= 0.95x for S 32x32x4 (CPU-time
+ratio on CPU), full ~ 1/K.
+
+`--device cpu` (default): tiny 8x8x1 (B=64), tiny 28x28x1 (B=64, full run only) and S 32x32x4 (B=4, one step).
+`--device gpu`: DiT-B/2 and DiT-XL/2 on 32x32x4 latents (B=64 and 32, 10 steps, 4 with --quick; conv routers
+of the same preset), ready for a GPU (nothing else needs one; not run yet); ratios of wall times, since CPU time
+means nothing there. Eight XL experts take 22 GB, their stack as much again.
 
 Random init is adapted so that the numbers mean something:
 - experts: the zero-initialised adaLN-Zero modulations and final layer get N(0, 0.02) weights, so velocities
@@ -16,12 +22,14 @@ Random init is adapted so that the numbers mean something:
   so that different samples prefer different experts (the top-1 choices are spread over all K; the table's
   "experts used" column shows how evenly). Its cost is the real router's.
 
-Columns: "expert rows" is the number of rows the experts actually ran per evaluation (bucket padding included),
-relative to the batch (single = 1.0, full = K); "router share" is the router's forward time (jit, warm, median
-at the same batch) times the evaluations of one call, over the strategy's wall time; "plain loop" is a jitted
-Euler loop over expert 0 without the `Ensemble` (what dispatch costs on top of the expert itself); "top1, finer
-buckets" is an experiment, top-1 with the bucket sizes on the grid 2^k and 3 * 2^(k-1) instead of the
-Ensemble's powers of two (see `fine_bucket_size`), to show what bucket padding costs.
+Columns: "dispatch" is the dispatcher that ran (`SampleResult.dispatch`; "auto" resolves to "unrolled" on CPU,
+"grouped" on GPU; "host" is the reference that reads the routing weights back every evaluation); "expert rows"
+is the number of rows the experts actually ran per evaluation (chunk/bucket padding included), relative to the
+batch (single = 1.0, full = K); "router share" is the router's forward time (jit, warm, median at the same
+batch) times the evaluations of one call, over the strategy's time; "plain loop" is a jitted Euler loop over
+expert 0 without the `Ensemble` (one program launch per step). "top1, exact rows (no router)" is a bound, not a
+dispatcher: one jitted program running each expert on exactly its top-1 rows (no padding, no routing; the
+selection is fixed from a top-1 `sample` call), i.e. what per-expert calls cost on this backend at best.
 """
 
 from __future__ import annotations
@@ -49,15 +57,25 @@ from benchmarks.common import (
     markdown_table,
     time_fn,
 )
-from ddm.core import ensemble as ensemble_lib
 from ddm.core import flow as solvers
 from ddm.core.dit import DiT, preset_dims
 from ddm.core.ensemble import Ensemble
 from ddm.router.model import ConvRouter, conv_widths
 
 K = 8
-STRATEGIES = ("top1", "top2", "full")
-FINE = "top1, finer buckets"  # the experiment row (see `fine_bucket_size`)
+# (row label, strategy, dispatch) after the single-expert baseline; "auto" is what `Ensemble` picks.
+RUNS = (
+    ("top1", "top1", "auto"),
+    ("top2", "top2", "auto"),
+    ("full", "full", "auto"),
+    ("top1+full:0.5", "top1+full:0.5", "auto"),
+    ("top1 (host reference)", "top1", "host"),
+)
+# The device dispatchers "auto" did not pick, and "unrolled" with a smaller chunk (`min_bucket` 4): the full run
+# measures them (docs/benchmarks.md says why "auto" picks what it picks).
+OPTIONS = tuple((f"top1 ({name})", "top1", name) for name in ("unrolled", "grouped", "capacity"))
+SMALL_CHUNK = 4
+BOUND = "top1, exact rows (no router)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +88,7 @@ class Case:
     repeats: int
     router_preset: str
     plain_loop: bool = True
+    options: bool = True
 
     @property
     def name(self) -> str:
@@ -77,16 +96,19 @@ class Case:
         return f"{self.preset} {h}x{w}x{c}/p{self.patch_size}"
 
 
-def cases(quick: bool, repeats: int | None) -> list[Case]:
+def cases(device: str, quick: bool, repeats: int | None) -> list[Case]:
     r = repeats or (3 if quick else 5)
-    out = [
-        Case("tiny", (8, 8, 1), 2, 64, 3 if quick else 6, r, "tiny"),
-        Case("tiny", (28, 28, 1), 4, 64, 1 if quick else 2, r, "tiny"),
-    ]
-    # S on 32x32x4 (256 tokens, 12 blocks of width 384) takes about a second per image-step on a 2-core CPU:
-    # a small batch, one step, two rounds.
+    if device == "gpu":  # --quick: fewer steps, and no dispatch options (each is one more XL compile)
+        steps = 4 if quick else 10
+        return [Case("B", (32, 32, 4), 2, 64, steps, r, "B", options=not quick),
+                Case("XL", (32, 32, 4), 2, 32, steps, r, "XL", options=not quick)]
+    out = [Case("tiny", (8, 8, 1), 2, 64, 3 if quick else 6, r, "tiny", options=not quick)]
     if not quick:
-        out.append(Case("S", (32, 32, 4), 2, 4, 1, repeats or 2, "S", plain_loop=False))
+        out.append(Case("tiny", (28, 28, 1), 4, 64, 2, r, "tiny"))
+    # S on 32x32x4 (256 tokens, 12 blocks of width 384) takes about 0.15 s per image-step on a 2-core CPU:
+    # a small batch, one step, few rounds.
+    out.append(Case("S", (32, 32, 4), 2, 4, 1, repeats or (4 if quick else 5), "S", plain_loop=False,
+                    options=not quick))
     return out
 
 
@@ -172,28 +194,27 @@ def plain_loop(expert_apply, params, noise: jax.Array, steps: int):
     return run
 
 
-def fine_bucket_size(count: int, batch: int, floor: int) -> int:
-    """An experiment, not what `Ensemble` does: the next size >= max(count, floor) on the grid 1, 2, 3, 4, 6, 8,
-    12, 16, 24, ... (2^k and 3 * 2^(k-1)), capped at the batch. At most a third of a bucket is padding instead of
-    half, for up to twice the compilations of `ddm.core.ensemble._bucket_size`'s powers of two."""
-    if count >= batch:
-        return batch
-    c = max(count, floor)
-    p = 1 << (c - 1).bit_length()
-    if p >= 4 and c <= 3 * p // 4:
-        p = 3 * p // 4
-    return min(batch, p)
+def exact_rows_bound(expert_apply, params, noise: jax.Array, choice: np.ndarray, steps: int):
+    """Euler sampling where every expert runs on exactly its rows of a fixed top-1 assignment (choice [B]), in
+    one jitted program per step: the cost of per-expert calls with no padding, no routing and no dispatch."""
+    rows = [np.flatnonzero(choice == k) for k in range(len(params))]
 
+    def velocity(ps, x, t):
+        v = jnp.zeros_like(x)
+        for k, r in enumerate(rows):
+            if r.size:
+                v = v.at[r].set(expert_apply(ps[k], x[r], t[r], None))
+        return v
 
-def with_fine_buckets(fn):
-    """fn run with `fine_bucket_size` in place of the Ensemble's bucket rule (restored afterwards)."""
+    step = jax.jit(lambda ps, x, t, dt: x + dt * velocity(ps, x, t), donate_argnums=1)
+    ts = solvers.time_grid(steps)
+
     def run():
-        original = ensemble_lib._bucket_size
-        ensemble_lib._bucket_size = fine_bucket_size
-        try:
-            return fn()
-        finally:
-            ensemble_lib._bucket_size = original
+        x = jnp.array(noise)
+        for i in range(steps):
+            x = step(params, x, jnp.full((x.shape[0],), ts[i]), jnp.float32(ts[i + 1] - ts[i]))
+        return x
+
     return run
 
 
@@ -202,7 +223,7 @@ def with_fine_buckets(fn):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def bench_case(case: Case) -> list[list[str]]:
+def bench_case(case: Case, gpu: bool) -> list[list[str]]:
     expert_apply, params = make_experts(case)
     router_apply, router_params = make_router(case)
     single = Ensemble(expert_apply, params[:1], None, None, image_shape=case.image_shape)
@@ -210,22 +231,29 @@ def bench_case(case: Case) -> list[list[str]]:
     n, steps = case.batch, case.steps
     results = {}
 
-    def sampler(ens, strategy, key=None):
+    def sampler(ens, strategy, key):
         def run():
-            results[key or strategy] = ens.sample(n, strategy, steps=steps, solver="euler", seed=0)
-            return results[key or strategy].x
+            results[key] = ens.sample(n, strategy, steps=steps, solver="euler", seed=0)
+            return results[key].x
         return run
 
     noise = jax.random.normal(jax.random.key(0, impl="threefry2x32"), (n, *case.image_shape), jnp.float32)
     fns = {"plain loop": plain_loop(expert_apply, params[0], noise, steps)} if case.plain_loop else {}
-    fns["single:0"] = sampler(single, "single:0")
-    fns.update({s: sampler(ensemble, s) for s in STRATEGIES})
-    fns[FINE] = with_fine_buckets(sampler(ensemble, "top1", key=FINE))
-    # Warm-up (compilation): every strategy once, except `full`, whose only bucket (the whole batch, with
-    # K-wide weights) `single:0` on the K-expert ensemble compiles at 1/K of the cost.
-    warm = {name: fn for name, fn in fns.items() if name != "full"}
-    warm["full (warm-up)"] = sampler(ensemble, "single:0", key="warm-up")
-    interleaved(warm, repeats=1, warmup=0, block=jax.block_until_ready)
+    fns["single:0"] = sampler(single, "single:0", "single:0")
+    runs = list(RUNS)
+    if case.options:
+        auto = ensemble.resolved_dispatch
+        runs += [run for run in OPTIONS if run[2] != auto]
+        if case.batch // K > SMALL_CHUNK:  # otherwise the floor is below it already
+            runs.append((f"top1 ({auto}, min_bucket {SMALL_CHUNK})", "top1", auto))
+    for label, strategy, dispatch in runs:
+        ens = ensemble.replace(dispatch=dispatch, min_bucket=SMALL_CHUNK if "min_bucket" in label else 8)
+        fns[label] = sampler(ens, strategy, label)
+    # Warm-up (compilation), then the bound: the top-1 assignment of the first step, fixed.
+    interleaved(fns, repeats=1, warmup=0, block=jax.block_until_ready)
+    choice = np.argmax(results["top1"].weights[0], -1)
+    fns[BOUND] = exact_rows_bound(expert_apply, params, noise, choice, steps)
+    fns[BOUND]()
     timings = interleaved(fns, repeats=case.repeats, warmup=0, block=jax.block_until_ready)
 
     # The router alone at the same batch, jitted and warm: its share of each strategy's time.
@@ -241,32 +269,44 @@ def bench_case(case: Case) -> list[list[str]]:
         evals = steps  # Euler: one velocity evaluation per step
         expert_rows = 1.0 if res is None else res.padded_evals / (evals * n)
         used = share = "-"
-        if name in (*STRATEGIES, FINE):
+        if res is not None and name != "single:0":
             top1 = np.bincount(np.argmax(res.weights, -1).reshape(-1), minlength=K) / (steps * n)
             used = f"{int((top1 > 0).sum())}/{K} (max {top1.max():.2f})"
-            share = f"{router.cpu_median * evals / timing.cpu_median:.1%}"
-        rows.append([case.name, f"B={n}, {steps} steps", name, fmt(n / timing.median),
-                     f"{base.median / timing.median:.2f}", f"{base.cpu_median / timing.cpu_median:.2f}",
-                     f"{expert_rows:.2f}", used, share, f"{timing.spread:.0%}"])
+            own, total = (router.median, timing.median) if gpu else (router.cpu_median, timing.cpu_median)
+            share = f"{own * evals / total:.1%}"
+        cpu = "-" if gpu else f"{base.cpu_median / timing.cpu_median:.2f}"
+        rows.append([case.name, f"B={n}, {steps} steps", name, "-" if res is None else res.dispatch,
+                     fmt(n / timing.median), f"{base.median / timing.median:.2f}", cpu, f"{expert_rows:.2f}",
+                     used, share, f"{timing.spread:.0%}"])
     return rows
 
 
-HEADERS = ["experts (DiT preset, image/patch)", "request", "strategy", "images/s", "vs single (wall)",
+HEADERS = ["experts (DiT preset, image/patch)", "request", "strategy", "dispatch", "images/s", "vs single (wall)",
            "vs single (CPU time)", "expert rows / batch", "top-1 experts used (max share)", "router share",
            "spread"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats; skip the S preset")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer steps and rounds; tiny 8x8 and S only, without the other dispatch options")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per strategy (median taken)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="cpu: tiny and S presets; gpu: DiT-B/2 and XL/2 on 32x32x4 latents (needs a GPU)")
     args = parser.parse_args()
-    command = "python benchmarks/bench_sampling.py" + (" --quick" if args.quick else "")
-    print(machine_table(extra={"command": f"`{command}`", "experts": f"K={K}, Euler solver, min_bucket 8"}))
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        sys.exit(f"--device gpu needs a GPU; jax's default backend here is {jax.default_backend()}")
+    if args.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    command = "python benchmarks/bench_sampling.py" + (" --quick" if args.quick else "") + (
+        " --device gpu" if args.device == "gpu" else "")
+    extra = {"command": f"`{command}`", "experts": f"K={K}, Euler solver, min_bucket 8",
+             "device": str(jax.devices()[0].device_kind)}
+    print(machine_table(extra=extra))
     print()
     rows = []
-    for case in cases(args.quick, args.repeats):
-        rows += bench_case(case)
+    for case in cases(args.device, args.quick, args.repeats):
+        rows += bench_case(case, gpu=args.device == "gpu")
         print(f"done: {case.name} (load average {load_average()})", file=sys.stderr, flush=True)
     print(markdown_table(HEADERS, rows))
     print(f"\nload average after: {load_average()}")

@@ -1,9 +1,14 @@
 """The router: a classifier p(cluster k | x_t, t[, y]) over the K data clusters, returning K logits.
 
-Two architectures (`RouterConfig.arch`):
+Three architectures (`RouterConfig.arch`):
 - "conv" (`ConvRouter`, default): a small strided conv net. Each stage is conv3x3 -> GroupNorm -> FiLM from
   the conditioning vector (timestep MLP [+ label embedding]) -> SiLU; then global average pool, LayerNorm and
   a linear head. Widths come from `ROUTER_PRESETS`; the tiny preset costs a few percent of a tiny DiT expert.
+- "mlp" (`MLPRouter`): the flattened image through dense layers, each Linear -> LayerNorm -> FiLM(c) -> SiLU,
+  then LayerNorm and a linear head. A handful of matmuls: on XLA:CPU it costs a fraction of the conv router's
+  time at the same accuracy on small images (8x8 digits: docs/benchmarks.md, "Router cost"), where the conv
+  router's many small ops cost more than the whole micro expert's matmuls would suggest. Widths:
+  `MLP_PRESETS`.
 - "dit" (`DiTRouter`): the paper's router, DiT blocks from `ddm.core.dit` (patch embed, fixed position
   embedding, conditioning, adaLN-Zero blocks) with a learned CLS token prepended and a linear head on it.
   Sizes come from `ddm.core.dit.DIT_PRESETS`, so it costs about as much as a DiT of the same preset.
@@ -44,7 +49,19 @@ ROUTER_PRESETS: dict[str, tuple[int, ...]] = {
     "L": (128, 256, 512, 1024),
     "XL": (192, 384, 768, 1152),
 }
-CONV_FREQ_DIM = 64  # sinusoidal timestep features of the conv router (the DiT router uses ddm.core.dit.FREQ_DIM)
+# preset name -> hidden widths of the mlp router's dense layers.
+MLP_PRESETS: dict[str, tuple[int, ...]] = {
+    # micro: one hidden layer. On digits it routes as well as two (eval-router given the class 0.892 vs 0.891,
+    # class-blind 0.697 vs 0.701) at half the time (5% vs 9-11% of the micro expert's CPU time under load).
+    "micro": (128,),
+    "tiny": (256, 256),
+    "small": (512, 512),
+    "S": (1024, 1024),
+    "B": (1024, 1024, 1024),
+    "L": (2048, 2048, 2048),
+    "XL": (2048, 2048, 2048, 2048),
+}
+CONV_FREQ_DIM = 64  # sinusoidal timestep features of the conv and mlp routers (the DiT router: ddm.core.dit.FREQ_DIM)
 
 _zeros = nnx.initializers.zeros_init()
 _normal = nnx.initializers.normal(0.02)
@@ -63,6 +80,13 @@ def conv_widths(preset: str) -> tuple[int, ...]:
     if preset not in ROUTER_PRESETS:
         raise DDMError(f"unknown router preset {preset!r} (known: {', '.join(ROUTER_PRESETS)})")
     return ROUTER_PRESETS[preset]
+
+
+def mlp_widths(preset: str) -> tuple[int, ...]:
+    """Hidden widths of an mlp router preset."""
+    if preset not in MLP_PRESETS:
+        raise DDMError(f"unknown router preset {preset!r} (known: {', '.join(MLP_PRESETS)})")
+    return MLP_PRESETS[preset]
 
 
 class ConvStage(nnx.Module):
@@ -109,6 +133,48 @@ class ConvRouter(nnx.Module):
         return self.head(self.norm(jnp.mean(h, axis=(1, 2)))).astype(jnp.float32)
 
 
+class DenseStage(nnx.Module):
+    """Linear -> LayerNorm -> FiLM(c) -> SiLU: [B, Din] -> [B, Dout] float32. FiLM (scale, shift) = Linear(c),
+    zero-initialised so it starts as the identity."""
+
+    def __init__(self, in_dim: int, out_dim: int, cond_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(in_dim, out_dim, dtype=dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(out_dim, use_scale=False, use_bias=False, rngs=rngs)
+        self.film = nnx.Linear(cond_dim, 2 * out_dim, dtype=dtype, kernel_init=_zeros, rngs=rngs)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        h = self.norm(self.linear(x).astype(jnp.float32))
+        scale, shift = jnp.split(self.film(c).astype(jnp.float32), 2, axis=-1)
+        return jax.nn.silu(h * (1.0 + scale) + shift)
+
+
+class MLPRouter(nnx.Module):
+    """Dense router on the flattened image: (x [B, H, W, C], t [B], y [B] | None) -> logits [B, num_clusters]
+    float32."""
+
+    def __init__(self, *, image_shape: tuple[int, int, int], widths: tuple[int, ...], num_clusters: int,
+                 num_classes: int = 0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.image_shape = _check_router_args(image_shape, num_clusters)
+        if not widths or min(widths) < 1:
+            raise DDMError(f"router widths {widths} must be a non-empty list of positive sizes")
+        self.dtype = dtype
+        cond_dim = widths[-1]
+        self.cond = ConditionEmbedder(cond_dim, num_classes, freq_dim=CONV_FREQ_DIM, dtype=dtype, rngs=rngs)
+        dims = (math.prod(self.image_shape),) + tuple(widths)
+        self.stages = nnx.List([DenseStage(dims[i], dims[i + 1], cond_dim, dtype=dtype, rngs=rngs)
+                                for i in range(len(widths))])
+        self.norm = nnx.LayerNorm(widths[-1], rngs=rngs)
+        self.head = nnx.Linear(widths[-1], num_clusters, kernel_init=_zeros, rngs=rngs)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        check_inputs(x, t, y, self.image_shape)
+        c = self.cond(t, y)
+        h = x.reshape(x.shape[0], -1).astype(self.dtype)
+        for stage in self.stages:
+            h = stage(h.astype(self.dtype), c)
+        return self.head(self.norm(h)).astype(jnp.float32)
+
+
 class DiTRouter(nnx.Module):
     """Transformer router (DiT blocks + CLS token): (x, t, y | None) -> logits [B, num_clusters] float32."""
 
@@ -139,7 +205,7 @@ class DiTRouter(nnx.Module):
 
 def router_from_config(router: RouterConfig, image_shape: tuple[int, int, int], num_clusters: int,
                        num_classes: int = 0, rngs: nnx.Rngs | None = None,
-                       dtype: jnp.dtype = jnp.float32) -> ConvRouter | DiTRouter:
+                       dtype: jnp.dtype = jnp.float32) -> ConvRouter | MLPRouter | DiTRouter:
     """The router described by `router` for images (H, W, C) and K = `num_clusters` clusters.
 
     `num_classes > 0` adds a label input (null label `num_classes` when y is None). `rngs` defaults to
@@ -149,17 +215,21 @@ def router_from_config(router: RouterConfig, image_shape: tuple[int, int, int], 
     if router.arch == "conv":
         return ConvRouter(image_shape=image_shape, widths=conv_widths(router.preset), num_clusters=num_clusters,
                           num_classes=num_classes, dtype=dtype, rngs=rngs)
+    if router.arch == "mlp":
+        return MLPRouter(image_shape=image_shape, widths=mlp_widths(router.preset), num_clusters=num_clusters,
+                         num_classes=num_classes, dtype=dtype, rngs=rngs)
     if router.arch == "dit":
         depth, width, heads = preset_dims(router.preset)
         return DiTRouter(image_shape=image_shape, patch_size=router.patch_size, depth=depth, width=width,
                          heads=heads, num_clusters=num_clusters, num_classes=num_classes, dtype=dtype, rngs=rngs)
-    raise DDMError(f"unknown router arch {router.arch!r} (known: conv, dit)")
+    raise DDMError(f"unknown router arch {router.arch!r} (known: conv, mlp, dit)")
 
 
 def router_flops_per_image(router: RouterConfig, image_shape: tuple[int, int, int], num_clusters: int) -> float:
     """Forward-pass FLOPs of one image (2 x multiply-accumulates of convs and matmuls; norms are not counted).
 
     conv: sum over stages of H_s W_s 9 Cin Cout + timestep MLP + FiLM (cond_dim 2 Cout per stage) + head.
+    mlp:  sum over layers of Din Dout (Din = H W C for the first) + timestep MLP + FiLM + head.
     dit:  patch embed N p^2 C D + timestep MLP + blocks on N + 1 tokens (`ddm.core.dit.transformer_macs`) + head D K.
     """
     h, w, c = _check_router_args(image_shape, num_clusters)
@@ -173,6 +243,14 @@ def router_flops_per_image(router: RouterConfig, image_shape: tuple[int, int, in
             macs += h * w * 9 * in_ch * out_ch + widths[-1] * 2 * out_ch
             in_ch = out_ch
         return 2.0 * macs
+    if router.arch == "mlp":
+        widths = mlp_widths(router.preset)
+        macs = condition_macs(widths[-1], CONV_FREQ_DIM) + widths[-1] * num_clusters
+        in_dim = h * w * c
+        for out_dim in widths:
+            macs += in_dim * out_dim + widths[-1] * 2 * out_dim
+            in_dim = out_dim
+        return 2.0 * macs
     if router.arch == "dit":
         depth, width, _ = preset_dims(router.preset)
         gh, gw = check_image_shape((h, w, c), router.patch_size)
@@ -180,4 +258,4 @@ def router_flops_per_image(router: RouterConfig, image_shape: tuple[int, int, in
         macs = (n * router.patch_size**2 * c * width + condition_macs(width)
                 + transformer_macs(n + 1, depth, width) + width * num_clusters)
         return 2.0 * macs
-    raise DDMError(f"unknown router arch {router.arch!r} (known: conv, dit)")
+    raise DDMError(f"unknown router arch {router.arch!r} (known: conv, mlp, dit)")

@@ -130,7 +130,7 @@ def test_bad_yaml_files(tmp_path, text, match):
         (["expert.model.dtype=float16"], "model.dtype"),
         (["expert.train.schedule=linear"], "train.schedule"),
         (["router.train.ema_decay=1.0"], "train.ema_decay"),
-        (["router.arch=mlp"], "router.arch"),
+        (["router.arch=resnet"], "router.arch"),
         (["sample.solver=rk4"], "sample.solver"),
     ],
 )

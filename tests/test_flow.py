@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddm.core import flow
 from ddm.core.errors import DDMError
 from ddm.core.flow import (
     drop_labels,
@@ -121,3 +122,29 @@ def test_time_grid():
     np.testing.assert_allclose(np.asarray(ts), [1.0, 0.75, 0.5, 0.25, 0.0])
     with pytest.raises(DDMError):
         time_grid(0)
+
+
+@pytest.mark.parametrize("solver,steps", [("euler", 1), ("euler", 5), ("heun", 1), ("heun", 2), ("heun", 6)])
+def test_integrate_is_solve_in_one_program(solver, steps):
+    """`integrate` (a scan over evaluations, traced once) takes the same steps as `solve`, and tells each
+    evaluation apart (2 * step + stage); a wrong schedule (e.g. a corrector on Heun's last step) would move x."""
+    x1 = jax.random.normal(jax.random.key(0), (5, 3))
+
+    def field(x, t):
+        return jnp.sin(3.0 * x) * t[:, None] + 0.5 * x
+
+    traces = []
+
+    def velocity(x, t, evaluation):
+        traces.append(1)
+        return field(x, t), (evaluation, t[0])
+
+    x0, (ids, ts) = jax.jit(lambda x: flow.integrate(velocity, x, steps, solver))(x1)
+    np.testing.assert_allclose(np.asarray(x0), np.asarray(flow.solve(field, x1, steps, solver)), rtol=1e-6,
+                               atol=1e-6)
+    stages = flow.evaluation_stages(solver, steps)
+    assert len(traces) == 1 and len(stages) == flow.evaluations(solver, steps)
+    step_of = np.cumsum(stages == 0) - 1
+    np.testing.assert_array_equal(np.asarray(ids), 2 * step_of + stages)
+    grid = flow.time_grid(steps)
+    np.testing.assert_array_equal(np.asarray(ts), np.where(stages == 0, grid[step_of], grid[step_of + 1]))

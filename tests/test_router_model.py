@@ -10,24 +10,32 @@ from helpers import forward, model_inputs, perturb
 from ddm.core.config import MODEL_PRESETS, ModelConfig, RouterConfig
 from ddm.core.dit import DIT_PRESETS, DiTBlock, dit_flops_per_image
 from ddm.core.errors import DDMError
-from ddm.router.model import ROUTER_PRESETS, ConvRouter, DiTRouter, router_flops_per_image, router_from_config
+from ddm.router.model import (
+    MLP_PRESETS,
+    ROUTER_PRESETS,
+    ConvRouter,
+    DiTRouter,
+    MLPRouter,
+    router_flops_per_image,
+    router_from_config,
+)
 
 SMALL_DIT = dict(patch_size=2, depth=2, width=32, heads=2)  # a small transformer router: cheap to compile
 
 
 def make_router(arch, shape, num_clusters, num_classes=0, dtype=jnp.float32, seed=0):
-    if arch == "conv":
-        return router_from_config(RouterConfig(arch="conv", preset="tiny"), shape, num_clusters, num_classes,
+    if arch in ("conv", "mlp"):
+        return router_from_config(RouterConfig(arch=arch, preset="tiny"), shape, num_clusters, num_classes,
                                   nnx.Rngs(seed), dtype=dtype)
     return DiTRouter(image_shape=shape, num_clusters=num_clusters, num_classes=num_classes, dtype=dtype,
                      rngs=nnx.Rngs(seed), **SMALL_DIT)
 
 
 @pytest.mark.parametrize("arch,shape", [("conv", (8, 8, 1)), ("conv", (28, 28, 1)), ("conv", (32, 32, 3)),
-                                        ("dit", (8, 8, 1))])
+                                        ("mlp", (8, 8, 1)), ("mlp", (28, 28, 1)), ("dit", (8, 8, 1))])
 def test_logits_shape_dtype_and_uniform_at_init(arch, shape):
     router = make_router(arch, shape, 5)
-    assert isinstance(router, ConvRouter if arch == "conv" else DiTRouter)
+    assert isinstance(router, {"conv": ConvRouter, "mlp": MLPRouter, "dit": DiTRouter}[arch])
     x, t = model_inputs(shape)
     logits = forward(router, x, t)
     assert logits.shape == (3, 5) and logits.dtype == jnp.float32
@@ -39,7 +47,7 @@ def test_logits_shape_dtype_and_uniform_at_init(arch, shape):
     assert float(jnp.abs(forward(router, x, 1.0 - t) - logits).max()) > 1e-5  # and on t
 
 
-@pytest.mark.parametrize("arch", ["conv", "dit"])
+@pytest.mark.parametrize("arch", ["conv", "mlp", "dit"])
 def test_class_label_input(arch):
     router = make_router(arch, (8, 8, 1), 3, num_classes=4, seed=1)
     perturb(router)
@@ -103,7 +111,15 @@ def test_tiny_conv_router_flops_within_budget(shape, patch):
     assert set(ROUTER_PRESETS) == set(MODEL_PRESETS)  # every preset a RouterConfig accepts has widths
 
 
-@pytest.mark.parametrize("arch", ["conv", "dit"])
+def test_mlp_router_presets_and_flops_within_budget():
+    """The mlp presets cover every model preset, and the micro one (configs/digits.yaml) is a few percent of the
+    micro expert's FLOPs on 8x8 digits."""
+    assert set(MLP_PRESETS) == set(MODEL_PRESETS)
+    expert = dit_flops_per_image(ModelConfig(preset="micro", patch_size=2), (8, 8, 1))
+    assert 0 < router_flops_per_image(RouterConfig(arch="mlp", preset="micro"), (8, 8, 1), 4) <= 0.05 * expert
+
+
+@pytest.mark.parametrize("arch", ["conv", "mlp", "dit"])
 @pytest.mark.parametrize("shape,patch", [((8, 8, 1), 2), ((28, 28, 1), 4)])
 def test_router_flops_match_xla_cost_analysis(arch, shape, patch):
     cfg = RouterConfig(arch=arch, preset="tiny", patch_size=patch)

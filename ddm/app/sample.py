@@ -32,8 +32,8 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     seconds = time.perf_counter() - t0
     npz = save_outputs(result, request, out, manifest_sha=run.sha256)
     guided = "" if request.labels is None else f", classes {_classes_text(request.labels)}, cfg scale {request.cfg_scale}"
-    logger.info(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps{guided}) in "
-                f"{seconds:.1f}s -> {out} and {npz}")
+    logger.info(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps{guided}, "
+                f"{result.dispatch} dispatch) in {seconds:.1f}s -> {out} and {npz}")
     logger.info(usage_summary(result))
     if png_dir is not None:
         save_pngs(result.images, png_dir)

@@ -25,7 +25,7 @@ KMEANS_MODES = ("lloyd", "balanced", "two_stage")
 MODEL_PRESETS = ("micro", "tiny", "small", "S", "B", "L", "XL")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant")
-ROUTER_ARCHS = ("conv", "dit")
+ROUTER_ARCHS = ("conv", "mlp", "dit")
 LABEL_MODES = ("auto", "none")
 MAX_CLASSES = 10_000  # more distinct labels than this is almost surely an id column, not classes
 
@@ -185,7 +185,7 @@ class ExpertConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-    arch: str = "conv"  # "conv" (small conv net) or "dit" (DiT blocks + CLS token)
+    arch: str = "conv"  # "conv" (small conv net), "mlp" (dense layers on pixels) or "dit" (DiT blocks + CLS)
     preset: str = "tiny"  # width preset for either arch
     patch_size: int = 2  # dit arch only
     train: TrainConfig = TrainConfig(steps=1000, ema_decay=0.99)

@@ -2,28 +2,40 @@
 
     u_t(x_t) = sum_k w_k(x_t, t) v_k(x_t, t),   w = route_weights(softmax(router(x_t, t)), strategy)
 
-Dispatch (why it is built this way): with top-1 routing the ensemble should cost about one expert per sample,
-not K. Each velocity evaluation therefore
-1. runs the router (one jitted call) to get the weights [B, K] on device;
-2. brings those weights to the host (the one small transfer of the step; `full`, `oracle` and `single` know
-   their selection without looking, so they skip it);
-3. for every expert with at least one selected sample, gathers those samples into a bucket padded to a static
-   size (powers of two from the bucket floor, capped at the batch), runs the ONE jitted expert function (params
-   are an argument, so the same executable serves every expert) and scatter-adds the weighted velocities into
-   the accumulator. Padded rows point at index B and are dropped by the scatter, so they never contribute.
-   The floor is `min_bucket`, but never more than B / (available experts), the mean selection of top-1: with
-   a floor above it, a small batch spread over K experts would run K * floor rows instead of about B (at B=4,
-   K=8, min_bucket=8, top-1 ran 4 rows per sample, measured 0.24x the throughput of one expert).
-Compiled executables are cached by jax per (batch, bucket) shape (and shared by ensembles with the same
-apply functions), so a batch size B costs at most log2(B / floor) + 2 compilations of the expert function,
-whatever the routing decisions.
+The whole solve is one device program: `Ensemble.sample` jits, per (batch shape, strategy, steps, solver, CFG),
+a function that integrates the ODE with `ddm.core.flow.integrate` (a `lax.scan` over the velocity evaluations)
+and, at every evaluation, runs the router, turns its posterior into weights (`route_weights`) and dispatches on
+the device (`ddm.core.dispatch`): each expert runs only on the rows routed to it, and the weighted velocities
+are added up. Nothing comes back to the host until the solve ends: one program launch per batch, no per-step
+synchronisation, and experts nobody selected cost nothing. `full` and `single:K` know their selection without
+looking and run their experts on the whole batch. `dispatch` chooses how the experts are run ("auto": the
+backend's best; see `ddm.core.dispatch` for the options and docs/benchmarks.md for the measurements):
+"unrolled" on CPU (every expert its own code and its own parameters, rows in chunks of a static size),
+"grouped" on GPU/TPU (the experts' parameters stacked, one code for all of them, one bucket per expert whose
+size is chosen on the device).
+
+The reference dispatcher (`dispatch="host"`, the previous design) stays for comparison and tests: per velocity
+evaluation it runs the router (one jitted call), brings the [B, K] weights to the host, and for every expert
+with selected samples runs one jitted expert call on a padded bucket (powers of two from a floor, capped at
+the batch; the floor is `min_bucket`, but never more than B / (available experts), the mean selection of
+top-1; "grouped" uses the same buckets, "unrolled" chunks of the floor). Every dispatch agrees with it to float
+rounding for every strategy (tests/test_ensemble_device.py).
+
+Compilation: one program per (batch, strategy, steps, solver, CFG) shape, cached by jax and shared by
+ensembles with the same apply functions. Within it the expert function is traced once per expert ("unrolled";
+twice for `S+full:T`, whose full-posterior steps run each expert on the whole batch) or once per bucket size
+("grouped").
 
 Determinism: for a (seed, request) the output is a pure function of the parameters. The initial noise is
 `jax.random.normal(jax.random.key(seed, impl="threefry2x32"), (n, H, W, C))` for the whole request (batching
 does not change it); the `sample` strategy draws sample i's expert at evaluation e (= 2*step + stage, stage 1
 being Heun's corrector) from key fold_in(fold_in(fold_in(key(seed), 1), e), i), also independent of batching.
-Identical requests on the same hardware and software are bitwise identical; different batch sizes can differ
-in the last float bits (different bucket shapes).
+Identical requests on the same hardware and software are bitwise identical (no dispatch adds velocities
+through a scatter with repeated indices, which GPUs make nondeterministic). Outputs are *not* bitwise invariant
+to batch composition: a sample shares its expert call with whichever other samples picked the same expert, and
+a different bucket shape can change a matmul's last bits, so another batch size or another set of companions
+can move a sample's floats by rounding (within 1e-5 after a solve of the tests' digits run, with the same
+routing decisions and uint8 images within 1 level: tests/test_determinism.py; docs/verification.md).
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddm.core import dispatch as dispatch_lib
 from ddm.core import flow
 from ddm.core.errors import DDMError
 from ddm.core.images import to_uint8
@@ -59,6 +72,7 @@ class SampleResult:
         single); None otherwise.
     expert_evals: (sample, expert) velocity evaluations the strategy needed (no padding; a CFG pair counts 1).
     padded_evals: rows the experts actually ran, bucket padding included.
+    dispatch: which dispatcher ran ("grouped", "capacity" or "host"; see the module docstring).
     """
 
     images: np.ndarray
@@ -71,11 +85,12 @@ class SampleResult:
     seed: int
     expert_evals: int
     padded_evals: int
+    dispatch: str
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Jitted pieces. Module-level pure functions; the apply functions are bound with functools.partial so that
-# jax sees them as constants, and everything that varies (params, data, expert index) is a traced argument.
+# Routing and one evaluation: pure functions shared by both paths. The apply functions are bound with
+# functools.partial so that jax sees them as constants; everything that varies is a traced argument.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -94,48 +109,64 @@ def _route(router_apply, router_params, x, t, y, mask, key, offset, *, strategy:
     return route_weights(probs, strategy, mask=mask, rng=keys, t=t)
 
 
-def _expert_contrib(expert_apply, null_label, trace_counter, params, acc, x, t, y, weights, k, idx, cfg_scale, *, cfg):
+def _fixed_route(mask, labels, batch, *, strategy: Strategy):
+    """Weights [batch, K] of the router-free strategies (oracle, single): they ignore x and t."""
+    num = mask.shape[0]
+    uniform = jnp.full((batch, num), 1.0 / num, jnp.float32)
+    return route_weights(uniform, strategy, mask=mask, labels=labels)
+
+
+class _TraceLog:
+    """What the expert function was traced at, per `expert_apply` (shared by ensembles using it): the distinct
+    (batch, bucket rows, cfg) shapes, and the number of device solve programs traced."""
+
+    def __init__(self):
+        self.shapes: set[tuple[int, int, bool]] = set()
+        self.solves = 0
+
+    def counted(self, expert_apply: ExpertApply, batch: int, cfg: bool) -> ExpertApply:
+        """expert_apply, recording the bucket shape of every trace (runs at trace time only)."""
+        def apply(params, x, t, y):
+            self.shapes.add((batch, x.shape[0] // (2 if cfg else 1), cfg))
+            return expert_apply(params, x, t, y)
+        return apply
+
+
+@functools.lru_cache(maxsize=16)
+def _trace_log(expert_apply: ExpertApply) -> _TraceLog:
+    return _TraceLog()
+
+
+# --- the reference (host) path --------------------------------------------------------------------------
+
+
+def _expert_contrib(expert_apply, null_label, log, params, acc, x, t, y, weights, k, idx, cfg_scale, *, cfg):
     """acc [B, ...] + weights[idx, k] * v_k(x[idx]) scattered back to rows idx; returns the new acc.
 
     idx [bucket] int32: selected rows, padded with B (out of range: the gather clips it, the scatter drops it).
-    k: int32 scalar (traced, so one executable serves every expert). cfg (static): classifier-free guidance,
-    v = v_uncond + cfg_scale * (v_cond - v_uncond), both halves in one expert call.
+    k: int32 scalar (traced, so one executable serves every expert). cfg (static): classifier-free guidance.
     """
-    trace_counter[0] += 1  # runs at trace time only: counts compilations for tests and benchmarks
-    xb = x.at[idx].get(mode="clip")
-    tb = t.at[idx].get(mode="clip")
+    apply = log.counted(expert_apply, x.shape[0], cfg)
+    xb, tb = x.at[idx].get(mode="clip"), t.at[idx].get(mode="clip")
     yb = None if y is None else y.at[idx].get(mode="clip")
-    if cfg:
-        n = xb.shape[0]
-        v2 = expert_apply(
-            params,
-            jnp.concatenate([xb, xb]),
-            jnp.concatenate([tb, tb]),
-            jnp.concatenate([yb, jnp.full_like(yb, null_label)]),
-        ).astype(jnp.float32)
-        v_cond, v_uncond = v2[:n], v2[n:]
-        v = v_uncond + cfg_scale * (v_cond - v_uncond)
-    else:
-        v = expert_apply(params, xb, tb, yb).astype(jnp.float32)
+    v = dispatch_lib.expert_velocity(apply, params, xb, tb, yb, cfg_scale, cfg=cfg, null_label=null_label)
     w = weights.at[idx, k].get(mode="clip")
     return acc.at[idx].add(w.reshape((-1,) + (1,) * (v.ndim - 1)) * v, mode="drop")
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_contrib(expert_apply: ExpertApply, null_label: int) -> tuple[Callable, list[int]]:
-    """The jitted `_expert_contrib` for one expert function, and its trace counter.
+def _jitted_contrib(expert_apply: ExpertApply, null_label: int) -> Callable:
+    """The jitted `_expert_contrib` for one expert function.
 
     Cached per (expert_apply, null_label) so that ensembles built over the same architecture (e.g. one per
     strategy being evaluated) share compiled executables. Bounded, because a loader may build a fresh closure
     per call, which would otherwise pin every old one in memory.
     """
-    counter = [0]
-    fn = jax.jit(
-        functools.partial(_expert_contrib, expert_apply, null_label, counter),
+    return jax.jit(
+        functools.partial(_expert_contrib, expert_apply, null_label, _trace_log(expert_apply)),
         static_argnames=("cfg",),
         donate_argnames=("acc",),
     )
-    return fn, counter
 
 
 @functools.lru_cache(maxsize=16)
@@ -144,17 +175,98 @@ def _jitted_route(router_apply: RouterApply) -> Callable:
     return jax.jit(functools.partial(_route, router_apply), static_argnames=("strategy",))
 
 
-# route_weights for the router-free strategies (oracle, single), jitted so a request costs one compile, not one
-# per eager op.
-_route_weights_jit = jax.jit(route_weights, static_argnames=("strategy",))
+# The router-free strategies' weights (oracle, single), jitted so a request costs one compile, not one per eager op.
+_fixed_route_jit = jax.jit(_fixed_route, static_argnames=("batch", "strategy"))
 
 
-def _bucket_size(count: int, batch: int, min_bucket: int) -> int:
-    """The static bucket for `count` selected rows of a batch of `batch`: next power of two >= max(count,
-    min_bucket), capped at `batch` (so a bucket never exceeds the batch, and a full selection costs no padding)."""
-    if count >= batch:
-        return batch
-    return min(batch, max(min_bucket, 1 << (count - 1).bit_length()))
+# --- the device path ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one device evaluation (hashable: a jit static argument).
+
+    present: the K-indices of the available experts, in the order they are passed (a tuple of trees for
+    "unrolled", one stack otherwise). chunk: the "unrolled" chunk; buckets: the "grouped" bucket sizes;
+    capacity: the "capacity" bucket (all for this batch size).
+    """
+
+    strategy: Strategy
+    dispatch: str
+    present: tuple[int, ...]
+    num_experts: int
+    null_label: int
+    cfg: bool
+    chunk: int
+    buckets: tuple[int, ...]
+    capacity: int
+
+
+def _device_velocity(expert_apply, router_apply, log, experts, router_params, x, t, y, labels, key, offset,
+                     cfg_scale, *, plan: _Plan):
+    """One routed velocity evaluation on the device: (v [B, ...] f32, weights [B, K] f32, real rows, padded
+    rows). experts: the available experts' params (a tuple of trees for "unrolled", their stack otherwise).
+    x [B, H, W, C] f32, t [B] f32, y [B] int32 | None, labels [B] int32 | None (oracle)."""
+    strategy, batch = plan.strategy, x.shape[0]
+    mask = jnp.asarray([k in plan.present for k in range(plan.num_experts)])
+    if strategy.needs_router:
+        weights = _route(router_apply, router_params, x, t, y, mask, key, offset, strategy=strategy)
+    else:
+        weights = _fixed_route(mask, labels, batch, strategy=strategy)
+    apply = log.counted(expert_apply, batch, plan.cfg)
+    common = {"cfg": plan.cfg, "null_label": plan.null_label}
+    args = (apply, experts, plan.present, x, t, y, weights, cfg_scale)
+    everyone = tuple(range(len(plan.present)))
+    if strategy.kind == "full":
+        v, real, padded = dispatch_lib.dense(*args, slots=everyone, **common)
+    elif strategy.kind == "single":
+        v, real, padded = dispatch_lib.dense(*args, slots=(plan.present.index(strategy.expert),), **common)
+    elif plan.dispatch == "unrolled":
+        sparse = functools.partial(dispatch_lib.unrolled, *args, chunk=plan.chunk, **common)
+        if strategy.full_above is None:
+            v, real, padded = sparse()
+        else:  # the steps where every sample takes the full posterior run each expert on the whole batch
+            v, real, padded = jax.lax.cond(jnp.all(t > strategy.full_above),
+                                           functools.partial(dispatch_lib.dense, *args, slots=everyone, **common),
+                                           sparse)
+    elif plan.dispatch == "grouped":
+        v, real, padded = dispatch_lib.grouped(*args, buckets=plan.buckets, **common)
+    else:
+        v, real, padded = dispatch_lib.capacity(*args, size=plan.capacity, **common)
+    return v, weights, real, padded
+
+
+def _device_solve(expert_apply, router_apply, log, experts, router_params, x1, y, labels, route_base, offset,
+                  cfg_scale, *, plan: _Plan, steps: int, solver: str):
+    """The whole routed ODE solve of one batch, from noise x1 [B, H, W, C] f32 at t=1 to x0 at t=0.
+
+    route_base: the request's routing key (the `sample` strategy: evaluation e draws with fold_in(route_base,
+    e)); offset: the batch's first sample index in the request. Returns (x0 [B, ...] f32, weights [steps, B, K]
+    f32 of each step's first evaluation, real rows, padded rows summed over the solve).
+    """
+    log.solves += 1  # runs at trace time only: one per compiled program
+
+    def velocity(x, t, evaluation):
+        key = None if route_base is None else jax.random.fold_in(route_base, evaluation)
+        v, weights, real, padded = _device_velocity(expert_apply, router_apply, log, experts, router_params, x,
+                                                    t, y, labels, key, offset, cfg_scale, plan=plan)
+        return v, (weights, real, padded)
+
+    x0, (weights, real, padded) = flow.integrate(velocity, x1, steps, solver)
+    first = np.flatnonzero(flow.evaluation_stages(solver, steps) == 0)
+    return x0, weights[first], real.sum(), padded.sum()
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_device(expert_apply: ExpertApply, router_apply: RouterApply | None) -> tuple[Callable, Callable]:
+    """(one jitted evaluation, the jitted whole solve) for one pair of apply functions, cached like
+    `_jitted_contrib`."""
+    log = _trace_log(expert_apply)
+    evaluate = jax.jit(functools.partial(_device_velocity, expert_apply, router_apply, log),
+                       static_argnames=("plan",))
+    solve = jax.jit(functools.partial(_device_solve, expert_apply, router_apply, log),
+                    static_argnames=("plan", "steps", "solver"))
+    return evaluate, solve
 
 
 class Ensemble:
@@ -167,11 +279,16 @@ class Ensemble:
         num_classes is the null label used for unconditional / CFG evaluations.
     available: which experts to use (default: those whose params are not None). Missing experts are masked
         out of routing (the posterior is renormalised over the rest) with a warning.
-    min_bucket: the smallest dispatch bucket (bounds recompiles for tiny selections); batches smaller than
-        min_bucket * (available experts) use B / (available experts) instead (see the module docstring).
+    min_bucket: the smallest dispatch bucket (bounds the bucket sizes compiled for tiny selections); batches
+        smaller than min_bucket * (available experts) use B / (available experts) instead.
+    dispatch: "auto" (the backend's best: "grouped"), "grouped", "capacity" or "host" (the reference); see
+        the module docstring and `ddm.core.dispatch`.
+    expert_sharding: where the stacked expert parameters live, e.g. `NamedSharding(mesh, P("expert"))` to put
+        the available experts on the devices of an `expert` mesh axis; None: jax's default device.
 
     All params are used as given (device placement included), so a loader only has to restore K param trees
-    and the router's and call this constructor.
+    and the router's and call this constructor. The device path stacks the available experts' parameters once,
+    on first use (a second copy of them in memory; `stacked_params`).
     """
 
     def __init__(
@@ -185,6 +302,8 @@ class Ensemble:
         num_classes: int = 0,
         available: Sequence[bool] | None = None,
         min_bucket: int = 8,
+        dispatch: str = "auto",
+        expert_sharding: jax.sharding.Sharding | None = None,
     ):
         expert_params = list(expert_params)
         num = len(expert_params)
@@ -213,6 +332,8 @@ class Ensemble:
             raise DDMError(f"num_classes must be >= 0, got {num_classes}")
         if min_bucket < 1:
             raise DDMError(f"min_bucket must be >= 1, got {min_bucket}")
+        if dispatch not in dispatch_lib.DISPATCHES:
+            raise DDMError(f"unknown dispatch {dispatch!r}; expected one of {', '.join(dispatch_lib.DISPATCHES)}")
 
         self.expert_apply = expert_apply
         self.expert_params = expert_params
@@ -223,17 +344,24 @@ class Ensemble:
         self.num_experts = num
         self.available = available
         self.min_bucket = int(min_bucket)
+        self.dispatch = dispatch
+        self.expert_sharding = expert_sharding
+        self._present = tuple(present)
         self._mask = jnp.asarray(available, bool)
+        self._stacked = None
         self._route_fn = None if router_apply is None else _jitted_route(router_apply)
-        self._contrib_fn, self._trace_counter = _jitted_contrib(expert_apply, self.num_classes)
+        self._contrib_fn = _jitted_contrib(expert_apply, self.num_classes)
+        self._device_fns = _jitted_device(expert_apply, router_apply)
+        self._log = _trace_log(expert_apply)
 
     def replace(self, **changes: Any) -> Ensemble:
-        """A copy with some constructor arguments changed (e.g. `expert_params`, `router_params`); the rest,
-        availability included, are this ensemble's, and compiled functions are shared."""
+        """A copy with some constructor arguments changed (e.g. `expert_params`, `router_params`, `dispatch`);
+        the rest, availability included, are this ensemble's, and compiled functions are shared."""
         current = {"expert_apply": self.expert_apply, "expert_params": self.expert_params,
                    "router_apply": self.router_apply, "router_params": self.router_params,
                    "image_shape": self.image_shape, "num_classes": self.num_classes,
-                   "available": self.available, "min_bucket": self.min_bucket}
+                   "available": self.available, "min_bucket": self.min_bucket, "dispatch": self.dispatch,
+                   "expert_sharding": self.expert_sharding}
         unknown = sorted(set(changes) - set(current))
         if unknown:
             raise DDMError(f"Ensemble.replace: unknown field {unknown[0]!r} (known: {', '.join(current)})")
@@ -242,10 +370,51 @@ class Ensemble:
                         merged.pop("router_params"), **merged)
 
     @property
+    def resolved_dispatch(self) -> str:
+        """The dispatch that runs: `dispatch`, with "auto" resolved by the default backend: "unrolled" on CPU
+        (XLA:CPU copies dynamically sliced weights slowly), "grouped" on GPU/TPU (docs/benchmarks.md)."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        return "unrolled" if jax.default_backend() == "cpu" else "grouped"
+
+    def _device_experts(self) -> Any:
+        """The available experts' params as the resolved dispatch takes them: a tuple of trees ("unrolled") or
+        their stack."""
+        if self.resolved_dispatch == "unrolled":
+            return tuple(self.expert_params[k] for k in self._present)
+        return self.stacked_params
+
+    @property
+    def stacked_params(self) -> Any:
+        """The available experts' parameters stacked into one tree with leaves [S, ...] (S = available experts,
+        in index order), placed with `expert_sharding`; built on first use and kept."""
+        if self._stacked is None:
+            self._stacked = dispatch_lib.stack_params([self.expert_params[k] for k in self._present],
+                                                      self.expert_sharding)
+        return self._stacked
+
+    @property
     def expert_traces(self) -> int:
-        """How many times the shared expert function was traced (one per (batch, bucket, cfg) shape); shared
-        by every ensemble with the same `expert_apply`."""
-        return self._trace_counter[0]
+        """How many distinct (batch, bucket, cfg) shapes the shared expert function was traced at, on either
+        path (each device program compiles its own copy of each of its buckets); shared by every ensemble with
+        the same `expert_apply`."""
+        return len(self._log.shapes)
+
+    @property
+    def solve_traces(self) -> int:
+        """How many device solve programs were traced (one per (batch, strategy, steps, solver, CFG) shape);
+        shared by every ensemble with the same `expert_apply`."""
+        return self._log.solves
+
+    def _plan(self, strategy: Strategy, batch: int, cfg: bool) -> _Plan:
+        """The static description of a device evaluation on a batch of `batch`."""
+        floor = max(1, min(self.min_bucket, batch // len(self._present)))  # see the module docstring
+        # Capacity: the mean selection of the sparse part (the `+full` steps just take more rounds).
+        per_sample = {"topk": strategy.k, "threshold": 2}.get(strategy.kind, 1)
+        return _Plan(strategy=strategy, dispatch=self.resolved_dispatch, present=self._present,
+                     num_experts=self.num_experts, null_label=self.num_classes, cfg=cfg, chunk=floor,
+                     buckets=dispatch_lib.bucket_sizes(batch, floor),
+                     capacity=dispatch_lib.capacity_for(batch, len(self._present), per_sample))
 
     # -----------------------------------------------------------------------------------------------------
     # Request validation (host side, before anything runs).
@@ -301,7 +470,7 @@ class Ensemble:
     # One velocity evaluation.
     # -----------------------------------------------------------------------------------------------------
 
-    def _evaluate(
+    def _evaluate_host(
         self,
         x: jax.Array,
         t: jax.Array,
@@ -314,7 +483,7 @@ class Ensemble:
         cfg: bool,
         cfg_scale: float,
     ) -> tuple[jax.Array, jax.Array, int, int]:
-        """v [B, ...] f32, weights [B, K] f32 (device), real and padded expert rows.
+        """The reference dispatcher: v [B, ...] f32, weights [B, K] f32 (device), real and padded expert rows.
 
         fixed: (device, host) weights for oracle/single, whose selection does not depend on x.
         """
@@ -330,17 +499,15 @@ class Ensemble:
         acc = jnp.zeros(x.shape, jnp.float32)
         scale = jnp.float32(cfg_scale)
         real = padded = 0
-        floor = max(1, min(self.min_bucket, batch // sum(self.available)))  # see the module docstring
-        for k in range(self.num_experts):
-            if not self.available[k]:
-                continue
+        floor = max(1, min(self.min_bucket, batch // len(self._present)))  # see the module docstring
+        for k in self._present:
             if host is None:
                 rows = np.arange(batch, dtype=np.int32)
             else:
                 rows = np.flatnonzero(host[:, k] > 0).astype(np.int32)
                 if rows.size == 0:
                     continue
-            size = _bucket_size(rows.size, batch, floor)
+            size = dispatch_lib.bucket_size(rows.size, batch, floor)
             idx = np.full((size,), batch, np.int32)
             idx[: rows.size] = rows
             acc = self._contrib_fn(
@@ -376,26 +543,24 @@ class Ensemble:
             raise DDMError("routing strategy 'sample' needs an rng key")
         labels = self._check_labels(strategy, labels, batch)
         y_host, cfg = self._check_condition(y, cfg_scale, batch)
-        fixed = self._fixed_weights(strategy, labels, batch)
-        v, weights, _, _ = self._evaluate(
-            x,
-            t,
-            None if y_host is None else jnp.asarray(y_host),
-            strategy,
-            key=rng,
-            offset=0,
-            fixed=fixed,
-            cfg=cfg,
-            cfg_scale=0.0 if cfg_scale is None else float(cfg_scale),
-        )
+        y_dev = None if y_host is None else jnp.asarray(y_host)
+        scale = 0.0 if cfg_scale is None else float(cfg_scale)
+        if self.resolved_dispatch == "host":
+            fixed = self._fixed_weights(strategy, labels, batch)
+            v, weights, _, _ = self._evaluate_host(x, t, y_dev, strategy, key=rng, offset=0, fixed=fixed,
+                                                   cfg=cfg, cfg_scale=scale)
+            return v, weights
+        evaluate, _ = self._device_fns
+        v, weights, _, _ = evaluate(self._device_experts(), self.router_params, x, t, y_dev,
+                                    None if labels is None else jnp.asarray(labels), rng, jnp.uint32(0),
+                                    jnp.float32(scale), plan=self._plan(strategy, batch, cfg))
         return v, weights
 
     def _fixed_weights(self, strategy: Strategy, labels: np.ndarray | None, n: int):
         """(device, host) weights [n, K] for strategies that ignore the router (oracle, single), else None."""
         if strategy.needs_router:
             return None
-        uniform = np.full((n, self.num_experts), 1.0 / self.num_experts, np.float32)
-        weights = _route_weights_jit(uniform, strategy=strategy, mask=self._mask, labels=labels)
+        weights = _fixed_route_jit(self._mask, labels, n, strategy=strategy)
         return weights, np.asarray(weights)  # independent of x: no wait on pending work
 
     # -----------------------------------------------------------------------------------------------------
@@ -419,53 +584,46 @@ class Ensemble:
 
         labels [n]: oracle clusters. y [n] or scalar: class labels (conditional ensembles). batch_size: samples
         integrated together (default: all n); it changes memory and speed, not the noise or routing draws.
+        On the device path each batch is one program launch, and nothing moves between host and device from the
+        first launch until the results come back (one explicit `jax.device_get`).
         """
         if n < 1:
             raise DDMError(f"n must be >= 1, got {n}")
         strategy = self._check_strategy(strategy)
-        step = flow.step_function(solver)
-        ts = flow.time_grid(steps)
+        flow.step_function(solver)  # validates the name
+        flow.time_grid(steps)  # validates steps
         labels = self._check_labels(strategy, labels, n)
         y_all, cfg = self._check_condition(y, cfg_scale, n)
         batch_size = n if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise DDMError(f"batch_size must be >= 1, got {batch_size}")
 
-        base = jax.random.key(seed, impl="threefry2x32")
-        noise = jax.random.normal(base, (n, *self.image_shape), jnp.float32)
-        route_base = jax.random.fold_in(base, 1)
-        scale = 0.0 if cfg_scale is None else float(cfg_scale)
+        # The request goes to the device here (the only transfers, allowed explicitly); the solves below move
+        # nothing between host and device until their results are fetched (a test holds the device path to
+        # it with `jax.transfer_guard("disallow")`).
+        with jax.transfer_guard("allow"):
+            base = jax.random.key(seed, impl="threefry2x32")
+            noise = jax.random.normal(base, (n, *self.image_shape), jnp.float32)
+            route_base = jax.random.fold_in(base, 1) if strategy.kind == "sample" else None
+            scale = jnp.float32(0.0 if cfg_scale is None else cfg_scale)
+            inputs = []
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                inputs.append((noise[start:stop], None if y_all is None else jnp.asarray(y_all[start:stop]),
+                               None if labels is None else jnp.asarray(labels[start:stop]), jnp.uint32(start)))
+            experts = None if self.resolved_dispatch == "host" else self._device_experts()
+        batches = []  # per batch: (x0 [b, ...], weights [steps, b, K], real rows, padded rows), on device
+        for x1, yb, lb, offset in inputs:
+            if experts is None:
+                batches.append(self._solve_host(x1, yb, lb, route_base, offset, strategy, steps, solver, cfg, scale))
+            else:
+                _, solve = self._device_fns
+                batches.append(solve(experts, self.router_params, x1, yb, lb, route_base, offset, scale,
+                                     plan=self._plan(strategy, x1.shape[0], cfg), steps=steps, solver=solver))
 
-        finals, step_weights = [], []  # per batch: x [b, ...]; list over steps of weights [b, K]
-        real = padded = 0
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            x = noise[start:stop]
-            yb = None if y_all is None else jnp.asarray(y_all[start:stop])
-            fixed = self._fixed_weights(strategy, None if labels is None else labels[start:stop], stop - start)
-            batch_weights = []
-            for i in range(steps):
-                stage = [0]
-
-                def velocity(x_s, t_s, i=i, stage=stage):
-                    nonlocal real, padded
-                    key = jax.random.fold_in(route_base, 2 * i + stage[0]) if strategy.kind == "sample" else None
-                    v, w, r, p = self._evaluate(
-                        x_s, t_s, yb, strategy, key=key, offset=start, fixed=fixed, cfg=cfg, cfg_scale=scale
-                    )
-                    if stage[0] == 0:
-                        batch_weights.append(w)
-                    stage[0] += 1
-                    real += r
-                    padded += p
-                    return v
-
-                x = step(velocity, x, float(ts[i]), float(ts[i + 1]))
-            finals.append(x)
-            step_weights.append(batch_weights)
-
-        x_final = np.asarray(jnp.concatenate(finals), np.float32)
-        weights = np.concatenate([np.stack(jax.device_get(ws)) for ws in step_weights], axis=1).astype(np.float32)
+        fetched = jax.device_get(batches)  # the one transfer to the host
+        x_final = np.concatenate([b[0] for b in fetched]).astype(np.float32)
+        weights = np.concatenate([b[1] for b in fetched], axis=1).astype(np.float32)
         expert_ids = np.argmax(weights, axis=-1).astype(np.int32) if strategy.one_hot else None
         return SampleResult(
             images=to_uint8(x_final),
@@ -476,9 +634,38 @@ class Ensemble:
             solver=solver,
             steps=steps,
             seed=seed,
-            expert_evals=real,
-            padded_evals=padded,
+            expert_evals=int(sum(b[2] for b in fetched)),
+            padded_evals=int(sum(b[3] for b in fetched)),
+            dispatch=self.resolved_dispatch,
         )
+
+    def _solve_host(self, x1, y, labels, route_base, offset, strategy, steps, solver, cfg, scale):
+        """One batch with the reference dispatcher: a Python loop over steps and experts (see `_evaluate_host`).
+        labels: device [b] int32 or None; offset, scale: device scalars."""
+        step = flow.step_function(solver)
+        ts = flow.time_grid(steps)
+        offset, scale = int(offset), float(scale)
+        fixed = self._fixed_weights(strategy, None if labels is None else np.asarray(labels), x1.shape[0])
+        step_weights = []
+        real = padded = 0
+        x = x1
+        for i in range(steps):
+            stage = [0]
+
+            def velocity(x_s, t_s, i=i, stage=stage):
+                nonlocal real, padded
+                key = None if route_base is None else jax.random.fold_in(route_base, 2 * i + stage[0])
+                v, w, r, p = self._evaluate_host(x_s, t_s, y, strategy, key=key, offset=offset, fixed=fixed,
+                                                 cfg=cfg, cfg_scale=scale)
+                if stage[0] == 0:
+                    step_weights.append(w)
+                stage[0] += 1
+                real += r
+                padded += p
+                return v
+
+            x = step(velocity, x, float(ts[i]), float(ts[i + 1]))
+        return x, jnp.stack(step_weights), real, padded
 
 
 def model_apply(model: nnx.Module, *, labels: bool = True) -> tuple[Callable, Any]:

@@ -22,6 +22,7 @@ method is unaffected in practice.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -167,15 +168,63 @@ def solve(velocity: Velocity, x1: jax.Array, steps: int, solver: str = "euler") 
     return x
 
 
+def evaluation_stages(solver: str, steps: int) -> np.ndarray:
+    """The stage of each velocity evaluation of a solve, in order: int32 [evaluations(solver, steps)], 0 for a
+    step's first evaluation, 1 for Heun's corrector."""
+    if evaluations(solver, steps) == steps:
+        return np.zeros(steps, np.int32)
+    return np.asarray([0, 1] * (steps - 1) + [0], np.int32)
+
+
+AuxVelocity = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def integrate(velocity: AuxVelocity, x1: jax.Array, steps: int, solver: str = "euler") -> tuple[jax.Array, Any]:
+    """`solve` as one traced program, for use inside `jax.jit`: a `lax.scan` over the velocity evaluations.
+
+    velocity(x [B, ...] f32, t [B] f32, evaluation int32 scalar) -> (v [B, ...], aux pytree), where evaluation
+    = 2 * step + stage (stage 1: Heun's corrector) identifies the call (e.g. to derive its random key).
+    Returns (x0 [B, ...] float32, aux stacked over the evaluations in order: leading axis
+    `evaluations(solver, steps)`; `evaluation_stages` says which are each step's first).
+
+    The scan runs one evaluation per iteration, so `velocity` is traced once (not once per stage: a routed
+    velocity is a large program). Its arithmetic is `euler_step` / `heun_step`'s: the first evaluation of a
+    step predicts x + dt v; the corrector, where there is one, gives x + dt 0.5 (v + v_next), so `integrate`
+    and `solve` agree to float rounding.
+    """
+    ts = time_grid(steps)
+    stages = evaluation_stages(solver, steps)
+    step_of = np.cumsum(stages == 0) - 1  # the step of each evaluation
+    corrected = np.asarray([solver == "heun" and i < steps - 1 for i in step_of])  # the step has a corrector
+    schedule = (
+        jnp.asarray(stages),
+        jnp.asarray(np.where(stages == 0, ts[step_of], ts[step_of + 1])),  # t of the evaluation
+        jnp.asarray(ts[step_of + 1] - ts[step_of]),  # the step's dt (float32, as in heun_step)
+        jnp.asarray(corrected),
+        jnp.asarray(2 * step_of + stages, jnp.int32),
+    )
+    x1 = jnp.asarray(x1, jnp.float32)
+
+    def body(carry, item):
+        x, x_pred, v_first = carry
+        stage, t, dt, has_corrector, evaluation = item
+        first = stage == 0
+        v, aux = velocity(jnp.where(first, x, x_pred), _batch_times(t, x), evaluation)
+        dt = _expand(_batch_times(dt, x), x)
+        predicted = x + dt * v
+        corrected_x = x + dt * 0.5 * (v_first + v)
+        x_next = jnp.where(first, jnp.where(has_corrector, x, predicted), corrected_x).astype(x.dtype)
+        return (x_next, jnp.where(first, predicted, x_pred), jnp.where(first, v, v_first)), aux
+
+    zeros = jnp.zeros_like(x1)
+    (x, _, _), aux = jax.lax.scan(body, (x1, zeros, zeros), schedule)
+    return x, aux
+
+
 def solve_euler_loop(velocity: Velocity, x1: jax.Array, steps: int) -> jax.Array:
-    """Euler from noise x1 [B, ...] float32 at t=1 to x0 [B, ...] float32 at t=0, as one `lax.fori_loop`.
+    """Euler from noise x1 [B, ...] float32 at t=1 to x0 [B, ...] float32 at t=0, as one loop (`integrate`).
 
     For solves inside a jitted function (the sample grids drawn while training): the loop compiles one step
     instead of `steps` unrolled copies. Same times and updates as `solve(..., "euler")`.
     """
-    ts = jnp.asarray(time_grid(steps))
-
-    def body(i, x):
-        return euler_step(velocity, x, ts[i], ts[i + 1])
-
-    return jax.lax.fori_loop(0, steps, body, jnp.asarray(x1, jnp.float32))
+    return integrate(lambda x, t, evaluation: (velocity(x, t), None), x1, steps, "euler")[0]
