@@ -288,15 +288,20 @@ def bad_input_cases(run_dir: str | Path, work: str | Path) -> list[Case]:
                        ("--strategies bogus", ("--strategies", "full,bogus")), ("--seed -1", ("--seed", "-1")),
                        ("--features without a colon", ("--features", "nomodule")),
                        ("--features of a missing module", ("--features", "no_such_module_xyz:fn")),
-                       ("--feature-steps 0", ("--feature-steps", "0")), ("--solver rk4", ("--solver", "rk4"))]:
+                       ("--feature-steps 0", ("--feature-steps", "0")), ("--solver rk4", ("--solver", "rk4")),
+                       ("--cfg-scales nan", ("--cfg-scales", "1,nan")), ("--class-n 0", ("--class-n", "0"))]:
         add("evaluate", name, "evaluate", "--run-dir", r, *argv)
 
     # Sampling: the request, the outputs, the key.
     png = out / "s.png"
     outputs = (png, png.with_suffix(".npz"))
     for name, argv in [("--seed 2^64", ("--seed", HUGE_SEED)), ("--seed -1", ("--seed", "-1")),
-                       ("--labels a,b", ("--labels", "a,b")), ("--labels on unconditional experts", ("--labels", "1")),
-                       ("--labels -1", ("--labels", "-1")), ("--n 0", ("--n", "0")),
+                       ("--labels a,b", ("--labels", "a,b")), ("--labels beyond the run's classes", ("--labels", "0,10")),
+                       ("--labels -1", ("--labels", "-1")), ("--labels 2^40", ("--labels", str(2**40))),
+                       ("--class 10 (beyond the classes)", ("--class", "10")), ("--class x", ("--class", "x")),
+                       ("--class and --labels", ("--class", "1", "--labels", "1")),
+                       ("--labels count differs from --n", ("--n", "3", "--labels", "1,2")),
+                       ("--cfg-scale without labels", ("--cfg-scale", "2")), ("--cfg-scale -1", ("--cfg-scale", "-1")), ("--n 0", ("--n", "0")),
                        ("--n above sample.max_n", ("--n", "10000000")), ("--steps 10^9", ("--steps", str(10**9))),
                        ("--strategy best3", ("--strategy", "best3")), ("--strategy topk:0", ("--strategy", "topk:0")),
                        ("--strategy threshold:2", ("--strategy", "threshold:2")), ("--cfg-scale nan", ("--cfg-scale", "nan")),
