@@ -174,3 +174,22 @@ def test_an_unexpected_exception_is_one_line_exit_3_and_a_log_file(monkeypatch, 
     text = log.read_text()
     assert "command: ddm info" in text and "Traceback" in text and 'raise ZeroDivisionError("a bug' in text
 
+
+
+def test_staged_outputs_appear_together_or_not_at_all(tmp_path):
+    from ddm.core.files import Staged, check_output_file
+
+    a, b = tmp_path / "a.png", tmp_path / "new" / "b.npz"
+    with pytest.raises(RuntimeError), Staged() as staged:
+        staged.stage(a).write_bytes(b"a")
+        staged.stage(b).write_bytes(b"b")
+        raise RuntimeError("the record failed after both files were written")
+    assert list(tmp_path.iterdir()) == []  # neither file, no temporary, not even the folder staging made
+    with Staged() as staged:
+        staged.stage(a).write_bytes(b"a")
+        staged.stage(b).write_bytes(b"b")
+    assert a.read_bytes() == b"a" and b.read_bytes() == b"b" and sorted(p.name for p in b.parent.iterdir()) == ["b.npz"]
+    with pytest.raises(DDMError, match="is a folder"):
+        check_output_file(tmp_path, "--out")
+    with pytest.raises(DDMError, match="the folder of --out .* is a file, not a folder"):
+        check_output_file(a / "x.png", "--out")
