@@ -51,11 +51,16 @@ DEFAULT_CONFIG = "configs/digits.yaml"
 COUNT_MAX = 2**31 - 1  # counts on the command line (images, steps, processes): int32 is far beyond any use
 
 
+class BadArguments(Exception):
+    """A command line argparse refused (`main` prints it as one `ddm: error:` line and returns 2)."""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with ddm's error line: `ddm: error: ...` (and a pointer to --help) instead of a usage dump."""
+    """argparse with ddm's error line: `ddm: error: ...` (and a pointer to --help) instead of a usage dump, and
+    returned by `main` as exit code 2 rather than raised as SystemExit (callers of `main` get a code)."""
 
     def error(self, message: str):
-        self.exit(2, f"ddm: error: {message} (see `{self.prog} --help`)\n")
+        raise BadArguments(f"{message} (see `{self.prog} --help`)")
 
 
 def int_arg(lo: int, hi: int = COUNT_MAX, what: str = "an integer"):
@@ -195,6 +200,8 @@ def _class_labels(args, n: int | None) -> tuple[int, ...] | None:
     if args.class_ is not None and args.labels is not None:
         raise DDMError("give --class or --labels, not both")
     if args.class_ is not None:
+        if args.class_ < 0:
+            raise DDMError(f"--class {args.class_} must be a class index >= 0")
         return (args.class_,) * n
     if args.labels is None:
         return None
@@ -391,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=COUNT, default=None, help="ODE steps (default: sample.steps)")
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: sample.solver)")
     p.add_argument("--seed", type=SEED, default=None, help="noise seed (default: sample.seed)")
-    p.add_argument("--class", dest="class_", type=int_arg(0, LABEL_MAX, "a class index"), default=None, metavar="C",
+    p.add_argument("--class", dest="class_", type=int, default=None, metavar="C",
                    help="sample n images of class C (class-conditional runs)")
     p.add_argument("--labels", default=None,
                    help="comma-separated class labels, one per image (their count is n)")
@@ -497,7 +504,11 @@ def _add_export_and_config(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BadArguments as err:
+        print(f"ddm: error: {err}", file=sys.stderr)
+        return 2
     logs.configure(logging.INFO)
     try:
         return args.func(args)
