@@ -2,7 +2,7 @@
 
 Exit codes mean one thing each:
 
-    0  done            1  `ddm verify`: the claim is not honest (and nothing else)
+    0  done            1  `ddm verify`: the claim is not honest; `ddm train-islands`: an island failed
     2  bad input or a refused operation: one line `ddm: error: ...`; nothing was written half-way
     3  a bug: one line naming the exception and the log file that holds its traceback
     130 interrupted (Ctrl-C)
