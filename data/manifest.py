@@ -13,6 +13,9 @@ Schema (format "ddm-run/v2"; paths are relative to the run directory):
     experts:    {"k": {status, step, sha256, path}}     filled in by island jobs
     router, monolith: {status, step, sha256, path}
 
+Every read checks the manifest against its schema (`ddm.data.manifest_schema`: types, ranges, how fields
+relate), so a damaged or hand-edited manifest is a one-line error naming the field.
+
 Islands on one machine may finish at the same moment, so every update takes an exclusive lock and writes
 through a temporary file + rename: a reader never sees a half-written manifest.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ddm.core.errors import DDMError
+from ddm.data.manifest_schema import validate_manifest
 
 FORMAT = "ddm-run/v2"
 # Formats this version cannot read, and why.
@@ -48,8 +52,8 @@ def read_manifest(run_dir: str | Path) -> dict:
         raise DDMError(f"no manifest at {path}: run `ddm prepare` for this run directory first")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DDMError(f"manifest {path} is not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit number
+        raise DDMError(f"manifest {path} is not valid JSON: {str(err)[:200]}") from None
     if isinstance(manifest, dict) and manifest.get("format") in OLD_FORMATS:
         raise DDMError(f"manifest {path} is {manifest['format']} ({OLD_FORMATS[manifest['format']]}): prepare the "
                        f"run again with this version of ddm (ddm prepare --overwrite)")
@@ -60,7 +64,7 @@ def read_manifest(run_dir: str | Path) -> dict:
             raise DDMError(f"manifest {path} has no {key!r} section")
     if not manifest["clusters"]:
         raise DDMError(f"manifest {path} lists no clusters")
-    return manifest
+    return validate_manifest(manifest, f"manifest {path}")
 
 
 def write_manifest(run_dir: str | Path, manifest: dict) -> None:

@@ -183,6 +183,9 @@ class Run:
         if not self.finished(entry):
             raise DDMError(f"{what} is not trained (status: {(entry or {}).get('status', 'missing')})"
                            + (f": {hint}" if hint else ""))
+        missing = [name for name in ("sha256", "path") if name not in entry]
+        if missing:
+            raise DDMError(f"manifest {mf.manifest_path(self.root)}: {what} is finished but has no {missing[0]!r}")
         return entry
 
     def weights_path(self, entry: dict) -> str:

@@ -21,6 +21,7 @@ negative label or more than `MAX_CLASSES` classes is a one-line DDMError.
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,11 +187,20 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
     return np.rint(array).astype(np.uint8)
 
 
+# What a damaged .npy / .npz raises from numpy or zipfile: a truncated zip, a bad CRC, a short read.
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+
 def _load_array_file(path: Path, cfg: DataConfig) -> Loaded:
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DDMError(f"cannot read array file {path}: {err}") from None
+        return _read_array_file(path, cfg)
+    except _UNREADABLE as err:
+        raise DDMError(f"cannot read array file {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                       ) from None
+
+
+def _read_array_file(path: Path, cfg: DataConfig) -> Loaded:
+    loaded = np.load(path, allow_pickle=False)
     if isinstance(loaded, np.ndarray):
         _no_label_column(cfg, f"{path} (a .npy holds one array: use a .npz with a labels array)")
         return _as_uint8(loaded, str(path)), None, None
@@ -206,7 +216,7 @@ def _load_array_file(path: Path, cfg: DataConfig) -> Loaded:
                        candidates[0] if len(candidates) == 1 else None)
         if key not in keys:
             raise DDMError(f"{path} has arrays {keys}; set data.array_key to choose one")
-        images = _as_uint8(loaded[key], f"{path}[{key}]")
+        images = _as_uint8(loaded[key], f"{path}[{key}]")  # reads (and CRC-checks) the array now
         labels = loaded[label_key] if label_key is not None and cfg.labels != "none" else None
         return images, labels, None
 

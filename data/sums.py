@@ -7,20 +7,12 @@ itself) is refused. Files that are not listed (a `.git/` or `.gitattributes` a h
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from ddm.core.errors import DDMError
+from ddm.core.hashing import file_sha256
 
 SUMS = "SHA256SUMS"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_sums(folder: Path) -> Path:

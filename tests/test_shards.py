@@ -242,8 +242,11 @@ def test_bad_labels(tmp_path, labelled_shards, three_shards):
 
 
 def _manifest(**extra) -> dict:
-    return {"format": mf.FORMAT, "created": "2025-01-01T00:00:00", "dataset": {"fingerprint": "ab"},
-            "clustering": {"k": 1}, "clusters": [{"id": 0, "count": 3}], "config": {}, **extra}
+    """The smallest manifest its schema accepts (one cluster of 3 images)."""
+    return {"format": mf.FORMAT, "created": "2025-01-01T00:00:00",
+            "dataset": {"source": "digits", "fingerprint": "ab" * 32, "num_images": 3, "image_shape": [8, 8, 1]},
+            "clustering": {"method": "lloyd", "k": 1},
+            "clusters": [{"id": 0, "count": 3, "share": 1.0, "shard": "shards/cluster_0"}], "config": {}, **extra}
 
 
 def test_manifest_round_trip_and_atomic_write(tmp_path, monkeypatch):

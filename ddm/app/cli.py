@@ -1,13 +1,21 @@
 """The `ddm` command. Each subcommand is a thin shell over a library function.
 
-Errors raised as `DDMError` (bad input, refused operations) print one line `ddm: error: ...` and exit 2;
-a failed verification exits 1.
+Exit codes mean one thing each:
+
+    0  done            1  `ddm verify`: the claim is not honest; `ddm train-islands`: an island failed
+    2  bad input or a refused operation: one line `ddm: error: ...`; nothing was written half-way
+    3  a bug: one line naming the exception and the log file that holds its traceback
+    130 interrupted (Ctrl-C)
+
+Every option is parsed by a checking type (integers in range, seeds in 0..2^32-1, finite numbers), so a bad
+value is a one-line error before anything is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,7 +25,7 @@ from ddm.app import logs
 from ddm.app.info import describe
 from ddm.app.pipeline import run_all
 from ddm.app.sample import sample_command
-from ddm.core.config import Config, load_config, to_yaml
+from ddm.core.config import SEED_MAX, Config, load_config, to_yaml
 from ddm.core.distributed import initialize
 from ddm.core.errors import DDMError
 from ddm.data.prepare import prepare
@@ -30,9 +38,9 @@ from ddm.experts.train import train_expert, train_monolith
 from ddm.router.evaluate import evaluate_router
 from ddm.router.train import train_router
 from ddm.sampling.export import export_run
-from ddm.sampling.request import Request
+from ddm.sampling.request import Request, check_limits
 from ddm.verify.claims import EvalSettings
-from ddm.verify.limits import VerifyLimits
+from ddm.verify.limits import LABEL_MAX, VerifyLimits
 from ddm.verify.phash import format_hash_table, hash_files
 from ddm.verify.report import consensus_eval
 from ddm.verify.signing import generate_keypair, key_id, load_public_key
@@ -40,6 +48,57 @@ from ddm.verify.verdict import MODES, format_verdict, run_thresholds, verify_rec
 from ddm.verify.worker import DEFAULT_VERIFIERS, VerifierSpec
 
 DEFAULT_CONFIG = "configs/digits.yaml"
+COUNT_MAX = 2**31 - 1  # counts on the command line (images, steps, processes): int32 is far beyond any use
+
+
+class BadArguments(Exception):
+    """A command line argparse refused (`main` prints it as one `ddm: error:` line and returns 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with ddm's error line: `ddm: error: ...` (and a pointer to --help) instead of a usage dump, and
+    returned by `main` as exit code 2 rather than raised as SystemExit (callers of `main` get a code)."""
+
+    def error(self, message: str):
+        raise BadArguments(f"{message} (see `{self.prog} --help`)")
+
+
+def int_arg(lo: int, hi: int = COUNT_MAX, what: str = "an integer"):
+    """An argparse type: an integer in lo..hi (decimal digits; no floats, no overflow)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip(), 10)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} in {lo}..{hi}")
+        return value
+
+    parse.__name__ = what  # what argparse names in its messages
+    return parse
+
+
+def float_arg(lo: float | None = None, hi: float | None = None):
+    """An argparse type: a finite number within [lo, hi]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else (
+                f" >= {lo:g}" if lo is not None else "")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number{bounds}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+SEED = int_arg(0, SEED_MAX, "a seed")
+COUNT = int_arg(1)
 
 
 def _base_dir(config_path: str | None) -> Path | None:
@@ -129,10 +188,11 @@ def _numbers(text: str, option: str) -> tuple[float, ...]:
     """Comma-separated numbers ("none": no number at all)."""
     if text.strip().lower() == "none":
         return ()
+    parse = float_arg(0)
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise DDMError(f"{option} must be comma-separated numbers or none, got {text!r}") from None
+        return tuple(parse(v) for v in text.split(",") if v.strip())
+    except argparse.ArgumentTypeError:
+        raise DDMError(f"{option} must be comma-separated finite numbers >= 0 or none, got {text!r}") from None
 
 
 def _class_labels(args, n: int | None) -> tuple[int, ...] | None:
@@ -145,10 +205,11 @@ def _class_labels(args, n: int | None) -> tuple[int, ...] | None:
         return (args.class_,) * n
     if args.labels is None:
         return None
+    parse = int_arg(0, LABEL_MAX, "a class index")
     try:
-        labels = tuple(int(v) for v in args.labels.split(","))
-    except ValueError:
-        raise DDMError(f"--labels must be comma-separated class indices, got {args.labels!r}") from None
+        labels = tuple(parse(v) for v in args.labels.split(","))
+    except argparse.ArgumentTypeError as err:
+        raise DDMError(f"--labels must be comma-separated class indices: {err}") from None
     if args.n is not None and len(labels) != args.n:
         raise DDMError(f"--labels gives {len(labels)} labels for --n {args.n} images")
     return labels
@@ -171,7 +232,8 @@ def cmd_sample(args) -> int:
         raise DDMError("--key signs a verification record: pass --record too")
     run = _run(args)
     out = Path(args.out or run.samples_dir / "sample.png")
-    sample_command(run, _request(args, run.config), out, record=Path(args.record) if args.record else None,
+    request = check_limits(_request(args, run.config), run.config.sample)
+    sample_command(run, request, out, record=Path(args.record) if args.record else None,
                    png_dir=Path(args.png_dir) if args.png_dir else None, key=Path(args.key) if args.key else None)
     return 0
 
@@ -261,7 +323,7 @@ def _add_common(p: argparse.ArgumentParser, *, config: bool = False, run_dir_req
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddm", description="Decentralized diffusion models in JAX.")
+    parser = Parser(prog="ddm", description="Decentralized diffusion models in JAX.")
     parser.add_argument("--version", action="version", version=f"ddm {ddm.__version__}",
                         help="print the installed ddm version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -278,17 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-expert", help="train (or resume) one island's expert")
     _add_common(p)
-    p.add_argument("--cluster", type=int, required=True, help="which island: the cluster id k (0..K-1)")
+    p.add_argument("--cluster", type=int_arg(0, COUNT_MAX, "a cluster id"), required=True, help="which island: the cluster id k (0..K-1)")
     p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     p.set_defaults(func=cmd_train_expert)
 
     p = sub.add_parser("train-islands", help="train every unfinished expert, each in its own process")
     _add_common(p)
-    p.add_argument("--parallel", type=int, default=None, help="islands at a time (local: default 1)")
+    p.add_argument("--parallel", type=COUNT, default=None, help="islands at a time (local: default 1)")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local",
                    help="local: one OS process per island here (default); slurm: write an array-job script")
-    p.add_argument("--nodes", type=int, default=1, help="slurm: nodes per island")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="slurm: GPUs per node")
+    p.add_argument("--nodes", type=COUNT, default=1, help="slurm: nodes per island")
+    p.add_argument("--gpus-per-node", type=int_arg(0), default=0, help="slurm: GPUs per node")
     p.add_argument("--partition", default=None, help="slurm: partition")
     p.set_defaults(func=cmd_train_islands)
 
@@ -304,43 +366,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-router", help="router accuracy / calibration on held-out data (JSON + PNG)")
     _add_common(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise levels and noise draws (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the noise levels and noise draws (default 0)")
     p.set_defaults(func=cmd_eval_router)
 
     p = sub.add_parser("evaluate", help="FD / precision / recall / coverage per routing strategy and the monolith")
     _add_common(p)
-    p.add_argument("--n", type=int, default=500, help="samples per strategy (default 500)")
+    p.add_argument("--n", type=COUNT, default=500, help="samples per strategy (default 500)")
     p.add_argument("--strategies", default=None,
                    help="comma-separated (default full,top1,top2,threshold:0.1,sample,top1+full:0.5)")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: sample.steps)")
+    p.add_argument("--steps", type=COUNT, default=None, help="ODE steps (default: sample.steps)")
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: sample.solver)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every strategy (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="noise seed, the same for every strategy (default 0)")
     p.add_argument("--no-monolith", action="store_true", help="skip RUN/monolith even if it is trained")
     p.add_argument("--cache-dir", default=None, help="feature-net cache (default $DDM_CACHE_DIR or ~/.cache/ddm)")
-    p.add_argument("--feature-steps", type=int, default=None,
+    p.add_argument("--feature-steps", type=COUNT, default=None,
                    help="feature-net (and class classifier) training steps (default 600)")
     _add_feature_option(p)
     p.add_argument("--cfg-scales", default=None,
                    help="guidance scales of the class accuracy, comma-separated, or none (default 1,2,3; "
                         "class-conditional runs only)")
-    p.add_argument("--class-n", type=int, default=DEFAULT_CLASS_N,
+    p.add_argument("--class-n", type=COUNT, default=DEFAULT_CLASS_N,
                    help=f"guided samples per model and scale for the class accuracy (default {DEFAULT_CLASS_N})")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="sample with the routed ensemble (PNG grid + .npz)")
     _add_common(p)
-    p.add_argument("--n", type=int, default=None, help="number of images (default: sample.n)")
+    p.add_argument("--n", type=COUNT, default=None, help="number of images (default: sample.n)")
     p.add_argument("--strategy", default=None,
                    help="full | top1 | top2 | topk:K | threshold:TAU | sample | oracle | single:K; top-k, threshold "
                         "and sample also as S+full:T, e.g. top1+full:0.5 (default top1)")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: sample.steps)")
+    p.add_argument("--steps", type=COUNT, default=None, help="ODE steps (default: sample.steps)")
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: sample.solver)")
-    p.add_argument("--seed", type=int, default=None, help="noise seed (default: sample.seed)")
+    p.add_argument("--seed", type=SEED, default=None, help="noise seed (default: sample.seed)")
     p.add_argument("--class", dest="class_", type=int, default=None, metavar="C",
                    help="sample n images of class C (class-conditional runs)")
     p.add_argument("--labels", default=None,
                    help="comma-separated class labels, one per image (their count is n)")
-    p.add_argument("--cfg-scale", type=float, default=None,
+    p.add_argument("--cfg-scale", type=float_arg(0), default=None,
                    help="classifier-free guidance scale with --class/--labels (default: sample.cfg_scale; 1: none)")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample.png); an .npz is written beside")
     p.add_argument("--record", default=None, help="also write a verification record (JSON) here")
@@ -351,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job: prepare, train islands + router, sample every strategy")
     _add_common(p, config=True, run_dir_required=False)
     p.add_argument("--overwrite", action="store_true", help="replace a run directory prepared differently")
-    p.add_argument("--parallel", type=int, default=None, help="islands at a time (default: min(K, cores))")
+    p.add_argument("--parallel", type=COUNT, default=None, help="islands at a time (default: min(K, cores))")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("hash", help="SHA-256, pHash and dHash of PNG files or images in .npz files")
@@ -365,15 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact (bit for bit), tolerance (calibrated value drift), phash, or auto (default: exact "
                         "when the record's environment is this verifier's, else tolerance)")
     p.add_argument("--public-key", default=None, help="require a signature by this Ed25519 public key (KEY.pub)")
-    p.add_argument("--threshold", type=int, default=None, help="phash mode: max pHash Hamming distance per image")
-    p.add_argument("--max-abs", type=float, default=None, help="tolerance mode: max |dx| per image")
-    p.add_argument("--rms", type=float, default=None, help="tolerance mode: max RMS dx per image")
+    p.add_argument("--threshold", type=int_arg(0, 64, "a Hamming distance"), default=None, help="phash mode: max pHash Hamming distance per image")
+    p.add_argument("--max-abs", type=float_arg(0), default=None, help="tolerance mode: max |dx| per image")
+    p.add_argument("--rms", type=float_arg(0), default=None, help="tolerance mode: max RMS dx per image")
     defaults = VerifyLimits()
-    p.add_argument("--max-n", type=int, default=defaults.max_n, help=f"refuse records of more images "
+    p.add_argument("--max-n", type=COUNT, default=defaults.max_n, help=f"refuse records of more images "
                                                                    f"(default {defaults.max_n})")
-    p.add_argument("--max-steps", type=int, default=defaults.max_steps,
+    p.add_argument("--max-steps", type=COUNT, default=defaults.max_steps,
                    help=f"refuse records of more solver steps (default {defaults.max_steps})")
-    p.add_argument("--max-image-steps", type=int, default=defaults.max_image_steps,
+    p.add_argument("--max-image-steps", type=COUNT, default=defaults.max_image_steps,
                    help=f"refuse records whose n * steps is larger (default {defaults.max_image_steps})")
     p.set_defaults(func=cmd_verify)
 
@@ -384,26 +446,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("consensus-eval", help="N verifier processes (commit, then reveal) + majority vote on honest and "
                                               "tampered claims; calibrates the verify thresholds")
     _add_common(p)
-    p.add_argument("--verifiers", type=int, default=3, help="verifier processes (default 3)")
+    p.add_argument("--verifiers", type=COUNT, default=3, help="verifier processes (default 3)")
     p.add_argument("--verifier", action="append", default=[], metavar="SPEC",
                    help="a verifier's setup, cycled over the verifiers (repeatable): 'plain' or "
                         "'xla_flags=...;cpus=N;batch_size=N|half;param_mantissa=N' (default: plain; 2 devices + "
                         "half batch + 1 cpu + single-threaded fast-math XLA; params rounded to TF32)")
-    p.add_argument("--requests", type=int, default=8, help="requests per claim kind (default 8)")
-    p.add_argument("--images", type=int, default=8, help="images per request (default 8)")
-    p.add_argument("--steps", type=int, default=8, help="solver steps (default 8)")
+    p.add_argument("--requests", type=COUNT, default=8, help="requests per claim kind (default 8)")
+    p.add_argument("--images", type=COUNT, default=8, help="images per request (default 8)")
+    p.add_argument("--steps", type=COUNT, default=8, help="solver steps (default 8)")
     p.add_argument("--solver", choices=("euler", "heun"), default="euler", help="ODE solver (default euler)")
     p.add_argument("--strategy", default="top1", help="routing strategy of the honest requests (default top1)")
-    p.add_argument("--seed", type=int, default=0, help="first request seed")
+    p.add_argument("--seed", type=SEED, default=0, help="first request seed")
     p.add_argument("--perturb-scale", default="0.01,0.1",
                    help="expert parameter noise, relative to each tensor's RMS, comma-separated (default 0.01,0.1)")
-    p.add_argument("--pixel-noise", type=float, default=8.0, help="std of pixel noise in uint8 levels (default 8)")
-    p.add_argument("--parallel", type=int, default=None, help="verifier processes regenerating at a time "
+    p.add_argument("--pixel-noise", type=float_arg(0), default=8.0, help="std of pixel noise in uint8 levels (default 8)")
+    p.add_argument("--parallel", type=COUNT, default=None, help="verifier processes regenerating at a time "
                                                                 "(default all)")
     p.add_argument("--copiers", default="reveal,commitment",
                    help="copying verifiers (of verifier 0) that commit-reveal must catch: comma-separated among "
                         "reveal, commitment, or none (default reveal,commitment)")
-    p.add_argument("--margin", type=float, default=2.0,
+    p.add_argument("--margin", type=float_arg(0), default=2.0,
                    help="tolerance thresholds = margin x the largest honest drift measured (default 2)")
     p.add_argument("--out", default=None, help="output folder, thresholds included (default RUN/eval, where "
                                                "ddm verify reads verify_thresholds.json)")
@@ -442,16 +504,29 @@ def _add_export_and_config(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BadArguments as err:
+        print(f"ddm: error: {err}", file=sys.stderr)
+        return 2
     logs.configure(logging.INFO)
     try:
         return args.func(args)
     except DDMError as err:
-        print(f"ddm: error: {err}", file=sys.stderr)
+        print(f"ddm: error: {logs.one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ddm: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine refused (disk full, permissions, a vanished file): not a ddm bug
+        where = logs.write_crash_log(sys.argv if argv is None else ["ddm", *argv], err)
+        print(f"ddm: error: {logs.one_line(err)} (details in {where})", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - a bug: one line here, the traceback in a log file
+        where = logs.write_crash_log(sys.argv if argv is None else ["ddm", *argv], err)
+        print(f"ddm: internal error: {type(err).__name__}: {logs.one_line(err)} (a bug; the traceback is in "
+              f"{where})", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -4,14 +4,28 @@ Library modules log through `logging.getLogger(__name__)` (all under the `ddm` l
 themselves; only the CLI decides where those lines go: progress and results (INFO) to stdout, warnings to
 stderr. Other libraries' records (absl, jax, orbax) reach the user only at ERROR and above: their INFO and
 WARNING lines are internal details, not something a user can act on.
+
+An unexpected exception (a bug) never reaches the user as a traceback: `write_crash_log` puts it, with the
+command line and versions, in a log file ($DDM_LOG_DIR, default ~/.cache/ddm/logs, else the temp folder),
+and the CLI prints one line pointing there.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
+import platform
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
+import jax
 from tqdm import tqdm
+
+import ddm
+from ddm.eval.featurenet import default_cache_dir
 
 
 def _is_ddm(record: logging.LogRecord) -> bool:
@@ -63,3 +77,36 @@ def configure(level: int = logging.INFO, others: int = logging.ERROR) -> None:
     others_handler = _OthersToStderr()
     others_handler.setLevel(others)
     root.addHandler(others_handler)
+
+
+def one_line(err: BaseException, limit: int = 500) -> str:
+    """An exception's message on one line (the first line, at most `limit` characters)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def crash_log_dirs() -> list[Path]:
+    """Where crash logs go, in order of preference: $DDM_LOG_DIR, ~/.cache/ddm/logs ($DDM_CACHE_DIR/logs), temp."""
+    first = [Path(os.environ["DDM_LOG_DIR"])] if os.environ.get("DDM_LOG_DIR") else []
+    return first + [default_cache_dir() / "logs", Path(tempfile.gettempdir()) / "ddm-logs"]
+
+
+def write_crash_log(argv: list[str], err: BaseException) -> str:
+    """Writes the traceback of `err` (with the command line and versions) to a new log file; returns its path,
+    or a note when no folder could take it."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    text = (f"ddm {ddm.__version__}, python {platform.python_version()}, jax {jax.__version__}, "
+            f"{platform.platform()}\ncommand: {' '.join(argv)}\n\n"
+            + "".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    for folder in crash_log_dirs():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"ddm-{stamp}-{os.getpid()}.log"
+            path.write_text(text)
+            return str(path)
+        except OSError:
+            continue
+    return "no log: no writable log folder"

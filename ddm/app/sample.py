@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+from ddm.core.files import Staged, check_output_dir, check_output_file
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
 from ddm.sampling.outputs import save_outputs, save_pngs, usage_summary
@@ -23,26 +24,39 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     into `png_dir`); returns the npz.
 
     record: also write a verification record there; key: sign it with this Ed25519 private key (`ddm keygen`).
+    Every output path is checked before the models load, and the files are written together at the end
+    (`ddm.core.files.Staged`): a command that fails leaves none of them behind.
     """
     check_condition(request, run.num_classes)  # before loading anything: a bad class is the user's first error
+    check_output_file(out, "--out", (".png",))
+    check_output_file(out.with_suffix(".npz"), "the .npz beside --out")
+    if record is not None:
+        check_output_file(record, "--record")
+    if png_dir is not None:
+        check_output_dir(png_dir, "--png-dir")
     private_key = None if key is None else load_private_key(key)  # a bad key fails before any work
     ensemble = load_ensemble(run)
     t0 = time.perf_counter()
     result = generate(ensemble, request)
     seconds = time.perf_counter() - t0
-    npz = save_outputs(result, request, out, manifest_sha=run.sha256)
+    rec = None
+    if record is not None:
+        rec = make_record(run.sha256, request, result.x, environment())
+        if private_key is not None:
+            rec = sign_record(rec, private_key)
+    with Staged() as staged:
+        npz = save_outputs(result, request, out, manifest_sha=run.sha256, stage=staged.stage)
+        if png_dir is not None:
+            save_pngs(result.images, png_dir, stage=staged.stage)
+        if rec is not None:
+            write_record(staged.stage(record), rec)
     guided = "" if request.labels is None else f", classes {_classes_text(request.labels)}, cfg scale {request.cfg_scale}"
     logger.info(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps{guided}, "
                 f"{result.dispatch} dispatch) in {seconds:.1f}s -> {out} and {npz}")
     logger.info(usage_summary(result))
     if png_dir is not None:
-        save_pngs(result.images, png_dir)
         logger.info(f"{request.n} PNGs -> {png_dir}")
-    if record is not None:
-        rec = make_record(run.sha256, request, result.x, environment())
-        if private_key is not None:
-            rec = sign_record(rec, private_key)
-        write_record(record, rec)
+    if rec is not None:
         signed = "" if private_key is None else f", signed by {key_id(private_key.public_key())}"
         logger.info(f"verification record -> {record}{signed}")
     return npz

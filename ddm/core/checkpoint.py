@@ -5,11 +5,21 @@ the resolved config and the data-reader position). Orbax writes each step into a
 renames it when complete, so a process killed mid-save leaves the previous checkpoint as the latest.
 Restoring takes an abstract tree that carries the *current* mesh's shardings, which is what lets a run saved
 on 8 devices resume on 4 or 1.
+
+Every step carries a digest of its files (`ddm_digest.json`: the SHA-256 of each file). Orbax calls
+`Checkpointer._digest_saved_step` once every process has written the step completely and before it commits
+it (renames the temporary directory), so a committed step always holds the digest of exactly its own complete
+bytes, and a half-written step never gets one. Resuming verifies the latest step against its digest: a step
+that does not match (a flipped bit, a truncated or missing file) or has no digest is set aside with a warning
+and the previous intact step is used; when no step is intact the resume is a one-line error naming the step.
+A changed byte is never trained on silently.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +28,18 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ddm.core.errors import DDMError
-from ddm.core.hashing import pytree_sha256
+from ddm.core.files import atomic_write
+from ddm.core.hashing import file_sha256, pytree_sha256
 from ddm.core.weights import load_safetensors
+
+logger = logging.getLogger(__name__)
+
+DIGEST_FILE = "ddm_digest.json"
+DIGEST_FORMAT = "ddm-checkpoint-digest/v1"
+# Orbax's own bookkeeping at the top of a step, rewritten after the digest (the commit time, the commit marker);
+# it holds no state, and a damaged copy fails orbax's restore, which is then treated like a digest mismatch.
+NOT_DIGESTED = ("_CHECKPOINT_METADATA", "commit_success.txt", DIGEST_FILE)
+REJECTED_DIR = "checkpoints-rejected"  # beside the checkpoints folder: steps that failed verification
 
 
 @functools.cache
@@ -51,15 +71,58 @@ def _restore_args(abstract_tree):
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Step digests.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def step_file_digests(step_dir: Path) -> dict[str, str]:
+    """{path relative to the step, POSIX: SHA-256} of every file of a checkpoint step but orbax's top-level
+    bookkeeping and the digest itself."""
+    return {p.relative_to(step_dir).as_posix(): file_sha256(p) for p in sorted(step_dir.rglob("*"))
+            if p.is_file() and not (p.parent == step_dir and p.name in NOT_DIGESTED)}
+
+
+def write_step_digest(step_dir: Path, step: int) -> None:
+    """Records the digest of the (complete) step at `step_dir` inside it."""
+    record = {"format": DIGEST_FORMAT, "step": step, "files": step_file_digests(step_dir)}
+    atomic_write(step_dir / DIGEST_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def step_problem(step_dir: Path, step: int) -> str | None:
+    """Why the checkpoint step at `step_dir` cannot be trusted (None when every file matches its digest)."""
+    try:
+        record = json.loads((step_dir / DIGEST_FILE).read_text())
+    except FileNotFoundError:
+        return "it has no digest: written by an older ddm, or altered"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"its {DIGEST_FILE} is unreadable"
+    files = record.get("files") if isinstance(record, dict) else None
+    if (record.get("format") != DIGEST_FORMAT or record.get("step") != step or not isinstance(files, dict)
+            or not all(isinstance(v, str) for v in files.values())):
+        return f"its {DIGEST_FILE} is not a digest of step {step}"
+    actual = step_file_digests(step_dir)
+    for name in sorted(set(files) | set(actual)):
+        if name not in actual:
+            return f"{name} is missing"
+        if name not in files:
+            return f"{name} is not in its digest"
+        if actual[name] != files[name]:
+            return f"{name} does not match its digest"
+    return None
+
+
 class Checkpointer:
-    """Periodic checkpoints of one training job under `directory`."""
+    """Periodic checkpoints of one training job under `directory`, each step verified by its digest on restore."""
 
     def __init__(self, directory: str | Path, *, keep: int, every: int):
         self.directory = Path(directory).absolute()
         self.every = every
+        self._saving: int | None = None  # the step orbax is writing (one save in flight at a time)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._digest_saved_step),
             # A process killed mid-save leaves a temporary directory behind; drop it on the next start.
             cleanup_tmp_directories=True,
             create=True,
@@ -78,17 +141,76 @@ class Checkpointer:
         """Starts an async save of `state` at `step` (every `every` steps, or now if `force`)."""
         if not force and step % self.every:
             return False
+        # Orbax waits for the previous save before starting this one anyway; waiting here first is free and
+        # keeps `_saving` naming the step whose digest the callback writes.
+        self.manager.wait_until_finished()
+        self._saving = step
         return self.manager.save(
             step,
             args=ocp.args.Composite(state=_save_args(state), meta=ocp.args.JsonSave(meta)),
             force=force,
         )
 
-    def restore(self, abstract_state, step: int | None = None):
-        """(state, meta) of `step` (default: latest), placed onto the shardings carried by `abstract_state`."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise DDMError(f"no checkpoint in {self.directory}")
+    def _digest_saved_step(self) -> None:
+        """Orbax's post-finalization callback: on the primary process, once every process has written step
+        `_saving` completely, before the step is committed. On local disks the step is still in its temporary
+        directory (committed by a rename after this); on object stores it is in place (committed by a marker
+        file written after this)."""
+        step = self._saving
+        temporary = self.directory / f"{step}{ocp.utils.TMP_DIR_SUFFIX}"
+        step_dir = temporary if temporary.is_dir() else self.directory / str(step)
+        if not step_dir.is_dir():
+            raise DDMError(f"checkpoint step {step} is not in {self.directory}: cannot record its digest")
+        write_step_digest(step_dir, step)
+
+    def restore_latest(self, abstract_state, what: str):
+        """(state, meta, step) of the latest intact step, placed onto the shardings of `abstract_state`; None
+        when there is no checkpoint.
+
+        Steps newer than it that fail their digest are moved to `checkpoints-rejected/` beside the checkpoints
+        (a warning names each and why), so training goes on from the intact step and saves those steps anew.
+        When no step is intact nothing is moved and the error names the latest step and its problem.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        rejected, good = [], None
+        for step in steps:
+            problem = step_problem(self.directory / str(step), step)
+            if problem is None:
+                good = step
+                break
+            rejected.append((step, problem))
+        if good is None and rejected:
+            step, problem = rejected[0]
+            raise DDMError(f"{what}: checkpoint step {step} in {self.directory} failed verification ({problem}) "
+                           f"and no earlier step is intact: remove {self.directory} to train from scratch")
+        if rejected:
+            self._set_aside(rejected, good, what)
+        if good is None:
+            return None
+        return (*self.restore(abstract_state, good), good)
+
+    def _set_aside(self, rejected: list[tuple[int, str]], good: int, what: str) -> None:
+        aside = self.directory.parent / REJECTED_DIR
+        for step, problem in rejected:
+            target = aside / str(step)
+            for n in range(1, 1000):
+                if not target.exists():
+                    break
+                target = aside / f"{step}-{n}"
+            logger.warning(f"{what}: checkpoint step {step} failed verification ({problem}); resuming from step "
+                           f"{good}, the rejected step is kept in {target}")
+            if jax.process_index() == 0:
+                aside.mkdir(parents=True, exist_ok=True)
+                (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("ddm-checkpoint-set-aside")
+        self.manager.reload()
+
+    def restore(self, abstract_state, step: int):
+        """(state, meta) of `step` as saved, placed onto the shardings carried by `abstract_state` (not verified:
+        `restore_latest` verifies first)."""
         try:
             restored = self.manager.restore(
                 step,

@@ -28,6 +28,7 @@ SCHEDULES = ("cosine", "constant")
 ROUTER_ARCHS = ("conv", "mlp", "dit")
 LABEL_MODES = ("auto", "none")
 MAX_CLASSES = 10_000  # more distinct labels than this is almost surely an id column, not classes
+SEED_MAX = 2**32 - 1  # seeds become 32-bit threefry keys and numpy seeds: 0..2^32-1
 
 
 class _Loader(yaml.SafeLoader):
@@ -49,6 +50,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise DDMError(f"config {name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_seed(name: str, value: int) -> None:
+    if not 0 <= value <= SEED_MAX:
+        raise DDMError(f"config {name}={value} must be a seed in 0..{SEED_MAX}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +101,9 @@ class DataConfig:
         _check_positive("data.embed_dim", self.embed_dim)
         _check_positive("data.max_iter", self.max_iter)
         _check_positive("data.chunk_images", self.chunk_images)
+        _check_positive("data.fine_k", self.fine_k)
+        _check_positive("data.tol", self.tol, allow_zero=True)
+        _check_seed("data.seed", self.seed)
         if self.balance_slack < 1.0:
             raise DDMError(f"config data.balance_slack={self.balance_slack} must be >= 1.0")
         if not 0.0 <= self.holdout_fraction < 1.0:
@@ -164,6 +173,7 @@ class TrainConfig:
                      "sample_images", "sample_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
         _check_positive("train.sample_every", self.sample_every, allow_zero=True)
+        _check_seed("train.seed", self.seed)
         if self.wandb_project is not None and not self.wandb_project.strip():
             raise DDMError("config train.wandb_project must be a project name or null")
         _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
@@ -203,11 +213,19 @@ class SampleConfig:
     seed: int = 0
     strategies: tuple[str, ...] = ("top1", "top2", "full")
     cfg_scale: float = 3.0  # classifier-free guidance scale of class-conditional requests (1: no guidance)
+    # The most images and solver steps one `ddm sample` / `ddm evaluate` request may ask for (memory and time
+    # grow with both); raise them with --set sample.max_n=... when a bigger request is meant.
+    max_n: int = 10_000
+    max_steps: int = 1000
 
     def __post_init__(self) -> None:
         _check_choice("sample.solver", self.solver, SOLVERS)
-        _check_positive("sample.n", self.n)
-        _check_positive("sample.steps", self.steps)
+        for name in ("n", "steps", "max_n", "max_steps"):
+            _check_positive(f"sample.{name}", getattr(self, name))
+        _check_seed("sample.seed", self.seed)
+        if self.n > self.max_n or self.steps > self.max_steps:
+            raise DDMError(f"config sample.n={self.n} / sample.steps={self.steps} exceed sample.max_n={self.max_n} "
+                           f"/ sample.max_steps={self.max_steps}")
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
             raise DDMError(f"config sample.cfg_scale={self.cfg_scale} must be a finite number >= 0")
 
@@ -262,7 +280,9 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         (item,) = typing.get_args(hint)[:1]
         return tuple(_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise DDMError(f"config {path}={value!r} must be a finite number")
     if hint in (int, float, str, bool):
         if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
             raise DDMError(f"config {path}={value!r} must be {hint.__name__}, got {type(value).__name__}")

@@ -12,6 +12,8 @@ collide with an old hash:
   ``"{len(path)}:{path}\n{dtype name}\n{shape, comma-separated}\n{number of bytes}\n"`` followed by the
   leaf's little-endian C-order bytes. Only the key paths, dtypes, shapes and values count: the container
   types and the order in which a dict was filled do not, nor how a checkpoint lays the arrays out on disk.
+- `file_sha256(path)`: SHA-256 of a file's bytes, as `sha256sum` prints it (exports' SHA256SUMS, checkpoint
+  step digests).
 - `canonical_json(obj)`: the UTF-8 bytes of ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
   ensure_ascii=True, allow_nan=False)``: keys sorted, no whitespace, non-ASCII as \\uXXXX escapes, floats as
   Python's shortest round-trip repr. What signatures and commitments are computed over.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +37,15 @@ def array_sha256(array: np.ndarray, tag: str) -> str:
     arr = np.ascontiguousarray(array)
     digest = hashlib.sha256(f"{tag}:{','.join(str(d) for d in arr.shape)}\n".encode("ascii"))
     digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes (read in 1 MiB blocks), as `sha256sum` prints it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 

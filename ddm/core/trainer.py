@@ -3,7 +3,8 @@
 A job is a `Task` (which model, which loss, which data, where to write) plus a `TrainConfig`. The loop:
 
     setup       mesh, abstract state -> shardings, init straight into shards (no unsharded copy)
-    resume      latest orbax checkpoint if any (onto the current mesh, any device count)
+    resume      latest intact orbax checkpoint if any (verified against its digest; onto the current mesh,
+                any device count)
     loop        batch = reader(step) -> train_step (jit, donated state) -> log / checkpoint
                 (log steps also evaluate the held-out set and feed the metrics writers; `ddm.core.monitor`)
     finish      final EMA params saved standalone, their SHA-256 returned for the manifest
@@ -226,9 +227,14 @@ class Trainer:
         task.out_dir.mkdir(parents=True, exist_ok=True)
         checkpointer = Checkpointer(task.out_dir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
         metrics_path = task.out_dir / "metrics.jsonl"
-        resumed_from = checkpointer.latest_step()
-        if resumed_from is not None:
-            state, _ = checkpointer.restore(self.abstract)
+        try:
+            restored = checkpointer.restore_latest(self.abstract, task.name)  # verified against its digest
+        except DDMError:
+            checkpointer.close()
+            raise
+        resumed_from = None if restored is None else restored[2]
+        if restored is not None:
+            state = restored[0]
             logger.info(f"{task.name}: resumed from step {resumed_from}")
         else:
             with jax.set_mesh(self.mesh):

@@ -128,10 +128,14 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
     for strategy in strategies:
         parse_strategy(strategy)  # a bad strategy fails before anything is loaded or trained
     run = Run.open(run_dir, overrides)
+    steps = run.config.sample.steps if steps is None else steps
+    limits = run.config.sample
+    if n > limits.max_n or steps > limits.max_steps:  # before any model loads: a huge request is refused at once
+        raise DDMError(f"--n {n} / --steps {steps} exceed sample.max_n={limits.max_n} / sample.max_steps="
+                       f"{limits.max_steps} (--set sample.max_n=N / sample.max_steps=N to allow more)")
     real_images = _load_real(run)
     ensemble = load_ensemble(run)
     manifest = run.manifest
-    steps = run.config.sample.steps if steps is None else steps
     solver = solver or run.config.sample.solver
     num_clusters = run.num_clusters
     out_dir = run.eval_dir

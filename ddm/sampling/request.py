@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from ddm.core.config import SEED_MAX, SampleConfig
 from ddm.core.errors import DDMError
 from ddm.core.flow import SOLVERS
 from ddm.core.routing import parse_strategy
@@ -37,6 +38,8 @@ class Request:
                 raise DDMError(f"request {name}={value!r} must be a positive integer")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise DDMError(f"request seed={self.seed!r} must be a non-negative integer")
+        if self.seed > SEED_MAX:  # seeds are 32-bit threefry keys: a larger one would overflow in jax
+            raise DDMError(f"request seed {self.seed} is outside 0..{SEED_MAX}")
         if self.labels is not None:
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.labels):
                 raise DDMError(f"request labels must be non-negative integers, got {list(self.labels)!r}")
@@ -79,6 +82,17 @@ def check_condition(request: Request, num_classes: int) -> None:
     outside = sorted({v for v in request.labels if v >= num_classes})
     if outside:
         raise DDMError(f"class {outside[0]} is outside [0, {num_classes}): the run's classes are 0..{num_classes - 1}")
+
+
+def check_limits(request: Request, sample: SampleConfig) -> Request:
+    """`request` if it is within the run's bounds (`sample.max_n` images, `sample.max_steps` steps); DDMError
+    otherwise. (Class labels are checked against the run by `check_condition`.)"""
+    if request.n > sample.max_n:
+        raise DDMError(f"n={request.n} images exceeds sample.max_n={sample.max_n} (--set sample.max_n=N to allow more)")
+    if request.steps > sample.max_steps:
+        raise DDMError(f"steps={request.steps} exceeds sample.max_steps={sample.max_steps} "
+                       f"(--set sample.max_steps=N to allow more)")
+    return request
 
 
 def generate(ensemble, request: Request, *, batch_size: int | None = None):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from ddm.core.config import SEED_MAX
 from ddm.core.errors import DDMError
 
-SEED_MAX = 2**32 - 1  # seeds are threefry keys of 32 bits; anything larger is not a seed ddm sample writes
 LABEL_MAX = 2**31 - 1  # class labels travel as int32
 
 

@@ -1,0 +1,121 @@
+"""What a valid `manifest.json` holds: types and ranges of every field (`SCHEMA`) and how fields relate
+(`RULES`), checked on every read (`ddm.data.manifest.read_manifest`), so a damaged or hand-edited manifest is a
+one-line error naming the field instead of a traceback (or a silently wrong run) later.
+
+To add a field: put it in `SCHEMA` where it lives (in `optional` when manifests written before it lack it),
+and a rule below when it must agree with other fields. The `config` section is checked by the config's own
+dataclasses (`ddm.core.config.config_from_data`) when the run is opened.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ddm.core.schema import Anything, Hex, Int, ListOf, MapOf, Nullable, Num, Obj, RelPath, Str, check
+
+MAX_COUNT = 2**40  # images; far beyond any dataset, small enough that sums stay exact
+MAX_SIDE = 65_536  # pixels (or latent cells) per side, and channels
+MAX_CLUSTERS = 2**16
+MAX_CLASSES = 2**20  # class labels travel as int32; a million classes is far beyond any dataset here
+STATUSES = ("finished", "pending", "running", "failed")
+
+# A trained component (an expert, the router, the monolith) as its job records it.
+COMPONENT = Obj(
+    {"status": Str(choices=STATUSES)},
+    optional={"step": Int(min=0), "sha256": Hex(64), "path": RelPath(), "seconds": Num(min=0),
+              "num_clusters": Int(min=1, max=MAX_CLUSTERS), "model": Anything(dict, "an object"),
+              "train": Anything(dict, "an object"), "router": Anything(dict, "an object")},
+)
+
+SCHEMA = Obj(
+    {
+        "format": Str(),
+        "dataset": Obj({"source": Str(),
+                        "fingerprint": Hex(64),
+                        "num_images": Int(min=1, max=MAX_COUNT),
+                        "image_shape": ListOf(Int(min=1, max=MAX_SIDE), min_len=3, max_len=3,
+                                              name=f"a list of 3 integers in 1..{MAX_SIDE} ([H, W, C])")},
+                       optional={"num_classes": Int(min=0, max=MAX_CLASSES),
+                                 "class_names": Nullable(ListOf(Str(), max_len=MAX_CLASSES)),
+                                 "labels_sha256": Nullable(Hex(64))}),
+        "clustering": Obj({"method": Str(), "k": Int(min=1, max=MAX_CLUSTERS)},
+                          optional={"centroids": RelPath(), "train_labels": RelPath(), "inertia": Num(min=0),
+                                    "n_iter": Int(min=0), "seed": Int(min=0, max=2**32 - 1)}),
+        "clusters": ListOf(Obj({"id": Int(min=0, max=MAX_CLUSTERS - 1),
+                                "count": Int(min=0, max=MAX_COUNT),
+                                "share": Num(min=0, max=1),
+                                "shard": RelPath()},
+                               optional={"class_counts": ListOf(Int(min=0, max=MAX_COUNT), max_len=MAX_CLASSES)}),
+                           min_len=1, max_len=MAX_CLUSTERS),
+        "config": Anything(dict, "an object"),
+    },
+    optional={
+        "created": Str(),
+        "holdout": Obj({"count": Int(min=0, max=MAX_COUNT)}, optional={"shard": RelPath(), "labels": RelPath()}),
+        "experts": MapOf(Nullable(COMPONENT), key_pattern=r"0|[1-9][0-9]{0,5}", key_name="cluster ids"),
+        "router": Nullable(COMPONENT),
+        "monolith": Nullable(COMPONENT),
+    },
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules: relations between fields (each returns a problem, or None).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def clusters_match_k(m: dict) -> str | None:
+    if len(m["clusters"]) != m["clustering"]["k"]:
+        return f"clustering.k is {m['clustering']['k']} but clusters lists {len(m['clusters'])}"
+    return None
+
+
+def cluster_ids_in_order(m: dict) -> str | None:
+    for i, cluster in enumerate(m["clusters"]):
+        if cluster["id"] != i:
+            return f"clusters[{i}].id must be {i}, got {cluster['id']}"
+    return None
+
+
+def one_shard_per_cluster(m: dict) -> str | None:
+    seen: dict[str, int] = {}
+    for cluster in m["clusters"]:
+        if cluster["shard"] in seen:
+            return f"clusters {seen[cluster['shard']]} and {cluster['id']} name the same shard {cluster['shard']!r}"
+        seen[cluster["shard"]] = cluster["id"]
+    return None
+
+
+def counts_add_up(m: dict) -> str | None:
+    train = sum(c["count"] for c in m["clusters"])
+    held = (m.get("holdout") or {}).get("count", 0)
+    if train + held != m["dataset"]["num_images"]:
+        return (f"cluster counts ({train}) plus holdout.count ({held}) must equal dataset.num_images "
+                f"({m['dataset']['num_images']})")
+    if train == 0:
+        return "every cluster is empty"
+    for c in m["clusters"]:
+        if not math.isclose(c["share"], c["count"] / train, rel_tol=1e-9, abs_tol=1e-12):
+            return f"clusters[{c['id']}].share must be its count / {train} = {c['count'] / train:.6g}, got {c['share']}"
+    return None
+
+
+def class_counts_match(m: dict) -> str | None:
+    num_classes = m["dataset"].get("num_classes", 0)
+    for c in m["clusters"]:
+        counts = c.get("class_counts")
+        if counts is None:
+            continue
+        if len(counts) != num_classes:
+            return f"clusters[{c['id']}].class_counts lists {len(counts)} classes but dataset.num_classes is {num_classes}"
+        if sum(counts) != c["count"]:
+            return f"clusters[{c['id']}].class_counts add up to {sum(counts)}, not its count {c['count']}"
+    return None
+
+
+RULES = [clusters_match_k, cluster_ids_in_order, one_shard_per_cluster, counts_add_up, class_counts_match]
+
+
+def validate_manifest(manifest, where: str) -> dict:
+    """`manifest` if it fits `SCHEMA` and `RULES`; else DDMError `"{where}: {field} must be ..."`."""
+    return check(manifest, SCHEMA, where, RULES)
