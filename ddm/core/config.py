@@ -21,6 +21,7 @@ from ddm.core.errors import DDMError
 from ddm.core.flow import SOLVERS, T_SAMPLINGS
 
 EMBEDDINGS = ("pixels", "pca", "file")
+DATA_KINDS = ("images", "latents")
 KMEANS_MODES = ("lloyd", "balanced", "two_stage")
 MODEL_PRESETS = ("micro", "tiny", "small", "S", "B", "L", "XL")
 DTYPES = ("float32", "bfloat16")
@@ -57,6 +58,13 @@ class DataConfig:
     """Where images come from, how they are embedded and clustered into K shards."""
 
     source: str = "digits"  # "digits", a .npz/.npy file, an image folder, a .parquet file, or "hf:<name>"
+    # "images" (uint8 pixels) or "latents": float16/float32 arrays [N, h, w, c] from a .npy / .npz (key
+    # "latents", else "data"), stored exactly and standardised per channel for the model (docs/latents.md).
+    kind: str = "images"
+    latent_scale: float | None = None  # latents: one factor (model value = x * scale, e.g. SD's 0.18215)
+    # Embedding (PCA) and k-means are fitted on at most this many images; everything else is assigned and
+    # written in chunks, so `ddm prepare`'s memory does not grow with N.
+    fit_samples: int = 100_000
     array_key: str | None = None  # array inside a .npz (default: the only one, or "data"/"images")
     image_column: str = "image"  # column holding images for parquet / Hugging Face sources
     # "auto": use the source's class labels when it has them; "none" (or null: `--set data.labels=none` parses
@@ -83,6 +91,12 @@ class DataConfig:
     chunk_images: int = 256  # zarr chunk length along N
 
     def __post_init__(self) -> None:
+        _check_choice("data.kind", self.kind, DATA_KINDS)
+        _check_positive("data.fit_samples", self.fit_samples)
+        if self.latent_scale is not None and (not math.isfinite(self.latent_scale) or self.latent_scale <= 0):
+            raise DDMError(f"config data.latent_scale={self.latent_scale} must be a finite number > 0")
+        if self.latent_scale is not None and self.kind != "latents":
+            raise DDMError("config data.latent_scale applies to data.kind=latents only")
         _check_choice("data.embedding", self.embedding, EMBEDDINGS)
         _check_choice("data.kmeans", self.kmeans, KMEANS_MODES)
         if self.labels is None:

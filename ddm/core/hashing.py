@@ -29,11 +29,18 @@ import numpy as np
 from ddm.core.errors import DDMError
 
 
+HASH_CHUNK_BYTES = 64 << 20  # arrays are hashed a block of rows at a time (memory-mapped inputs stay on disk)
+
+
 def array_sha256(array: np.ndarray, tag: str) -> str:
     """SHA-256 hex digest of ``"{tag}:{shape}\n"`` followed by the array's C-order bytes."""
-    arr = np.ascontiguousarray(array)
-    digest = hashlib.sha256(f"{tag}:{','.join(str(d) for d in arr.shape)}\n".encode("ascii"))
-    digest.update(arr.tobytes())
+    digest = hashlib.sha256(f"{tag}:{','.join(str(d) for d in np.shape(array))}\n".encode("ascii"))
+    if np.ndim(array) == 0 or len(array) == 0:
+        digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+    rows = max(1, HASH_CHUNK_BYTES // max(1, array[:1].nbytes))
+    for start in range(0, len(array), rows):
+        digest.update(np.ascontiguousarray(array[start:start + rows]).tobytes())
     return digest.hexdigest()
 
 
@@ -61,7 +68,11 @@ def images_sha256(images: np.ndarray) -> str:
 
 
 def dataset_fingerprint(images: np.ndarray) -> str:
-    """SHA-256 of a dataset's canonical uint8 images [N, H, W, C], shape included (tag ``ddm-dataset:v1``)."""
+    """SHA-256 of a dataset's canonical uint8 images [N, H, W, C], shape included (tag ``ddm-dataset:v1``), or
+    of its float latents (little-endian float16 / float32 bytes, tag ``ddm-latents:v1:<dtype>``)."""
+    if images.dtype.kind == "f":
+        return array_sha256(images.astype(images.dtype.newbyteorder("<"), copy=False),
+                            f"ddm-latents:v1:{images.dtype.name}")
     return array_sha256(np.asarray(images, dtype=np.uint8), "ddm-dataset:v1")
 
 
