@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
-from ddm.sampling.outputs import save_outputs, save_pngs, usage_summary
+from ddm.sampling.outputs import load_decoder, save_outputs, save_pngs, usage_summary
 from ddm.sampling.request import Request, check_condition, generate
 from ddm.verify.environment import environment
 from ddm.verify.records import make_record, write_record
@@ -30,7 +30,8 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     t0 = time.perf_counter()
     result = generate(ensemble, request)
     seconds = time.perf_counter() - t0
-    npz = save_outputs(result, request, out, manifest_sha=run.sha256)
+    decoder = load_decoder(run.config.sample.decoder)  # a bad decoder fails before the work
+    npz = save_outputs(result, request, out, manifest_sha=run.sha256, decoder=decoder)
     guided = "" if request.labels is None else f", classes {_classes_text(request.labels)}, cfg scale {request.cfg_scale}"
     logger.info(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps{guided}) in "
                 f"{seconds:.1f}s -> {out} and {npz}")

@@ -26,6 +26,8 @@ from ddm.core.errors import DDMError
 from ddm.core.images import to_model_range, to_uint8
 
 PREVIEW_SPAN = 2.0  # the latent preview maps [-PREVIEW_SPAN, PREVIEW_SPAN] standard deviations to [0, 255]
+LATENT_PREVIEW_TITLE = (f"latent channels 0-2 as RGB, +-{PREVIEW_SPAN:g} std per channel (a fixed visualisation, "
+                        "not decoded: set sample.decoder)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +75,6 @@ class Codec:
         channels = x[..., :3] if x.shape[-1] >= 3 else x[..., :1]
         return to_uint8(channels / PREVIEW_SPAN)
 
-    @property
-    def preview_title(self) -> str:
-        """What a grid of `preview` images shows (for titles)."""
-        return "" if not self.latents else f"latent channels 0-2 as RGB, +-{PREVIEW_SPAN:g} std (no decoder)"
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "mean": list(self.mean), "std": list(self.std)}

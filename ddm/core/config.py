@@ -228,6 +228,9 @@ class SampleConfig:
     seed: int = 0
     strategies: tuple[str, ...] = ("top1", "top2", "full")
     cfg_scale: float = 3.0  # classifier-free guidance scale of class-conditional requests (1: no guidance)
+    # Latent runs: "module:function" mapping de-normalised latents float32 [n, h, w, c] to uint8 images (your
+    # VAE's decoder) for grids and PNGs; unset: a fixed visualisation of latent channels 0-2.
+    decoder: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("sample.solver", self.solver, SOLVERS)

@@ -41,7 +41,7 @@ from flax import nnx
 
 from ddm.core import flow
 from ddm.core.errors import DDMError
-from ddm.core.images import to_uint8
+from ddm.core.codec import Codec
 from ddm.core.routing import Strategy, parse_strategy, route_weights
 
 ExpertApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -52,8 +52,9 @@ RouterApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 class SampleResult:
     """What `Ensemble.sample` returns.
 
-    images: uint8 [n, H, W, C], round(clip((x + 1) * 127.5, 0, 255)).
-    x: float32 [n, H, W, C], the final ODE state (data scale [-1, 1]).
+    images: uint8 [n, H, W, C], round(clip((x + 1) * 127.5, 0, 255)); for latent runs the codec's preview
+        (latent channels 0-2 as RGB, `ddm.core.codec`).
+    x: float32 [n, H, W, C], the final ODE state (model space: [-1, 1] for images, standardised latents).
     weights: float32 [steps, n, K], the routing weights of each step's first velocity evaluation.
     expert_ids: int32 [steps, n], the chosen expert per step, for one-hot strategies (top1, sample, oracle,
         single); None otherwise.
@@ -71,6 +72,7 @@ class SampleResult:
     seed: int
     expert_evals: int
     padded_evals: int
+    latents: np.ndarray | None = None  # float32 [n, H, W, C]: de-normalised latents (latent runs only)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,6 +187,7 @@ class Ensemble:
         num_classes: int = 0,
         available: Sequence[bool] | None = None,
         min_bucket: int = 8,
+        codec: Codec = Codec(),
     ):
         expert_params = list(expert_params)
         num = len(expert_params)
@@ -223,6 +226,7 @@ class Ensemble:
         self.num_experts = num
         self.available = available
         self.min_bucket = int(min_bucket)
+        self.codec = codec
         self._mask = jnp.asarray(available, bool)
         self._route_fn = None if router_apply is None else _jitted_route(router_apply)
         self._contrib_fn, self._trace_counter = _jitted_contrib(expert_apply, self.num_classes)
@@ -233,7 +237,7 @@ class Ensemble:
         current = {"expert_apply": self.expert_apply, "expert_params": self.expert_params,
                    "router_apply": self.router_apply, "router_params": self.router_params,
                    "image_shape": self.image_shape, "num_classes": self.num_classes,
-                   "available": self.available, "min_bucket": self.min_bucket}
+                   "available": self.available, "min_bucket": self.min_bucket, "codec": self.codec}
         unknown = sorted(set(changes) - set(current))
         if unknown:
             raise DDMError(f"Ensemble.replace: unknown field {unknown[0]!r} (known: {', '.join(current)})")
@@ -468,7 +472,7 @@ class Ensemble:
         weights = np.concatenate([np.stack(jax.device_get(ws)) for ws in step_weights], axis=1).astype(np.float32)
         expert_ids = np.argmax(weights, axis=-1).astype(np.int32) if strategy.one_hot else None
         return SampleResult(
-            images=to_uint8(x_final),
+            images=self.codec.preview(x_final),
             x=x_final,
             weights=weights,
             expert_ids=expert_ids,
@@ -478,6 +482,7 @@ class Ensemble:
             seed=seed,
             expert_evals=real,
             padded_evals=padded,
+            latents=self.codec.decode(x_final) if self.codec.latents else None,
         )
 
 

@@ -33,10 +33,10 @@ from tqdm import tqdm
 
 from ddm.core import mesh as mesh_lib
 from ddm.core.checkpoint import Checkpointer, abstract_with_shardings, save_params
+from ddm.core.codec import Codec
 from ddm.core.config import TrainConfig
 from ddm.core.errors import DDMError
 from ddm.core.hashing import pytree_sha256
-from ddm.core.images import to_model_range
 from ddm.core.monitor import HeldOut, Monitor, Sampler
 from ddm.core.plots import plot_loss_curve
 
@@ -76,6 +76,7 @@ class Task:
     meta: dict  # resolved config etc., stored beside every checkpoint
     holdout: HeldOut | None = None  # held-out images of the job's own data: loss at every log step
     sample: Sampler | None = None  # how the EMA model draws the grid every `train.sample_every` steps
+    codec: Codec = Codec()  # how the model sees the reader's stored rows (images or latents)
 
 
 class NonFiniteError(DDMError):
@@ -152,15 +153,16 @@ def loss_and_grads(graphdef, loss: LossFn, params, rest, x, clusters, classes, r
 
 
 def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images, clusters, classes, *,
-               accum: int = 1):
-    """One optimisation step. images: [B, H, W, C] uint8, clusters, classes: [B] int32 (see `LossFn`);
-    accum: micro-batches the batch is split into (`loss_and_grads`). Returns (state, metrics).
+               accum: int = 1, codec: Codec = Codec()):
+    """One optimisation step. images: [B, H, W, C] stored rows (uint8 images or float latents, which `codec`
+    maps to model space), clusters, classes: [B] int32 (see `LossFn`); accum: micro-batches the batch is split
+    into (`loss_and_grads`). Returns (state, metrics).
 
     A non-finite loss or gradient leaves params/optimizer untouched and records the step in `state["bad"]`,
     so the host can stop with the last good state still intact.
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    x = to_model_range(images)
+    x = codec.encode(images)
     (loss_value, aux), grads = loss_and_grads(graphdef, loss, state["params"], state["rest"], x, clusters, classes,
                                               rng, accum)
     updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -226,7 +228,7 @@ class Trainer:
         self._lr = jax.jit(learning_rate(cfg))  # host-side, for the log; one compile instead of one per op
         mesh_lib.check_batch(cfg.batch_size // cfg.grad_accum, self.mesh)  # each micro-batch splits evenly too
         step_fn = functools.partial(train_step, self.graphdef, task.loss, self.tx, cfg.ema_decay,
-                                    accum=cfg.grad_accum)
+                                    accum=cfg.grad_accum, codec=task.codec)
         self._step = jax.jit(step_fn, donate_argnums=0,
                              in_shardings=(self.shardings, self.batch_sharding, self.batch_sharding,
                                            self.batch_sharding),
@@ -235,7 +237,7 @@ class Trainer:
                                shardings=self.shardings, mesh=self.mesh, batch_sharding=self.batch_sharding,
                                holdout=task.holdout, sampler=task.sample,
                                image_shape=getattr(task.reader, "image_shape", None),
-                               config=task.meta.get("config"), writes=jax.process_index() == 0)
+                               config=task.meta.get("config"), writes=jax.process_index() == 0, codec=task.codec)
 
     def _global_batch(self, step: int) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(images, clusters, classes) of `step` as global arrays, each process contributing its rows."""
