@@ -22,6 +22,7 @@ from ddm.data.run import Run
 from ddm.data.shards import ShardReader, read_labels, read_shard
 from ddm.experts.train import train_expert
 from ddm.router.train import train_router
+from ddm.verify.records import encode_values, latents_sha256, output_digests
 
 from conftest import REPO
 
@@ -88,6 +89,15 @@ def test_latents_end_to_end(tmp_path):
     np.testing.assert_array_equal(images, codec.preview(values))
     assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
     assert Image.open(out).text["Title"] == LATENT_PREVIEW_TITLE
+
+    # The record pins the latent bytes (SHA-256) and the preview (perceptual hashes); ddm verify regenerates.
+    assert record["codec"] == codec.to_dict() and record["sha256"] == latents_sha256(sampled)
+    assert [d["sha256"] for d in record["images"]] == [latents_sha256(z[None]) for z in sampled]
+    assert cli.main(["verify", str(tmp_path / "rec.json"), "--run-dir", str(run_dir), "--mode", "exact"]) == 0
+    tampered = dict(record, values=encode_values(values + np.float32(1e-3)))
+    tampered["sha256"], tampered["images"] = output_digests(values + np.float32(1e-3), codec)
+    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    assert cli.main(["verify", str(tmp_path / "tampered.json"), "--run-dir", str(run_dir), "--mode", "exact"]) == 1
 
 
 @pytest.mark.parametrize("bad,message", [

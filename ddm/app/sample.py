@@ -40,7 +40,7 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
         save_pngs(result.images, png_dir)
         logger.info(f"{request.n} PNGs -> {png_dir}")
     if record is not None:
-        rec = make_record(run.sha256, request, result.x, environment())
+        rec = make_record(run.sha256, request, result.x, environment(), run.codec)
         if private_key is not None:
             rec = sign_record(rec, private_key)
         write_record(record, rec)
