@@ -26,7 +26,8 @@ from ddm.data.sources import load_dataset
 
 logger = logging.getLogger(__name__)
 
-BLOCK_ROWS = 16_384  # rows per block when streaming statistics, features, assignments and shard writes
+BLOCK_ROWS = 4_096  # rows per block when streaming features, assignments and shard writes
+STATS_BLOCK_BYTES = 32 << 20  # float64 working set of one block of the latent statistics
 
 # Everything ddm writes in a run directory; `--overwrite` removes only these.
 RUN_CONTENTS = ("manifest.json", "shards", "clusters", "experts", "router", "monolith", "samples", "eval")
@@ -47,8 +48,9 @@ def data_codec(images: np.ndarray, cfg: DataConfig, block_rows: int = BLOCK_ROWS
     channels = images.shape[-1]
     sums, sq_sums = np.zeros(channels), np.zeros(channels)
     if cfg.latent_scale is None:
-        for lo in range(0, len(images), block_rows):
-            block = np.asarray(images[lo:lo + block_rows], np.float64).reshape(-1, channels)
+        rows = max(1, min(block_rows, STATS_BLOCK_BYTES // (8 * int(np.prod(images.shape[1:])))))
+        for lo in range(0, len(images), rows):
+            block = np.asarray(images[lo:lo + rows], np.float64).reshape(-1, channels)
             sums += block.sum(axis=0)
             sq_sums += (block**2).sum(axis=0)
     return latent_codec(sums, sq_sums, len(images) * int(np.prod(images.shape[1:-1])), cfg.latent_scale)

@@ -45,6 +45,34 @@ LATENT_DTYPES = ("float16", "float32")
 CHECK_CHUNK_BYTES = 64 << 20  # latents are checked for NaN / Inf a block of rows at a time
 
 
+class NpyRows:
+    """A .npy array read a block of rows at a time: each indexing maps the file, copies the rows out and unmaps
+    it, so pages already read do not stay resident (a long-lived memory map keeps every page it touched in the
+    process's RSS). Supports `len`, `shape`, `dtype`, `ndim` and indexing along the first axis (slices, sorted
+    index arrays), returning numpy arrays."""
+
+    def __init__(self, path: Path, rows: int | None = None):
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        self.path, self.dtype = path, mapped.dtype
+        self.shape = (len(mapped) if rows is None else min(rows, len(mapped)), *mapped.shape[1:])
+        self.ndim = mapped.ndim
+        del mapped
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, slice):
+            index = slice(*index.indices(len(self)))
+        elif np.ndim(index) and len(index) and np.max(index) >= len(self):
+            raise IndexError(f"row {np.max(index)} of {len(self)}")
+        mapped = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        try:
+            return np.array(mapped[index])
+        finally:
+            del mapped
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Canonical images, their class labels if the source has them, and where they came from."""
@@ -400,7 +428,7 @@ def _load_latents(cfg: DataConfig, base_dir: Path | None) -> Dataset:
     try:
         if path.suffix == ".npy":
             _no_label_column(cfg, f"{path} (a .npy holds one array: use a .npz with a labels array)")
-            latents = np.load(path, mmap_mode="r", allow_pickle=False)
+            latents = NpyRows(path)
         else:
             with np.load(path, allow_pickle=False) as loaded:
                 keys = list(loaded.keys())
@@ -422,12 +450,12 @@ def _load_latents(cfg: DataConfig, base_dir: Path | None) -> Dataset:
     if labels is not None:
         labels, class_names = class_labels(labels, names, len(latents), f"{path} labels")
     if cfg.limit is not None:
-        latents = latents[: cfg.limit]
+        latents = NpyRows(path, cfg.limit) if isinstance(latents, NpyRows) else latents[: cfg.limit]
         labels = None if labels is None else labels[: cfg.limit]
     return Dataset(images=latents, source=str(path), labels=labels, class_names=class_names)
 
 
-def check_latents(latents: np.ndarray, what: str) -> np.ndarray:
+def check_latents(latents: np.ndarray | NpyRows, what: str) -> np.ndarray | NpyRows:
     """Latents must be float16 / float32 [N, h, w, c] with N >= 1 and only finite values; checked a block of
     rows at a time, so a memory-mapped array is read once and never held whole. Returns it unchanged."""
     if latents.dtype.name not in LATENT_DTYPES:
