@@ -46,31 +46,44 @@ CHECK_CHUNK_BYTES = 64 << 20  # latents are checked for NaN / Inf a block of row
 
 
 class NpyRows:
-    """A .npy array read a block of rows at a time: each indexing maps the file, copies the rows out and unmaps
-    it, so pages already read do not stay resident (a long-lived memory map keeps every page it touched in the
-    process's RSS). Supports `len`, `shape`, `dtype`, `ndim` and indexing along the first axis (slices, sorted
-    index arrays), returning numpy arrays."""
+    """A .npy array read a block of rows at a time with plain file reads (no memory map: a map keeps every page
+    it touched in the process's resident memory). Supports `len`, `shape`, `dtype`, `ndim` and indexing along
+    the first axis (slices with step 1, integer index arrays), returning numpy arrays."""
 
     def __init__(self, path: Path, rows: int | None = None):
         mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-        self.path, self.dtype = path, mapped.dtype
+        self.path, self.dtype, self.offset = path, mapped.dtype, mapped.offset
+        if not mapped.flags.c_contiguous:
+            raise DDMError(f"{path} is stored in Fortran order; save it C-ordered")
         self.shape = (len(mapped) if rows is None else min(rows, len(mapped)), *mapped.shape[1:])
         self.ndim = mapped.ndim
+        self.row_items = int(np.prod(self.shape[1:]))
         del mapped
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def _read(self, f, start: int, count: int) -> np.ndarray:
+        f.seek(self.offset + start * self.row_items * self.dtype.itemsize)
+        out = np.fromfile(f, self.dtype, count=count * self.row_items)
+        return out.reshape(count, *self.shape[1:])
+
     def __getitem__(self, index) -> np.ndarray:
-        if isinstance(index, slice):
-            index = slice(*index.indices(len(self)))
-        elif np.ndim(index) and len(index) and np.max(index) >= len(self):
-            raise IndexError(f"row {np.max(index)} of {len(self)}")
-        mapped = np.load(self.path, mmap_mode="r", allow_pickle=False)
-        try:
-            return np.array(mapped[index])
-        finally:
-            del mapped
+        with open(self.path, "rb") as f:
+            if isinstance(index, slice):
+                start, stop, step = index.indices(len(self))
+                if step != 1:
+                    raise IndexError("NpyRows slices must have step 1")
+                return self._read(f, start, max(0, stop - start))
+            index = np.asarray(index, np.int64)
+            if index.size and (index.min() < 0 or index.max() >= len(self)):
+                raise IndexError(f"row index out of range [0, {len(self)})")
+            out = np.empty((len(index), *self.shape[1:]), self.dtype)
+            # one read per run of consecutive rows
+            breaks = np.flatnonzero(np.diff(index) != 1) + 1
+            for run in np.split(np.arange(len(index)), breaks) if len(index) else []:
+                out[run[0]:run[-1] + 1] = self._read(f, int(index[run[0]]), len(run))
+            return out
 
 
 @dataclass(frozen=True)
