@@ -5,8 +5,8 @@ latents/s on the result, against what one island consumes.
     python benchmarks/bench_prepare.py --n 20000 --keep DIR       # smaller; keep the files in DIR
 
 The .npy is written by this script (random values a block at a time, in a temporary folder that is deleted at
-the end) and prepared by `ddm prepare` in a child process, whose peak resident memory is
-`getrusage(RUSAGE_CHILDREN).ru_maxrss`. The reader part opens every cluster shard of the run as one streaming
+the end) and prepared by `ddm prepare` in a child process, whose peak resident memory is its own VmHWM
+(/proc/self/status, read as it exits). The reader part opens every cluster shard of the run as one streaming
 `ShardReader` (in_memory=False: rows are read from the zarr chunks, as for data larger than RAM) and times
 `--batches` random batches of `--batch` latents. The consumption figure it compares with is computed, not
 measured: one 8-GPU H100 island training DiT-B/2 at `--mfu` (default 50%) of 989 TFLOP/s bf16 per GPU
@@ -16,7 +16,6 @@ consumes 8 x 0.5 x 989e12 / (3 x forward FLOPs per latent) latents/s (`ddm.core.
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from ddm.data.run import Run  # noqa: E402
 from ddm.data.shards import ShardReader  # noqa: E402
 
 SHAPE = (32, 32, 4)
+CHILD = ("import sys; from ddm.app.cli import main; rc = main(sys.argv[1:]); "
+         "print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(rc)")
 H100_BF16 = 989e12
 
 
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         write_latents(source, args.n)
         made = time.perf_counter() - t0
         size = source.stat().st_size
-        cmd = [sys.executable, "-m", "ddm.app.cli", "prepare", "--config", str(REPO / "configs" / "digits-latents.yaml"),
+        # The child reports its own high-water mark (VmHWM of its address space after exec): getrusage's
+        # RUSAGE_CHILDREN would also count this parent's pages, which the child holds between fork and exec.
+        cmd = [sys.executable, "-c", CHILD, "prepare", "--config", str(REPO / "configs" / "digits-latents.yaml"),
                "--run-dir", str(run_dir), "--overwrite", "--set", f"data.source={source}", "--set", "data.labels=none",
                "--set", f"data.k={args.k}", "--set", f"data.fit_samples={args.fit_samples}",
                "--set", "data.embed_dim=32", "--set", f"data.chunk_images={args.chunk_images}",
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode:
             print(done.stdout[-2000:], done.stderr[-2000:])
             return 1
-        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+        peak_rss = int(done.stdout.strip().splitlines()[-1].split()[1]) * 1024  # VmHWM is in KiB
 
         run = Run.open(run_dir)
         reader = ShardReader(run.shard_paths(), batch_size=args.batch, seed=0, cluster_ids=run.cluster_ids,
