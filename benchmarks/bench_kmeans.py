@@ -95,14 +95,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iters", type=int, default=50, help="Lloyd iterations (fewer if sklearn converges first)")
+    ap.add_argument("--large", type=int, default=0, metavar="N",
+                    help="also the paper's fine stage: N x 768 features (a sample of 1M), 1,024 centroids")
+    ap.add_argument("--large-iters", type=int, default=3)
+    ap.add_argument("--skip-small", action="store_true")
     args = ap.parse_args()
 
-    rows = [run_case("blobs 60k x 64", blobs(60_000, 64, 32, seed=0), 8, args.iters, args.repeats)]
-    pixels = mnist_pixels()
-    if pixels is None:
+    rows = [] if args.skip_small else [run_case("blobs 60k x 64", blobs(60_000, 64, 32, seed=0), 8, args.iters,
+                                                args.repeats)]
+    pixels = None if args.skip_small else mnist_pixels()
+    if args.skip_small:
+        pass
+    elif pixels is None:
         print(f"skipping mnist10k: {MNIST10K} not present")
     else:
         rows.append(run_case("mnist10k pixels", pixels, 8, args.iters, args.repeats))
+    if args.large:
+        features = blobs(args.large, 768, 2048, seed=1)
+        rows.append(run_case(f"fine stage: {args.large // 1000}k x 768 (sample of 1M)", features, 1024,
+                             args.large_iters, 1))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
           f"({len(os.sched_getaffinity(0))} usable by this process), load average {os.getloadavg()[0]:.1f}, jax {jax.__version__} backend {jax.default_backend()}, "

@@ -7,6 +7,7 @@ paper) comes in through `embedding: file`: compute the vectors anywhere, one row
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,37 @@ def embed(images: np.ndarray, cfg: DataConfig, base_dir: Path | None = None) -> 
 
 def pca(x: np.ndarray, dim: int, seed: int) -> np.ndarray:
     """Projects x: [N, D] onto its top `dim` principal components -> [N, min(dim, N, D)] float32."""
+    return fit_pca(x, dim, seed)[0]
+
+
+def fit_pca(x: np.ndarray, dim: int, seed: int):
+    """(x projected [N, min(dim, N, D)] float32, the fitted scikit-learn PCA to project further rows with)."""
     from sklearn.decomposition import PCA
 
     dim = min(dim, x.shape[0], x.shape[1])
-    return PCA(n_components=dim, random_state=seed).fit_transform(x).astype(np.float32)
+    model = PCA(n_components=dim, random_state=seed)
+    return model.fit_transform(x).astype(np.float32), model
+
+
+Encode = Callable[[np.ndarray], np.ndarray]  # stored rows [n, H, W, C] -> model space float32 [n, H, W, C]
+
+
+def fit_embedding(sample: np.ndarray, encode: Encode, cfg: DataConfig) -> tuple[np.ndarray, Encode]:
+    """Fits the embedding on a bounded sample of stored rows [S, H, W, C] (images or latents, seen through
+    `encode`); returns (the sample's features [S, D] float32, a function giving any further rows' features).
+
+    With the whole dataset as the sample this is `embed` exactly. `embedding: file` is not fitted: see
+    `load_features`.
+    """
+    def pixels(rows: np.ndarray) -> np.ndarray:
+        return np.asarray(encode(rows), np.float32).reshape(len(rows), -1)
+
+    if cfg.embedding == "pixels":
+        return pixels(sample), pixels
+    if cfg.embedding != "pca":
+        raise DDMError(f"embedding {cfg.embedding!r} is not fitted on images")
+    features, model = fit_pca(pixels(sample), cfg.embed_dim, cfg.seed)
+    return features, lambda rows: model.transform(pixels(rows)).astype(np.float32)
 
 
 def load_features(cfg: DataConfig, n: int, base_dir: Path | None = None) -> np.ndarray:

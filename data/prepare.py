@@ -14,26 +14,90 @@ from pathlib import Path
 
 import numpy as np
 
-from ddm.core.config import Config, to_dict, with_num_classes
+from ddm.core.codec import Codec, latent_codec
+from ddm.core.config import Config, DataConfig, to_dict, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.core.hashing import dataset_fingerprint, labels_fingerprint
 from ddm.data import manifest as mf
-from ddm.data.embed import embed
+from ddm.data.embed import fit_embedding, load_features
 from ddm.data.kmeans import assign, kmeans
-from ddm.data.shards import write_shard
+from ddm.data.shards import ShardWriter
 from ddm.data.sources import load_dataset
 
 logger = logging.getLogger(__name__)
 
+BLOCK_ROWS = 4_096  # rows per block when streaming features, assignments and shard writes
+STATS_BLOCK_BYTES = 32 << 20  # float64 working set of one block of the latent statistics
+
 # Everything ddm writes in a run directory; `--overwrite` removes only these.
 RUN_CONTENTS = ("manifest.json", "shards", "clusters", "experts", "router", "monolith", "samples", "eval")
+
+
+def fit_sample(n: int, fit_samples: int, seed: int) -> np.ndarray:
+    """Sorted indices of the rows the embedding and k-means are fitted on: all n, or a seeded subset."""
+    if n <= fit_samples:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 2]).choice(n, fit_samples, replace=False))
+
+
+def data_codec(images: np.ndarray, cfg: DataConfig, block_rows: int = BLOCK_ROWS) -> Codec:
+    """How the model sees the stored rows: images [-1, 1]; latents standardised per channel with statistics
+    over all N rows (float64 sums a block at a time), or by `data.latent_scale`."""
+    if cfg.kind == "images":
+        return Codec()
+    channels = images.shape[-1]
+    sums, sq_sums = np.zeros(channels), np.zeros(channels)
+    if cfg.latent_scale is None:
+        rows = max(1, min(block_rows, STATS_BLOCK_BYTES // (8 * int(np.prod(images.shape[1:])))))
+        for lo in range(0, len(images), rows):
+            block = np.asarray(images[lo:lo + rows], np.float64).reshape(-1, channels)
+            sums += block.sum(axis=0)
+            sq_sums += (block**2).sum(axis=0)
+    return latent_codec(sums, sq_sums, len(images) * int(np.prod(images.shape[1:-1])), cfg.latent_scale)
+
+
+def _feature_source(images: np.ndarray, fit_idx: np.ndarray, codec: Codec, cfg: Config, base_dir: Path | None,
+                    block_rows: int):
+    """A function: sorted row indices [m] -> their clustering features [m, D] float32. The embedding is fitted
+    once on the rows `fit_idx`, whose features are kept; any other row is embedded on demand."""
+    if cfg.data.embedding == "file":
+        features = load_features(cfg.data, len(images), base_dir)
+        return lambda idx: features[idx]
+    fitted, transform = fit_embedding(np.asarray(images[fit_idx]), codec.encode, cfg.data)
+    position = np.full(len(images), -1, np.int64)
+    position[fit_idx] = np.arange(len(fit_idx))
+
+    def features_of(idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), fitted.shape[1]), np.float32)
+        known = position[idx] >= 0
+        out[known] = fitted[position[idx[known]]]
+        other = np.flatnonzero(~known)
+        for lo in range(0, len(other), block_rows):
+            rows = other[lo:lo + block_rows]
+            out[rows] = transform(np.asarray(images[idx[rows]]))
+        return out
+
+    return features_of
+
+
+def _write_rows(path: str, images: np.ndarray, labels: np.ndarray | None, rows: np.ndarray, chunk: int,
+                block_rows: int) -> None:
+    """Shard `path` holding images[rows] (and labels[rows]) in that order, written `block_rows` rows at a time
+    (rounded to whole zarr chunks)."""
+    writer = ShardWriter(path, len(rows), images.shape[1:], images.dtype, labels is not None, chunk)
+    step = max(chunk, block_rows // chunk * chunk)
+    for lo in range(0, len(rows), step):
+        block = rows[lo:lo + step]
+        writer.write(lo, np.asarray(images[block]), None if labels is None else labels[block])
 
 
 def _clustering_params(cfg: Config) -> dict:
     d = cfg.data
     params = dict(method=d.kmeans, k=d.k, embedding=d.embedding, embed_dim=d.embed_dim, seed=d.seed,
                   max_iter=d.max_iter, tol=d.tol, holdout_fraction=d.holdout_fraction, limit=d.limit,
-                  image_size=d.image_size)
+                  image_size=d.image_size, kind=d.kind, fit_samples=d.fit_samples)
+    if d.kind == "latents":
+        params["latent_scale"] = d.latent_scale
     if d.kmeans == "two_stage":
         params["fine_k"] = d.fine_k
     if d.kmeans == "balanced":
@@ -95,8 +159,13 @@ def split_holdout(n: int, fraction: float, k: int, seed: int) -> tuple[np.ndarra
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
-def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_dir: Path | None = None) -> dict:
-    """Runs the data pipeline for `cfg` into `run_dir`; returns the manifest."""
+def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_dir: Path | None = None,
+            block_rows: int = BLOCK_ROWS) -> dict:
+    """Runs the data pipeline for `cfg` into `run_dir`; returns the manifest.
+
+    Streams: the dataset may be memory-mapped; statistics, features, assignment and shard writes go
+    `block_rows` rows at a time, and only the embedding and k-means see `data.fit_samples` rows at once.
+    """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     logger.info(f"loading {cfg.data.source} ...")
@@ -116,13 +185,27 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
         return mf.read_manifest(run_dir)
 
     train_idx, hold_idx = split_holdout(n, cfg.data.holdout_fraction, cfg.data.k, cfg.data.seed)
-    logger.info(f"embedding with {cfg.data.embedding} ...")
-    features = embed(images, cfg.data, base_dir)
-    logger.info(f"  features {features.shape}; k-means ({cfg.data.kmeans}) K={cfg.data.k} on {len(train_idx)} images ...")
-    result = kmeans(features[train_idx], cfg.data.k, seed=cfg.data.seed, max_iter=cfg.data.max_iter,
+    codec = data_codec(images, cfg.data, block_rows)
+    fit_idx = fit_sample(n, cfg.data.fit_samples, cfg.data.seed)
+    logger.info(f"embedding with {cfg.data.embedding} (fitted on {len(fit_idx):,} of {n:,} images) ...")
+    features_of = _feature_source(images, fit_idx, codec, cfg, base_dir, block_rows)
+    fit_train = np.isin(train_idx, fit_idx, assume_unique=True)
+    fit_features = features_of(train_idx[fit_train])
+    logger.info(f"  features {fit_features.shape}; k-means ({cfg.data.kmeans}) K={cfg.data.k} on "
+                f"{len(fit_features):,} training images ...")
+    result = kmeans(fit_features, cfg.data.k, seed=cfg.data.seed, max_iter=cfg.data.max_iter,
                     tol=cfg.data.tol, mode=cfg.data.kmeans, fine_k=cfg.data.fine_k,
                     balance_slack=cfg.data.balance_slack, progress=True)
-    hold_labels = assign(features[hold_idx], result.centroids) if len(hold_idx) else np.zeros(0, np.int32)
+    del fit_features
+    # Rows outside the fit sample go to their nearest centroid, a block at a time.
+    train_labels = np.empty(len(train_idx), np.int32)
+    train_labels[fit_train] = result.labels
+    rest = np.flatnonzero(~fit_train)
+    for lo in range(0, len(rest), block_rows):
+        block = rest[lo:lo + block_rows]
+        train_labels[block] = assign(features_of(train_idx[block]), result.centroids)
+    hold_labels = np.concatenate([assign(features_of(hold_idx[lo:lo + block_rows]), result.centroids)
+                                  for lo in range(0, len(hold_idx), block_rows)] or [np.zeros(0, np.int32)])
 
     if overwrite and mf.manifest_path(run_dir).exists():
         logger.info(f"--overwrite: removing the earlier preparation in {run_dir}")
@@ -130,24 +213,20 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
     logger.info("writing shards ...")
     (run_dir / "clusters").mkdir(exist_ok=True)
     np.save(run_dir / "clusters" / "centroids.npy", result.centroids)
-    np.save(run_dir / "clusters" / "labels.npy", result.labels.astype(np.int32))
+    np.save(run_dir / "clusters" / "labels.npy", train_labels)
     clusters = []
-    train_images = images[train_idx]
-    train_classes = None if labels is None else labels[train_idx]
     for k in range(cfg.data.k):
         rel = f"shards/cluster_{k}"
-        rows = result.labels == k
-        members = train_images[rows]
-        member_classes = None if train_classes is None else train_classes[rows]
-        write_shard(mf.resolve(run_dir, rel), members, member_classes, cfg.data.chunk_images)
+        members = train_idx[train_labels == k]
+        _write_rows(mf.resolve(run_dir, rel), images, labels, members, cfg.data.chunk_images, block_rows)
         entry = {"id": k, "count": int(len(members)), "share": len(members) / len(train_idx), "shard": rel}
-        if member_classes is not None:  # the cluster's images per class: p(k | y) is count / the class total
-            entry["class_counts"] = np.bincount(member_classes, minlength=dataset.num_classes).tolist()
+        if labels is not None:  # the cluster's images per class: p(k | y) is count / the class total
+            entry["class_counts"] = np.bincount(labels[members], minlength=dataset.num_classes).tolist()
         clusters.append(entry)
     holdout = {"count": int(len(hold_idx))}
     if len(hold_idx):
-        write_shard(mf.resolve(run_dir, "shards/holdout"), images[hold_idx],
-                    None if labels is None else labels[hold_idx], cfg.data.chunk_images)
+        _write_rows(mf.resolve(run_dir, "shards/holdout"), images, labels, hold_idx, cfg.data.chunk_images,
+                    block_rows)
         np.save(run_dir / "shards" / "holdout_labels.npy", hold_labels.astype(np.int32))
         holdout.update(shard="shards/holdout", labels="shards/holdout_labels.npy")
 
@@ -156,7 +235,9 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dataset": {"source": dataset.source, "fingerprint": data_fp, "num_images": n,
                     "image_shape": list(dataset.image_shape), "num_classes": dataset.num_classes,
-                    "class_names": dataset.class_names, "labels_sha256": labels_sha},
+                    "class_names": dataset.class_names, "labels_sha256": labels_sha,
+                    # latents only: image runs keep the manifest they always had (no codec means images)
+                    **({"dtype": images.dtype.name, "codec": codec.to_dict()} if codec.latents else {})},
         "clustering": {**params, "inertia": float(result.inertia), "n_iter": int(result.n_iter),
                        "centroids": "clusters/centroids.npy", "train_labels": "clusters/labels.npy"},
         "clusters": clusters,

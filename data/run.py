@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddm.core.codec import Codec
 from ddm.core.config import Config, config_from_data, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.data import manifest as mf
@@ -71,6 +72,11 @@ class Run:
     @property
     def dataset(self) -> dict:
         return self.manifest["dataset"]
+
+    @property
+    def codec(self) -> Codec:
+        """How models see this run's stored rows: images in [-1, 1], or standardised latents."""
+        return Codec.from_dict(self.dataset.get("codec"))
 
     @property
     def is_export(self) -> bool:

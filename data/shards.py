@@ -40,14 +40,16 @@ def _spec(path: str, array: str) -> dict:
     return {"driver": "zarr", "kvstore": _kvstore(path, array)}
 
 
-def _write_array(path: str, array: str, values: np.ndarray, chunk: int) -> None:
-    chunk_shape = [max(1, min(chunk, len(values)))] + list(values.shape[1:])
+STORED_DTYPES = ("uint8", "float16", "float32")  # images, or latents kept at their own precision
+
+
+def _create_array(path: str, array: str, shape: tuple[int, ...], dtype: np.dtype, chunk: int) -> ts.TensorStore:
+    chunk_shape = [max(1, min(chunk, shape[0]))] + list(shape[1:])
     try:
-        store = ts.open(
-            _spec(path, array), create=True, delete_existing=True, dtype=ts.dtype(values.dtype.name),
-            shape=values.shape, chunk_layout=ts.ChunkLayout(chunk_shape=chunk_shape),
+        return ts.open(
+            _spec(path, array), create=True, delete_existing=True, dtype=ts.dtype(np.dtype(dtype).name),
+            shape=shape, chunk_layout=ts.ChunkLayout(chunk_shape=chunk_shape),
         ).result()
-        store.write(values).result()
     except ValueError as err:
         raise DDMError(f"cannot write shard {path}: {str(err).splitlines()[0]}") from None
 
@@ -60,38 +62,82 @@ def _delete_array(path: str, array: str) -> None:
         raise DDMError(f"cannot write shard {path}: {str(err).splitlines()[0]}") from None
 
 
+def _checked_labels(path: str, labels, n: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise DDMError(f"shard {path}: labels must be integers [{n}], got {labels.dtype} {labels.shape}")
+    if len(labels) and labels.min() < 0:
+        raise DDMError(f"shard {path}: labels must be >= 0, got {labels.min()}")
+    return labels
+
+
+class ShardWriter:
+    """Writes shard folder `path` (replacing any shard there) a block of rows at a time: images [N, H, W, C]
+    (uint8, or float16 / float32 latents, stored exactly) and, for labelled data, labels [N] int32.
+
+    Blocks that start at multiples of `chunk` rows write whole chunks: no chunk is read back and rewritten.
+    """
+
+    def __init__(self, path: str, num_rows: int, row_shape: tuple[int, ...], dtype, labelled: bool,
+                 chunk: int = 256):
+        dtype = np.dtype(dtype)
+        if dtype.name not in STORED_DTYPES or len(row_shape) != 3:
+            raise DDMError(f"shard {path}: expected [N, H, W, C] of {', '.join(STORED_DTYPES)}, got {dtype} "
+                           f"[{num_rows}, {', '.join(map(str, row_shape))}]")
+        self.path, self.num_rows, self.dtype = path, num_rows, dtype
+        self.images = _create_array(path, IMAGES, (num_rows, *row_shape), dtype, chunk)
+        if labelled:
+            # Labels are tiny: one chunk per image chunk keeps a streamed read of a row range to one chunk each.
+            self.labels = _create_array(path, LABELS, (num_rows,), np.int32, chunk)
+        else:
+            self.labels = None
+            _delete_array(path, LABELS)
+
+    def write(self, start: int, images: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """Rows [start, start + len(images)): images of the shard's dtype and shape, labels [n] integers >= 0."""
+        if images.dtype != self.dtype or tuple(images.shape[1:]) != tuple(self.images.shape[1:]):
+            raise DDMError(f"shard {self.path}: expected {self.dtype} [n, {', '.join(map(str, self.images.shape[1:]))}]"
+                           f", got {images.dtype} {images.shape}")
+        if (labels is None) != (self.labels is None):
+            raise DDMError(f"shard {self.path}: labels {'missing' if labels is None else 'given'} for a "
+                           f"{'labelled' if self.labels is not None else 'unlabelled'} shard")
+        if labels is not None:
+            labels = _checked_labels(self.path, labels, len(images))
+        end = start + len(images)
+        try:
+            self.images[start:end].write(images).result()
+            if labels is not None:
+                self.labels[start:end].write(labels.astype(np.int32)).result()
+        except ValueError as err:
+            raise DDMError(f"cannot write shard {self.path}: {str(err).splitlines()[0]}") from None
+
+
 def write_shard(path: str, images: np.ndarray, labels: np.ndarray | None = None, chunk: int = 256) -> None:
-    """Writes shard folder `path` (replacing any shard there): images uint8 [N, H, W, C] and, for labelled data,
-    labels [N] integer class labels in the same row order (stored int32)."""
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise DDMError(f"shard {path}: expected uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    """Writes shard folder `path` (replacing any shard there) in one go: images [N, H, W, C] uint8 (or float16 /
+    float32 latents) and, for labelled data, labels [N] integer class labels in the same row order."""
+    if images.ndim != 4:
+        raise DDMError(f"shard {path}: expected [N, H, W, C], got {images.dtype} {images.shape}")
     if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-            raise DDMError(f"shard {path}: labels must be integers [{len(images)}], got {labels.dtype} {labels.shape}")
-        if len(labels) and labels.min() < 0:
-            raise DDMError(f"shard {path}: labels must be >= 0, got {labels.min()}")
-    _write_array(path, IMAGES, images, chunk)
-    if labels is None:
-        _delete_array(path, LABELS)
-    else:
-        # Labels are tiny: one chunk per image chunk keeps a streamed read of a row range to one chunk each.
-        _write_array(path, LABELS, labels.astype(np.int32), chunk)
+        labels = _checked_labels(path, labels, len(images))
+    writer = ShardWriter(path, len(images), images.shape[1:], images.dtype, labels is not None, chunk)
+    writer.write(0, images, labels)
 
 
 def open_shard(path: str) -> ts.TensorStore:
-    """Opens an existing shard's images for reading; DDMError if they are missing or not a uint8 image array."""
+    """Opens an existing shard's images for reading; DDMError if they are missing or not an [N, H, W, C] array of
+    uint8 images or float16 / float32 latents."""
     try:
         store = ts.open(_spec(path, IMAGES), open=True, read=True).result()
     except ValueError as err:
         raise DDMError(f"cannot open shard {path}: {str(err).splitlines()[0]}") from None
-    if store.dtype != ts.uint8 or store.rank != 4:
-        raise DDMError(f"shard {path} is {store.dtype} rank {store.rank}; expected uint8 [N, H, W, C]")
+    if store.dtype.name not in STORED_DTYPES or store.rank != 4:
+        raise DDMError(f"shard {path} is {store.dtype.name} rank {store.rank}; expected [N, H, W, C] of "
+                       f"{', '.join(STORED_DTYPES)}")
     return store
 
 
 def read_shard(path: str) -> np.ndarray:
-    """The whole shard's images: [N, H, W, C] uint8."""
+    """The whole shard's images: [N, H, W, C] uint8 (or its float16 / float32 latents)."""
     return open_shard(path).read().result()
 
 
@@ -116,7 +162,7 @@ def read_labels(path: str) -> np.ndarray | None:
 class Batch(NamedTuple):
     """This process's rows of one step's global batch."""
 
-    images: np.ndarray  # [B/P, H, W, C] uint8
+    images: np.ndarray  # [B/P, H, W, C] uint8 (or the shards' float latents)
     clusters: np.ndarray  # [B/P] int32: the cluster id of each row's shard (the router's target)
     classes: np.ndarray  # [B/P] int32: each row's class label; NO_LABEL (-1) for unlabelled shards
 
@@ -151,6 +197,10 @@ class ShardReader:
         if len(shapes) != 1:
             raise DDMError(f"shards have different image shapes: {sorted(shapes)}")
         self.image_shape: tuple[int, int, int] = shapes.pop()
+        dtypes = {s.dtype.name for s in self.stores}
+        if len(dtypes) != 1:
+            raise DDMError(f"shards hold different dtypes: {sorted(dtypes)}")
+        self.dtype = np.dtype(dtypes.pop())
         self.sizes = np.array([s.shape[0] for s in self.stores], np.int64)
         if (self.sizes == 0).any():
             raise DDMError(f"shard {paths[int(np.argmax(self.sizes == 0))]} is empty")
@@ -168,7 +218,7 @@ class ShardReader:
         self.labelled = not unlabelled
         self._classes = np.concatenate(labels) if self.labelled else None
         self._offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        nbytes = self.num_images * int(np.prod(self.image_shape))
+        nbytes = self.num_images * int(np.prod(self.image_shape)) * self.dtype.itemsize
         if in_memory is None:
             in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES
         self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
@@ -209,7 +259,7 @@ class ShardReader:
         classes = self._classes[indices] if self.labelled else np.full(len(indices), NO_LABEL, np.int32)
         if self._cache is not None:
             return Batch(self._cache[indices], clusters, classes)
-        images = np.empty((len(indices),) + self.image_shape, np.uint8)
+        images = np.empty((len(indices),) + self.image_shape, self.dtype)
         for k in np.unique(shard):
             rows = shard == k
             local = indices[rows] - self._offsets[k]

@@ -40,11 +40,58 @@ NPZ_LABEL_KEYS = ("labels", "y")
 DEFAULT_LABEL_COLUMN = "label"
 
 
+# npz arrays taken as latents (data.kind=latents) when data.array_key is not set, in this order.
+NPZ_LATENT_KEYS = ("latents", "data")
+LATENT_DTYPES = ("float16", "float32")
+CHECK_CHUNK_BYTES = 64 << 20  # latents are checked for NaN / Inf a block of rows at a time
+
+
+class NpyRows:
+    """A .npy array read a block of rows at a time with plain file reads (no memory map: a map keeps every page
+    it touched in the process's resident memory). Supports `len`, `shape`, `dtype`, `ndim` and indexing along
+    the first axis (slices with step 1, integer index arrays), returning numpy arrays."""
+
+    def __init__(self, path: Path, rows: int | None = None):
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        self.path, self.dtype, self.offset = path, mapped.dtype, mapped.offset
+        if not mapped.flags.c_contiguous:
+            raise DDMError(f"{path} is stored in Fortran order; save it C-ordered")
+        self.shape = (len(mapped) if rows is None else min(rows, len(mapped)), *mapped.shape[1:])
+        self.ndim = mapped.ndim
+        self.row_items = int(np.prod(self.shape[1:]))
+        del mapped
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, f, start: int, count: int) -> np.ndarray:
+        f.seek(self.offset + start * self.row_items * self.dtype.itemsize)
+        out = np.fromfile(f, self.dtype, count=count * self.row_items)
+        return out.reshape(count, *self.shape[1:])
+
+    def __getitem__(self, index) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            if isinstance(index, slice):
+                start, stop, step = index.indices(len(self))
+                if step != 1:
+                    raise IndexError("NpyRows slices must have step 1")
+                return self._read(f, start, max(0, stop - start))
+            index = np.asarray(index, np.int64)
+            if index.size and (index.min() < 0 or index.max() >= len(self)):
+                raise IndexError(f"row index out of range [0, {len(self)})")
+            out = np.empty((len(index), *self.shape[1:]), self.dtype)
+            # one read per run of consecutive rows
+            breaks = np.flatnonzero(np.diff(index) != 1) + 1
+            for run in np.split(np.arange(len(index)), breaks) if len(index) else []:
+                out[run[0]:run[-1] + 1] = self._read(f, int(index[run[0]]), len(run))
+            return out
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Canonical images, their class labels if the source has them, and where they came from."""
 
-    images: np.ndarray  # [N, H, W, C] uint8
+    images: np.ndarray  # [N, H, W, C] uint8, or float16 / float32 latents (may be memory-mapped: read in chunks)
     source: str
     labels: np.ndarray | None = None  # [N] int32 in [0, num_classes), same order as images; None: unlabelled
     class_names: list[str] | None = None  # [num_classes]: class i is class_names[i]; None: unlabelled
@@ -70,6 +117,8 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
 
     Relative paths are resolved against `base_dir` (the config file's repo) and then the working directory.
     """
+    if cfg.kind == "latents":
+        return _load_latents(cfg, base_dir)
     source = cfg.source
     if source == "digits":
         images, labels, names = _load_digits(cfg)
@@ -388,3 +437,59 @@ def _load_hf(name: str, cfg: DataConfig, sized: int | None) -> Loaded:
     except Exception as err:  # noqa: BLE001 - network, auth and missing-dataset errors all land here
         raise DDMError(f"cannot load Hugging Face dataset {name!r}: {str(err).splitlines()[0]}") from None
     return _decode_rows(rows, cfg, f"hf:{name}", sized)
+
+
+def _load_latents(cfg: DataConfig, base_dir: Path | None) -> Dataset:
+    """Latents [N, h, w, c] float16 / float32 from a .npy (memory-mapped: nothing is read until used) or a .npz
+    (key `latents`, else `data`, or `data.array_key`; labels as for images). Values are kept exactly."""
+    path = _resolve(cfg.source, base_dir)
+    if path.suffix not in (".npy", ".npz"):
+        raise DDMError(f"latents come from a .npy or .npz file, not {path}")
+    if cfg.image_size is not None:
+        raise DDMError("config data.image_size resizes images; latents are used at their stored size")
+    labels = names = None
+    try:
+        if path.suffix == ".npy":
+            _no_label_column(cfg, f"{path} (a .npy holds one array: use a .npz with a labels array)")
+            latents = NpyRows(path)
+        else:
+            with np.load(path, allow_pickle=False) as loaded:
+                keys = list(loaded.keys())
+                if cfg.label_column is not None and cfg.label_column not in keys:
+                    raise DDMError(f"{path} has no array {cfg.label_column!r} for data.label_column (arrays: {keys})")
+                key = cfg.array_key or next((k for k in NPZ_LATENT_KEYS if k in keys), None)
+                if key not in keys:
+                    raise DDMError(f"{path} has arrays {keys} but no 'latents' or 'data'; set data.array_key")
+                latents = loaded[key]
+                label_key = cfg.label_column or next((k for k in NPZ_LABEL_KEYS if k in keys), None)
+                if label_key is not None and cfg.labels != "none":
+                    labels = loaded[label_key]
+    except ValueError as err:  # object arrays (ragged latents) need pickle, which is refused
+        raise DDMError(f"cannot read latents from {path}: {str(err).splitlines()[0]} (ragged or object array?)") from None
+    except OSError as err:
+        raise DDMError(f"cannot read latents from {path}: {err}") from None
+    latents = check_latents(latents, str(path))
+    class_names = None
+    if labels is not None:
+        labels, class_names = class_labels(labels, names, len(latents), f"{path} labels")
+    if cfg.limit is not None:
+        latents = NpyRows(path, cfg.limit) if isinstance(latents, NpyRows) else latents[: cfg.limit]
+        labels = None if labels is None else labels[: cfg.limit]
+    return Dataset(images=latents, source=str(path), labels=labels, class_names=class_names)
+
+
+def check_latents(latents: np.ndarray | NpyRows, what: str) -> np.ndarray | NpyRows:
+    """Latents must be float16 / float32 [N, h, w, c] with N >= 1 and only finite values; checked a block of
+    rows at a time, so a memory-mapped array is read once and never held whole. Returns it unchanged."""
+    if latents.dtype.name not in LATENT_DTYPES:
+        raise DDMError(f"{what} holds {latents.dtype} values; latents must be float16 or float32")
+    if latents.ndim != 4:
+        raise DDMError(f"{what} has shape {latents.shape}; latents must be [N, h, w, c]")
+    if len(latents) == 0:
+        raise DDMError(f"{what} holds no latents")
+    rows = max(1, CHECK_CHUNK_BYTES // max(1, latents[:1].nbytes))
+    for start in range(0, len(latents), rows):
+        bad = ~np.isfinite(latents[start:start + rows]).reshape(-1, int(np.prod(latents.shape[1:]))).all(axis=1)
+        if bad.any():
+            raise DDMError(f"{what} contains NaN or Inf values (first at row {start + int(np.argmax(bad))})")
+    return latents

@@ -79,6 +79,7 @@ def _diffusion_task(name: str, run: Run, reader: ShardReader, out_dir: Path, clu
         meta={"config": to_dict(cfg), "image_shape": list(run.image_shape)},
         holdout=holdout(run, clusters),
         sample=functools.partial(draw_grid, cfg.expert.train.sample_steps),
+        codec=run.codec,
     )
 
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from ddm.core.errors import DDMError
 from ddm.core.flow import interpolate
-from ddm.core.images import to_model_range
 from ddm.core.plots import pyplot, save_figure
 from ddm.data.run import Run
 from ddm.data.shards import read_labels, read_shard
@@ -104,7 +103,7 @@ def evaluate_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     def model(x, t, y=None):
         return apply(state, x, t, y)
 
-    images = to_model_range(read_shard(run.holdout_path()))
+    images = run.codec.encode(read_shard(run.holdout_path()))
     labels = run.holdout_labels()
     k = run.num_clusters
     prior = run.cluster_shares()

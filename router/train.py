@@ -75,6 +75,7 @@ def train_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
         meta={"config": to_dict(run.config), "num_clusters": run.num_clusters, "num_classes": run.num_classes},
         # Every held-out image with its nearest cluster (and class): held-out loss and accuracy at every log step.
         holdout=HeldOut(*held) if (held := run.holdout_set()) is not None else None,
+        codec=run.codec,
     )
     t0 = time.perf_counter()
     result = Trainer(task, train, progress=progress).run()

@@ -45,7 +45,7 @@ def test_write_read_round_trip_and_chunking(tmp_path):
 
 def test_bad_shards(tmp_path):
     with pytest.raises(DDMError, match="uint8"):
-        write_shard(str(tmp_path / "f"), np.zeros((2, 3, 3, 1), np.float32))
+        write_shard(str(tmp_path / "f"), np.zeros((2, 3, 3, 1), np.float64))  # float16 / float32 are latents
     with pytest.raises(DDMError, match="uint8"):
         write_shard(str(tmp_path / "f"), np.zeros((2, 3, 3), np.uint8))
     with pytest.raises(DDMError, match="cannot open shard .*missing"):

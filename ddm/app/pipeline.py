@@ -23,7 +23,7 @@ from ddm.data.run import Run
 from ddm.experts.islands import launch_local
 from ddm.router.train import train_router
 from ddm.sampling.load import load_ensemble
-from ddm.sampling.outputs import save_outputs, usage_summary
+from ddm.sampling.outputs import load_decoder, save_outputs, usage_summary
 from ddm.sampling.request import Request, generate
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,9 @@ def _sample(run: Run, ensemble: Ensemble, request: Request, png: Path,
     """Generates `request`, writes its grid + arrays at `png`, logs time and expert usage; (images, png)."""
     t0 = time.perf_counter()
     result = generate(ensemble, request)
-    save_outputs(result, request, png, manifest_sha=run.sha256, ncols=ncols)
+    npz = save_outputs(result, request, png, manifest_sha=run.sha256, ncols=ncols,
+                       decoder=load_decoder(run.config.sample.decoder))
     what = request.strategy + ("" if request.labels is None else " guided")
     logger.info(f"  {what:<21} {time.perf_counter() - t0:5.1f}s  {png}  ({usage_summary(result)})")
-    return result.images, png
+    with np.load(npz) as saved:  # what the grid shows: images, decoded latents or the latent visualisation
+        return saved["images"], png

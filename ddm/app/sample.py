@@ -9,7 +9,7 @@ from pathlib import Path
 from ddm.core.files import Staged, check_output_dir, check_output_file
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
-from ddm.sampling.outputs import save_outputs, save_pngs, usage_summary
+from ddm.sampling.outputs import load_decoder, save_outputs, save_pngs, usage_summary
 from ddm.sampling.request import Request, check_condition, generate
 from ddm.verify.environment import environment
 from ddm.verify.records import make_record, write_record
@@ -35,17 +35,18 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     if png_dir is not None:
         check_output_dir(png_dir, "--png-dir")
     private_key = None if key is None else load_private_key(key)  # a bad key fails before any work
+    decoder = load_decoder(run.config.sample.decoder)  # a bad decoder too
     ensemble = load_ensemble(run)
     t0 = time.perf_counter()
     result = generate(ensemble, request)
     seconds = time.perf_counter() - t0
     rec = None
     if record is not None:
-        rec = make_record(run.sha256, request, result.x, environment())
+        rec = make_record(run.sha256, request, result.x, environment(), run.codec)
         if private_key is not None:
             rec = sign_record(rec, private_key)
     with Staged() as staged:
-        npz = save_outputs(result, request, out, manifest_sha=run.sha256, stage=staged.stage)
+        npz = save_outputs(result, request, out, manifest_sha=run.sha256, decoder=decoder, stage=staged.stage)
         if png_dir is not None:
             save_pngs(result.images, png_dir, stage=staged.stage)
         if rec is not None:

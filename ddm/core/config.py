@@ -21,9 +21,11 @@ from ddm.core.errors import DDMError
 from ddm.core.flow import SOLVERS, T_SAMPLINGS
 
 EMBEDDINGS = ("pixels", "pca", "file")
+DATA_KINDS = ("images", "latents")
 KMEANS_MODES = ("lloyd", "balanced", "two_stage")
 MODEL_PRESETS = ("micro", "tiny", "small", "S", "B", "L", "XL")
 DTYPES = ("float32", "bfloat16")
+REMAT_MODES = ("none", "block")
 SCHEDULES = ("cosine", "constant")
 ROUTER_ARCHS = ("conv", "mlp", "dit")
 LABEL_MODES = ("auto", "none")
@@ -62,6 +64,13 @@ class DataConfig:
     """Where images come from, how they are embedded and clustered into K shards."""
 
     source: str = "digits"  # "digits", a .npz/.npy file, an image folder, a .parquet file, or "hf:<name>"
+    # "images" (uint8 pixels) or "latents": float16/float32 arrays [N, h, w, c] from a .npy / .npz (key
+    # "latents", else "data"), stored exactly and standardised per channel for the model (docs/latents.md).
+    kind: str = "images"
+    latent_scale: float | None = None  # latents: one factor (model value = x * scale, e.g. SD's 0.18215)
+    # Embedding (PCA) and k-means are fitted on at most this many images; everything else is assigned and
+    # written in chunks, so `ddm prepare`'s memory does not grow with N.
+    fit_samples: int = 100_000
     array_key: str | None = None  # array inside a .npz (default: the only one, or "data"/"images")
     image_column: str = "image"  # column holding images for parquet / Hugging Face sources
     # "auto": use the source's class labels when it has them; "none" (or null: `--set data.labels=none` parses
@@ -88,6 +97,12 @@ class DataConfig:
     chunk_images: int = 256  # zarr chunk length along N
 
     def __post_init__(self) -> None:
+        _check_choice("data.kind", self.kind, DATA_KINDS)
+        _check_positive("data.fit_samples", self.fit_samples)
+        if self.latent_scale is not None and (not math.isfinite(self.latent_scale) or self.latent_scale <= 0):
+            raise DDMError(f"config data.latent_scale={self.latent_scale} must be a finite number > 0")
+        if self.latent_scale is not None and self.kind != "latents":
+            raise DDMError("config data.latent_scale applies to data.kind=latents only")
         _check_choice("data.embedding", self.embedding, EMBEDDINGS)
         _check_choice("data.kmeans", self.kmeans, KMEANS_MODES)
         if self.labels is None:
@@ -125,10 +140,14 @@ class ModelConfig:
     # Class labels the model is conditioned on. None: whatever the data has (`ddm prepare` stores the resolved
     # value in the run's config: 0 for unlabelled data). A value that disagrees with the data is an error.
     num_classes: int | None = None
-    dtype: str = "float32"  # compute dtype; parameters and the loss stay float32
+    dtype: str = "float32"  # compute dtype; parameters, optimizer state and the loss stay float32
+    # "block": recompute each DiT block's activations in the backward pass (nnx.remat) instead of storing them:
+    # same results, less activation memory, ~1/3 more compute.
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         _check_choice("model.preset", self.preset, MODEL_PRESETS)
+        _check_choice("model.remat", self.remat, REMAT_MODES)
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_positive("model.patch_size", self.patch_size)
         if self.num_classes is not None:
@@ -165,12 +184,15 @@ class TrainConfig:
     sample_every: int = 0  # 0: never; only jobs that generate (experts, monolith) draw grids
     sample_images: int = 16  # images in the grid
     sample_steps: int = 16  # Euler steps of the grid's ODE solve
+    # Gradient accumulation: each optimizer step averages the gradients of `grad_accum` micro-batches of
+    # batch_size / grad_accum rows (the same update as one batch of batch_size, in a fraction of the memory).
+    grad_accum: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("train.schedule", self.schedule, SCHEDULES)
         _check_choice("train.t_sampling", self.t_sampling, T_SAMPLINGS)
         for name in ("steps", "batch_size", "lr", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "sample_images", "sample_steps"):
+                     "sample_images", "sample_steps", "grad_accum"):
             _check_positive(f"train.{name}", getattr(self, name))
         _check_positive("train.sample_every", self.sample_every, allow_zero=True)
         _check_seed("train.seed", self.seed)
@@ -183,6 +205,9 @@ class TrainConfig:
             raise DDMError(f"config train.ema_decay={self.ema_decay} must be in [0, 1)")
         if not 0.0 <= self.class_dropout < 1.0:
             raise DDMError(f"config train.class_dropout={self.class_dropout} must be in [0, 1)")
+        if self.batch_size % self.grad_accum:
+            raise DDMError(f"config train.batch_size={self.batch_size} is not divisible by "
+                           f"train.grad_accum={self.grad_accum}")
         if self.mesh_data == 0 or self.mesh_data < -1 or self.mesh_fsdp < 1:
             raise DDMError(f"config mesh ({self.mesh_data}, {self.mesh_fsdp}) must be positive (data may be -1)")
 
@@ -217,6 +242,9 @@ class SampleConfig:
     # grow with both); raise them with --set sample.max_n=... when a bigger request is meant.
     max_n: int = 10_000
     max_steps: int = 1000
+    # Latent runs: "module:function" mapping de-normalised latents float32 [n, h, w, c] to uint8 images (your
+    # VAE's decoder) for grids and PNGs; unset: a fixed visualisation of latent channels 0-2.
+    decoder: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("sample.solver", self.solver, SOLVERS)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ddm.core.config import ModelConfig
+from ddm.core.config import REMAT_MODES, ModelConfig
 from ddm.core.errors import DDMError
 
 # name -> (depth, width, heads). S/B/L/XL are the DiT paper's configurations.
@@ -191,8 +191,20 @@ def apply_tokens(layer: nnx.Linear, x: jax.Array) -> jax.Array:
     return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Plain softmax attention, the definition `jax.nn.dot_product_attention` must agree with (tests).
+
+    q, k, v: [B, N, heads, head_dim] in the compute dtype -> [B, N, heads, head_dim] in that dtype; logits and
+    softmax in float32.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
 class Attention(nnx.Module):
-    """Multi-head self-attention, [B, N, D] -> [B, N, D]; logits and softmax in float32."""
+    """Multi-head self-attention, [B, N, D] -> [B, N, D], through `jax.nn.dot_product_attention`: cuDNN flash
+    attention on GPUs that have it, XLA elsewhere; logits and softmax in float32 either way."""
 
     def __init__(self, width: int, heads: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         self.heads = heads
@@ -204,10 +216,8 @@ class Attention(nnx.Module):
         b, n, d = x.shape
         head_dim = d // self.heads
         q, k, v = jnp.split(apply_tokens(self.qkv, x).reshape(b, n, 3, self.heads, head_dim), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, N, heads, head_dim]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(self.dtype))
+        q, k, v = (a[:, :, 0].astype(self.dtype) for a in (q, k, v))  # [B, N, heads, head_dim]
+        out = jax.nn.dot_product_attention(q, k, v)
         return apply_tokens(self.proj, out.reshape(b, n, d))
 
 
@@ -269,7 +279,8 @@ class DiT(nnx.Module):
     """
 
     def __init__(self, *, image_shape: tuple[int, int, int], patch_size: int, depth: int, width: int,
-                 heads: int, num_classes: int = 0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+                 heads: int, num_classes: int = 0, dtype: jnp.dtype = jnp.float32, remat: str = "none",
+                 rngs: nnx.Rngs):
         self.grid = check_image_shape(image_shape, patch_size)
         check_width(width, heads)
         if depth < 1:
@@ -278,6 +289,9 @@ class DiT(nnx.Module):
         self.patch_size = patch_size
         self.width = width
         self.num_classes = num_classes
+        if remat not in REMAT_MODES:
+            raise DDMError(f"remat {remat!r} is not one of {', '.join(REMAT_MODES)}")
+        self.remat = remat
         channels = self.image_shape[2]
         self.cond = ConditionEmbedder(width, num_classes, dtype=dtype, rngs=rngs)
         self.patch_embed = PatchEmbed(patch_size, channels, width, dtype=dtype, rngs=rngs)
@@ -290,9 +304,18 @@ class DiT(nnx.Module):
         c = self.cond(t, y)
         h = self.patch_embed(x).astype(jnp.float32) + sincos_pos_embed(*self.grid, self.width)
         for block in self.blocks:
-            h = block(h, c)
+            h = _apply_block(block, h, c) if self.remat == "none" else _remat_block(block, h, c)
         out = self.final(h, c)
         return unpatchify(out, self.patch_size, self.image_shape).astype(jnp.float32)
+
+
+def _apply_block(block: DiTBlock, h: jax.Array, c: jax.Array) -> jax.Array:
+    return block(h, c)
+
+
+# remat="block": a block's activations are recomputed in the backward pass instead of stored, so activation
+# memory is one block's worth plus the residual stream per block (~1/3 more compute for much less memory).
+_remat_block = nnx.remat(_apply_block)
 
 
 def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array | None, image_shape: tuple[int, ...]) -> None:
@@ -319,7 +342,8 @@ def dit_from_config(model: ModelConfig, image_shape: tuple[int, int, int], rngs:
     """
     depth, width, heads = preset_dims(model.preset)
     return DiT(image_shape=tuple(image_shape), patch_size=model.patch_size, depth=depth, width=width,
-               heads=heads, num_classes=model.num_classes or 0, dtype=compute_dtype(model.dtype), rngs=rngs)
+               heads=heads, num_classes=model.num_classes or 0, dtype=compute_dtype(model.dtype),
+               remat=model.remat, rngs=rngs)
 
 
 # ---------------------------------------------------------------------------------------------------------

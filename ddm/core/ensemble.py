@@ -54,7 +54,7 @@ from flax import nnx
 from ddm.core import dispatch as dispatch_lib
 from ddm.core import flow
 from ddm.core.errors import DDMError
-from ddm.core.images import to_uint8
+from ddm.core.codec import Codec
 from ddm.core.routing import Strategy, parse_strategy, route_weights
 
 ExpertApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -65,8 +65,9 @@ RouterApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 class SampleResult:
     """What `Ensemble.sample` returns.
 
-    images: uint8 [n, H, W, C], round(clip((x + 1) * 127.5, 0, 255)).
-    x: float32 [n, H, W, C], the final ODE state (data scale [-1, 1]).
+    images: uint8 [n, H, W, C], round(clip((x + 1) * 127.5, 0, 255)); for latent runs the codec's preview
+        (latent channels 0-2 as RGB, `ddm.core.codec`).
+    x: float32 [n, H, W, C], the final ODE state (model space: [-1, 1] for images, standardised latents).
     weights: float32 [steps, n, K], the routing weights of each step's first velocity evaluation.
     expert_ids: int32 [steps, n], the chosen expert per step, for one-hot strategies (top1, sample, oracle,
         single); None otherwise.
@@ -86,6 +87,7 @@ class SampleResult:
     expert_evals: int
     padded_evals: int
     dispatch: str
+    latents: np.ndarray | None = None  # float32 [n, H, W, C]: de-normalised latents (latent runs only)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,6 +306,7 @@ class Ensemble:
         min_bucket: int = 8,
         dispatch: str = "auto",
         expert_sharding: jax.sharding.Sharding | None = None,
+        codec: Codec = Codec(),
     ):
         expert_params = list(expert_params)
         num = len(expert_params)
@@ -347,6 +350,7 @@ class Ensemble:
         self.dispatch = dispatch
         self.expert_sharding = expert_sharding
         self._present = tuple(present)
+        self.codec = codec
         self._mask = jnp.asarray(available, bool)
         self._stacked = None
         self._route_fn = None if router_apply is None else _jitted_route(router_apply)
@@ -361,7 +365,7 @@ class Ensemble:
                    "router_apply": self.router_apply, "router_params": self.router_params,
                    "image_shape": self.image_shape, "num_classes": self.num_classes,
                    "available": self.available, "min_bucket": self.min_bucket, "dispatch": self.dispatch,
-                   "expert_sharding": self.expert_sharding}
+                   "expert_sharding": self.expert_sharding, "codec": self.codec}
         unknown = sorted(set(changes) - set(current))
         if unknown:
             raise DDMError(f"Ensemble.replace: unknown field {unknown[0]!r} (known: {', '.join(current)})")
@@ -626,7 +630,7 @@ class Ensemble:
         weights = np.concatenate([b[1] for b in fetched], axis=1).astype(np.float32)
         expert_ids = np.argmax(weights, axis=-1).astype(np.int32) if strategy.one_hot else None
         return SampleResult(
-            images=to_uint8(x_final),
+            images=self.codec.preview(x_final),
             x=x_final,
             weights=weights,
             expert_ids=expert_ids,
@@ -637,6 +641,7 @@ class Ensemble:
             expert_evals=int(sum(b[2] for b in fetched)),
             padded_evals=int(sum(b[3] for b in fetched)),
             dispatch=self.resolved_dispatch,
+            latents=self.codec.decode(x_final) if self.codec.latents else None,
         )
 
     def _solve_host(self, x1, y, labels, route_base, offset, strategy, steps, solver, cfg, scale):

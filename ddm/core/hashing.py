@@ -32,11 +32,23 @@ import numpy as np
 from ddm.core.errors import DDMError
 
 
-def array_sha256(array: np.ndarray, tag: str) -> str:
-    """SHA-256 hex digest of ``"{tag}:{shape}\n"`` followed by the array's C-order bytes."""
-    arr = np.ascontiguousarray(array)
-    digest = hashlib.sha256(f"{tag}:{','.join(str(d) for d in arr.shape)}\n".encode("ascii"))
-    digest.update(arr.tobytes())
+HASH_CHUNK_BYTES = 64 << 20  # arrays are hashed a block of rows at a time (memory-mapped inputs stay on disk)
+
+
+def array_sha256(array: np.ndarray, tag: str, dtype: np.dtype | None = None) -> str:
+    """SHA-256 hex digest of ``"{tag}:{shape}\n"`` followed by the array's C-order bytes (as `dtype`, if given).
+
+    Hashed a block of rows at a time: anything with `shape` and row slicing works (a memory-mapped file is
+    never read whole)."""
+    shape = tuple(np.shape(array)) if not hasattr(array, "shape") else tuple(array.shape)
+    digest = hashlib.sha256(f"{tag}:{','.join(str(d) for d in shape)}\n".encode("ascii"))
+    if len(shape) == 0 or shape[0] == 0:
+        digest.update(np.ascontiguousarray(array, dtype).tobytes())
+        return digest.hexdigest()
+    row_bytes = max(1, int(np.prod(shape[1:])) * np.dtype(dtype or array.dtype).itemsize)
+    rows = max(1, HASH_CHUNK_BYTES // row_bytes)
+    for start in range(0, shape[0], rows):
+        digest.update(np.ascontiguousarray(array[start:start + rows], dtype).tobytes())
     return digest.hexdigest()
 
 
@@ -73,7 +85,10 @@ def images_sha256(images: np.ndarray) -> str:
 
 
 def dataset_fingerprint(images: np.ndarray) -> str:
-    """SHA-256 of a dataset's canonical uint8 images [N, H, W, C], shape included (tag ``ddm-dataset:v1``)."""
+    """SHA-256 of a dataset's canonical uint8 images [N, H, W, C], shape included (tag ``ddm-dataset:v1``), or
+    of its float latents (little-endian float16 / float32 bytes, tag ``ddm-latents:v1:<dtype>``)."""
+    if images.dtype.kind == "f":
+        return array_sha256(images, f"ddm-latents:v1:{images.dtype.name}", images.dtype.newbyteorder("<"))
     return array_sha256(np.asarray(images, dtype=np.uint8), "ddm-dataset:v1")
 
 

@@ -73,11 +73,18 @@ def grid_image(images: np.ndarray, ncols: int | None = None, scale: int | None =
     return make_grid(images, ncols or math.ceil(math.sqrt(n)), pad=pad)
 
 
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Writes one uint8 image [H, W, C] (C = 1: mode "L", C = 3: "RGB") as a PNG; returns the path."""
+def save_png(image: np.ndarray, path: str | Path, title: str | None = None) -> Path:
+    """Writes one uint8 image [H, W, C] (C = 1: mode "L", C = 3: "RGB") as a PNG, with an optional Title text
+    chunk (what the image shows); returns the path."""
+    from PIL.PngImagePlugin import PngInfo
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
+    info = None
+    if title:
+        info = PngInfo()
+        info.add_text("Title", title)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG", pnginfo=info)
     return path
 
 

@@ -28,7 +28,8 @@ from flax import nnx
 
 from ddm.core import mesh as mesh_lib
 from ddm.core.config import TrainConfig
-from ddm.core.images import grid_image, save_png, to_model_range, to_uint8
+from ddm.core.codec import Codec
+from ddm.core.images import grid_image, save_png
 from ddm.core.writers import HOLDOUT_PREFIX, Writers, check_available, open_writers
 
 # (model, noise [n, H, W, C] float32) -> samples [n, H, W, C] float32 in about [-1, 1]; traceable.
@@ -53,11 +54,13 @@ class HeldOut:
                 np.asarray(self.classes, np.int32)[index])
 
 
-def holdout_metrics(graphdef, loss, seed: int, params, rest, images, clusters, classes) -> dict:
-    """The task's loss and aux metrics on held-out rows (images uint8 [B, H, W, C], clusters and classes int32
-    [B]) at the fixed key fold_in(key(seed), HOLDOUT_KEY): the same t, noise and label dropout at every step."""
+def holdout_metrics(graphdef, loss, seed: int, params, rest, images, clusters, classes, *,
+                    codec: Codec = Codec()) -> dict:
+    """The task's loss and aux metrics on held-out rows (stored images or latents [B, H, W, C], seen through
+    `codec`; clusters and classes int32 [B]) at the fixed key fold_in(key(seed), HOLDOUT_KEY): the same t,
+    noise and label dropout at every step."""
     rng = jax.random.fold_in(jax.random.key(seed), HOLDOUT_KEY)
-    value, aux = loss(nnx.merge(graphdef, params, rest), to_model_range(images), clusters, classes, rng)
+    value, aux = loss(nnx.merge(graphdef, params, rest), codec.encode(images), clusters, classes, rng)
     return {"loss": value, **aux}
 
 
@@ -77,8 +80,10 @@ class Monitor:
 
     def __init__(self, *, name: str, cfg: TrainConfig, out_dir: Path, graphdef, loss, shardings: dict, mesh,
                  batch_sharding, holdout: HeldOut | None, sampler: Sampler | None,
-                 image_shape: tuple[int, ...] | None, config: dict | None = None, writes: bool = True):
+                 image_shape: tuple[int, ...] | None, config: dict | None = None, writes: bool = True,
+                 codec: Codec = Codec()):
         self.name, self.cfg, self.out_dir, self.config, self.writes = name, cfg, out_dir, config, writes
+        self.codec = codec
         self.writers = Writers([])
         if writes:
             check_available(tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project)
@@ -87,7 +92,7 @@ class Monitor:
         if cfg.holdout_loss and holdout is not None and len(holdout.images):
             self._holdout = tuple(jax.make_array_from_callback(a.shape, batch_sharding, lambda i, a=a: a[i])
                                   for a in holdout.rows(cfg.batch_size))
-            fn = functools.partial(holdout_metrics, graphdef, loss, cfg.seed)
+            fn = functools.partial(holdout_metrics, graphdef, loss, cfg.seed, codec=codec)
             self._holdout_fn = jax.jit(fn, in_shardings=(shardings["params"], shardings["rest"], batch_sharding,
                                                          batch_sharding, batch_sharding), out_shardings=replicated)
         self._grid_fn = None
@@ -117,7 +122,7 @@ class Monitor:
 
     def sample(self, step: int, state: dict) -> Path | None:
         """Draws the EMA grid; writes samples/step_XXXXXX.png and the writers' `samples` image (process 0)."""
-        images = to_uint8(_host(self._grid_fn(state["ema"], state["rest"])))
+        images = self.codec.preview(_host(self._grid_fn(state["ema"], state["rest"])))
         if not self.writes:
             return None
         grid = grid_image(images)

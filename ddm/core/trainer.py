@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 from ddm.core import mesh as mesh_lib
 from ddm.core.checkpoint import Checkpointer, abstract_with_shardings, save_params
+from ddm.core.codec import Codec
 from ddm.core.config import TrainConfig
 from ddm.core.errors import DDMError
 from ddm.core.hashing import pytree_sha256
-from ddm.core.images import to_model_range
 from ddm.core.monitor import HeldOut, Monitor, Sampler
 from ddm.core.plots import plot_loss_curve
 
@@ -77,6 +77,7 @@ class Task:
     meta: dict  # resolved config etc., stored beside every checkpoint
     holdout: HeldOut | None = None  # held-out images of the job's own data: loss at every log step
     sample: Sampler | None = None  # how the EMA model draws the grid every `train.sample_every` steps
+    codec: Codec = Codec()  # how the model sees the reader's stored rows (images or latents)
 
 
 class NonFiniteError(DDMError):
@@ -119,20 +120,52 @@ def init_state(make_model, tx: optax.GradientTransformation, seed: int) -> dict:
     }
 
 
-def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images, clusters, classes):
-    """One optimisation step. images: [B, H, W, C] uint8, clusters, classes: [B] int32 (see `LossFn`).
-    Returns (state, metrics).
+def loss_and_grads(graphdef, loss: LossFn, params, rest, x, clusters, classes, rng, accum: int = 1):
+    """(loss, aux), grads of `loss` on one batch, averaged over `accum` micro-batches.
+
+    x: [B, ...] float32, clusters, classes: [B] int32. With accum = N, micro-batch i is rows i, i + N, i + 2N,
+    ... (a strided view keeps each device's rows on that device: the batch axis stays sharded as it came),
+    its noise drawn from fold_in(rng, i), and the N gradients, losses and aux values are averaged: for a loss
+    that is a mean over rows this is the gradient of the whole batch, holding one micro-batch's activations.
+    accum = 1 is the plain step, bit for bit.
+    """
+
+    def objective(p, x, clusters, classes, rng):
+        return loss(nnx.merge(graphdef, p, rest), x, clusters, classes, rng)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if accum == 1:
+        return grad_fn(params, x, clusters, classes, rng)
+
+    def micro(i, a):  # micro-batch i of a [B, ...] array: rows i::accum
+        a = a.reshape(a.shape[0] // accum, accum, *a.shape[1:])
+        return jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False)
+
+    def body(i, carry):
+        (loss_sum, aux_sum), grad_sum = carry
+        (value, aux), grads = grad_fn(params, micro(i, x), micro(i, clusters), micro(i, classes),
+                                      jax.random.fold_in(rng, i))
+        return ((loss_sum + value, jax.tree.map(jnp.add, aux_sum, aux)), jax.tree.map(jnp.add, grad_sum, grads))
+
+    shapes = jax.eval_shape(grad_fn, params, micro(0, x), micro(0, clusters), micro(0, classes), rng)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total = jax.lax.fori_loop(0, accum, body, zero)
+    return jax.tree.map(lambda a: a / accum, total)
+
+
+def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images, clusters, classes, *,
+               accum: int = 1, codec: Codec = Codec()):
+    """One optimisation step. images: [B, H, W, C] stored rows (uint8 images or float latents, which `codec`
+    maps to model space), clusters, classes: [B] int32 (see `LossFn`); accum: micro-batches the batch is split
+    into (`loss_and_grads`). Returns (state, metrics).
 
     A non-finite loss or gradient leaves params/optimizer untouched and records the step in `state["bad"]`,
     so the host can stop with the last good state still intact.
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    x = to_model_range(images)
-
-    def objective(params):
-        return loss(nnx.merge(graphdef, params, state["rest"]), x, clusters, classes, rng)
-
-    (loss_value, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    x = codec.encode(images)
+    (loss_value, aux), grads = loss_and_grads(graphdef, loss, state["params"], state["rest"], x, clusters, classes,
+                                              rng, accum)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
@@ -194,7 +227,9 @@ class Trainer:
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         _check_process_rows(task.reader, self.batch_sharding, cfg.batch_size)
         self._lr = jax.jit(learning_rate(cfg))  # host-side, for the log; one compile instead of one per op
-        step_fn = functools.partial(train_step, self.graphdef, task.loss, self.tx, cfg.ema_decay)
+        mesh_lib.check_batch(cfg.batch_size // cfg.grad_accum, self.mesh)  # each micro-batch splits evenly too
+        step_fn = functools.partial(train_step, self.graphdef, task.loss, self.tx, cfg.ema_decay,
+                                    accum=cfg.grad_accum, codec=task.codec)
         self._step = jax.jit(step_fn, donate_argnums=0,
                              in_shardings=(self.shardings, self.batch_sharding, self.batch_sharding,
                                            self.batch_sharding),
@@ -203,7 +238,7 @@ class Trainer:
                                shardings=self.shardings, mesh=self.mesh, batch_sharding=self.batch_sharding,
                                holdout=task.holdout, sampler=task.sample,
                                image_shape=getattr(task.reader, "image_shape", None),
-                               config=task.meta.get("config"), writes=jax.process_index() == 0)
+                               config=task.meta.get("config"), writes=jax.process_index() == 0, codec=task.codec)
 
     def _global_batch(self, step: int) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(images, clusters, classes) of `step` as global arrays, each process contributing its rows."""

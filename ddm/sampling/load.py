@@ -61,7 +61,7 @@ def load_ensemble(run: Run | str | Path, overrides: list[str] | tuple[str, ...] 
     router_apply = router_state = None
     if with_router:
         router_apply, router_state = load_router(run)
-    return Ensemble(apply, states, router_apply, router_state, image_shape=run.image_shape,
+    return Ensemble(apply, states, router_apply, router_state, image_shape=run.image_shape, codec=run.codec,
                     num_classes=run.config.expert.model.num_classes)
 
 
@@ -74,4 +74,5 @@ def load_single(run: Run | str | Path, section: str = "monolith") -> Ensemble | 
         return None
     model_cfg, make = single_factory(run, entry)
     apply, state = model_apply(load_pinned(run.weights_path(entry), entry.get("sha256"), make, section))
-    return Ensemble(apply, [state], None, None, image_shape=run.image_shape, num_classes=model_cfg.num_classes)
+    return Ensemble(apply, [state], None, None, image_shape=run.image_shape, num_classes=model_cfg.num_classes,
+                    codec=run.codec)

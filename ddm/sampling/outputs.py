@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from ddm.core.codec import LATENT_PREVIEW_TITLE
 from ddm.core.ensemble import SampleResult
-from ddm.core.images import save_grid_png, save_png
+from ddm.core.errors import DDMError
+from ddm.core.images import grid_image, save_png
 from ddm.sampling.request import Request
 
 
@@ -18,19 +21,54 @@ def _in_place(path: Path) -> Path:
     return path
 
 
+def load_decoder(spec: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """`sample.decoder` ("module:function", e.g. a user's VAE decoder) -> the function, or None when unset.
+    The function maps de-normalised latents float32 [n, h, w, c] to uint8 images [n, H, W, 1 or 3]."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name) if name else None
+    except (ImportError, AttributeError) as err:
+        raise DDMError(f"sample.decoder={spec!r} cannot be loaded: {err}") from None
+    if not callable(fn):
+        raise DDMError(f"sample.decoder={spec!r} must name a function as module:function")
+    return fn
+
+
+def viewable(result: SampleResult, decoder: Callable | None = None) -> tuple[np.ndarray, str]:
+    """(uint8 images [n, H, W, C] to show, what they show). Images as sampled; latents through `decoder`, or
+    without one the fixed channel visualisation of `ddm.core.codec` (the title says so)."""
+    if result.latents is None:
+        return result.images, ""
+    if decoder is None:
+        return result.images, LATENT_PREVIEW_TITLE
+    images = np.asarray(decoder(result.latents))
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(result.latents):
+        raise DDMError(f"sample.decoder returned {images.dtype} {images.shape}; expected uint8 "
+                       f"[{len(result.latents)}, H, W, C]")
+    return images, "decoded latents"
+
+
 def save_outputs(result: SampleResult, request: Request, out_png: Path, *, manifest_sha: str,
-                 ncols: int | None = None, stage: Callable[[Path], Path] = _in_place) -> Path:
+                 ncols: int | None = None, decoder: Callable | None = None,
+                 stage: Callable[[Path], Path] = _in_place) -> Path:
     """Writes the grid PNG and, beside it, an .npz of images + routing decisions + request. Returns the npz.
 
     npz keys: images uint8 [n, H, W, C], weights float32 [steps, n, K], expert_ids int32 [steps, n] (one-hot
-    strategies only), request (JSON text), manifest_sha256 (text).
+    strategies only), request (JSON text), manifest_sha256 (text); for latent runs also latents float32
+    [n, h, w, c] (de-normalised: the values the shards store), and `images` are what the grid shows (decoded
+    by `decoder`, or the channel visualisation, named in the PNG's Title).
     stage: where each file's bytes go first (`ddm.core.files.Staged.stage`: a temporary name renamed once every
     output is written); default: straight to the file.
     """
+    images, title = viewable(result, decoder)
+    save_png(grid_image(images, ncols), stage(out_png), title=title or None)
     npz = out_png.with_suffix(".npz")
-    save_grid_png(result.images, stage(out_png), ncols=ncols)
-    arrays = {"images": result.images, "weights": result.weights,
+    arrays = {"images": images, "weights": result.weights,
               "request": np.array(json.dumps(request.to_json())), "manifest_sha256": np.array(manifest_sha)}
+    if result.latents is not None:
+        arrays["latents"] = result.latents
     if result.expert_ids is not None:
         arrays["expert_ids"] = result.expert_ids
     with open(stage(npz), "wb") as f:  # a file object: numpy would append .npz to a temporary name

@@ -6,6 +6,9 @@ request, the claimed output itself, and digests of it:
 - `values`: the final ODE state x, float32 [n, H, W, C] in model range, as base64 of its little-endian C-order
   bytes. The images are `to_uint8(values)`, so the record carries its own pixels;
 - `sha256`: `images_sha256` of those uint8 images; `images[i]`: per-image `sha256`, `phash`, `dhash`;
+- `codec` (latent runs only): the run's latent normalisation (`ddm.core.codec`). Then the outputs are the
+  de-normalised latents `codec.decode(values)`: `sha256` and each image's `sha256` are `latents_sha256` of
+  their float32 bytes, and the perceptual hashes are of `codec.preview(values)` (latent channels 0-2);
 - `environment`: the claimant's software and hardware (`ddm.verify.environment`);
 - `signature` (optional): Ed25519 over everything else (`ddm.verify.signing`).
 
@@ -31,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from ddm.core.errors import DDMError
-from ddm.core.hashing import images_sha256
+from ddm.core.codec import Codec
+from ddm.core.hashing import array_sha256, images_sha256
 from ddm.core.images import to_uint8
 from ddm.sampling.request import Request
 from ddm.verify.limits import DEFAULT_LIMITS, VerifyLimits
@@ -39,7 +43,7 @@ from ddm.verify.phash import hex_to_hash, perceptual_hashes
 
 RECORD_FORMAT = "ddm-record/v2"
 RECORD_KEYS = ("format", "manifest_sha256", "request", "shape", "sha256", "images", "values", "environment")
-OPTIONAL_KEYS = ("signature",)
+OPTIONAL_KEYS = ("signature", "codec")
 MAX_STRATEGY_CHARS = 64
 MAX_ENVIRONMENT_KEYS = 32
 MAX_ENVIRONMENT_CHARS = 1024
@@ -50,21 +54,48 @@ def image_digests(images: np.ndarray) -> list[dict[str, str]]:
     return [{"sha256": images_sha256(img[None]), **h} for img, h in zip(images, perceptual_hashes(images))]
 
 
+def latents_sha256(latents: np.ndarray) -> str:
+    """SHA-256 of de-normalised latents float32 [n, h, w, c] (little-endian bytes, tag ``ddm-latents-out:v1``)."""
+    return array_sha256(np.ascontiguousarray(latents, "<f4"), "ddm-latents-out:v1")
+
+
+def output_digests(values: np.ndarray, codec: Codec) -> tuple[str, list[dict[str, str]]]:
+    """(batch sha256, per-image {"sha256", "phash", "dhash"}) of the outputs whose final state is `values`
+    (float32 [n, H, W, C], model range): the uint8 images, or for latents the de-normalised latent bytes, with
+    perceptual hashes of the channel preview."""
+    if not codec.latents:
+        images = to_uint8(values)
+        return images_sha256(images), image_digests(images)
+    latents = codec.decode(values)
+    hashes = perceptual_hashes(codec.preview(values))
+    return latents_sha256(latents), [{"sha256": latents_sha256(z[None]), **h} for z, h in zip(latents, hashes)]
+
+
+def record_codec(record: dict) -> Codec:
+    """The codec a validated record's outputs were made with (images when it names none)."""
+    return Codec.from_dict(record.get("codec"))
+
+
 def encode_values(values: np.ndarray) -> str:
     """float32 [n, H, W, C] -> base64 of its little-endian C-order bytes."""
     return base64.b64encode(np.ascontiguousarray(values, "<f4").tobytes()).decode("ascii")
 
 
-def make_record(manifest_sha: str, request: Request, values: np.ndarray, environment: dict[str, str]) -> dict:
+def make_record(manifest_sha: str, request: Request, values: np.ndarray, environment: dict[str, str],
+                codec: Codec = Codec()) -> dict:
     """A verification record for the output `values` (float32 [n, H, W, C], the final ODE state in model range)
-    of `request` on the run, made in `environment` (`ddm.verify.environment.environment()`)."""
+    of `request` on the run, made in `environment` (`ddm.verify.environment.environment()`); `codec`: the
+    run's (`Run.codec`), recorded for latent runs."""
     values = np.asarray(values)
     if values.dtype != np.float32 or values.ndim != 4:
         raise DDMError(f"make_record needs float32 values [n, H, W, C], got {values.dtype} {values.shape}")
-    images = to_uint8(values)
-    return {"format": RECORD_FORMAT, "manifest_sha256": manifest_sha, "request": request.to_json(),
-            "shape": list(values.shape), "sha256": images_sha256(images), "images": image_digests(images),
-            "values": encode_values(values), "environment": dict(environment)}
+    batch, per_image = output_digests(values, codec)
+    record = {"format": RECORD_FORMAT, "manifest_sha256": manifest_sha, "request": request.to_json(),
+              "shape": list(values.shape), "sha256": batch, "images": per_image,
+              "values": encode_values(values), "environment": dict(environment)}
+    if codec.latents:
+        record["codec"] = codec.to_dict()
+    return record
 
 
 def write_record(path: str | Path, record: dict) -> None:
@@ -161,6 +192,14 @@ def validate_record(record, where: str = "record", limits: VerifyLimits = DEFAUL
         raise DDMError(f"{where}: sha256 must be 64 lowercase hex digits")
     if not isinstance(record["values"], str):
         raise DDMError(f"{where}: values must be a base64 string")
+    if "codec" in record:
+        codec = record["codec"]
+        if not (isinstance(codec, dict) and set(codec) == {"kind", "mean", "std"} and codec["kind"] == "latents"
+                and all(isinstance(v, list) and len(v) == shape[3] and all(isinstance(x, (int, float))
+                                                                           and not isinstance(x, bool) for x in v)
+                        for v in (codec["mean"], codec["std"]))):
+            raise DDMError(f"{where}: codec must be {{kind: latents, mean: [{shape[3]} numbers], std: [...]}}")
+        record_codec(record)  # std > 0 and finite, else DDMError
     env = record["environment"]
     if not (isinstance(env, dict) and len(env) <= MAX_ENVIRONMENT_KEYS
             and all(isinstance(v, str) and len(v) <= MAX_ENVIRONMENT_CHARS for v in env.values())):
@@ -191,11 +230,11 @@ def claimed_values(record: dict, where: str = "record") -> np.ndarray:
 def contradictions(record: dict, values: np.ndarray) -> list[str]:
     """Where a validated record disagrees with itself: its batch digest, per-image digests and perceptual hashes
     recomputed from its own `values`. An empty list means the record is consistent."""
-    images = to_uint8(values)
+    batch, per_image = output_digests(values, record_codec(record))
     problems = []
-    if images_sha256(images) != record["sha256"]:
+    if batch != record["sha256"]:
         problems.append("the batch sha256 is not the digest of the record's own pixels")
-    for i, (claimed, actual) in enumerate(zip(record["images"], image_digests(images))):
+    for i, (claimed, actual) in enumerate(zip(record["images"], per_image)):
         wrong = [name for name in ("sha256", "phash", "dhash") if claimed[name] != actual[name]]
         if wrong:
             problems.append(f"image {i}: {', '.join(wrong)} not the digest of its own pixels")

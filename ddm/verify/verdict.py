@@ -26,16 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ddm.core.codec import Codec
 from ddm.core.errors import DDMError
 from ddm.core.hashing import canonical_json
-from ddm.core.images import to_uint8
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
 from ddm.sampling.request import Request, generate
 from ddm.verify.environment import environment
 from ddm.verify.limits import DEFAULT_LIMITS, VerifyLimits
 from ddm.verify.phash import hamming, hex_to_hash, perceptual_hashes
-from ddm.verify.records import claimed_values, contradictions, read_record
+from ddm.verify.records import claimed_values, contradictions, read_record, record_codec
 from ddm.verify.signing import SignatureCheck, check_signature
 from ddm.verify.thresholds import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, MEDIAN_MIN_IMAGES, Thresholds, read_thresholds
 
@@ -78,8 +78,9 @@ def value_distances(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return max_abs, rms
 
 
-def image_checks(claimed: np.ndarray, regenerated: np.ndarray) -> list[ImageCheck]:
-    """Per-image comparison of two float32 batches [n, H, W, C] (claimed, regenerated)."""
+def image_checks(claimed: np.ndarray, regenerated: np.ndarray, codec: Codec = Codec()) -> list[ImageCheck]:
+    """Per-image comparison of two float32 batches [n, H, W, C] (claimed, regenerated); perceptual hashes of
+    what `codec` shows (the images, or the latent preview)."""
     claimed, regenerated = np.asarray(claimed, np.float32), np.asarray(regenerated, np.float32)
     if claimed.shape != regenerated.shape:
         raise DDMError(f"regenerated values have shape {list(regenerated.shape)}, the record claims "
@@ -87,7 +88,7 @@ def image_checks(claimed: np.ndarray, regenerated: np.ndarray) -> list[ImageChec
     n = len(claimed)
     same = (claimed.view(np.uint32) == regenerated.view(np.uint32)).reshape(n, -1).all(axis=1)
     # a non-finite regeneration never passes (value_distances); hash it as zeros rather than cast NaN to uint8
-    ha, hb = perceptual_hashes(to_uint8(claimed)), perceptual_hashes(to_uint8(np.nan_to_num(regenerated)))
+    ha, hb = perceptual_hashes(codec.preview(claimed)), perceptual_hashes(codec.preview(np.nan_to_num(regenerated)))
     max_abs, rms = value_distances(claimed, regenerated)
     return [ImageCheck(identical=bool(same[i]),
                        phash=hamming(hex_to_hash(ha[i]["phash"]), hex_to_hash(hb[i]["phash"])),
@@ -184,7 +185,7 @@ def compare(record: dict, regenerated: np.ndarray | None, *, mode: str = "exact"
     problems = record_problems(record, signature)
     claimed = claimed_values(record)
     resolved, reason = resolve_mode(mode, record.get("environment"), verifier_env)
-    checks = None if regenerated is None else image_checks(claimed, regenerated)
+    checks = None if regenerated is None else image_checks(claimed, regenerated, record_codec(record))
     honest, problems = decide(checks, problems, resolved, thresholds)
     signer = None if signature is None else signature.signer
     return Verdict(honest=honest, mode=resolved, mode_reason=reason, thresholds=thresholds,
@@ -202,6 +203,9 @@ def check_record_fits_run(record: dict, run: Run) -> None:
     image_shape = list(run.image_shape)
     if list(record["shape"][1:]) != image_shape:
         raise DDMError(f"record claims images of shape {record['shape'][1:]}, but run {run_dir} makes {image_shape}")
+    if record_codec(record) != run.codec:
+        raise DDMError(f"record's outputs are {record_codec(record).kind} with another normalisation than run "
+                       f"{run_dir}'s {run.codec.kind}")
 
 
 def run_thresholds(run: Run, **flags) -> Thresholds:
