@@ -18,6 +18,7 @@ from ddm.core.config import Config, to_dict, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.core.hashing import dataset_fingerprint, labels_fingerprint
 from ddm.data import manifest as mf
+from ddm.data import islands
 from ddm.data.embed import embed
 from ddm.data.kmeans import assign, kmeans
 from ddm.data.shards import write_shard
@@ -26,7 +27,8 @@ from ddm.data.sources import load_dataset
 logger = logging.getLogger(__name__)
 
 # Everything ddm writes in a run directory; `--overwrite` removes only these.
-RUN_CONTENTS = ("manifest.json", "shards", "clusters", "experts", "router", "monolith", "samples", "eval")
+RUN_CONTENTS = ("manifest.json", "shards", "islands", "clusters", "experts", "router", "monolith", "samples", "eval",
+                "slurm", "k8s")
 
 
 def _clustering_params(cfg: Config) -> dict:
@@ -131,23 +133,33 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
     (run_dir / "clusters").mkdir(exist_ok=True)
     np.save(run_dir / "clusters" / "centroids.npy", result.centroids)
     np.save(run_dir / "clusters" / "labels.npy", result.labels.astype(np.int32))
-    clusters = []
+    clusters, island_holdouts = [], []
     train_images = images[train_idx]
     train_classes = None if labels is None else labels[train_idx]
+    hold_classes = None if labels is None else labels[hold_idx]
     for k in range(cfg.data.k):
-        rel = f"shards/cluster_{k}"
+        # The cluster's shard lives in its island bundle: the one copy, which the manifest points at.
+        bundle = f"islands/{k}"
+        rel = f"{bundle}/{islands.SHARD}"
         rows = result.labels == k
         members = train_images[rows]
         member_classes = None if train_classes is None else train_classes[rows]
-        write_shard(mf.resolve(run_dir, rel), members, member_classes, cfg.data.chunk_images)
-        entry = {"id": k, "count": int(len(members)), "share": len(members) / len(train_idx), "shard": rel}
+        sha = write_shard(mf.resolve(run_dir, rel), members, member_classes, cfg.data.chunk_images, cluster=k)
+        entry = {"id": k, "count": int(len(members)), "share": len(members) / len(train_idx), "shard": rel,
+                 "sha256": sha, "bundle": bundle}
         if member_classes is not None:  # the cluster's images per class: p(k | y) is count / the class total
             entry["class_counts"] = np.bincount(member_classes, minlength=dataset.num_classes).tolist()
         clusters.append(entry)
+        near = hold_labels == k  # the island's own held-out images, for its held-out loss
+        island_holdouts.append(None if not near.any() else {
+            "path": islands.HOLDOUT, "count": int(near.sum()),
+            "sha256": write_shard(mf.resolve(run_dir, f"{bundle}/{islands.HOLDOUT}"), images[hold_idx][near],
+                                  None if hold_classes is None else hold_classes[near], cfg.data.chunk_images,
+                                  cluster="holdout")})
     holdout = {"count": int(len(hold_idx))}
     if len(hold_idx):
-        write_shard(mf.resolve(run_dir, "shards/holdout"), images[hold_idx],
-                    None if labels is None else labels[hold_idx], cfg.data.chunk_images)
+        holdout["sha256"] = write_shard(mf.resolve(run_dir, "shards/holdout"), images[hold_idx], hold_classes,
+                                        cfg.data.chunk_images, cluster="holdout")
         np.save(run_dir / "shards" / "holdout_labels.npy", hold_labels.astype(np.int32))
         holdout.update(shard="shards/holdout", labels="shards/holdout_labels.npy")
 
@@ -164,6 +176,11 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
         "config": {**to_dict(cfg), "run_dir": str(run_dir)},
         "experts": {},
     }
+    run_id = mf.plan_sha256(manifest)
+    for c, held in zip(clusters, island_holdouts):
+        shard = {"path": islands.SHARD, "sha256": c["sha256"], "count": c["count"]}
+        islands.write_island_json(run_dir / c["bundle"], islands.island_record(
+            run_id, c["id"], manifest["dataset"], shard, held, manifest["config"]))
     mf.write_manifest(run_dir, manifest)
     logger.info(f"prepared {run_dir} in {time.perf_counter() - t0:.1f}s")
     logger.info(cluster_table(clusters, dataset.class_names))
