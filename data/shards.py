@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -151,8 +152,17 @@ def read_shard_info(path: str) -> dict | None:
     return info
 
 
-# Shards already checked by this process, as (path, digest): a process checks each shard once.
-_VERIFIED: set[tuple[str, str]] = set()
+# Shards already checked by this process: a process checks each shard once (again if its files changed).
+_VERIFIED: set[tuple] = set()
+
+
+def _files_signature(path: str) -> tuple:
+    """(name, size, mtime) of a local shard's files; () for a URL (checked once per process and path)."""
+    if "://" in path and not path.startswith("file://"):
+        return ()
+    root = Path(path.removeprefix("file://"))
+    return tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                 for p in sorted(root.rglob("*")) if p.is_file())
 
 
 def verify_shard(path: str, sha256: str, cluster: int | str | None, *, images: np.ndarray | None = None,
@@ -160,7 +170,8 @@ def verify_shard(path: str, sha256: str, cluster: int | str | None, *, images: n
     """DDMError unless the shard at `path` holds `cluster` (its shard.json says so) and its content digest is
     `sha256`. `images`/`labels`: the shard's rows when the caller already holds them (no second read).
     Checked once per process and (path, digest)."""
-    if (path, sha256) in _VERIFIED:
+    key = (path, sha256, cluster, _files_signature(path))
+    if key in _VERIFIED:
         return
     info = read_shard_info(path)
     if cluster is not None and (info is None or info.get("cluster") != cluster):
@@ -177,7 +188,7 @@ def verify_shard(path: str, sha256: str, cluster: int | str | None, *, images: n
     if actual != sha256:
         raise DDMError(f"shard {path} does not match its digest (expected {sha256[:16]}, got {actual[:16]}): "
                        "refusing to train on it")
-    _VERIFIED.add((path, sha256))
+    _VERIFIED.add(key)
 
 
 def open_shard(path: str) -> ts.TensorStore:

@@ -223,6 +223,11 @@ class Trainer:
                 f"grad_norm={bad[2]:.4g}, param_norm={bad[3]:.4g}); last good checkpoint kept")
 
     def run(self) -> TrainResult:
+        """Trains to `cfg.steps`; `Preempted` if SIGTERM / SIGINT arrived first (after checkpointing)."""
+        with StopRequest() as stop:  # from here on a signal stops at a step boundary instead of killing
+            return self._run(stop)
+
+    def _run(self, stop: StopRequest) -> TrainResult:
         cfg, task = self.cfg, self.task
         task.out_dir.mkdir(parents=True, exist_ok=True)
         checkpointer = Checkpointer(task.out_dir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
@@ -241,8 +246,7 @@ class Trainer:
                  f"mesh {dict(self.mesh.shape)}, batch {cfg.batch_size}, steps {start}->{cfg.steps}")
         try:
             self.monitor.open(start)
-            with StopRequest() as stop:
-                state, done = self._loop(state, start, checkpointer, metrics_path, stop)
+            state, done = self._loop(state, start, checkpointer, metrics_path, stop)
             self._check_finite(state)
             if done < cfg.steps:  # preempted: checkpoint where the loop stopped, then say so
                 if checkpointer.latest_step() != done:
