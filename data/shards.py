@@ -134,7 +134,7 @@ def _streamed_images_sha256(store: ts.TensorStore) -> str:
     """`array_sha256(images, "ddm-images:v1")` of a stored shard, read a block of rows at a time."""
     digest = hashlib.sha256(f"ddm-images:v1:{','.join(str(d) for d in store.shape)}\n".encode("ascii"))
     for lo in range(0, store.shape[0], _VERIFY_ROWS):
-        digest.update(np.ascontiguousarray(store[lo:lo + _VERIFY_ROWS].read().result()).tobytes())
+        digest.update(np.ascontiguousarray(store[lo:min(lo + _VERIFY_ROWS, store.shape[0])].read().result()).tobytes())
     return digest.hexdigest()
 
 

@@ -70,6 +70,9 @@ class Lease:
         os.replace(tmp, self.path)
 
     def acquire(self) -> None:
+        # Folders this lease creates are removed again on release if nothing else was written in them, so a
+        # trainer refused before its first write leaves nothing behind.
+        self._created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:  # the common case: nobody holds it; O_EXCL makes two simultaneous starts race safely
             os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -97,6 +100,11 @@ class Lease:
         held = read_lease(self.path.parent)
         if held is not None and held.get("holder") == self.holder:
             self.path.unlink(missing_ok=True)
+        for folder in getattr(self, "_created", []):  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: training wrote something
+                break
 
     def __enter__(self) -> Lease:
         self.acquire()
