@@ -25,6 +25,7 @@ import numpy as np
 
 from ddm.core.config import Config, config_from_data, with_num_classes
 from ddm.core.errors import DDMError
+from ddm.data import storage
 from ddm.data.shards import NO_LABEL, read_labels, read_shard, verify_shard
 
 BUNDLE_FORMAT = "ddm-island/v1"
@@ -60,19 +61,20 @@ def bundle_sha256(record: dict) -> str:
 class Bundle:
     """An opened island bundle. `record` is island.json; `config` its config with this command's overrides."""
 
-    root: Path
+    root: Path | str  # a folder, or a URL
     record: dict
     config: Config
 
     @classmethod
     def open(cls, root: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Bundle:
-        """Reads and checks `root/island.json`; DDMError naming what is missing or wrong."""
-        path = Path(root) / ISLAND_JSON
-        if not path.is_file():
+        """Reads and checks `root/island.json` (`root`: a folder or a URL); DDMError naming what is wrong."""
+        path = storage.join(root, ISLAND_JSON)
+        raw = storage.read_bytes(path)
+        if raw is None:
             raise DDMError(f"no island bundle at {root} ({ISLAND_JSON} missing): copy RUN/islands/<k> from a "
                            "prepared run")
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DDMError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(record, dict) or record.get("format") != BUNDLE_FORMAT:
@@ -82,7 +84,7 @@ class Bundle:
                 raise DDMError(f"{path} has no {key!r}")
         num_classes = int(record["dataset"].get("num_classes") or 0)
         config = with_num_classes(config_from_data(record["config"], overrides), num_classes)
-        return cls(Path(root), record, config)
+        return cls(str(root) if storage.is_url(root) else Path(root), record, config)
 
     @property
     def run_id(self) -> str:
@@ -102,7 +104,7 @@ class Bundle:
 
     @property
     def shard_path(self) -> str:
-        return str(self.root / self.record["shard"]["path"])
+        return storage.join(self.root, self.record["shard"]["path"])
 
     @property
     def shard_sha256(self) -> str:
@@ -114,7 +116,7 @@ class Bundle:
         held = self.record.get("holdout")
         if not held or not held.get("count"):
             return None
-        path = str(self.root / held["path"])
+        path = storage.join(self.root, held["path"])
         images, classes = read_shard(path), read_labels(path)
         verify_shard(path, held["sha256"], "holdout", images=images, labels=classes)
         classes = np.full(len(images), NO_LABEL, np.int32) if classes is None else classes

@@ -28,6 +28,7 @@ import tensorstore as ts
 
 from ddm.core.errors import DDMError
 from ddm.core.hashing import array_sha256
+from ddm.data import storage
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,8 @@ NO_LABEL = -1  # the class a reader gives rows of unlabelled shards
 
 
 def _kvstore(path: str, array: str) -> dict | str:
-    """The kvstore of array `array` inside shard folder `path`."""
-    sub = f"{array}/" if array else ""
-    if "://" in path and not path.startswith("file://"):
-        return f"{path.rstrip('/')}/{sub}"
-    return {"driver": "file", "path": f"{path.removeprefix('file://').rstrip('/')}/{sub}"}
+    """The kvstore of array `array` inside shard folder `path` (local, or a URL: `ddm.data.storage`)."""
+    return storage.kvstore(path, f"{array}/" if array else "")
 
 
 def _spec(path: str, array: str) -> dict:

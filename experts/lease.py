@@ -91,7 +91,10 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            self._write()
+            try:
+                self._write()
+            except OSError as err:  # OUT gone or unwritable: training itself will fail and say so
+                logger.warning(f"lease heartbeat on {self.path} failed: {err}")
 
     def release(self) -> None:
         self._stop.set()

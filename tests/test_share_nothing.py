@@ -346,3 +346,71 @@ def test_slurm_requeues_and_k8s_indexed_job_is_written(tmp_path_factory, capsys)
     assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [75]
     assert not Run.open(run).finished_experts()
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A bundle in an S3 bucket (a local S3-compatible server: moto in server mode).
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch, tmp_path):
+    """A bucket on a moto server this test starts on 127.0.0.1; the AWS variables point ddm (and children) at it."""
+    import socket
+
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path / "moto.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip(f"the local S3 server (moto) did not start: {(tmp_path / 'moto.log').read_text()[-300:]}")
+                time.sleep(0.2)
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                           "AWS_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="ddm-islands")
+        yield "s3://ddm-islands"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_an_island_trains_from_a_bundle_in_a_bucket(s3_bucket, tmp_path_factory, tmp_path, capsys):
+    from ddm.data import storage
+
+    run = fresh_run(tmp_path_factory, "bucket")
+    for k in (0, 1):
+        assert storage.copy_tree(str(run / "islands" / str(k)), f"{s3_bucket}/m/islands/{k}") >= 5
+
+    # A changed label in the bucket's copy of shard 1 is refused before training.
+    shard = f"{s3_bucket}/m/islands/1/shard"
+    labels = read_labels(shard)
+    labels[3] = (labels[3] + 1) % 10
+    write_shard(shard, read_shard(shard), labels, 256)
+    rc = cli.main(["train-expert", "--island", f"{s3_bucket}/m/islands/1", "--out", str(tmp_path / "x"), *SETS])
+    assert rc == 2 and "does not match its digest" in _error(capsys)
+
+    # Island 0 trains from the bucket alone (its own process), and the coordinator assembles what it wrote.
+    out = tmp_path / "out0"
+    proc = subprocess.run([sys.executable, "-m", "ddm", "train-expert", "--island", f"{s3_bucket}/m/islands/0",
+                           "--out", str(out), "--no-progress", *SETS], cwd=tmp_path, env={
+                               **_child_env(tmp_path_factory), **{k: os.environ[k] for k in os.environ
+                                                                  if k.startswith("AWS_")}},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert cli.main(["assemble", "--run-dir", str(run), str(out)]) == 0
+    assert Run.open(run).finished_experts() == [0]
