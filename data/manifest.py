@@ -5,19 +5,27 @@ Schema (format "ddm-run/v2"; paths are relative to the run directory):
     dataset:    source, fingerprint (SHA-256 of canonical uint8 data), num_images, image_shape [H, W, C],
                 num_classes (0: unlabelled), class_names (null: unlabelled), labels_sha256 (null: unlabelled)
     clustering: method, k, embedding, parameters, inertia, n_iter, centroids (path of [K, D] .npy)
-    clusters:   [{id, count, share, shard, class_counts}]  one shard folder (images [+ labels]) per cluster;
-                                                            class_counts [num_classes] for labelled data
+    clusters:   [{id, count, share, shard, sha256, bundle, class_counts}]
+                one shard folder (images [+ labels]) per cluster, inside its island bundle `islands/k/`
+                (`ddm.data.islands`); sha256: its content digest; class_counts [num_classes] (labelled data)
     holdout:    {shard, labels, count}                  held-out images (+ class labels in the shard), and
                                                         `labels`: their nearest centroid (.npy)
     config:     the resolved `Config` the run was prepared with
-    experts:    {"k": {status, step, sha256, path}}     filled in by island jobs
+    experts:    {"k": {status, step, sha256, path, ...}}  filled in by `ddm assemble` (never by an island)
     router, monolith: {status, step, sha256, path}
 
 Every read checks the manifest against its schema (`ddm.data.manifest_schema`: types, ranges, how fields
 relate), so a damaged or hand-edited manifest is a one-line error naming the field.
 
-Islands on one machine may finish at the same moment, so every update takes an exclusive lock and writes
-through a temporary file + rename: a reader never sees a half-written manifest.
+Only coordinator commands (prepare, assemble, train-router, train-monolith, the local launcher) update it.
+Two of them may still run at once on one machine, so every update takes an exclusive lock and writes through
+a temporary file + rename: a reader never sees a half-written manifest.
+
+A run has two names. `plan_sha256` (the *run id* islands carry) digests what was planned: dataset,
+clustering, each cluster's shard digest, the resolved config. `manifest_sha256` (what verification records
+name) digests the plan plus each finished component's weight SHA-256. Neither sees volatile fields (times,
+durations, paths, statuses), so moving the run, re-running finished work or assembling the same experts
+again leaves every record valid.
 """
 
 from __future__ import annotations
@@ -108,10 +116,43 @@ def record_component(run_dir: str | Path, section: str, key: str | None, entry: 
     return update_manifest(run_dir, change)
 
 
+# Keys of a cluster entry / of the config that say where things are, not what they are.
+_PLACE_KEYS = ("shard", "bundle")
+_CONFIG_PLACE_KEYS = ("run_dir",)
+COMPONENT_SECTIONS = ("experts", "router", "monolith")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def plan_sha256(manifest: dict) -> str:
+    """The run id: SHA-256 of the canonical JSON of what was planned (everything but the components and the
+    volatile or place-dependent fields). Island bundles and expert records carry it."""
+    plan = {k: v for k, v in manifest.items() if k not in VOLATILE_KEYS and k not in COMPONENT_SECTIONS}
+    if isinstance(plan.get("clusters"), list):
+        plan["clusters"] = [{k: v for k, v in c.items() if k not in _PLACE_KEYS} if isinstance(c, dict) else c
+                            for c in plan["clusters"]]
+    if isinstance(plan.get("config"), dict):
+        plan["config"] = {k: v for k, v in plan["config"].items() if k not in _CONFIG_PLACE_KEYS}
+    return _digest(plan)
+
+
+def _weights(entry) -> dict | None:
+    """What of a component entry determines outputs: its weight digest (and model config when recorded)."""
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        return None
+    return {"sha256": entry["sha256"], **({"model": entry["model"]} if "model" in entry else {})}
+
+
 def manifest_sha256(manifest: dict) -> str:
-    """SHA-256 of the canonical JSON of everything that determines what the run generates."""
-    stable = {k: v for k, v in manifest.items() if k not in VOLATILE_KEYS}
-    return hashlib.sha256(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """The run's identity in verification records: SHA-256 of the plan's digest and every finished component's
+    weights (see the module docstring)."""
+    experts = manifest.get("experts") or {}
+    identity = {"plan": plan_sha256(manifest),
+                "experts": {k: _weights(e) for k, e in sorted(experts.items()) if _weights(e)},
+                **{s: _weights(manifest.get(s)) for s in ("router", "monolith") if _weights(manifest.get(s))}}
+    return _digest(identity)
 
 
 def resolve(run_dir: str | Path, relative: str) -> str:

@@ -19,6 +19,7 @@ from ddm.core.config import Config, DataConfig, to_dict, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.core.hashing import dataset_fingerprint, labels_fingerprint
 from ddm.data import manifest as mf
+from ddm.data import islands
 from ddm.data.embed import fit_embedding, load_features
 from ddm.data.kmeans import assign, kmeans
 from ddm.data.shards import ShardWriter
@@ -30,7 +31,8 @@ BLOCK_ROWS = 4_096  # rows per block when streaming features, assignments and sh
 STATS_BLOCK_BYTES = 32 << 20  # float64 working set of one block of the latent statistics
 
 # Everything ddm writes in a run directory; `--overwrite` removes only these.
-RUN_CONTENTS = ("manifest.json", "shards", "clusters", "experts", "router", "monolith", "samples", "eval")
+RUN_CONTENTS = ("manifest.json", "shards", "islands", "clusters", "experts", "router", "monolith", "samples", "eval",
+                "slurm", "k8s")
 
 
 def fit_sample(n: int, fit_samples: int, seed: int) -> np.ndarray:
@@ -81,14 +83,15 @@ def _feature_source(images: np.ndarray, fit_idx: np.ndarray, codec: Codec, cfg: 
 
 
 def _write_rows(path: str, images: np.ndarray, labels: np.ndarray | None, rows: np.ndarray, chunk: int,
-                block_rows: int) -> None:
+                block_rows: int, cluster: int | str | None = None) -> str:
     """Shard `path` holding images[rows] (and labels[rows]) in that order, written `block_rows` rows at a time
-    (rounded to whole zarr chunks)."""
+    (rounded to whole zarr chunks), with `shard.json` naming `cluster`. Returns its `shard_sha256`."""
     writer = ShardWriter(path, len(rows), images.shape[1:], images.dtype, labels is not None, chunk)
     step = max(chunk, block_rows // chunk * chunk)
     for lo in range(0, len(rows), step):
         block = rows[lo:lo + step]
         writer.write(lo, np.asarray(images[block]), None if labels is None else labels[block])
+    return writer.finish(cluster)
 
 
 def _clustering_params(cfg: Config) -> dict:
@@ -214,19 +217,28 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
     (run_dir / "clusters").mkdir(exist_ok=True)
     np.save(run_dir / "clusters" / "centroids.npy", result.centroids)
     np.save(run_dir / "clusters" / "labels.npy", train_labels)
-    clusters = []
+    clusters, island_holdouts = [], []
     for k in range(cfg.data.k):
-        rel = f"shards/cluster_{k}"
+        # The cluster's shard lives in its island bundle: the one copy, which the manifest points at.
+        bundle = f"islands/{k}"
+        rel = f"{bundle}/{islands.SHARD}"
         members = train_idx[train_labels == k]
-        _write_rows(mf.resolve(run_dir, rel), images, labels, members, cfg.data.chunk_images, block_rows)
-        entry = {"id": k, "count": int(len(members)), "share": len(members) / len(train_idx), "shard": rel}
+        sha = _write_rows(mf.resolve(run_dir, rel), images, labels, members, cfg.data.chunk_images, block_rows,
+                          cluster=k)
+        entry = {"id": k, "count": int(len(members)), "share": len(members) / len(train_idx), "shard": rel,
+                 "sha256": sha, "bundle": bundle}
         if labels is not None:  # the cluster's images per class: p(k | y) is count / the class total
             entry["class_counts"] = np.bincount(labels[members], minlength=dataset.num_classes).tolist()
         clusters.append(entry)
+        near = hold_labels == k  # the island's own held-out images, for its held-out loss
+        island_holdouts.append(None if not near.any() else {
+            "path": islands.HOLDOUT, "count": int(near.sum()),
+            "sha256": _write_rows(mf.resolve(run_dir, f"{bundle}/{islands.HOLDOUT}"), images, labels,
+                                  hold_idx[near], cfg.data.chunk_images, block_rows, cluster="holdout")})
     holdout = {"count": int(len(hold_idx))}
     if len(hold_idx):
-        _write_rows(mf.resolve(run_dir, "shards/holdout"), images, labels, hold_idx, cfg.data.chunk_images,
-                    block_rows)
+        holdout["sha256"] = _write_rows(mf.resolve(run_dir, "shards/holdout"), images, labels, hold_idx,
+                                        cfg.data.chunk_images, block_rows, cluster="holdout")
         np.save(run_dir / "shards" / "holdout_labels.npy", hold_labels.astype(np.int32))
         holdout.update(shard="shards/holdout", labels="shards/holdout_labels.npy")
 
@@ -245,6 +257,11 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
         "config": {**to_dict(cfg), "run_dir": str(run_dir)},
         "experts": {},
     }
+    run_id = mf.plan_sha256(manifest)
+    for c, held in zip(clusters, island_holdouts):
+        shard = {"path": islands.SHARD, "sha256": c["sha256"], "count": c["count"]}
+        islands.write_island_json(run_dir / c["bundle"], islands.island_record(
+            run_id, c["id"], manifest["dataset"], shard, held, manifest["config"]))
     mf.write_manifest(run_dir, manifest)
     logger.info(f"prepared {run_dir} in {time.perf_counter() - t0:.1f}s")
     logger.info(cluster_table(clusters, dataset.class_names))

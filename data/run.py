@@ -62,8 +62,14 @@ class Run:
 
     @property
     def sha256(self) -> str:
-        """The manifest's SHA-256: the name verification records give this run."""
+        """The run's identity in verification records: its plan and every finished component's weight digest,
+        no times, durations or paths (`ddm.data.manifest.manifest_sha256`)."""
         return mf.manifest_sha256(self.manifest)
+
+    @property
+    def run_id(self) -> str:
+        """The plan's digest, which island bundles and expert records carry (`manifest.plan_sha256`)."""
+        return mf.plan_sha256(self.manifest)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -133,6 +139,20 @@ class Run:
     def shard_paths(self) -> list[str]:
         """Every cluster's shard, in cluster order."""
         return [self.resolve(c["shard"]) for c in self.clusters]
+
+    def shard_digests(self) -> list[str] | None:
+        """Every cluster's shard digest (`ddm.data.shards.shard_sha256`), in cluster order; None for a run
+        prepared before shards had digests (readers then skip the check)."""
+        digests = [c.get("sha256") for c in self.clusters]
+        return None if None in digests else digests
+
+    def bundle_dir(self, k: int) -> Path:
+        """Island k's bundle (RUN/islands/k, absolute); DDMError for a run prepared without bundles."""
+        bundle = self.cluster(k).get("bundle")
+        if bundle is None:
+            raise DDMError(f"run {self.root} has no island bundles (prepared by an older ddm): prepare it again "
+                           "with --overwrite")
+        return Path(self.resolve(bundle)).absolute()
 
     def cluster_shares(self) -> np.ndarray:
         """[K] float64: each cluster's share of the training images (the router's prior)."""

@@ -4,6 +4,7 @@ A shard is a folder of zarr arrays with one row per image, all in the same order
 
     SHARD/images/   uint8 [N_k, H, W, C], chunked along N so an island reads only the chunks it needs
     SHARD/labels/   int32 [N_k] class labels (only when the dataset has them)
+    SHARD/shard.json  which cluster the shard holds, its row count and its content digest (`shard_sha256`)
 
 Paths may be local or any kvstore URL tensorstore understands (gs://, s3://, file://). Further per-row arrays
 (latents, digests) go beside these two.
@@ -15,25 +16,34 @@ makes resume exact, and each process of a multi-host job reads only its own rows
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import tensorstore as ts
 
 from ddm.core.errors import DDMError
+from ddm.core.hashing import array_sha256
+from ddm.data import storage
+
+logger = logging.getLogger(__name__)
 
 # Above this many bytes a reader streams rows from the store instead of caching the whole shard in memory.
 IN_MEMORY_LIMIT_BYTES = 2 << 30
 IMAGES, LABELS = "images", "labels"  # the arrays inside a shard folder
+SHARD_INFO = "shard.json"  # beside the arrays: {"format", "cluster", "count", "sha256"}
+SHARD_FORMAT = "ddm-shard/v1"
+_VERIFY_ROWS = 4096  # rows per read while a streamed shard is digested
 NO_LABEL = -1  # the class a reader gives rows of unlabelled shards
 
 
 def _kvstore(path: str, array: str) -> dict | str:
-    """The kvstore of array `array` inside shard folder `path`."""
-    if "://" in path and not path.startswith("file://"):
-        return f"{path.rstrip('/')}/{array}/"
-    return {"driver": "file", "path": f"{path.removeprefix('file://').rstrip('/')}/{array}/"}
+    """The kvstore of array `array` inside shard folder `path` (local, or a URL: `ddm.data.storage`)."""
+    return storage.kvstore(path, f"{array}/" if array else "")
 
 
 def _spec(path: str, array: str) -> dict:
@@ -92,6 +102,10 @@ class ShardWriter:
         else:
             self.labels = None
             _delete_array(path, LABELS)
+        # The content digest is taken as the rows arrive (in order), so a streamed write never reads back.
+        self._next = 0
+        self._images_hash = hashlib.sha256(f"ddm-images:v1:{','.join(map(str, (num_rows, *row_shape)))}\n".encode())
+        self._labels_hash = hashlib.sha256(f"ddm-labels:v1:{num_rows}\n".encode()) if labelled else None
 
     def write(self, start: int, images: np.ndarray, labels: np.ndarray | None = None) -> None:
         """Rows [start, start + len(images)): images of the shard's dtype and shape, labels [n] integers >= 0."""
@@ -103,6 +117,8 @@ class ShardWriter:
                            f"{'labelled' if self.labels is not None else 'unlabelled'} shard")
         if labels is not None:
             labels = _checked_labels(self.path, labels, len(images))
+        if start != self._next:
+            raise DDMError(f"shard {self.path}: rows must be written in order (next {self._next}, got {start})")
         end = start + len(images)
         try:
             self.images[start:end].write(images).result()
@@ -110,17 +126,129 @@ class ShardWriter:
                 self.labels[start:end].write(labels.astype(np.int32)).result()
         except ValueError as err:
             raise DDMError(f"cannot write shard {self.path}: {str(err).splitlines()[0]}") from None
+        self._images_hash.update(np.ascontiguousarray(images).tobytes())
+        if labels is not None:
+            self._labels_hash.update(np.ascontiguousarray(labels, "<i4").tobytes())
+        self._next = end
+
+    def finish(self, cluster: int | str | None = None) -> str:
+        """After the last row: the shard's `shard_sha256`; with `cluster` (an id, or "holdout") also writes
+        `shard.json`, so the shard knows which cluster it holds."""
+        if self._next != self.num_rows:
+            raise DDMError(f"shard {self.path}: {self._next} of {self.num_rows} rows written")
+        labels_part = "-" if self._labels_hash is None else self._labels_hash.hexdigest()
+        digest = _combine(self._images_hash.hexdigest(), labels_part)
+        if cluster is not None:
+            info = {"format": SHARD_FORMAT, "cluster": cluster, "count": int(self.num_rows), "sha256": digest}
+            _kv_write(self.path, SHARD_INFO, json.dumps(info, indent=2).encode())
+        return digest
 
 
-def write_shard(path: str, images: np.ndarray, labels: np.ndarray | None = None, chunk: int = 256) -> None:
+def write_shard(path: str, images: np.ndarray, labels: np.ndarray | None = None, chunk: int = 256,
+                cluster: int | str | None = None) -> str:
     """Writes shard folder `path` (replacing any shard there) in one go: images [N, H, W, C] uint8 (or float16 /
-    float32 latents) and, for labelled data, labels [N] integer class labels in the same row order."""
+    float32 latents) and, for labelled data, labels [N] integer class labels in the same row order (stored
+    int32). With `cluster` (an id, or "holdout") it also writes `shard.json`. Returns the `shard_sha256`."""
     if images.ndim != 4:
         raise DDMError(f"shard {path}: expected [N, H, W, C], got {images.dtype} {images.shape}")
     if labels is not None:
         labels = _checked_labels(path, labels, len(images))
     writer = ShardWriter(path, len(images), images.shape[1:], images.dtype, labels is not None, chunk)
     writer.write(0, images, labels)
+    return writer.finish(cluster)
+
+
+def _kv_write(path: str, key: str, value: bytes) -> None:
+    try:
+        ts.KvStore.open(_kvstore(path, "")).result().write(key, value).result()
+    except ValueError as err:
+        raise DDMError(f"cannot write {path}/{key}: {str(err).splitlines()[0]}") from None
+
+
+def _kv_read(path: str, key: str) -> bytes | None:
+    """The bytes of `path/key` in any kvstore; None if absent."""
+    try:
+        result = ts.KvStore.open(_kvstore(path, "")).result().read(key).result()
+    except ValueError as err:
+        raise DDMError(f"cannot read {path}/{key}: {str(err).splitlines()[0]}") from None
+    return bytes(result.value) if result.state == "value" else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Content digests: what a shard holds, independent of chunking, compression or where it is stored.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def shard_sha256(images: np.ndarray, labels: np.ndarray | None) -> str:
+    """SHA-256 of a shard's content: ``"ddm-shard:v1\n"``, the `ddm-images:v1` digest of its images uint8
+    [N, H, W, C], a newline, and the `ddm-labels:v1` digest of its int32 [N] labels (``-`` when unlabelled)."""
+    labels_part = "-" if labels is None else array_sha256(np.asarray(labels, "<i4"), "ddm-labels:v1")
+    return _combine(array_sha256(images, "ddm-images:v1"), labels_part)
+
+
+def _combine(images_sha: str, labels_part: str) -> str:
+    return hashlib.sha256(f"ddm-shard:v1\n{images_sha}\n{labels_part}".encode("ascii")).hexdigest()
+
+
+def _streamed_images_sha256(store: ts.TensorStore) -> str:
+    """`array_sha256(images, "ddm-images:v1")` of a stored shard, read a block of rows at a time."""
+    digest = hashlib.sha256(f"ddm-images:v1:{','.join(str(d) for d in store.shape)}\n".encode("ascii"))
+    for lo in range(0, store.shape[0], _VERIFY_ROWS):
+        digest.update(np.ascontiguousarray(store[lo:min(lo + _VERIFY_ROWS, store.shape[0])].read().result()).tobytes())
+    return digest.hexdigest()
+
+
+def read_shard_info(path: str) -> dict | None:
+    """The shard's `shard.json` (which cluster it holds, count, sha256); None for a shard written without one."""
+    raw = _kv_read(path, SHARD_INFO)
+    if raw is None:
+        return None
+    try:
+        info = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DDMError(f"shard {path}: {SHARD_INFO} is not valid JSON") from None
+    if not isinstance(info, dict) or info.get("format") != SHARD_FORMAT:
+        raise DDMError(f"shard {path}: {SHARD_INFO} is not a {SHARD_FORMAT} record")
+    return info
+
+
+# Shards already checked by this process: a process checks each shard once (again if its files changed).
+_VERIFIED: set[tuple] = set()
+
+
+def _files_signature(path: str) -> tuple:
+    """(name, size, mtime) of a local shard's files; () for a URL (checked once per process and path)."""
+    if "://" in path and not path.startswith("file://"):
+        return ()
+    root = Path(path.removeprefix("file://"))
+    return tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                 for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def verify_shard(path: str, sha256: str, cluster: int | str | None, *, images: np.ndarray | None = None,
+                 labels: np.ndarray | None = None) -> None:
+    """DDMError unless the shard at `path` holds `cluster` (its shard.json says so) and its content digest is
+    `sha256`. `images`/`labels`: the shard's rows when the caller already holds them (no second read).
+    Checked once per process and (path, digest)."""
+    key = (path, sha256, cluster, _files_signature(path))
+    if key in _VERIFIED:
+        return
+    info = read_shard_info(path)
+    if cluster is not None and (info is None or info.get("cluster") != cluster):
+        held = "no cluster id" if info is None else f"cluster {info.get('cluster')}"
+        raise DDMError(f"shard {path} holds {held}, not cluster {cluster}: the manifest points at the wrong shard")
+    try:
+        images_sha = (array_sha256(images, "ddm-images:v1") if images is not None
+                      else _streamed_images_sha256(open_shard(path)))
+        if labels is None:
+            labels = read_labels(path)
+    except ValueError as err:  # a damaged chunk fails to decode
+        raise DDMError(f"shard {path} is damaged: {str(err).splitlines()[0][:200]}") from None
+    actual = _combine(images_sha, "-" if labels is None else array_sha256(np.asarray(labels, "<i4"), "ddm-labels:v1"))
+    if actual != sha256:
+        raise DDMError(f"shard {path} does not match its digest (expected {sha256[:16]}, got {actual[:16]}): "
+                       "refusing to train on it")
+    _VERIFIED.add(key)
 
 
 def open_shard(path: str) -> ts.TensorStore:
@@ -182,10 +310,14 @@ class ShardReader:
     With several shards (router, monolith) the union is shuffled as one dataset, so batches follow the natural
     data distribution: each cluster appears in proportion to its size. Shards are all labelled or all not.
     Class labels are always held in memory (4 bytes a row); images are, up to `IN_MEMORY_LIMIT_BYTES`.
+
+    `digests`: each shard's expected `shard_sha256`; when given, a shard that does not hold its cluster id or
+    whose content differs is refused before the first batch (`verify_shard`).
     """
 
     def __init__(self, paths: list[str], *, batch_size: int, seed: int, cluster_ids: list[int] | None = None,
-                 process_index: int = 0, process_count: int = 1, in_memory: bool | None = None):
+                 process_index: int = 0, process_count: int = 1, in_memory: bool | None = None,
+                 digests: list[str] | None = None):
         if not paths:
             raise DDMError("a reader needs at least one shard")
         if not 0 <= process_index < process_count:
@@ -223,6 +355,12 @@ class ShardReader:
             in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES
         self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
         self._cache = np.concatenate([s.read().result() for s in self.stores]) if in_memory else None
+        if digests is not None:  # each shard must hold its cluster and match its digest (`verify_shard`)
+            for i, (path, sha) in enumerate(zip(paths, digests)):
+                rows = slice(self._offsets[i], self._offsets[i + 1])
+                verify_shard(path, sha, int(self.shard_clusters[i]),
+                             images=None if self._cache is None else self._cache[rows],
+                             labels=None if self._classes is None else self._classes[rows])
 
     @property
     def local_batch_size(self) -> int:

@@ -1,7 +1,9 @@
 """Island jobs: one flow-matching DiT expert on one cluster shard, or the monolith on all of them.
 
 Both are the shared `Trainer` with a DiT and the flow-matching loss; they differ only in which shards the
-reader sees and where the results go (`RUN_DIR/experts/k/` or `RUN_DIR/monolith/`). On labelled data both are
+reader sees and where the results go. An expert trains from its island bundle alone into an OUT folder of its
+own (`train_island`), and writes `OUT/expert.json` for the coordinator's `ddm assemble`; the monolith trains
+on the run's shards into `RUN_DIR/monolith/`. On labelled data both are
 class-conditional: the DiT sees each image's class, replaced by the null label with probability
 `expert.train.class_dropout`, so one network learns the conditional and the unconditional flow that
 classifier-free guidance combines.
@@ -9,6 +11,7 @@ classifier-free guidance combines.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -22,10 +25,15 @@ from ddm.core.dit import dit_from_config
 from ddm.core.flow import drop_labels, flow_matching_loss, solve_euler_loop
 from ddm.core.monitor import HeldOut
 from ddm.core.trainer import Task, Trainer, TrainResult
+from ddm.data.islands import Bundle
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, check_labelled
+from ddm.experts.assemble import assemble_experts
+from ddm.experts.lease import Lease
+from ddm.experts.records import expert_record, write_expert_json
 
 logger = logging.getLogger(__name__)
+
 
 
 def flow_loss(t_sampling: str, class_dropout: float, num_classes: int, model: nnx.Module, x: jax.Array,
@@ -53,34 +61,68 @@ def make_dit(model_cfg: ModelConfig, image_shape: tuple[int, int, int], rngs: nn
     return dit_from_config(model_cfg, image_shape, rngs)
 
 
-def _reader(paths: list[str], cluster_ids: list[int], cfg: Config) -> ShardReader:
+def _reader(paths: list[str], cluster_ids: list[int], cfg: Config, digests: list[str] | None) -> ShardReader:
     train = cfg.expert.train
     reader = ShardReader(paths, batch_size=train.batch_size, seed=train.seed, cluster_ids=cluster_ids,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+                         process_index=jax.process_index(), process_count=jax.process_count(), digests=digests)
     check_labelled(reader, cfg.expert.model.num_classes)
     return reader
 
 
-def holdout(run: Run, clusters: list[int] | None) -> HeldOut | None:
-    """Held-out images of these clusters (all: None) with their cluster and class, as the readers give them."""
-    held = run.holdout_set(clusters)
-    return None if held is None else HeldOut(*held)
-
-
-def _diffusion_task(name: str, run: Run, reader: ShardReader, out_dir: Path, clusters: list[int] | None) -> Task:
-    cfg = run.config
+def _diffusion_task(name: str, cfg: Config, image_shape: tuple[int, int, int], reader: ShardReader, out_dir: Path,
+                    held: tuple | None) -> Task:
     train = cfg.expert.train
     return Task(
         name=name,
-        make_model=functools.partial(make_dit, cfg.expert.model, run.image_shape),
+        make_model=functools.partial(make_dit, cfg.expert.model, image_shape),
         loss=functools.partial(flow_loss, train.t_sampling, train.class_dropout, cfg.expert.model.num_classes),
         reader=reader,
         out_dir=out_dir,
-        meta={"config": to_dict(cfg), "image_shape": list(run.image_shape)},
-        holdout=holdout(run, clusters),
+        meta={"config": to_dict(cfg), "image_shape": list(image_shape)},
+        holdout=None if held is None else HeldOut(*held),
         sample=functools.partial(draw_grid, cfg.expert.train.sample_steps),
         codec=run.codec,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An island: bundle in, OUT out, nothing else touched.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train_island(bundle_dir: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+                 progress: bool = False) -> TrainResult:
+    """Trains (or resumes) the expert of an island bundle into `out`, reading nothing but the bundle and writing
+    nothing outside `out`: checkpoints, final/, metrics, and last `out/expert.json` (`EXPERT_FORMAT`).
+
+    The shard is checked against its digest first; a second trainer of the same `out` is refused (`Lease`).
+    """
+    bundle = Bundle.open(bundle_dir, overrides)
+    out = Path(out).absolute()
+    cfg, k = bundle.config, bundle.cluster
+    lease = Lease(out) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lease:
+        reader = _reader([bundle.shard_path], [k], cfg, [bundle.shard_sha256])
+        task = _diffusion_task(f"expert {k}", cfg, bundle.image_shape, reader, out, bundle.holdout_set())
+        t0 = time.perf_counter()
+        result = Trainer(task, cfg.expert.train, progress=progress).run()
+        if jax.process_index() == 0:
+            write_expert_json(out, expert_record(bundle, cfg, result.ema_sha256, result.step,
+                                                 time.perf_counter() - t0))
+    logger.info(f"expert {k}: finished at step {result.step}, EMA sha256 {result.ema_sha256[:16]}")
+    return result
+
+
+def train_expert(run_dir: str | Path, cluster: int, overrides: list[str] | tuple[str, ...] = (), *,
+                 progress: bool = False, assemble: bool = True) -> TrainResult:
+    """Trains (or resumes) expert `cluster` of the run from its bundle (RUN/islands/k) into RUN/experts/k, then
+    (with `assemble`, process 0) checks it and registers it in the manifest (`ddm.experts.assemble`)."""
+    run = Run.open(run_dir, overrides)
+    run.cluster(cluster)  # a cluster outside the run is a clear error before anything starts
+    result = train_island(run.bundle_dir(cluster), run.expert_dir(cluster), overrides, progress=progress)
+    if assemble and jax.process_index() == 0:
+        assemble_experts(run, [run.expert_dir(cluster)])
+    return result
 
 
 def _record(run: Run, section: str, key, result: TrainResult, seconds: float) -> None:
@@ -93,25 +135,13 @@ def _record(run: Run, section: str, key, result: TrainResult, seconds: float) ->
     run.record(section, key, entry)
 
 
-def train_expert(run_dir: str | Path, cluster: int, overrides: list[str] | tuple[str, ...] = (), *,
-                 progress: bool = False) -> TrainResult:
-    """Trains (or resumes) expert `cluster` of the run and records its EMA SHA-256 in the manifest."""
-    run = Run.open(run_dir, overrides)
-    reader = _reader([run.shard_path(cluster)], [cluster], run.config)
-    task = _diffusion_task(f"expert {cluster}", run, reader, run.expert_dir(cluster), [cluster])
-    t0 = time.perf_counter()
-    result = Trainer(task, run.config.expert.train, progress=progress).run()
-    _record(run, "experts", cluster, result, time.perf_counter() - t0)
-    logger.info(f"expert {cluster}: finished at step {result.step}, EMA sha256 {result.ema_sha256[:16]}")
-    return result
-
-
 def train_monolith(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                    progress: bool = False) -> TrainResult:
     """The baseline: the same trainer and model on the union of all shards, under `RUN_DIR/monolith/`."""
     run = Run.open(run_dir, overrides)
-    reader = _reader(run.shard_paths(), run.cluster_ids, run.config)
-    task = _diffusion_task("monolith", run, reader, run.component_dir("monolith"), None)
+    reader = _reader(run.shard_paths(), run.cluster_ids, run.config, run.shard_digests())
+    task = _diffusion_task("monolith", run.config, run.image_shape, reader, run.component_dir("monolith"),
+                           run.holdout_set())
     t0 = time.perf_counter()
     result = Trainer(task, run.config.expert.train, progress=progress).run()
     _record(run, "monolith", None, result, time.perf_counter() - t0)

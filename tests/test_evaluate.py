@@ -105,7 +105,7 @@ def test_featurenet_cache_is_reused_and_changes_with_the_dataset(trained_run, fe
 
     # A different dataset (cluster 0 loses half its images) gets a different key and a newly trained net.
     run_c = _copy_run(trained_run, tmp_path / "c")
-    shard = str(run_c / "shards" / "cluster_0")
+    shard = str(run_c / "islands" / "0" / "shard")
     write_shard(shard, read_shard(shard)[::2])
     mf.update_manifest(run_c, lambda m: m["dataset"].update(fingerprint="f" * 64))
     other = get_featurenet(run_c, cfg=CLI_NET, cache_dir=cache)

@@ -58,8 +58,8 @@ def test_slurm_script_is_written_not_submitted(run, capsys):
 
 @pytest.mark.slow
 def test_local_islands_failure_rerun_and_monolith(run, capsys):
-    shard = run / "shards" / "cluster_1"
-    hidden = run / "shards" / "cluster_1.hidden"
+    shard = run / "islands" / "1" / "shard"
+    hidden = run / "islands" / "1" / "shard.hidden"
     shard.rename(hidden)  # island 1 cannot open its data
 
     rc = cli.main(["train-islands", "--run-dir", str(run), "--parallel", "2", *SETS])

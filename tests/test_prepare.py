@@ -237,7 +237,7 @@ def _bad_inputs(tmp: Path) -> dict:
 def test_bad_inputs_are_refused_and_destroy_nothing(digits_run, tmp_path):
     run_dir, _ = digits_run
     before = snapshot(run_dir)
-    assert "manifest.json" in before and any(name.startswith("shards/cluster_3/") for name in before)
+    assert "manifest.json" in before and any(name.startswith("islands/3/shard/") for name in before)
     failures = []
     for name, (sets, overwrite, needles) in _bad_inputs(tmp_path).items():
         result = prepare(run_dir, *sets, overwrite=overwrite)

@@ -143,7 +143,7 @@ def _error_line(capsys) -> str:
 def test_missing_shard_is_a_clear_error(mixture_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(mixture_run, run)
-    shutil.rmtree(run / "shards" / "cluster_1")
+    shutil.rmtree(run / "islands" / "1" / "shard")
     assert main(["train-router", "--run-dir", str(run), "--no-progress"]) == 2
     assert "cluster 1" in _error_line(capsys)
 

@@ -28,13 +28,15 @@ from ddm.app.sample import sample_command
 from ddm.core.config import SEED_MAX, Config, load_config, to_yaml
 from ddm.core.distributed import initialize
 from ddm.core.errors import DDMError
+from ddm.core.preemption import PREEMPTED_EXIT, Preempted
 from ddm.data.prepare import prepare
 from ddm.data.run import Run
 from ddm.eval.evaluate import DEFAULT_CFG_SCALES, DEFAULT_CLASS_N, DEFAULT_STRATEGIES, evaluate_run
 from ddm.eval.features import load_features
 from ddm.eval.featurenet import FeatureNetConfig
 from ddm.experts import islands
-from ddm.experts.train import train_expert, train_monolith
+from ddm.experts.assemble import assemble_experts
+from ddm.experts.train import train_expert, train_island, train_monolith
 from ddm.router.evaluate import evaluate_router
 from ddm.router.train import train_router
 from ddm.sampling.export import export_run
@@ -137,8 +139,24 @@ def cmd_info(args) -> int:
 
 
 def cmd_train_expert(args) -> int:
+    if (args.island is None) == (args.run_dir is None):
+        raise DDMError("ddm train-expert takes --island BUNDLE --out OUT, or --run-dir RUN --cluster K")
+    if args.island is not None:
+        if args.out is None or args.cluster is not None:
+            raise DDMError("ddm train-expert --island BUNDLE needs --out OUT (and no --cluster: the bundle has it)")
+        initialize()
+        train_island(args.island, args.out, args.set, progress=not args.no_progress)
+        return 0
+    if args.cluster is None or args.out is not None:
+        raise DDMError("ddm train-expert --run-dir RUN needs --cluster K (and no --out: it trains into RUN/experts/K)")
     initialize()
-    train_expert(args.run_dir, args.cluster, args.set, progress=not args.no_progress)
+    train_expert(args.run_dir, args.cluster, args.set, progress=not args.no_progress, assemble=not args.no_assemble)
+    return 0
+
+
+def cmd_assemble(args) -> int:
+    run = assemble_experts(args.run_dir, args.outs, args.set)
+    print(f"{len(run.finished_experts())} of {run.num_clusters} experts assembled in {run.root}")
     return 0
 
 
@@ -149,9 +167,19 @@ def cmd_train_monolith(args) -> int:
 
 
 def cmd_train_islands(args) -> int:
+    if args.launcher == "k8s":
+        if not args.image:
+            raise DDMError("--launcher k8s needs --image (a container image with ddm installed)")
+        path = islands.write_k8s_job(args.run_dir, args.set, image=args.image, bundles=args.bundles,
+                                     experts=args.experts, parallel=args.parallel, accelerator=args.accelerator,
+                                     accelerators=args.accelerators, tpu_type=args.tpu_type,
+                                     tpu_topology=args.tpu_topology, grace_seconds=args.grace_seconds)
+        print(f"wrote {path}\napply it with: kubectl apply -f {path}")
+        return 0
     if args.launcher == "slurm":
         path = islands.write_slurm_script(args.run_dir, args.set, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                                          parallel=args.parallel, partition=args.partition)
+                                          parallel=args.parallel, partition=args.partition,
+                                          grace_seconds=args.grace_seconds)
         print(f"wrote {path}\nsubmit it with: sbatch {path}")
         return 0
     results = islands.launch_local(args.run_dir, args.set, parallel=args.parallel or 1)
@@ -338,20 +366,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="the run directory")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train-expert", help="train (or resume) one island's expert")
-    _add_common(p)
-    p.add_argument("--cluster", type=int_arg(0, COUNT_MAX, "a cluster id"), required=True, help="which island: the cluster id k (0..K-1)")
+    p = sub.add_parser("train-expert", help="train (or resume) one island's expert, from its bundle alone")
+    _add_common(p, run_dir_required=False)
+    p.add_argument("--island", default=None, metavar="BUNDLE", help="the island bundle (a copy of RUN/islands/K)")
+    p.add_argument("--out", default=None, help="with --island: where the expert goes (checkpoints, final/, "
+                                               "expert.json); nothing outside it is written")
+    p.add_argument("--cluster", type=int_arg(0, COUNT_MAX, "a cluster id"), default=None, help="with --run-dir: which island, the cluster id k (0..K-1)")
+    p.add_argument("--no-assemble", action="store_true",
+                   help="with --run-dir: train into RUN/experts/K but leave the manifest to `ddm assemble`")
     p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     p.set_defaults(func=cmd_train_expert)
+
+    p = sub.add_parser("assemble", help="check experts trained elsewhere against the run's plan and register them")
+    _add_common(p)
+    p.add_argument("outs", nargs="+", metavar="OUT", help="expert folders written by train-expert --out")
+    p.set_defaults(func=cmd_assemble)
 
     p = sub.add_parser("train-islands", help="train every unfinished expert, each in its own process")
     _add_common(p)
     p.add_argument("--parallel", type=COUNT, default=None, help="islands at a time (local: default 1)")
-    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                   help="local: one OS process per island here (default); slurm: write an array-job script")
+    p.add_argument("--launcher", choices=("local", "slurm", "k8s"), default="local",
+                   help="local: one OS process per island here (default); slurm: write an array-job script; k8s: "
+                        "write a Kubernetes Indexed Job manifest")
     p.add_argument("--nodes", type=COUNT, default=1, help="slurm: nodes per island")
     p.add_argument("--gpus-per-node", type=int_arg(0), default=0, help="slurm: GPUs per node")
     p.add_argument("--partition", default=None, help="slurm: partition")
+    p.add_argument("--grace-seconds", type=int_arg(0), default=120,
+                   help="slurm / k8s: seconds between SIGTERM and the kill; covers one step + a checkpoint (default 120)")
+    p.add_argument("--image", default=None, help="k8s: container image with ddm installed")
+    p.add_argument("--bundles", default=None, help="k8s: where pods find the bundles, BUNDLES/<k> (default RUN/islands)")
+    p.add_argument("--experts", default=None, help="k8s: where pods write the experts, EXPERTS/<k> (default RUN/experts)")
+    p.add_argument("--accelerator", choices=("gpu", "tpu", "cpu"), default="gpu", help="k8s: gpu (default), tpu, cpu")
+    p.add_argument("--accelerators", type=COUNT, default=1, help="k8s: GPUs or TPU chips per island (default 1)")
+    p.add_argument("--tpu-type", default=None, help="k8s: GKE TPU accelerator, e.g. tpu-v5-lite-podslice")
+    p.add_argument("--tpu-topology", default=None, help="k8s: GKE TPU topology, e.g. 2x2")
     p.set_defaults(func=cmd_train_islands)
 
     p = sub.add_parser("train-monolith", help="train the single-model baseline on all data")
@@ -512,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(logging.INFO)
     try:
         return args.func(args)
+    except Preempted as err:
+        print(f"ddm: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except DDMError as err:
         print(f"ddm: error: {logs.one_line(err)}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ from ddm.core.errors import DDMError
 from ddm.core.hashing import pytree_sha256
 from ddm.core.monitor import HeldOut, Monitor, Sampler
 from ddm.core.plots import plot_loss_curve
+from ddm.core.preemption import Preempted, StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +259,11 @@ class Trainer:
                 f"grad_norm={bad[2]:.4g}, param_norm={bad[3]:.4g}); last good checkpoint kept")
 
     def run(self) -> TrainResult:
+        """Trains to `cfg.steps`; `Preempted` if SIGTERM / SIGINT arrived first (after checkpointing)."""
+        with StopRequest() as stop:  # from here on a signal stops at a step boundary instead of killing
+            return self._run(stop)
+
+    def _run(self, stop: StopRequest) -> TrainResult:
         cfg, task = self.cfg, self.task
         task.out_dir.mkdir(parents=True, exist_ok=True)
         checkpointer = Checkpointer(task.out_dir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
@@ -281,13 +287,18 @@ class Trainer:
                  f"mesh {dict(self.mesh.shape)}, batch {cfg.batch_size}, steps {start}->{cfg.steps}")
         try:
             self.monitor.open(start)
-            state = self._loop(state, start, checkpointer, metrics_path)
+            state, done = self._loop(state, start, checkpointer, metrics_path, stop)
             self._check_finite(state)
-            if start < cfg.steps or checkpointer.latest_step() != cfg.steps:
+            if done < cfg.steps:  # preempted: checkpoint where the loop stopped, then say so
+                if checkpointer.latest_step() != done:
+                    checkpointer.save(done, state, self._meta(done), force=True)
+            elif start < cfg.steps or checkpointer.latest_step() != cfg.steps:
                 checkpointer.save(cfg.steps, state, self._meta(cfg.steps), force=True)
         finally:
             checkpointer.close()
             self.monitor.close()
+        if done < cfg.steps:
+            raise Preempted(task.name, done, stop.signame)
         final_path = task.out_dir / "final"
         final = final_params(state)
         save_params(final_path, final)
@@ -296,8 +307,11 @@ class Trainer:
             plot_loss_curve(read_metrics(metrics_path), task.out_dir / "loss.png", title=task.name)
         return TrainResult(cfg.steps, ema_sha, final_path, metrics_path, resumed_from)
 
-    def _loop(self, state: dict, start: int, checkpointer: Checkpointer, metrics_path: Path) -> dict:
+    def _loop(self, state: dict, start: int, checkpointer: Checkpointer, metrics_path: Path,
+              stop: StopRequest) -> tuple[dict, int]:
+        """Steps start..cfg.steps; returns (state, steps done), fewer than cfg.steps when `stop` was signalled."""
         cfg = self.cfg
+        done = start
         bar = _progress_bar(start, cfg.steps, self.task.name) if self.progress and jax.process_index() == 0 else None
         t_last, step_last = time.perf_counter(), start
         previous_loss = None
@@ -337,9 +351,12 @@ class Trainer:
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self._check_finite(state)  # never checkpoint a poisoned state
                     checkpointer.save(done, state, self._meta(done))
+                if stop.signame is not None and done < cfg.steps:
+                    logger.info(f"{self.task.name}: {stop.signame} at step {done}: checkpointing and stopping")
+                    break
         if bar is not None:
             bar.close()
-        return state
+        return state, done
 
 
 def final_params(state: dict) -> dict:

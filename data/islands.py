@@ -1,0 +1,123 @@
+"""Island bundles: everything one island needs, and nothing else.
+
+`ddm prepare` writes one bundle per cluster, `RUN/islands/<k>/`:
+
+    island.json   format "ddm-island/v1": run_id (the run's `plan_sha256`), cluster, dataset (fingerprint,
+                  image_shape, num_classes, class_names), shard {path, sha256, count}, holdout {path, sha256,
+                  count} or null, config (the resolved config; islands train `config.expert`)
+    shard/        the cluster's training shard (images [+ labels] + shard.json), the one the manifest points at
+    holdout/      the held-out images whose nearest centroid is k (their loss is logged while training)
+
+Copying (or uploading) that folder is how work is handed to an island; the island never sees the run
+directory. `Bundle.open` reads and checks island.json; the shard is checked against its digest when the
+reader opens it. A bundle's digest (`bundle_sha256`, of island.json's canonical JSON) names it in the expert
+record the island writes, so the coordinator can tell which plan an expert was trained from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ddm.core.config import Config, config_from_data, with_num_classes
+from ddm.core.errors import DDMError
+from ddm.data import storage
+from ddm.data.shards import NO_LABEL, read_labels, read_shard, verify_shard
+
+BUNDLE_FORMAT = "ddm-island/v1"
+ISLAND_JSON = "island.json"
+SHARD, HOLDOUT = "shard", "holdout"  # the bundle's shard folders
+
+
+def bundle_dir(run_dir: str | Path, k: int) -> Path:
+    return Path(run_dir) / "islands" / str(k)
+
+
+def island_record(run_id: str, cluster: int, dataset: dict, shard: dict, holdout: dict | None,
+                  config: dict) -> dict:
+    """island.json's content (paths inside the bundle are relative to it)."""
+    return {"format": BUNDLE_FORMAT, "run_id": run_id, "cluster": cluster,
+            "dataset": {key: dataset.get(key) for key in ("fingerprint", "image_shape", "num_classes", "class_names")},
+            "shard": shard, "holdout": holdout, "config": config}
+
+
+def write_island_json(bundle: str | Path, record: dict) -> None:
+    path = Path(bundle) / ISLAND_JSON
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def bundle_sha256(record: dict) -> str:
+    """SHA-256 of island.json's canonical JSON: the bundle's name in expert records."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """An opened island bundle. `record` is island.json; `config` its config with this command's overrides."""
+
+    root: Path | str  # a folder, or a URL
+    record: dict
+    config: Config
+
+    @classmethod
+    def open(cls, root: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Bundle:
+        """Reads and checks `root/island.json` (`root`: a folder or a URL); DDMError naming what is wrong."""
+        path = storage.join(root, ISLAND_JSON)
+        raw = storage.read_bytes(path)
+        if raw is None:
+            raise DDMError(f"no island bundle at {root} ({ISLAND_JSON} missing): copy RUN/islands/<k> from a "
+                           "prepared run")
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DDMError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(record, dict) or record.get("format") != BUNDLE_FORMAT:
+            raise DDMError(f"{path} is not a {BUNDLE_FORMAT} record")
+        for key in ("run_id", "cluster", "dataset", "shard", "config"):
+            if key not in record:
+                raise DDMError(f"{path} has no {key!r}")
+        num_classes = int(record["dataset"].get("num_classes") or 0)
+        config = with_num_classes(config_from_data(record["config"], overrides), num_classes)
+        return cls(str(root) if storage.is_url(root) else Path(root), record, config)
+
+    @property
+    def run_id(self) -> str:
+        return self.record["run_id"]
+
+    @property
+    def cluster(self) -> int:
+        return int(self.record["cluster"])
+
+    @property
+    def sha256(self) -> str:
+        return bundle_sha256(self.record)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.record["dataset"]["image_shape"])
+
+    @property
+    def shard_path(self) -> str:
+        return storage.join(self.root, self.record["shard"]["path"])
+
+    @property
+    def shard_sha256(self) -> str:
+        return self.record["shard"]["sha256"]
+
+    def holdout_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The island's held-out images with their cluster id and class (-1 unlabelled), as a reader gives
+        them: (uint8 [N, H, W, C], int32 [N], int32 [N]); None when it has none. Checked against its digest."""
+        held = self.record.get("holdout")
+        if not held or not held.get("count"):
+            return None
+        path = storage.join(self.root, held["path"])
+        images, classes = read_shard(path), read_labels(path)
+        verify_shard(path, held["sha256"], "holdout", images=images, labels=classes)
+        classes = np.full(len(images), NO_LABEL, np.int32) if classes is None else classes
+        return images, np.full(len(images), self.cluster, np.int32), classes

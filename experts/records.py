@@ -1,0 +1,79 @@
+"""`OUT/expert.json`: what an island hands back with its weights.
+
+Schema (format "ddm-expert/v1"):
+
+    run_id, cluster, bundle_sha256, shard_sha256   which plan, island and data it was trained from
+    model_digest, config_digest                    SHA-256 of the model config / the whole expert config
+    ema_sha256, step, final                        the EMA weights' `pytree_sha256`, steps, their folder in OUT
+    model, train                                   the configs themselves (for reading, not checking)
+    hardware, seconds, finished                    what trained it, how long, when (recorded, never checked)
+
+An island writes it last, atomically, after `final/`: an OUT without it is unfinished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import jax
+
+from ddm.core.config import Config, ModelConfig, to_dict
+from ddm.core.errors import DDMError
+from ddm.data.islands import Bundle
+
+EXPERT_JSON = "expert.json"
+EXPERT_FORMAT = "ddm-expert/v1"
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def model_digest(model_cfg: ModelConfig) -> str:
+    """SHA-256 of an expert's model config (canonical JSON): the architecture its weights fit."""
+    return _digest(to_dict(model_cfg))
+
+
+def hardware() -> dict:
+    """What trained an expert (recorded, never checked)."""
+    devices = jax.devices()
+    return {"platform": devices[0].platform, "device_kind": devices[0].device_kind, "devices": len(devices),
+            "processes": jax.process_count(), "host": socket.gethostname()}
+
+
+def expert_record(bundle: Bundle, cfg: Config, ema_sha256: str, step: int, seconds: float) -> dict:
+    """expert.json's content for an expert trained from `bundle` with config `cfg`."""
+    return {"format": EXPERT_FORMAT, "run_id": bundle.run_id, "cluster": bundle.cluster,
+            "bundle_sha256": bundle.sha256, "shard_sha256": bundle.shard_sha256,
+            "model_digest": model_digest(cfg.expert.model), "config_digest": _digest(to_dict(cfg.expert)),
+            "ema_sha256": ema_sha256, "step": step, "final": "final",
+            "model": to_dict(cfg.expert.model), "train": to_dict(cfg.expert.train),
+            "hardware": hardware(), "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_expert_json(out: Path, record: dict) -> None:
+    tmp = Path(out) / f"{EXPERT_JSON}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(Path(out) / EXPERT_JSON)
+
+
+def read_expert_json(out: str | Path) -> dict:
+    """OUT/expert.json; DDMError if the island has not finished (or the file is not an expert record)."""
+    path = Path(out) / EXPERT_JSON
+    if not path.is_file():
+        raise DDMError(f"no {EXPERT_JSON} in {out}: the island has not finished training")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DDMError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(record, dict) or record.get("format") != EXPERT_FORMAT:
+        raise DDMError(f"{path} is not a {EXPERT_FORMAT} record")
+    for key in ("run_id", "cluster", "shard_sha256", "model_digest", "ema_sha256", "step", "final"):
+        if key not in record:
+            raise DDMError(f"{path} has no {key!r}")
+    return record
