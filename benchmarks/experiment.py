@@ -1,27 +1,40 @@
 """The DDM experiment at CPU scale: monolith vs a K-expert ensemble at equal training FLOPs, per routing
-strategy, with k-means vs random partitions, over several seeds (our version of the paper's Table 1).
+strategy, over several seeds and training budgets (our version of the paper's Table 1 and its budget curve),
+with k-means vs random partitions and, optionally, the distilled student (the paper's section 4.4).
 
     python benchmarks/experiment.py [--dataset digits|mnist10k] [--seeds 0,1,2] [--partitions kmeans,random]
-        [--expert-steps 250] [--router-steps 150] [--n 400] [--sample-steps 20] [--out runs/experiment]
-        [--set section.key=value ...] [--strategies full,top1,...] [--table-only]
+        [--flop-match batch|steps] [--budgets 300,1000,3000 | --expert-steps 250] [--ks 2,4,8] [--batch B]
+        [--ema 0.98] [--router-steps 150] [--distill-steps N --teacher cluster|full] [--n 400]
+        [--sample-steps 20] [--out runs/experiment] [--set section.key=value ...] [--strategies full,top1,...]
+        [--plot docs/img/..._flops.png] [--table-only]
 
-Per seed s and partition p, one run directory OUT/<dataset>/<p>-s<s>/:
+Per K, budget S (steps per expert), seed s and partition p, one run directory
+OUT/<dataset>/<match>-k<K>-s<S>/<p>-s<s>/:
 - prepare with the dataset's config + the overrides below (stored in the manifest, so every later stage uses
   them). The clustering itself uses data.seed=0 for every seed, so all runs share the same holdout set and
-  the same feature network; the seed changes expert/router initialisation, data order and sampling noise.
+  the same feature network; the seed changes expert/router/student initialisation, data order and sampling noise.
 - `random`: after preparing, the training images are re-split uniformly at random into K equal-size shards
   (seeded by s), written with `ddm.data.shards.write_shard`; the manifest's clusters say so
   (clustering.method = "random"). The held-out images get random labels.
 - K experts x S steps, the router x R steps, then (kmeans runs only; the monolith does not depend on the
-  partition) the monolith with the same total training FLOPs:
-      ensemble = K * S * B * 3 * F_dit + R * B_r * 3 * F_router,    monolith steps = ensemble / (B * 3 * F_dit)
-  with F_* the forward FLOPs per image (`dit_flops_per_image`, `router_flops_per_image`); 3 = forward + backward.
-- `ddm evaluate` (FD in the feature net's features, precision/recall k=3, coverage) on n samples per strategy.
+  partition) the monolith with the same training FLOPs, matched one of two ways (`--flop-match`):
+      batch (default, the paper's: 8 experts x batch 32 = the monolith's 256): every expert takes batch B / K
+          and S steps; the monolith takes batch B and the same S steps. The router's FLOPs are on the
+          ensemble's side only (R * B_r * 3 * F_router, a few % here).
+      steps: every expert takes batch B and S steps; the monolith takes batch B and
+          (K * S * B * 3 * F_dit + R * B_r * 3 * F_router) / (B * 3 * F_dit) steps.
+  F_* are forward FLOPs per image (`dit_flops_per_image`, `router_flops_per_image`); 3 = forward + backward.
+  Experts, monolith and student share the learning rate of the config and the EMA decay `--ema`.
+- `--distill-steps N`: a student (the experts' architecture, batch B, N steps, `--teacher`) distilled from the
+  finished ensemble; its FLOPs = N * B * (3 * F_student + F_teacher), F_teacher = F_dit for the cluster teacher
+  (one expert per sample), K * F_dit + F_router for the full one; plotted at ensemble + distillation FLOPs.
+- `ddm evaluate` (FD in the feature net's features and in raw-pixel PCA features, precision/recall k=3,
+  coverage) on n samples per strategy; the student in RUN/eval_student/.
 
 Every stage is skipped when its output is already there, so the script resumes after a crash and re-running
-it only prints the table. Runs everything in this one process (no per-island processes: on a shared 2-core
-machine process start-up and recompilation would dominate), with jax's persistent compilation cache in
-OUT/jax_cache.
+it only prints the tables (OUT/<dataset>/results-<match>.{md,json}) and redraws `--plot` (FD vs training FLOPs).
+Runs everything in this one process (no per-island processes: on a shared 2-core machine process start-up and
+recompilation would dominate), with jax's persistent compilation cache in OUT/jax_cache.
 """
 
 from __future__ import annotations
@@ -70,31 +83,73 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_overrides(args, seed: int) -> list[str]:
-    s, r = args.expert_steps, args.router_steps
+def expert_batch(args, k: int) -> int:
+    """Per-expert batch: the monolith's batch B split K ways (batch matching), or B itself (steps matching)."""
+    if args.flop_match == "steps":
+        return args.batch
+    if args.batch % k:
+        raise SystemExit(f"--flop-match batch needs a batch divisible by K: {args.batch} % {k} != 0")
+    return args.batch // k
+
+
+def run_overrides(args, seed: int, steps: int, k: int) -> list[str]:
+    s, r = steps, args.router_steps
     return [
         *DATASET_OVERRIDES[args.dataset],
-        "data.seed=0",
-        f"expert.train.steps={s}", f"expert.train.warmup_steps={max(s // 10, 1)}", "expert.train.ema_decay=0.98",
+        "data.seed=0", f"data.k={k}",
+        f"expert.train.steps={s}", f"expert.train.warmup_steps={max(s // 10, 1)}",
+        f"expert.train.ema_decay={args.ema}", f"expert.train.batch_size={expert_batch(args, k)}",
         f"expert.train.seed={seed}", f"expert.train.checkpoint_every={s}", f"expert.train.log_every={max(s // 2, 1)}",
         f"router.train.steps={r}", f"router.train.warmup_steps={max(r // 10, 1)}", "router.train.ema_decay=0.95",
         f"router.train.seed={seed}", f"router.train.checkpoint_every={r}", f"router.train.log_every={max(r // 2, 1)}",
         f"sample.steps={args.sample_steps}", f"sample.seed={seed}",
+        # The student: the experts' architecture, the monolith's batch, its own step count.
+        f"distill.model.preset={{expert_preset}}", f"distill.model.patch_size={{expert_patch}}",
+        f"distill.train.steps={max(args.distill_steps, 1)}", f"distill.train.batch_size={args.batch}",
+        f"distill.train.warmup_steps={max(args.distill_steps // 10, 1)}", f"distill.train.ema_decay={args.ema}",
+        f"distill.train.seed={seed}", f"distill.train.checkpoint_every={max(args.distill_steps, 1)}",
+        f"distill.train.log_every={max(args.distill_steps // 2, 1)}", f"distill.teacher={args.teacher}",
         *args.set,
     ]
 
 
-def flops(cfg, image_shape: tuple[int, int, int], k: int) -> dict:
-    """Training FLOPs of the ensemble (experts + router) and the monolith steps that match them."""
+def resolved_overrides(args, seed: int, steps: int, k: int) -> list[str]:
+    """run_overrides with the student's architecture filled in from the experts' (after every --set)."""
+    raw = run_overrides(args, seed, steps, k)
+    cfg = load_config(CONFIGS[args.dataset], [o for o in raw if not o.startswith("distill.model")])
+    return [o.format(expert_preset=cfg.expert.model.preset, expert_patch=cfg.expert.model.patch_size)
+            if o.startswith("distill.model") else o for o in raw]
+
+
+def flops(cfg, image_shape: tuple[int, int, int], k: int, match: str, monolith_batch: int,
+          distill_steps: int = 0) -> dict:
+    """Training FLOPs (3 x forward per image: forward + backward) of the ensemble (experts + router), the
+    monolith that matches it, and the distillation on top of the ensemble.
+
+    batch: the monolith takes the experts' steps at batch K x the experts' batch (the paper's matching; the
+    router's FLOPs are on the ensemble's side only). steps: the monolith takes as many steps at the experts'
+    batch as make its FLOPs equal to experts + router.
+    """
     f_dit = dit_flops_per_image(cfg.expert.model, image_shape)
     f_router = router_flops_per_image(cfg.router, image_shape, k)
     t, tr = cfg.expert.train, cfg.router.train
     experts = k * t.steps * t.batch_size * 3 * f_dit
     router = tr.steps * tr.batch_size * 3 * f_router
-    mono_steps = round((experts + router) / (t.batch_size * 3 * f_dit))
-    return {"dit_forward_flops_per_image": f_dit, "router_forward_flops_per_image": f_router,
-            "experts": experts, "router": router, "ensemble": experts + router, "monolith_steps": mono_steps,
-            "monolith": mono_steps * t.batch_size * 3 * f_dit, "router_share": router / (experts + router)}
+    if match == "batch":
+        mono_steps, mono_batch = t.steps, monolith_batch
+    else:
+        mono_steps, mono_batch = round((experts + router) / (t.batch_size * 3 * f_dit)), t.batch_size
+    out = {"match": match, "dit_forward_flops_per_image": f_dit, "router_forward_flops_per_image": f_router,
+           "experts": experts, "router": router, "ensemble": experts + router, "monolith_steps": mono_steps,
+           "monolith_batch": mono_batch, "monolith": mono_steps * mono_batch * 3 * f_dit,
+           "router_share": router / (experts + router)}
+    if distill_steps:
+        d = cfg.distill
+        f_student = dit_flops_per_image(d.model, image_shape)
+        f_teacher = f_dit if d.teacher == "cluster" else k * f_dit + f_router
+        out["distill"] = distill_steps * d.train.batch_size * (3 * f_student + f_teacher)
+        out["student_total"] = out["ensemble"] + out["distill"]
+    return out
 
 
 def _partition_inertia(images: np.ndarray, labels: np.ndarray, cfg) -> float:
@@ -146,14 +201,21 @@ def finished(entry: dict | None, steps: int) -> bool:
     return bool(entry) and entry.get("status") == "finished" and entry.get("step") == steps
 
 
-def build_run(args, partition: str, seed: int) -> Path:
+def run_dir_of(args, partition: str, seed: int, steps: int, k: int) -> Path:
+    return Path(args.out) / args.dataset / f"{args.flop_match}-k{k}-s{steps}" / f"{partition}-s{seed}"
+
+
+def build_run(args, partition: str, seed: int, steps: int, k: int) -> Path:
     """Prepares and trains one run directory, skipping whatever is already finished."""
     from ddm.data.prepare import prepare
+    from ddm.experts.distill import train_student
     from ddm.experts.train import train_expert, train_monolith
     from ddm.router.train import train_router
+    from ddm.sampling.teacher import build_teacher
+    from ddm.data.run import Run
 
-    run_dir = Path(args.out) / args.dataset / f"{partition}-s{seed}"
-    overrides = run_overrides(args, seed)
+    run_dir = run_dir_of(args, partition, seed, steps, k)
+    overrides = resolved_overrides(args, seed, steps, k)
     cfg = load_config(CONFIGS[args.dataset], overrides)
     if not mf.manifest_path(run_dir).exists():
         log(f"{run_dir}: prepare")
@@ -165,34 +227,56 @@ def build_run(args, partition: str, seed: int) -> Path:
         if not finished(manifest.get("experts", {}).get(str(c["id"])), cfg.expert.train.steps):
             t0 = time.perf_counter()
             train_expert(run_dir, c["id"], progress=False)
-            log(f"{run_dir.name}: expert {c['id']} ({c['count']} images) {time.perf_counter() - t0:.0f}s")
+            log(f"{run_dir.parent.name}/{run_dir.name}: expert {c['id']} ({c['count']} images) "
+                f"{time.perf_counter() - t0:.0f}s")
     if not finished(mf.read_manifest(run_dir).get("router"), cfg.router.train.steps):
         t0 = time.perf_counter()
         train_router(run_dir, progress=False)
-        log(f"{run_dir.name}: router {time.perf_counter() - t0:.0f}s")
+        log(f"{run_dir.parent.name}/{run_dir.name}: router {time.perf_counter() - t0:.0f}s")
     if partition == "kmeans":
-        budget = flops(cfg, tuple(manifest["dataset"]["image_shape"]), len(manifest["clusters"]))
-        m = budget["monolith_steps"]
+        budget = flops(cfg, tuple(manifest["dataset"]["image_shape"]), len(manifest["clusters"]), args.flop_match,
+                       args.batch)
+        m, b = budget["monolith_steps"], budget["monolith_batch"]
         if not finished(mf.read_manifest(run_dir).get("monolith"), m):
             t0 = time.perf_counter()
             train_monolith(run_dir, [f"expert.train.steps={m}", f"expert.train.warmup_steps={max(m // 10, 1)}",
-                                     f"expert.train.checkpoint_every={m}", f"expert.train.log_every={max(m // 4, 1)}"],
-                           progress=False)
-            log(f"{run_dir.name}: monolith ({m} steps) {time.perf_counter() - t0:.0f}s")
+                                     f"expert.train.batch_size={b}", f"expert.train.checkpoint_every={m}",
+                                     f"expert.train.log_every={max(m // 4, 1)}"], progress=False)
+            log(f"{run_dir.parent.name}/{run_dir.name}: monolith ({m} steps x {b}) {time.perf_counter() - t0:.0f}s")
+        if args.distill_steps and not finished(mf.read_manifest(run_dir).get("student"), args.distill_steps):
+            t0 = time.perf_counter()
+            run = Run.open(run_dir)
+            train_student(run_dir, build_teacher(run, cfg.distill.teacher), cfg.distill.teacher, progress=False)
+            log(f"{run_dir.parent.name}/{run_dir.name}: student ({args.distill_steps} steps x {args.batch}, "
+                f"{cfg.distill.teacher} teacher) {time.perf_counter() - t0:.0f}s")
     return run_dir
 
 
 def evaluate(args, run_dir: Path, seed: int) -> dict:
+    """The run's report (reused when it has these settings and strategies); the student's row, when distilled,
+    from its own evaluation in RUN/eval_student/ (so distilling later does not resample every strategy)."""
     report_path = run_dir / "eval" / "report.json"
+    report = None
     if report_path.exists():
         report = json.loads(report_path.read_text())
-        if report["request"] == {"n": args.n, "steps": args.sample_steps, "solver": report["request"]["solver"],
-                                 "seed": seed} and set(args.strategies) <= set(report["results"]):
-            return report
-    t0 = time.perf_counter()
-    report = evaluate_run(run_dir, n=args.n, steps=args.sample_steps, seed=seed, strategies=args.strategies,
-                          cache_dir=Path(args.out) / "cache")
-    log(f"{run_dir.name}: evaluated in {time.perf_counter() - t0:.0f}s")
+        if report["request"] != {"n": args.n, "steps": args.sample_steps, "solver": report["request"]["solver"],
+                                 "seed": seed} or not set(args.strategies) <= set(report["results"]):
+            report = None
+    if report is None:
+        t0 = time.perf_counter()
+        report = evaluate_run(run_dir, n=args.n, steps=args.sample_steps, seed=seed, strategies=args.strategies,
+                              cache_dir=Path(args.out) / "cache", student=False)
+        log(f"{run_dir.parent.name}/{run_dir.name}: evaluated in {time.perf_counter() - t0:.0f}s")
+    if args.distill_steps and mf.read_manifest(run_dir).get("student"):
+        student_path = run_dir / "eval_student" / "report.json"
+        if not student_path.exists():
+            t0 = time.perf_counter()
+            evaluate_run(run_dir, n=args.n, steps=args.sample_steps, seed=seed, strategies=(), monolith=False,
+                         cache_dir=Path(args.out) / "cache", out_dir=run_dir / "eval_student")
+            log(f"{run_dir.parent.name}/{run_dir.name}: student evaluated in {time.perf_counter() - t0:.0f}s")
+        student = json.loads(student_path.read_text())["results"].get("student")
+        if student is not None:
+            report["results"]["student"] = student
     return report
 
 
@@ -209,18 +293,22 @@ def _cell(values: list[float], digits: int) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
+METRICS = ("fd", "fd_pca", "precision", "recall")
+
+
 def collect(reports: dict[tuple[str, int], dict], strategies: tuple[str, ...]) -> list[dict]:
-    """One row per (partition, model): lists of per-seed metrics."""
+    """One row per (partition, model): lists of per-seed metrics (seed order in `seeds`)."""
     rows = []
     for partition in ("kmeans", "random"):
-        names = ["monolith"] * (partition == "kmeans") + list(strategies) + ["real (train)"]
+        names = ["monolith", "student"] * (partition == "kmeans") + list(strategies) + ["real (train)"]
         for name in names:
-            per_seed = [r["results"][name] for (p, _), r in sorted(reports.items()) if p == partition
-                        and name in r["results"]]
-            if not per_seed:
+            found = [(s, r["results"][name]) for (p, s), r in sorted(reports.items()) if p == partition
+                     and name in r["results"]]
+            if not found:
                 continue
-            rows.append({"partition": partition, "model": name, "seeds": len(per_seed),
-                         **{m: [row[m] for row in per_seed] for m in ("fd", "precision", "recall")},
+            per_seed = [row for _, row in found]
+            rows.append({"partition": partition, "model": name, "seeds": [s for s, _ in found],
+                         **{m: [row[m] for row in per_seed if m in row] for m in METRICS},
                          "coverage_tv": [row["coverage"]["tv_vs_data"] for row in per_seed if "coverage" in row],
                          "evals": [row["expert_evals_per_sample"] for row in per_seed
                                    if "expert_evals_per_sample" in row]})
@@ -228,15 +316,61 @@ def collect(reports: dict[tuple[str, int], dict], strategies: tuple[str, ...]) -
 
 
 def format_table(rows: list[dict], metric_name: str) -> str:
-    lines = [(f"| partition | model | {metric_name} ↓ | precision ↑ | recall ↑ | coverage TV ↓ | "
+    lines = [(f"| partition | model | {metric_name} ↓ | FD-PCA ↓ | precision ↑ | recall ↑ | coverage TV ↓ | "
               "expert evals / sample | paper FID (ImageNet) | seeds |"),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         paper = PAPER_FID.get(row["model"]) if row["partition"] == "kmeans" else None
-        lines.append(f"| {row['partition']} | {row['model']} | {_cell(row['fd'], 2)} | {_cell(row['precision'], 3)} | "
-                     f"{_cell(row['recall'], 3)} | {_cell(row['coverage_tv'], 3)} | {_cell(row['evals'], 0)} | "
-                     f"{'-' if paper is None else paper} | {row['seeds']} |")
+        lines.append(f"| {row['partition']} | {row['model']} | {_cell(row['fd'], 2)} | {_cell(row['fd_pca'], 2)} | "
+                     f"{_cell(row['precision'], 3)} | {_cell(row['recall'], 3)} | {_cell(row['coverage_tv'], 3)} | "
+                     f"{_cell(row['evals'], 0)} | {'-' if paper is None else paper} | {len(row['seeds'])} |")
+    per_seed = [f"{row['model']} " + " / ".join(f"{v:.1f}" for v in row["fd"]) for row in rows
+                if row["partition"] == "kmeans"]
+    lines += ["", f"Per seed ({metric_name}, seeds {' / '.join(map(str, rows[0]['seeds']))}): " + "; ".join(per_seed)]
     return "\n".join(lines)
+
+
+def plot_budgets(points: list[dict], path: Path, title: str) -> None:
+    """FD (feature net, left; raw-pixel PCA, right) against training FLOPs, mean ± std over seeds, one line per
+    model: the monolith at its own FLOPs, every strategy at the ensemble's, the student at ensemble +
+    distillation."""
+    from ddm.core.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    models = []
+    for p in points:
+        models += [r["model"] for r in p["rows"] if r["partition"] == "kmeans" and r["model"] not in models]
+    for ax, metric, label in ((axes[0], "fd", points[0]["metric_name"]), (axes[1], "fd_pca", "FD in raw-pixel PCA")):
+        for name in models:
+            xs, ys, es = [], [], []
+            for p in points:
+                row = next((r for r in p["rows"] if r["partition"] == "kmeans" and r["model"] == name), None)
+                if row is None or not row[metric]:
+                    continue
+                key = {"monolith": "monolith", "student": "student_total"}.get(name, "ensemble")
+                if name == "real (train)" or key not in p["flops"]:
+                    continue
+                xs.append(p["flops"][key])
+                ys.append(np.mean(row[metric]))
+                es.append(np.std(row[metric], ddof=1) if len(row[metric]) > 1 else 0.0)
+            if xs:
+                style = {"monolith": dict(color="black", lw=2.2), "student": dict(color="tab:purple", ls="--")}
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name, **style.get(name, {}))
+        floors = [np.mean(r[metric]) for p in points for r in p["rows"] if r["model"] == "real (train)" and r[metric]]
+        if floors:
+            ax.axhline(np.mean(floors), color="gray", ls=":", label="real (train) floor")
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(f"{label} (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def main() -> int:
@@ -244,8 +378,18 @@ def main() -> int:
     parser.add_argument("--dataset", choices=tuple(CONFIGS), default="digits")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--partitions", default="kmeans,random")
-    parser.add_argument("--expert-steps", type=int, default=250)
+    parser.add_argument("--flop-match", choices=("batch", "steps"), default="batch",
+                        help="batch (the paper's): each expert takes batch B/K and the monolith's steps; steps: "
+                             "each expert takes batch B and 1/K of the monolith's steps")
+    parser.add_argument("--expert-steps", type=int, default=250, help="steps per expert (one budget)")
+    parser.add_argument("--budgets", default=None, help="comma-separated steps per expert: a budget sweep "
+                                                        "(default: --expert-steps)")
+    parser.add_argument("--ks", default=None, help="comma-separated K (a K sweep; default: the config's data.k)")
+    parser.add_argument("--batch", type=int, default=None, help="the monolith's batch B (default: the config's)")
+    parser.add_argument("--ema", type=float, default=0.98, help="EMA decay of experts, monolith and student")
     parser.add_argument("--router-steps", type=int, default=150)
+    parser.add_argument("--distill-steps", type=int, default=0, help="train a student for this many steps (0: none)")
+    parser.add_argument("--teacher", choices=("cluster", "full"), default="cluster")
     parser.add_argument("--n", type=int, default=400, help="samples per strategy")
     parser.add_argument("--sample-steps", type=int, default=20, help="Heun steps")
     parser.add_argument("--out", default=str(REPO / "runs" / "experiment"))
@@ -254,11 +398,16 @@ def main() -> int:
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                         help="routing strategies to evaluate, comma-separated (a finished run's report is reused "
                              "when it has them all)")
+    parser.add_argument("--plot", default=None, help="write the FD-vs-training-FLOPs figure here (PNG)")
     parser.add_argument("--table-only", action="store_true", help="print the table of finished runs only")
     args = parser.parse_args()
     args.strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    seeds = _ints(args.seeds)
     partitions = [p for p in args.partitions.split(",") if p]
+    budgets = _ints(args.budgets) if args.budgets else [args.expert_steps]
+    base_cfg = load_config(CONFIGS[args.dataset], [*DATASET_OVERRIDES[args.dataset], *args.set])
+    ks = _ints(args.ks) if args.ks else [base_cfg.data.k]
+    args.batch = args.batch or base_cfg.expert.train.batch_size
 
     t_start = time.perf_counter()
     # Every expert/router/monolith job compiles the same few programs: a persistent compilation cache turns
@@ -267,40 +416,63 @@ def main() -> int:
 
     jax.config.update("jax_compilation_cache_dir", str(Path(args.out) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cfg = load_config(CONFIGS[args.dataset], run_overrides(args, seeds[0]))
-    reports: dict[tuple[str, int], dict] = {}
-    for seed in seeds:  # seed-major: a partial run still gives complete seeds
-        for partition in partitions:
-            run_dir = Path(args.out) / args.dataset / f"{partition}-s{seed}"
-            if args.table_only:
-                path = run_dir / "eval" / "report.json"
-                if path.exists():
-                    reports[(partition, seed)] = json.loads(path.read_text())
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
+    points, texts = [], []
+    # Budget-major within each K, then seed-major: a partial sweep still gives complete low budgets.
+    for k in ks:
+        for steps in budgets:
+            reports: dict[tuple[str, int], dict] = {}
+            for seed in seeds:
+                for partition in partitions:
+                    run_dir = run_dir_of(args, partition, seed, steps, k)
+                    if args.table_only:
+                        path = run_dir / "eval" / "report.json"
+                        if path.exists():
+                            reports[(partition, seed)] = evaluate(args, run_dir, seed)
+                        continue
+                    run_dir = build_run(args, partition, seed, steps, k)
+                    reports[(partition, seed)] = evaluate(args, run_dir, seed)
+            if not reports:
                 continue
-            run_dir = build_run(args, partition, seed)
-            reports[(partition, seed)] = evaluate(args, run_dir, seed)
-    if not reports:
+            any_report = next(iter(reports.values()))
+            cfg = load_config(CONFIGS[args.dataset], resolved_overrides(args, seeds[0], steps, k))
+            budget = flops(cfg, tuple(any_report["dataset"]["image_shape"]), k, args.flop_match, args.batch,
+                           args.distill_steps)
+            rows = collect(reports, args.strategies)
+            metric_name = any_report["featurenet"]["metric_name"].replace(" features", "")
+            header = (f"{args.dataset}, K={k}, flop-match {args.flop_match}: experts {steps} steps x batch "
+                      f"{cfg.expert.train.batch_size}, router {args.router_steps} steps x {cfg.router.train.batch_size}"
+                      f", monolith {budget['monolith_steps']} steps x {budget['monolith_batch']} (ensemble "
+                      f"{budget['ensemble']:.3g} FLOPs = experts {budget['experts']:.3g} + router "
+                      f"{budget['router']:.3g} ({budget['router_share']:.1%}); monolith {budget['monolith']:.3g})"
+                      + (f"; student {args.distill_steps} steps x {args.batch} ({args.teacher} teacher, "
+                         f"+{budget['distill']:.3g} FLOPs)" if args.distill_steps else "")
+                      + f"; EMA {args.ema}, lr {cfg.expert.train.lr:g}; {args.n} samples x {args.sample_steps} Heun "
+                      f"steps vs {any_report['holdout_count']} held-out images; feature net "
+                      f"{any_report['featurenet']['name']} sha256 {any_report['featurenet']['sha256'][:16]}; mean ± "
+                      f"std over seeds {sorted({s for _, s in reports})}")
+            table = format_table(rows, metric_name)
+            print(header)
+            print(table, flush=True)
+            texts.append(header + "\n\n" + table + "\n")
+            points.append({"k": k, "steps": steps, "flops": budget, "rows": rows, "header": header,
+                           "metric_name": metric_name})
+    if not points:
         print("no finished runs")
         return 1
-    any_report = next(iter(reports.values()))
-    budget = flops(cfg, tuple(any_report["dataset"]["image_shape"]), any_report["num_clusters"])
-    rows = collect(reports, args.strategies)
-    table = format_table(rows, any_report["featurenet"]["metric_name"].replace(" features", ""))
-    header = (f"{args.dataset}: K={any_report['num_clusters']}, {args.expert_steps} steps/expert x batch "
-              f"{cfg.expert.train.batch_size}, router {args.router_steps} steps x {cfg.router.train.batch_size}, "
-              f"monolith {budget['monolith_steps']} steps (same FLOPs: {budget['ensemble']:.3g} = experts "
-              f"{budget['experts']:.3g} + router {budget['router']:.3g}, router {budget['router_share']:.1%}); "
-              f"{args.n} samples x {args.sample_steps} Heun steps vs {any_report['holdout_count']} held-out images; "
-              f"feature net {any_report['featurenet']['name']} sha256 {any_report['featurenet']['sha256'][:16]}; "
-              f"mean ± std over seeds {sorted({s for _, s in reports})}")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
-    print(header)
-    print(table)
     print(f"machine: {machine}; wall time this invocation {time.perf_counter() - t_start:.0f}s")
     out = Path(args.out) / args.dataset
-    (out / "results.md").write_text(header + "\n\n" + table + "\n")
-    (out / "results.json").write_text(json.dumps({"header": header, "flops": budget, "rows": rows,
-                                                  "args": vars(args)}, indent=2) + "\n")
+    name = f"results-{args.flop_match}"
+    (out / f"{name}.md").write_text("\n".join(texts))
+    (out / f"{name}.json").write_text(json.dumps({"points": points, "args": vars(args), "machine": machine},
+                                                 indent=2) + "\n")
+    if args.plot:
+        for k in ks:
+            sweep = [p for p in points if p["k"] == k]
+            if sweep:
+                path = Path(args.plot) if len(ks) == 1 else Path(args.plot).with_stem(f"{Path(args.plot).stem}_k{k}")
+                plot_budgets(sweep, path, f"{args.dataset}, K={k}, flop-match {args.flop_match}, seeds {args.seeds}")
+                print(f"figure -> {path}")
     return 0
 
 

@@ -25,7 +25,7 @@ from ddm.data import manifest as mf
 from ddm.data.shards import NO_LABEL, read_labels, read_shard
 from ddm.data.sums import check_sums
 
-COMPONENTS = ("router", "monolith")  # single components beside the per-cluster experts
+COMPONENTS = ("router", "monolith", "student")  # single components beside the per-cluster experts
 EXPORT_INFO = "export.json"  # marks an exported run folder
 WEIGHTS_SUFFIX = ".safetensors"  # an exported component's file: its manifest path + this suffix
 

@@ -122,11 +122,14 @@ def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featur
     # Stand-in monolith: expert 0's finished weights registered as the monolith (same model config), so the
     # monolith path (load_component + make_dit, sampled as single:0) is exercised without training one.
     mf.record_component(run, "monolith", None, dict(mf.read_manifest(run)["experts"]["0"]))
+    # Likewise a stand-in student (expert 1's weights in the manifest's `student` entry): its own row.
+    mf.record_component(run, "student", None, dict(mf.read_manifest(run)["experts"]["1"]))
     code = main(["evaluate", "--run-dir", str(run), "--n", "12", "--steps", "2", "--cache-dir", str(cache),
                  "--feature-steps", "10", "--cfg-scales", "1,3", "--class-n", "20"])
     assert code == 0
     report = json.loads((run / "eval" / "report.json").read_text())
-    expected = {"real (train)", "full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5", "monolith"}
+    expected = {"real (train)", "full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5", "monolith",
+                "student"}
     assert set(report["results"]) == expected
     for name in expected - {"real (train)"}:
         row = report["results"][name]
@@ -136,11 +139,25 @@ def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featur
     usage = np.asarray(report["results"]["full"]["router_usage"])
     assert usage.shape == (2, 3) and np.allclose(usage.sum(1), 1, atol=1e-5)
     assert "router_usage" not in report["results"]["monolith"]
+    assert report["results"]["student"]["kind"] == "student" and "router_usage" not in report["results"]["student"]
+    assert report["results"]["student"]["fd"] != report["results"]["monolith"]["fd"]  # a different model
+    # FD-PCA: the same samples in raw-pixel PCA features of the training images, recomputable from the files.
+    from ddm.data.shards import read_shard
+    from ddm.eval.pixelpca import fit_pixel_pca
+
+    pca = fit_pixel_pca(np.concatenate([read_shard(str(p)) for p in sorted((run / "shards").glob("cluster_*"))]))
+    assert report["pixel_pca"]["name"] == "pixel-pca32" and pca.basis.shape == (64, 32)
+    real_pca = pca.features(read_shard(str(run / "shards" / "holdout")))
+    with np.load(run / "eval" / "samples.npz") as samples:
+        for name in ("student", "top1", "monolith"):
+            np.testing.assert_allclose(report["results"][name]["fd_pca"],
+                                       frechet_distance(real_pca, pca.features(samples[name])), rtol=1e-6)
     assert report["featurenet"]["sha256"] == net.sha256 and not report["featurenet"]["trained_now"]
     assert report["featurenet"]["metric_name"] == "FD in kmc32-cnn features"
     assert report["request"] == {"n": 12, "steps": 2, "solver": "heun", "seed": 0}
     md = (run / "eval" / "report.md").read_text()
-    assert "FD in kmc32-cnn features" in md and "| monolith |" in md and "not FID" in md
+    assert "FD in kmc32-cnn features" in md and "| monolith |" in md and "| student |" in md and "not FID" in md
+    assert "FD-PCA" in md
     assert (run / "eval" / "strategies.png").stat().st_size > 0
     with np.load(run / "eval" / "samples.npz") as samples:
         assert samples["threshold_0.1"].shape == (12, 8, 8, 1)

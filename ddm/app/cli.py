@@ -36,11 +36,13 @@ from ddm.eval.features import load_features
 from ddm.eval.featurenet import FeatureNetConfig
 from ddm.experts import islands
 from ddm.experts.assemble import assemble_experts
+from ddm.experts.distill import train_student
 from ddm.experts.train import train_expert, train_island, train_monolith
 from ddm.router.evaluate import evaluate_router
 from ddm.router.train import train_router
 from ddm.sampling.export import export_run
 from ddm.sampling.request import Request, check_limits
+from ddm.sampling.teacher import build_teacher
 from ddm.verify.claims import EvalSettings
 from ddm.verify.limits import LABEL_MAX, VerifyLimits
 from ddm.verify.phash import format_hash_table, hash_files
@@ -166,6 +168,15 @@ def cmd_train_monolith(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    initialize()
+    overrides = list(args.set) + ([f"distill.teacher={args.teacher}"] if args.teacher else [])
+    run = Run.open(args.run_dir, overrides)
+    teacher = run.config.distill.teacher
+    train_student(run.root, build_teacher(run, teacher), teacher, overrides, progress=not args.no_progress)
+    return 0
+
+
 def cmd_train_islands(args) -> int:
     if args.launcher == "k8s":
         if not args.image:
@@ -206,7 +217,8 @@ def cmd_evaluate(args) -> int:
     feature_cfg = FeatureNetConfig() if args.feature_steps is None else FeatureNetConfig(steps=args.feature_steps)
     scales = DEFAULT_CFG_SCALES if args.cfg_scales is None else _numbers(args.cfg_scales, "--cfg-scales")
     evaluate_run(args.run_dir, args.set, n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
-                 strategies=strategies, monolith=not args.no_monolith, cache_dir=args.cache_dir,
+                 strategies=strategies, monolith=not args.no_monolith, student=not args.no_student,
+                 cache_dir=args.cache_dir,
                  feature_cfg=feature_cfg, features=_user_features(args.features), cfg_scales=scales,
                  class_n=args.class_n)
     return 0
@@ -258,11 +270,14 @@ def _request(args, cfg: Config) -> Request:
 def cmd_sample(args) -> int:
     if args.key and not args.record:
         raise DDMError("--key signs a verification record: pass --record too")
+    if args.model != "ensemble" and args.strategy is not None:
+        raise DDMError(f"--strategy routes the ensemble; the {args.model} is one model (drop --strategy)")
     run = _run(args)
     out = Path(args.out or run.samples_dir / "sample.png")
     request = check_limits(_request(args, run.config), run.config.sample)
     sample_command(run, request, out, record=Path(args.record) if args.record else None,
-                   png_dir=Path(args.png_dir) if args.png_dir else None, key=Path(args.key) if args.key else None)
+                   png_dir=Path(args.png_dir) if args.png_dir else None, key=Path(args.key) if args.key else None,
+                   model=args.model)
     return 0
 
 
@@ -407,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     p.set_defaults(func=cmd_train_monolith)
 
+    p = sub.add_parser("distill", help="train one student DiT on the ensemble's velocity (ensemble distillation)")
+    _add_common(p)
+    p.add_argument("--teacher", choices=("cluster", "full"), default=None,
+                   help="cluster: each sample's own cluster expert (the paper's); full: the router-weighted "
+                        "ensemble (default: distill.teacher, cluster)")
+    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("train-router", help="train the router p(cluster | x_t, t) on all shards")
     _add_common(p)
     p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
@@ -426,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: sample.solver)")
     p.add_argument("--seed", type=SEED, default=0, help="noise seed, the same for every strategy (default 0)")
     p.add_argument("--no-monolith", action="store_true", help="skip RUN/monolith even if it is trained")
+    p.add_argument("--no-student", action="store_true", help="skip RUN/student (ddm distill) even if it is trained")
     p.add_argument("--cache-dir", default=None, help="feature-net cache (default $DDM_CACHE_DIR or ~/.cache/ddm)")
     p.add_argument("--feature-steps", type=COUNT, default=None,
                    help="feature-net (and class classifier) training steps (default 600)")
@@ -452,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated class labels, one per image (their count is n)")
     p.add_argument("--cfg-scale", type=float_arg(0), default=None,
                    help="classifier-free guidance scale with --class/--labels (default: sample.cfg_scale; 1: none)")
+    p.add_argument("--model", choices=("ensemble", "monolith", "student"), default="ensemble",
+                   help="what to sample: the routed ensemble (default), the monolith, or the distilled student")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample.png); an .npz is written beside")
     p.add_argument("--record", default=None, help="also write a verification record (JSON) here")
     p.add_argument("--key", default=None, help="sign the record with this Ed25519 private key (ddm keygen)")

@@ -39,5 +39,6 @@ def describe(run: Run) -> str:
     lines += [row + f"  {_component(run.expert(c['id']))}" for row, c in zip(table[1:], run.clusters)]
     lines += ["", f"experts    {len(run.finished_experts())}/{run.num_clusters} finished",
               f"router     {_component(run.component('router'))}",
-              f"monolith   {_component(run.component('monolith'))}"]
+              f"monolith   {_component(run.component('monolith'))}",
+              f"student    {_component(run.component('student'))}"]
     return "\n".join(lines)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
+from ddm.core.errors import DDMError
 from ddm.core.files import Staged, check_output_dir, check_output_file
 from ddm.data.run import Run
-from ddm.sampling.load import load_ensemble
+from ddm.sampling.load import load_ensemble, load_single
 from ddm.sampling.outputs import load_decoder, save_outputs, save_pngs, usage_summary
 from ddm.sampling.request import Request, check_condition, generate
 from ddm.verify.environment import environment
@@ -17,17 +19,25 @@ from ddm.verify.signing import key_id, load_private_key, sign_record
 
 logger = logging.getLogger(__name__)
 
+MODELS = ("ensemble", "monolith", "student")  # what `ddm sample --model` draws from
+
 
 def sample_command(run: Run, request: Request, out: Path, *, record: Path | None = None,
-                   png_dir: Path | None = None, key: Path | None = None) -> Path:
-    """Generates `request` with the run's ensemble; writes `out` (PNG grid) and its .npz (and one PNG per image
-    into `png_dir`); returns the npz.
+                   png_dir: Path | None = None, key: Path | None = None, model: str = "ensemble") -> Path:
+    """Generates `request` with the run's routed ensemble (or, `model` "monolith" / "student", that single
+    model: the request's strategy must then be `single:0`); writes `out` (PNG grid) and its .npz (and one PNG
+    per image into `png_dir`); returns the npz.
 
-    record: also write a verification record there; key: sign it with this Ed25519 private key (`ddm keygen`).
-    Every output path is checked before the models load, and the files are written together at the end
-    (`ddm.core.files.Staged`): a command that fails leaves none of them behind.
+    record: also write a verification record there (ensemble only: records name a run's routed ensemble); key:
+    sign it with this Ed25519 private key (`ddm keygen`). Every output path is checked before the models load,
+    and the files are written together at the end (`ddm.core.files.Staged`): a command that fails leaves none
+    of them behind.
     """
     check_condition(request, run.num_classes)  # before loading anything: a bad class is the user's first error
+    if model not in MODELS:
+        raise DDMError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    if model != "ensemble" and record is not None:
+        raise DDMError(f"--record verifies the routed ensemble; it cannot record samples of the {model}")
     check_output_file(out, "--out", (".png",))
     check_output_file(out.with_suffix(".npz"), "the .npz beside --out")
     if record is not None:
@@ -36,7 +46,14 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
         check_output_dir(png_dir, "--png-dir")
     private_key = None if key is None else load_private_key(key)  # a bad key fails before any work
     decoder = load_decoder(run.config.sample.decoder)  # a bad decoder too
-    ensemble = load_ensemble(run)
+    if model == "ensemble":
+        ensemble = load_ensemble(run)
+    else:
+        ensemble = load_single(run, model)
+        if ensemble is None:
+            hint = "ddm distill" if model == "student" else "ddm train-monolith"
+            raise DDMError(f"the {model} of {run.root} is not trained: run `{hint} --run-dir {run.root}`")
+        request = dataclasses.replace(request, strategy="single:0")
     t0 = time.perf_counter()
     result = generate(ensemble, request)
     seconds = time.perf_counter() - t0
@@ -52,9 +69,11 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
         if rec is not None:
             write_record(staged.stage(record), rec)
     guided = "" if request.labels is None else f", classes {_classes_text(request.labels)}, cfg scale {request.cfg_scale}"
-    logger.info(f"{request.n} samples ({request.strategy}, {request.steps} {request.solver} steps{guided}, "
+    what = request.strategy if model == "ensemble" else model
+    logger.info(f"{request.n} samples ({what}, {request.steps} {request.solver} steps{guided}, "
                 f"{result.dispatch} dispatch) in {seconds:.1f}s -> {out} and {npz}")
-    logger.info(usage_summary(result))
+    if model == "ensemble":
+        logger.info(usage_summary(result))
     if png_dir is not None:
         logger.info(f"{request.n} PNGs -> {png_dir}")
     if rec is not None:

@@ -230,6 +230,26 @@ class RouterConfig:
         _check_choice("router.preset", self.preset, MODEL_PRESETS)
 
 
+TEACHERS = ("cluster", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """`ddm distill`: one student DiT regressing the trained ensemble's velocity (the paper's section 4.4).
+
+    teacher "cluster": each noisy training sample's target is the velocity of the expert of its own cluster (the
+    paper's way: one expert forward per sample); "full": the router-weighted sum of every expert (K expert
+    forwards plus the router per sample). The student's class conditioning follows the data, as the experts'.
+    """
+
+    model: ModelConfig = ModelConfig(preset="micro")
+    train: TrainConfig = TrainConfig(steps=1000, batch_size=64, warmup_steps=100, ema_decay=0.995)
+    teacher: str = "cluster"
+
+    def __post_init__(self) -> None:
+        _check_choice("distill.teacher", self.teacher, TEACHERS)
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
     n: int = 64
@@ -265,6 +285,7 @@ class Config:
     expert: ExpertConfig = ExpertConfig()
     router: RouterConfig = RouterConfig()
     sample: SampleConfig = SampleConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 def with_num_classes(cfg: Config, num_classes: int) -> Config:
@@ -280,8 +301,14 @@ def with_num_classes(cfg: Config, num_classes: int) -> Config:
                            "(set data.labels=auto on a labelled source, or leave num_classes unset)")
         raise DDMError(f"config expert.model.num_classes={explicit} disagrees with the data's {num_classes} "
                        "classes (leave it unset, or set data.labels=none for an unconditional model)")
+    student = cfg.distill.model.num_classes
+    if student is not None and student != num_classes:
+        raise DDMError(f"config distill.model.num_classes={student} disagrees with the data's {num_classes} classes "
+                       "(leave it unset: the student is conditioned like the experts)")
     model = dataclasses.replace(cfg.expert.model, num_classes=num_classes)
-    return dataclasses.replace(cfg, expert=dataclasses.replace(cfg.expert, model=model))
+    student_model = dataclasses.replace(cfg.distill.model, num_classes=num_classes)
+    return dataclasses.replace(cfg, expert=dataclasses.replace(cfg.expert, model=model),
+                               distill=dataclasses.replace(cfg.distill, model=student_model))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +44,8 @@ from ddm.data.run import Run
 from ddm.data.shards import read_labels, read_shard
 from ddm.eval.features import UserFeatures
 from ddm.eval.featurenet import FeatureNet, FeatureNetConfig, apply_padded, get_classifier, get_featurenet
-from ddm.eval.metrics import KNN_K, quality, shares, total_variation
+from ddm.eval.metrics import KNN_K, frechet_distance, quality, shares, total_variation
+from ddm.eval.pixelpca import fit_pixel_pca
 from ddm.sampling.load import load_ensemble, load_single
 from ddm.sampling.outputs import usage_summary
 
@@ -54,6 +56,8 @@ DEFAULT_N = 500
 DEFAULT_CFG_SCALES = (1.0, 2.0, 3.0)
 DEFAULT_CLASS_N = 100  # guided samples per (model, guidance scale)
 MONOLITH = "monolith"
+STUDENT = "student"  # the distilled single model (`ddm distill`)
+SINGLES = (MONOLITH, STUDENT)
 REFERENCE = "real (train)"
 GRID_IMAGES = 64
 
@@ -109,11 +113,13 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
                  solver: str | None = None, seed: int = 0, strategies: Sequence[str] = DEFAULT_STRATEGIES,
                  monolith: bool = True, batch_size: int | None = None, cache_dir: str | Path | None = None,
                  feature_cfg: FeatureNetConfig | None = None, features: UserFeatures | None = None,
-                 cfg_scales: Sequence[float] = DEFAULT_CFG_SCALES, class_n: int = DEFAULT_CLASS_N) -> dict:
+                 cfg_scales: Sequence[float] = DEFAULT_CFG_SCALES, class_n: int = DEFAULT_CLASS_N,
+                 student: bool = True, out_dir: str | Path | None = None) -> dict:
     """Evaluates a run; writes RUN/eval/{report.json, report.md, strategies.png, samples.npz}; returns the report.
 
     n: samples per strategy (> k=3). steps / solver: ODE settings (default: the run's sample section).
-    seed: noise seed, the same for every strategy (paired comparison). monolith: include RUN/monolith if trained.
+    seed: noise seed, the same for every strategy (paired comparison). monolith / student: include RUN/monolith /
+    the distilled RUN/student if trained. out_dir: where the outputs go (default RUN/eval).
     features: a user feature extractor (`ddm.eval.features.load_features`) instead of the run's feature net.
     cfg_scales, class_n: guidance scales and samples per scale of the class accuracy (class-conditional runs;
     the classifier trains with `feature_cfg`'s settings, whatever `features` is).
@@ -138,18 +144,21 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
     manifest = run.manifest
     solver = solver or run.config.sample.solver
     num_clusters = run.num_clusters
-    out_dir = run.eval_dir
+    out_dir = run.eval_dir if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     net = features or get_featurenet(run, cfg=feature_cfg, cache_dir=cache_dir)
     real = net.features(real_images)
+    train_images = np.concatenate([read_shard(path) for path in run.shard_paths()])
+    pca = fit_pixel_pca(train_images)
+    real_pca = pca.features(real_images)
     data_share = run.cluster_shares()
     holdout_share = shares(router_assignments(ensemble, real_images), num_clusters)
 
     rows: dict[str, dict] = {}
-    train_images = np.concatenate([read_shard(path) for path in run.shard_paths()])
     pick = np.random.default_rng(seed).permutation(len(train_images))[:n]
-    rows[REFERENCE] = {"kind": "reference", "n": len(pick), **quality(real, net.features(train_images[pick]))}
+    rows[REFERENCE] = {"kind": "reference", "n": len(pick), **quality(real, net.features(train_images[pick])),
+                       "fd_pca": frechet_distance(real_pca, pca.features(train_images[pick]))}
     classifier = None
     if run.num_classes and cfg_scales:
         classifier = get_classifier(run, cfg=feature_cfg, cache_dir=cache_dir)
@@ -157,21 +166,23 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         rows[REFERENCE]["class_accuracy"] = float((classifier.predict(real_images) == real_classes).mean())
 
     models = [(s, ensemble, s) for s in strategies]
-    mono = load_single(run, MONOLITH) if monolith else None
-    if mono is not None:
-        models.append((MONOLITH, mono, "single:0"))
+    for name, wanted in ((MONOLITH, monolith), (STUDENT, student)):
+        single = load_single(run, name) if wanted else None
+        if single is not None:
+            models.append((name, single, "single:0"))
     grids, arrays = {}, {}
     for name, model, strategy in models:
         t0 = time.perf_counter()
         result = model.sample(n, strategy, steps=steps, solver=solver, seed=seed, batch_size=batch_size)
         seconds = time.perf_counter() - t0
-        row = {"kind": "monolith" if name == MONOLITH else "ensemble", "strategy": strategy, "n": n,
-               **quality(real, net.features(result.images)), "seconds": round(seconds, 2),
+        row = {"kind": name if name in SINGLES else "ensemble", "strategy": strategy, "n": n,
+               **quality(real, net.features(result.images)),
+               "fd_pca": frechet_distance(real_pca, pca.features(result.images)), "seconds": round(seconds, 2),
                "expert_evals_per_sample": result.expert_evals / n}
         share = shares(router_assignments(ensemble, result.images), num_clusters)
         row["coverage"] = {"share": share.tolist(), "tv_vs_data": total_variation(share, data_share),
                            "tv_vs_holdout": total_variation(share, holdout_share)}
-        if name != MONOLITH:
+        if name not in SINGLES:
             row["router_usage"] = np.asarray(result.weights, np.float64).mean(1).tolist()  # [steps, K]
         if classifier is not None:
             row["class_accuracy"] = {f"{scale:g}": class_accuracy(
@@ -180,9 +191,9 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         rows[name] = row
         grids[name] = result.images[:GRID_IMAGES]
         arrays[name] = result.images
-        usage = f" ({usage_summary(result)})" if name != MONOLITH else ""
+        usage = f" ({usage_summary(result)})" if name not in SINGLES else ""
         accuracy = "".join(f"  acc@{s} {a['accuracy']:.2f}" for s, a in row.get("class_accuracy", {}).items())
-        logger.info(f"  {name:<14} FD {row['fd']:8.3f}  P {row['precision']:.3f}  R {row['recall']:.3f}  "
+        logger.info(f"  {name:<14} FD {row['fd']:8.3f}  FD-pca {row['fd_pca']:7.3f}  P {row['precision']:.3f}  R {row['recall']:.3f}  "
             f"cov-TV {row['coverage']['tv_vs_data']:.3f}  {seconds:5.1f}s{accuracy}{usage}")
 
     figure = out_dir / "strategies.png"
@@ -195,6 +206,8 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         "num_clusters": num_clusters,
         "clustering": manifest["clustering"].get("method"),
         "featurenet": _features_info(net),
+        "pixel_pca": {"name": pca.name, "dim": int(pca.basis.shape[1]),
+                      "description": "FD in the top principal components of the training images' pixels"},
         "request": {"n": n, "steps": steps, "solver": solver, "seed": seed},
         "num_classes": run.num_classes,
         "holdout_count": len(real_images),
@@ -202,8 +215,8 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         "data_share": data_share.tolist(),
         "holdout_router_share": holdout_share.tolist(),
         "results": rows,
-        "figure": str(figure.relative_to(run_dir)),
-        "samples": "eval/samples.npz",
+        "figure": os.path.relpath(figure, run_dir),
+        "samples": os.path.relpath(out_dir / "samples.npz", run_dir),
     }
     if classifier is not None:
         report["classifier"] = {"name": classifier.name, "sha256": classifier.sha256, "key": classifier.key,
@@ -248,13 +261,17 @@ def format_markdown(report: dict) -> str:
          "(Kynkäänniemi et al. 2019). Coverage: total variation between the router's t=0 cluster assignment of "
          "the samples and the data's cluster shares. `real (train)` = training images, the finite-sample floor."),
         "",
-        "| model | FD ↓ | precision ↑ | recall ↑ | coverage TV ↓ | expert evals / sample | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        (f"FD-PCA: FD in {report['pixel_pca']['name']} features (raw-pixel PCA of the training images), on the "
+         "same samples, a second feature space."),
+        "",
+        "| model | FD ↓ | FD-PCA ↓ | precision ↑ | recall ↑ | coverage TV ↓ | expert evals / sample | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in report["results"].items():
-        cells = [f"{row['fd']:.3f}", f"{row['precision']:.3f}", f"{row['recall']:.3f}", "-", "-", "-"]
+        cells = [f"{row['fd']:.3f}", f"{row['fd_pca']:.3f}", f"{row['precision']:.3f}", f"{row['recall']:.3f}",
+                 "-", "-", "-"]
         if "coverage" in row:
-            cells[3:] = [f"{row['coverage']['tv_vs_data']:.3f}", f"{row['expert_evals_per_sample']:.0f}",
+            cells[4:] = [f"{row['coverage']['tv_vs_data']:.3f}", f"{row['expert_evals_per_sample']:.0f}",
                          f"{row['seconds']:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     k = report["num_clusters"]

@@ -54,9 +54,10 @@ def pinned_components(run: Run) -> list[tuple[str, dict, Callable[[nnx.Rngs], nn
     router = run.component("router")
     if run.finished(router):
         found.append(("router", router, router_factory(run)))
-    monolith = run.component("monolith")
-    if run.finished(monolith):
-        found.append(("monolith", monolith, single_factory(run, monolith)[1]))
+    for name in ("monolith", "student"):
+        entry = run.component(name)
+        if run.finished(entry):
+            found.append((name, entry, single_factory(run, entry)[1]))
     return found
 
 

@@ -1,0 +1,41 @@
+"""Raw-pixel PCA features: a second feature space for FD, with nothing learned but a linear projection.
+
+FD in the project's feature net (`ddm.eval.featurenet`) depends on what that small net happened to learn; an
+ordering of models that holds in both the net's features and the training pixels' principal components is not
+an artefact of one feature space. The basis is fitted on the run's training images (every shard), so every
+model of a run is measured in the same coordinates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+DEFAULT_DIM = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelPCA:
+    """mean: [P] float64 pixel mean; basis: [P, D] float64 orthonormal principal directions (P = H * W * C)."""
+
+    mean: np.ndarray
+    basis: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return f"pixel-pca{self.basis.shape[1]}"
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """images: uint8 [N, H, W, C] -> float64 [N, D], coordinates in [-1, 1] pixel units."""
+        x = np.asarray(images, np.float64).reshape(len(images), -1) / 127.5 - 1.0
+        return (x - self.mean) @ self.basis
+
+
+def fit_pixel_pca(images: np.ndarray, dim: int = DEFAULT_DIM) -> PixelPCA:
+    """The top-`dim` principal directions (capped at the pixel count and N - 1) of uint8 images [N, H, W, C]."""
+    x = np.asarray(images, np.float64).reshape(len(images), -1) / 127.5 - 1.0
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    dim = min(dim, vt.shape[0], max(len(images) - 1, 1))
+    return PixelPCA(mean, vt[:dim].T.copy())
