@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddm.core.codec import Codec
 from ddm.core.config import Config, config_from_data, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.data import storage
@@ -41,7 +42,9 @@ def island_record(run_id: str, cluster: int, dataset: dict, shard: dict, holdout
                   config: dict) -> dict:
     """island.json's content (paths inside the bundle are relative to it)."""
     return {"format": BUNDLE_FORMAT, "run_id": run_id, "cluster": cluster,
-            "dataset": {key: dataset.get(key) for key in ("fingerprint", "image_shape", "num_classes", "class_names")},
+            "dataset": {**{key: dataset.get(key) for key in ("fingerprint", "image_shape", "num_classes", "class_names")},
+                        # latent runs: how the model sees the stored rows (image runs have neither key)
+                        **{key: dataset[key] for key in ("dtype", "codec") if key in dataset}},
             "shard": shard, "holdout": holdout, "config": config}
 
 
@@ -97,6 +100,11 @@ class Bundle:
     @property
     def sha256(self) -> str:
         return bundle_sha256(self.record)
+
+    @property
+    def codec(self) -> Codec:
+        """How the model sees the shard's rows: images in [-1, 1], or standardised latents (as `Run.codec`)."""
+        return Codec.from_dict(self.record["dataset"].get("codec"))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

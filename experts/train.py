@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from ddm.core.codec import Codec
 from ddm.core.config import Config, ModelConfig, to_dict
 from ddm.core.dit import dit_from_config
 from ddm.core.flow import drop_labels, flow_matching_loss, solve_euler_loop
@@ -70,7 +71,7 @@ def _reader(paths: list[str], cluster_ids: list[int], cfg: Config, digests: list
 
 
 def _diffusion_task(name: str, cfg: Config, image_shape: tuple[int, int, int], reader: ShardReader, out_dir: Path,
-                    held: tuple | None) -> Task:
+                    held: tuple | None, codec: Codec) -> Task:
     train = cfg.expert.train
     return Task(
         name=name,
@@ -81,7 +82,7 @@ def _diffusion_task(name: str, cfg: Config, image_shape: tuple[int, int, int], r
         meta={"config": to_dict(cfg), "image_shape": list(image_shape)},
         holdout=None if held is None else HeldOut(*held),
         sample=functools.partial(draw_grid, cfg.expert.train.sample_steps),
-        codec=run.codec,
+        codec=codec,
     )
 
 
@@ -103,7 +104,8 @@ def train_island(bundle_dir: str | Path, out: str | Path, overrides: list[str] |
     lease = Lease(out) if jax.process_index() == 0 else contextlib.nullcontext()
     with lease:
         reader = _reader([bundle.shard_path], [k], cfg, [bundle.shard_sha256])
-        task = _diffusion_task(f"expert {k}", cfg, bundle.image_shape, reader, out, bundle.holdout_set())
+        task = _diffusion_task(f"expert {k}", cfg, bundle.image_shape, reader, out, bundle.holdout_set(),
+                               bundle.codec)
         t0 = time.perf_counter()
         result = Trainer(task, cfg.expert.train, progress=progress).run()
         if jax.process_index() == 0:
@@ -141,7 +143,7 @@ def train_monolith(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
     run = Run.open(run_dir, overrides)
     reader = _reader(run.shard_paths(), run.cluster_ids, run.config, run.shard_digests())
     task = _diffusion_task("monolith", run.config, run.image_shape, reader, run.component_dir("monolith"),
-                           run.holdout_set())
+                           run.holdout_set(), run.codec)
     t0 = time.perf_counter()
     result = Trainer(task, run.config.expert.train, progress=progress).run()
     _record(run, "monolith", None, result, time.perf_counter() - t0)
