@@ -30,10 +30,11 @@ from flax import nnx
 
 from ddm.core.config import to_dict
 from ddm.core.flow import drop_labels, noisy_batch
+from ddm.core.monitor import HeldOut
 from ddm.core.trainer import Task, Trainer, TrainResult
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, check_labelled
-from ddm.experts.train import draw_grid, holdout, make_dit
+from ddm.experts.train import draw_grid, make_dit
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,9 @@ def train_student(run_dir: str | Path, teacher: Teacher, teacher_kind: str,
     train, model_cfg = cfg.distill.train, cfg.distill.model
     reader = ShardReader(run.shard_paths(), batch_size=train.batch_size, seed=train.seed,
                          cluster_ids=run.cluster_ids, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+                         process_count=jax.process_count(), digests=run.shard_digests())
     check_labelled(reader, model_cfg.num_classes)
+    held = run.holdout_set()
     task = Task(
         name=STUDENT,
         make_model=functools.partial(make_dit, model_cfg, run.image_shape),
@@ -77,8 +79,9 @@ def train_student(run_dir: str | Path, teacher: Teacher, teacher_kind: str,
         reader=reader,
         out_dir=run.component_dir(STUDENT),
         meta={"config": to_dict(cfg), "image_shape": list(run.image_shape), "teacher": teacher_kind},
-        holdout=holdout(run, None),
+        holdout=None if held is None else HeldOut(*held),
         sample=functools.partial(draw_grid, train.sample_steps),
+        codec=run.codec,
     )
     t0 = time.perf_counter()
     result = Trainer(task, train, progress=progress).run()
