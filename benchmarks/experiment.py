@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from ddm.core.config import load_config
 from ddm.core.dit import dit_flops_per_image
+from ddm.data import islands
 from ddm.data import manifest as mf
 from ddm.data.shards import read_labels, read_shard, write_shard
 from ddm.eval.evaluate import DEFAULT_STRATEGIES, evaluate_run
@@ -183,17 +184,26 @@ def random_partition(run_dir: Path, seed: int, cfg) -> None:
     for c in manifest["clusters"]:
         rows = labels == c["id"]
         member_classes = None if classes is None else classes[rows]
-        write_shard(mf.resolve(run_dir, c["shard"]), images[rows], member_classes, chunk)
-        c.update(count=int(rows.sum()), share=int(rows.sum()) / len(images))
+        sha = write_shard(mf.resolve(run_dir, c["shard"]), images[rows], member_classes, chunk, cluster=c["id"])
+        c.update(count=int(rows.sum()), share=int(rows.sum()) / len(images), sha256=sha)
         if member_classes is not None:
             c["class_counts"] = np.bincount(member_classes, minlength=manifest["dataset"]["num_classes"]).tolist()
     holdout = manifest.get("holdout") or {}
     if holdout.get("labels"):
         np.save(mf.resolve(run_dir, holdout["labels"]), rng.integers(0, k, holdout["count"]).astype(np.int32))
     (run_dir / "clusters" / "labels.npy").unlink(missing_ok=True)  # k-means labels no longer describe the shards
-    manifest["clustering"].update(method="random", random_seed=seed, n_iter=0, train_labels=None,
+    manifest["clustering"].pop("train_labels", None)  # the k-means labels file is gone
+    manifest["clustering"].update(method="random", random_seed=seed, n_iter=0,
                                   kmeans_inertia=manifest["clustering"].get("inertia"),
                                   inertia=_partition_inertia(images, labels, cfg))
+    # The bundles name the new shards and the new plan (islands train from their bundle alone).
+    run_id = mf.plan_sha256(manifest)
+    for c in manifest["clusters"]:
+        bundle = run_dir / c["bundle"]
+        old = json.loads((bundle / islands.ISLAND_JSON).read_text())
+        shard = {**old["shard"], "sha256": c["sha256"], "count": c["count"]}
+        islands.write_island_json(bundle, islands.island_record(run_id, c["id"], manifest["dataset"], shard,
+                                                                old.get("holdout"), manifest["config"]))
     mf.write_manifest(run_dir, manifest)
 
 
