@@ -24,8 +24,12 @@ from ddm.experts.records import EXPERT_JSON, model_digest, read_expert_json
 logger = logging.getLogger(__name__)
 
 
-def check_expert(run: Run, out: str | Path) -> dict:
-    """expert.json of `out` after checking it (and its weights) against `run`'s plan; DDMError otherwise."""
+def check_expert(run: Run, out: str | Path, weights_sha256: str | None = None) -> dict:
+    """expert.json of `out` after checking it (and its weights) against `run`'s plan; DDMError otherwise.
+
+    `weights_sha256`: the weights' digest as the caller just computed it from the trained state (the local
+    trainer); then the files are not read back (a multi-process island's checkpoint cannot be restored by
+    process 0 alone)."""
     record = read_expert_json(out)
     if record["run_id"] != run.run_id:
         raise DDMError(f"expert in {out} belongs to another run (run id {str(record['run_id'])[:16]}, this run "
@@ -44,6 +48,11 @@ def check_expert(run: Run, out: str | Path) -> dict:
     if record["model_digest"] != model_digest(run.config.expert.model):
         raise DDMError(f"expert {k} in {out} has a different model config than the run (expert.model): "
                        "refusing to assemble it")
+    if weights_sha256 is not None:
+        if record["ema_sha256"] != weights_sha256:
+            raise DDMError(f"expert {k} in {out}: expert.json names weights {str(record['ema_sha256'])[:16]}, the "
+                           f"trainer computed {weights_sha256[:16]}")
+        return record
     make = functools.partial(dit_from_config, run.config.expert.model, run.image_shape)
     try:
         load_pinned_tree(Path(out) / record["final"], record["ema_sha256"], make, f"expert {k}")
@@ -56,11 +65,15 @@ def _same(a: Path, b: Path) -> bool:
     return a.absolute().resolve() == b.absolute().resolve()
 
 
-def assemble_experts(run: Run | str | Path, outs: list[str | Path], overrides: list[str] | tuple[str, ...] = ()) -> Run:
+def assemble_experts(run: Run | str | Path, outs: list[str | Path], overrides: list[str] | tuple[str, ...] = (), *,
+                     weights_sha256: str | None = None) -> Run:
     """Checks every expert in `outs` (`check_expert`), then registers them all in one manifest update; returns
-    the run re-read. Nothing is registered (or copied) if any check fails."""
+    the run re-read. Nothing is registered (or copied) if any check fails. `weights_sha256` (one OUT only):
+    the digest the caller computed from the trained state, instead of reading the weights back."""
     run = run if isinstance(run, Run) else Run.open(run, overrides)
-    records = [(Path(out), check_expert(run, out)) for out in outs]
+    if weights_sha256 is not None and len(outs) != 1:
+        raise DDMError("weights_sha256 is for assembling one expert")
+    records = [(Path(out), check_expert(run, out, weights_sha256)) for out in outs]
     clusters = [r["cluster"] for _, r in records]
     if len(set(clusters)) != len(clusters):
         raise DDMError(f"two experts for the same cluster among {[str(o) for o, _ in records]}")

@@ -122,8 +122,8 @@ def train_expert(run_dir: str | Path, cluster: int, overrides: list[str] | tuple
     run = Run.open(run_dir, overrides)
     run.cluster(cluster)  # a cluster outside the run is a clear error before anything starts
     result = train_island(run.bundle_dir(cluster), run.expert_dir(cluster), overrides, progress=progress)
-    if assemble and jax.process_index() == 0:
-        assemble_experts(run, [run.expert_dir(cluster)])
+    if assemble and jax.process_index() == 0:  # the digest was just computed from the state: no read-back
+        assemble_experts(run, [run.expert_dir(cluster)], weights_sha256=result.ema_sha256)
     return result
 
 
