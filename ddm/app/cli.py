@@ -505,11 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-abs", type=float_arg(0), default=None, help="tolerance mode: max |dx| per image")
     p.add_argument("--rms", type=float_arg(0), default=None, help="tolerance mode: max RMS dx per image")
     defaults = VerifyLimits()
-    p.add_argument("--max-n", type=COUNT, default=defaults.max_n, help=f"refuse records of more images "
+    p.add_argument("--max-n", type=int_arg(0), default=defaults.max_n, help=f"refuse records of more images "
                                                                    f"(default {defaults.max_n})")
-    p.add_argument("--max-steps", type=COUNT, default=defaults.max_steps,
+    p.add_argument("--max-steps", type=int_arg(0), default=defaults.max_steps,
                    help=f"refuse records of more solver steps (default {defaults.max_steps})")
-    p.add_argument("--max-image-steps", type=COUNT, default=defaults.max_image_steps,
+    p.add_argument("--max-image-steps", type=int_arg(0), default=defaults.max_image_steps,
                    help=f"refuse records whose n * steps is larger (default {defaults.max_image_steps})")
     p.set_defaults(func=cmd_verify)
 
