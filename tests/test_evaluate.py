@@ -145,7 +145,9 @@ def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featur
     from ddm.data.shards import read_shard
     from ddm.eval.pixelpca import fit_pixel_pca
 
-    pca = fit_pixel_pca(np.concatenate([read_shard(str(p)) for p in sorted((run / "shards").glob("cluster_*"))]))
+    from ddm.data.run import Run
+
+    pca = fit_pixel_pca(np.concatenate([read_shard(p) for p in Run.open(run).shard_paths()]))
     assert report["pixel_pca"]["name"] == "pixel-pca32" and pca.basis.shape == (64, 32)
     real_pca = pca.features(read_shard(str(run / "shards" / "holdout")))
     with np.load(run / "eval" / "samples.npz") as samples:

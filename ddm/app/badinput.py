@@ -210,7 +210,7 @@ def bad_input_cases(run_dir: str | Path, work: str | Path) -> list[Case]:
         "5000-digit number": _broken_run(run, work, "bigint", _set(("dataset", "num_images"), 10**4000)),
         "nested 100k deep": _broken_run(run, work, "deep", text="[" * 100_000 + "]" * 100_000),
         "two clusters, one shard": _broken_run(run, work, "dupshard",
-                                               _set(("clusters", 1, "shard"), "shards/cluster_0")),
+                                               _set(("clusters", 1, "shard"), "islands/0/shard")),
         "counts do not add up": _broken_run(run, work, "counts", _set(("clusters", 0, "count"), 1)),
         "k disagrees": _broken_run(run, work, "k", _set(("clustering", "k"), 9)),
         "shard '../..'": _broken_run(run, work, "escape", _set(("clusters", 0, "shard"), "../../etc")),
