@@ -67,11 +67,14 @@ _zeros = nnx.initializers.zeros_init()
 _normal = nnx.initializers.normal(0.02)
 
 
-def _check_router_args(image_shape: tuple[int, ...], num_clusters: int) -> tuple[int, int, int]:
+def _check_router_args(image_shape: tuple[int, ...], num_clusters: int,
+                       widths: tuple[int, ...] | None = None) -> tuple[int, int, int]:
     if len(image_shape) != 3 or min(image_shape) < 1:
         raise DDMError(f"image shape {tuple(image_shape)} must be (H, W, C) with positive sizes")
     if num_clusters < 1:
         raise DDMError(f"number of clusters {num_clusters} must be >= 1")
+    if widths is not None and (not widths or min(widths) < 1):
+        raise DDMError(f"router widths {widths} must be a non-empty list of positive sizes")
     return tuple(int(s) for s in image_shape)
 
 
@@ -110,9 +113,7 @@ class ConvRouter(nnx.Module):
 
     def __init__(self, *, image_shape: tuple[int, int, int], widths: tuple[int, ...], num_clusters: int,
                  num_classes: int = 0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-        self.image_shape = _check_router_args(image_shape, num_clusters)
-        if not widths or min(widths) < 1:
-            raise DDMError(f"router widths {widths} must be a non-empty list of positive sizes")
+        self.image_shape = _check_router_args(image_shape, num_clusters, widths)
         self.dtype = dtype
         cond_dim = widths[-1]
         self.cond = ConditionEmbedder(cond_dim, num_classes, freq_dim=CONV_FREQ_DIM, dtype=dtype, rngs=rngs)
@@ -154,9 +155,7 @@ class MLPRouter(nnx.Module):
 
     def __init__(self, *, image_shape: tuple[int, int, int], widths: tuple[int, ...], num_clusters: int,
                  num_classes: int = 0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-        self.image_shape = _check_router_args(image_shape, num_clusters)
-        if not widths or min(widths) < 1:
-            raise DDMError(f"router widths {widths} must be a non-empty list of positive sizes")
+        self.image_shape = _check_router_args(image_shape, num_clusters, widths)
         self.dtype = dtype
         cond_dim = widths[-1]
         self.cond = ConditionEmbedder(cond_dim, num_classes, freq_dim=CONV_FREQ_DIM, dtype=dtype, rngs=rngs)
