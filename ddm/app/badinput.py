@@ -358,6 +358,17 @@ def bad_input_cases(run_dir: str | Path, work: str | Path) -> list[Case]:
         str(out / "export"), outputs=(out / "export",))
     add("export", "missing run", "export", "--run-dir", str(work / "nowhere"), "--out", str(out / "export2"),
         outputs=(out / "export2",))
+    add("distill", "missing run", "distill", "--run-dir", str(work / "nowhere"))
+    add("distill", "--teacher bogus", "distill", "--run-dir", r, "--teacher", "bogus", outputs=(run / "student",))
+    add("distill", "manifest expert sha256 'abc'", "distill", "--run-dir", broken["expert sha256 'abc'"],
+        outputs=(Path(broken["expert sha256 'abc'"]) / "student",))
+    add("distill", "distill.train.steps=0", "distill", "--run-dir", r, "--set", "distill.train.steps=0",
+        outputs=(run / "student",))
+    add("assemble", "missing run", "assemble", "--run-dir", str(work / "nowhere"), f["empty_dir"])
+    add("assemble", "OUT missing", "assemble", "--run-dir", r, str(work / "nowhere"))
+    add("assemble", "OUT is a file", "assemble", "--run-dir", r, f["plain.txt"])
+    add("assemble", "OUT holds no expert.json", "assemble", "--run-dir", r, f["empty_dir"])
+    add("assemble", "no OUT", "assemble", "--run-dir", r)
     add("config", "--config and --run-dir", "config", "show", "--config", f["bad.yaml"], "--run-dir", r)
     add("config", "missing config", "config", "show", "--config", str(work / "none.yaml"))
     add("config", "bad override", "config", "show", "--run-dir", r, "--set", "sample.n=-4")
