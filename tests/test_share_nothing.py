@@ -142,8 +142,10 @@ def test_shards_are_checked_against_their_digest_and_cluster(tmp_path_factory, c
     assert len(opened.shard_digests()) == 2 and all(len(d) == 64 for d in opened.shard_digests())
     ShardReader(opened.shard_paths(), batch_size=16, seed=0, digests=opened.shard_digests())  # honest: opens
 
-    # The manifest points cluster 0 at cluster 1's shard: refused, naming what the shard holds.
-    mf.update_manifest(run, lambda m: m["clusters"][0].update(shard="islands/1/shard"))
+    # The manifest points cluster 0 at a copy of cluster 1's shard (another path, so the manifest schema's
+    # one-shard-per-cluster rule does not see it): refused on open, naming what the shard holds.
+    shutil.copytree(run / "islands" / "1" / "shard", run / "stray_shard")
+    mf.update_manifest(run, lambda m: m["clusters"][0].update(shard="stray_shard"))
     rc = cli.main(["train-router", "--run-dir", str(run), "--no-progress"])
     assert rc == 2 and "holds cluster 1, not cluster 0" in _error(capsys)
     mf.update_manifest(run, lambda m: m["clusters"][0].update(shard="islands/0/shard"))
