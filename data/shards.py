@@ -27,7 +27,7 @@ import numpy as np
 import tensorstore as ts
 
 from ddm.core.errors import DDMError
-from ddm.core.hashing import array_sha256
+from ddm.core.hashing import array_hasher, array_sha256
 from ddm.data import storage
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ IN_MEMORY_LIMIT_BYTES = 2 << 30
 IMAGES, LABELS = "images", "labels"  # the arrays inside a shard folder
 SHARD_INFO = "shard.json"  # beside the arrays: {"format", "cluster", "count", "sha256"}
 SHARD_FORMAT = "ddm-shard/v1"
+IMAGES_TAG, LABELS_TAG = "ddm-images:v1", "ddm-labels:v1"  # the digests a shard's content digest combines
 _VERIFY_ROWS = 4096  # rows per read while a streamed shard is digested
 NO_LABEL = -1  # the class a reader gives rows of unlabelled shards
 
@@ -104,8 +105,8 @@ class ShardWriter:
             _delete_array(path, LABELS)
         # The content digest is taken as the rows arrive (in order), so a streamed write never reads back.
         self._next = 0
-        self._images_hash = hashlib.sha256(f"ddm-images:v1:{','.join(map(str, (num_rows, *row_shape)))}\n".encode())
-        self._labels_hash = hashlib.sha256(f"ddm-labels:v1:{num_rows}\n".encode()) if labelled else None
+        self._images_hash = array_hasher(IMAGES_TAG, (num_rows, *row_shape))
+        self._labels_hash = array_hasher(LABELS_TAG, (num_rows,)) if labelled else None
 
     def write(self, start: int, images: np.ndarray, labels: np.ndarray | None = None) -> None:
         """Rows [start, start + len(images)): images of the shard's dtype and shape, labels [n] integers >= 0."""
@@ -182,8 +183,8 @@ def _kv_read(path: str, key: str) -> bytes | None:
 def shard_sha256(images: np.ndarray, labels: np.ndarray | None) -> str:
     """SHA-256 of a shard's content: ``"ddm-shard:v1\n"``, the `ddm-images:v1` digest of its images uint8
     [N, H, W, C], a newline, and the `ddm-labels:v1` digest of its int32 [N] labels (``-`` when unlabelled)."""
-    labels_part = "-" if labels is None else array_sha256(np.asarray(labels, "<i4"), "ddm-labels:v1")
-    return _combine(array_sha256(images, "ddm-images:v1"), labels_part)
+    labels_part = "-" if labels is None else array_sha256(np.asarray(labels, "<i4"), LABELS_TAG)
+    return _combine(array_sha256(images, IMAGES_TAG), labels_part)
 
 
 def _combine(images_sha: str, labels_part: str) -> str:
@@ -191,8 +192,8 @@ def _combine(images_sha: str, labels_part: str) -> str:
 
 
 def _streamed_images_sha256(store: ts.TensorStore) -> str:
-    """`array_sha256(images, "ddm-images:v1")` of a stored shard, read a block of rows at a time."""
-    digest = hashlib.sha256(f"ddm-images:v1:{','.join(str(d) for d in store.shape)}\n".encode("ascii"))
+    """`array_sha256(images, IMAGES_TAG)` of a stored shard, read a block of rows at a time."""
+    digest = array_hasher(IMAGES_TAG, tuple(store.shape))
     for lo in range(0, store.shape[0], _VERIFY_ROWS):
         digest.update(np.ascontiguousarray(store[lo:min(lo + _VERIFY_ROWS, store.shape[0])].read().result()).tobytes())
     return digest.hexdigest()
@@ -238,13 +239,13 @@ def verify_shard(path: str, sha256: str, cluster: int | str | None, *, images: n
         held = "no cluster id" if info is None else f"cluster {info.get('cluster')}"
         raise DDMError(f"shard {path} holds {held}, not cluster {cluster}: the manifest points at the wrong shard")
     try:
-        images_sha = (array_sha256(images, "ddm-images:v1") if images is not None
+        images_sha = (array_sha256(images, IMAGES_TAG) if images is not None
                       else _streamed_images_sha256(open_shard(path)))
         if labels is None:
             labels = read_labels(path)
     except ValueError as err:  # a damaged chunk fails to decode
         raise DDMError(f"shard {path} is damaged: {str(err).splitlines()[0][:200]}") from None
-    actual = _combine(images_sha, "-" if labels is None else array_sha256(np.asarray(labels, "<i4"), "ddm-labels:v1"))
+    actual = _combine(images_sha, "-" if labels is None else array_sha256(np.asarray(labels, "<i4"), LABELS_TAG))
     if actual != sha256:
         raise DDMError(f"shard {path} does not match its digest (expected {sha256[:16]}, got {actual[:16]}): "
                        "refusing to train on it")

@@ -35,13 +35,19 @@ from ddm.core.errors import DDMError
 HASH_CHUNK_BYTES = 64 << 20  # arrays are hashed a block of rows at a time (memory-mapped inputs stay on disk)
 
 
+def array_hasher(tag: str, shape: tuple[int, ...]):
+    """A hashlib SHA-256 object primed with ``"{tag}:{shape}\n"``: feed it the array's C-order bytes, a block of
+    rows at a time, and its hexdigest equals `array_sha256` of the whole array (for writers that stream rows)."""
+    return hashlib.sha256(f"{tag}:{','.join(str(int(d)) for d in shape)}\n".encode("ascii"))
+
+
 def array_sha256(array: np.ndarray, tag: str, dtype: np.dtype | None = None) -> str:
     """SHA-256 hex digest of ``"{tag}:{shape}\n"`` followed by the array's C-order bytes (as `dtype`, if given).
 
     Hashed a block of rows at a time: anything with `shape` and row slicing works (a memory-mapped file is
     never read whole)."""
     shape = tuple(np.shape(array)) if not hasattr(array, "shape") else tuple(array.shape)
-    digest = hashlib.sha256(f"{tag}:{','.join(str(d) for d in shape)}\n".encode("ascii"))
+    digest = array_hasher(tag, shape)
     if len(shape) == 0 or shape[0] == 0:
         digest.update(np.ascontiguousarray(array, dtype).tobytes())
         return digest.hexdigest()
