@@ -25,6 +25,7 @@ from ddm.app import logs
 from ddm.app.info import describe
 from ddm.app.pipeline import run_all
 from ddm.app.sample import sample_command
+from ddm.core.cache import enable_compilation_cache
 from ddm.core.config import SEED_MAX, Config, load_config, to_yaml
 from ddm.core.distributed import initialize
 from ddm.core.errors import DDMError
@@ -584,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddm: error: {err}", file=sys.stderr)
         return 2
     logs.configure(logging.INFO)
+    enable_compilation_cache()  # each process compiles a program once per machine, not once per run
     try:
         return args.func(args)
     except Preempted as err:

@@ -25,7 +25,7 @@ import jax
 from tqdm import tqdm
 
 import ddm
-from ddm.eval.featurenet import default_cache_dir
+from ddm.core.cache import default_cache_dir
 
 
 def _is_ddm(record: logging.LogRecord) -> bool:

@@ -38,7 +38,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddm.core.cache import default_cache_dir
 from ddm.core.checkpoint import load_pinned
 from ddm.core.config import TrainConfig
 from ddm.core.errors import DDMError
@@ -215,11 +215,6 @@ class FeatureNet:
 # ---------------------------------------------------------------------------------------------------------
 # Cache keys, training, loading.
 # ---------------------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """$DDM_CACHE_DIR, else ~/.cache/ddm."""
-    return Path(os.environ.get("DDM_CACHE_DIR") or Path.home() / ".cache" / "ddm")
 
 
 def canonical_order(images: np.ndarray) -> np.ndarray:
