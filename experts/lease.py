@@ -102,9 +102,12 @@ class Lease:
             if held is not None:
                 logger.info(f"taking over the stale lease of {held.get('holder')} on {self.out}")
             self._generation = storage.write_if(self.path, self._record(), generation)
-            if self._generation is None:  # another trainer took it between our read and our write
+            if self._generation is None:  # another trainer took it between our read and our write, or ...
                 winner = read_lease(self.out)
-                raise self._refuse(winner or {"holder": "another trainer"})
+                if winner is None:  # ... nobody did: the store refused the write itself
+                    raise DDMError(f"cannot write {self.path}: refused by the store (does the bucket exist, and may "
+                                   "these credentials write to it?)")
+                raise self._refuse(winner)
         except BaseException:
             if local:
                 self._remove_created()

@@ -57,6 +57,15 @@ def test_mirror_pulls_intact_steps_pushes_changes_and_deletes_what_the_job_delet
     assert storage.read_bytes(bucket / "lease.json") == b"held"  # never the mirror's to touch
 
 
+def test_a_job_that_fails_or_is_preempted_still_pushes_what_it_wrote(tmp_path):
+    bucket = tmp_path / "bucket"
+    with pytest.raises(KeyboardInterrupt), Mirror(str(bucket), every_s=3600) as work:
+        (work / "checkpoints" / "4").mkdir(parents=True)
+        (work / "checkpoints" / "4" / "ddm_digest.json").write_text("{}")
+        raise KeyboardInterrupt  # e.g. `Preempted` after the trainer's last checkpoint
+    assert storage.list_files(bucket) == ["checkpoints/4/ddm_digest.json"] and not work.exists()
+
+
 def test_a_stale_lease_taken_over_by_someone_else_first_is_not_taken_twice(tmp_path, monkeypatch):
     out = tmp_path / "out"
     path = out / lease_lib.LEASE
