@@ -94,3 +94,15 @@ def test_path_helpers_name_local_paths_and_urls_alike():
     assert storage.join("s3://b/run/", "islands", "0") == "s3://b/run/islands/0"
     assert storage.join("/r", "islands", "0") == str(Path("/r/islands/0"))
     assert storage.is_url("gs://b/x") and not storage.is_url("file:///x") and not storage.is_url("/x")
+
+
+def test_a_multi_process_island_is_refused_a_bucket_out(monkeypatch):
+    import jax
+
+    from ddm.experts import train
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(DDMError, match="single-process islands only"):
+        train._working_folder("s3://bucket/out/0")
+    with train._working_folder("/tmp/out/0") as work:  # a shared folder is written in place, as before
+        assert work == Path("/tmp/out/0")
