@@ -54,7 +54,7 @@ class Mirror:
 
     def __init__(self, url: str, *, skip: tuple[str, ...] = (), every_s: float = PUSH_EVERY_S):
         self.url, self.skip, self.every_s = url.rstrip("/"), set(skip), every_s
-        self.local = Path(tempfile.mkdtemp(prefix="ddm-out-"))
+        self.local: Path | None = None  # the working copy: a new folder under $TMPDIR, made by `__enter__`
         self._pushed: dict[str, tuple[int, int] | None] = {}  # what the bucket holds: rel -> (size, mtime_ns)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -120,6 +120,7 @@ class Mirror:
                 logger.warning(f"pushing {self.local} to {self.url} failed (retrying): {err}")
 
     def __enter__(self) -> Path:
+        self.local = Path(tempfile.mkdtemp(prefix="ddm-out-"))
         try:
             self.pull()
         except BaseException:

@@ -116,10 +116,11 @@ def train_island(bundle_dir: str | Path, out: str | Path, overrides: list[str] |
     bundle = Bundle.open(bundle_dir, overrides)
     out = str(out).rstrip("/") if storage.is_url(out) else Path(out).absolute()
     cfg, k = bundle.config, bundle.cluster
+    working = _working_folder(out)  # a bucket OUT it cannot write is refused before the lease is taken
     lease = Lease(out) if jax.process_index() == 0 else contextlib.nullcontext()
     with lease:
         reader = _reader([bundle.shard_path], [k], cfg, [bundle.shard_sha256])
-        with _working_folder(out) as work:
+        with working as work:
             task = _diffusion_task(f"expert {k}", cfg, bundle.image_shape, reader, work, bundle.holdout_set(),
                                    bundle.codec)
             t0 = time.perf_counter()
