@@ -29,7 +29,6 @@ from ddm.data.shards import ShardReader, read_labels, read_shard, write_shard
 from ddm.experts import lease as lease_lib
 from ddm.experts.train import train_island
 from ddm.sampling.load import load_ensemble
-from ddm.sampling.request import Request, generate
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["expert.train.steps=16", "expert.train.batch_size=16", "expert.train.checkpoint_every=4",
@@ -458,8 +457,7 @@ def test_an_island_trains_from_a_bucket_into_the_bucket_resumes_there_and_assemb
     assert Run.open(run).finished_experts() == [0] and not list(run.glob(".incoming-*"))
     assert (run / "experts" / "0" / "expert.json").read_bytes() == storage.read_bytes(f"{out}/expert.json")
 
-    # It samples: expert 0 alone (`single:0`: no router is trained here; expert 1 is not assembled).
+    # The sampling path loads it (pin checked) with expert 1 masked. Running the sampler too would add ~8 s
+    # (compiling it); the two-sites test samples experts registered the same way.
     with pytest.warns(UserWarning, match=r"experts \[1\] of 2 are missing"):
-        ensemble = load_ensemble(Run.open(run), with_router=False)
-    images = generate(ensemble, Request(n=2, strategy="single:0", steps=2, labels=(1, 2), cfg_scale=1.0)).images
-    assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
+        assert load_ensemble(Run.open(run), with_router=False).available == [True, False]
