@@ -26,7 +26,7 @@ from ddm.core.errors import DDMError
 from ddm.data import storage
 from ddm.data.islands import Bundle
 from ddm.data.run import Run
-from ddm.experts.records import EXPERT_JSON, model_digest, read_expert_json
+from ddm.experts.records import EXPERT_JSON, model_digest, read_expert_json, write_expert_json
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def check_expert(run: Run, out: str | Path, weights_sha256: str | None = None, *
     if storage.is_url(out):
         files = fetch_to
         storage.copy_tree(storage.join(out, record["final"]), str(files / record["final"]))
-        storage.write_bytes(files / EXPERT_JSON, storage.read_bytes(storage.join(out, EXPERT_JSON)))
+        write_expert_json(files, record)  # the record just checked, not a second read of the bucket
     make = functools.partial(dit_from_config, run.config.expert.model, run.image_shape)
     try:
         load_pinned_tree(files / record["final"], record["ema_sha256"], make, f"expert {k}")
