@@ -49,10 +49,18 @@ def island_record(run_id: str, cluster: int, dataset: dict, shard: dict, holdout
 
 
 def write_island_json(bundle: str | Path, record: dict) -> None:
-    path = Path(bundle) / ISLAND_JSON
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    storage.write_bytes(storage.join(bundle, ISLAND_JSON), json.dumps(record, indent=2) + "\n")
+
+
+def publish_bundles(run_dir: str | Path, dest: str, clusters: list[int]) -> list[str]:
+    """Copies each bundle RUN/islands/<k> to `dest`/<k> (a folder or a URL, e.g. a bucket islands read from);
+    returns where each went. The shard digests travel inside island.json: islands check what they read."""
+    targets = []
+    for k in clusters:
+        target = storage.join(dest, str(k))
+        storage.copy_tree(str(bundle_dir(run_dir, k)), target)
+        targets.append(target)
+    return targets
 
 
 def bundle_sha256(record: dict) -> str:

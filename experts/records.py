@@ -8,14 +8,14 @@ Schema (format "ddm-expert/v1"):
     model, train                                   the configs themselves (for reading, not checking)
     hardware, seconds, finished                    what trained it, how long, when (recorded, never checked)
 
-An island writes it last, atomically, after `final/`: an OUT without it is unfinished.
+An island writes it last, whole, after `final/`: an OUT without it is unfinished. OUT may be a folder or a URL
+(`ddm.data.storage`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -24,6 +24,7 @@ import jax
 
 from ddm.core.config import Config, ModelConfig, to_dict
 from ddm.core.errors import DDMError
+from ddm.data import storage
 from ddm.data.islands import Bundle
 
 EXPERT_JSON = "expert.json"
@@ -56,19 +57,18 @@ def expert_record(bundle: Bundle, cfg: Config, ema_sha256: str, step: int, secon
             "hardware": hardware(), "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def write_expert_json(out: Path, record: dict) -> None:
-    tmp = Path(out) / f"{EXPERT_JSON}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(Path(out) / EXPERT_JSON)
+def write_expert_json(out: str | Path, record: dict) -> None:
+    storage.write_bytes(storage.join(out, EXPERT_JSON), json.dumps(record, indent=2) + "\n")
 
 
 def read_expert_json(out: str | Path) -> dict:
-    """OUT/expert.json; DDMError if the island has not finished (or the file is not an expert record)."""
-    path = Path(out) / EXPERT_JSON
-    if not path.is_file():
+    """OUT/expert.json (OUT: a folder or a URL); DDMError if the island has not finished (or the file is not an expert record)."""
+    path = storage.join(out, EXPERT_JSON)
+    raw = storage.read_bytes(path)
+    if raw is None:
         raise DDMError(f"no {EXPERT_JSON} in {out}: the island has not finished training")
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DDMError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(record, dict) or record.get("format") != EXPERT_FORMAT:

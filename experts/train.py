@@ -23,15 +23,18 @@ from flax import nnx
 from ddm.core.codec import Codec
 from ddm.core.config import Config, ModelConfig, to_dict
 from ddm.core.dit import dit_from_config
+from ddm.core.errors import DDMError
 from ddm.core.flow import drop_labels, flow_matching_loss, solve_euler_loop
 from ddm.core.monitor import HeldOut
 from ddm.core.trainer import Task, Trainer, TrainResult
+from ddm.data import storage
 from ddm.data.islands import Bundle
+from ddm.data.mirror import Mirror
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, check_labelled
 from ddm.experts.assemble import assemble_experts
-from ddm.experts.lease import Lease
-from ddm.experts.records import expert_record, write_expert_json
+from ddm.experts.lease import LEASE, Lease
+from ddm.experts.records import EXPERT_JSON, expert_record, write_expert_json
 
 logger = logging.getLogger(__name__)
 
@@ -91,24 +94,38 @@ def _diffusion_task(name: str, cfg: Config, image_shape: tuple[int, int, int], r
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _working_folder(out: str | Path):
+    """Where the trainer writes OUT's files: OUT itself, or for a URL a local working copy mirrored to it."""
+    if not storage.is_url(out):
+        return contextlib.nullcontext(Path(out))
+    if jax.process_count() > 1:
+        raise DDMError(f"--out {out}: a multi-process island writes its checkpoints to a folder all its processes "
+                       "share; a bucket OUT is supported for single-process islands only")
+    return Mirror(str(out), skip=(LEASE, EXPERT_JSON))
+
+
 def train_island(bundle_dir: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                  progress: bool = False) -> TrainResult:
     """Trains (or resumes) the expert of an island bundle into `out`, reading nothing but the bundle and writing
     nothing outside `out`: checkpoints, final/, metrics, and last `out/expert.json` (`EXPERT_FORMAT`).
 
+    `out` is a folder or a URL (`s3://`, `gs://`): then training writes a local working copy that is pushed to
+    the URL while it runs and on exit (`ddm.data.mirror`), and a resume starts from the URL's checkpoints.
     The shard is checked against its digest first; a second trainer of the same `out` is refused (`Lease`).
     """
     bundle = Bundle.open(bundle_dir, overrides)
-    out = Path(out).absolute()
+    out = str(out).rstrip("/") if storage.is_url(out) else Path(out).absolute()
     cfg, k = bundle.config, bundle.cluster
+    working = _working_folder(out)  # a bucket OUT it cannot write is refused before the lease is taken
     lease = Lease(out) if jax.process_index() == 0 else contextlib.nullcontext()
     with lease:
         reader = _reader([bundle.shard_path], [k], cfg, [bundle.shard_sha256])
-        task = _diffusion_task(f"expert {k}", cfg, bundle.image_shape, reader, out, bundle.holdout_set(),
-                               bundle.codec)
-        t0 = time.perf_counter()
-        result = Trainer(task, cfg.expert.train, progress=progress).run()
-        if jax.process_index() == 0:
+        with working as work:
+            task = _diffusion_task(f"expert {k}", cfg, bundle.image_shape, reader, work, bundle.holdout_set(),
+                                   bundle.codec)
+            t0 = time.perf_counter()
+            result = Trainer(task, cfg.expert.train, progress=progress).run()
+        if jax.process_index() == 0:  # last, once final/ is in OUT
             write_expert_json(out, expert_record(bundle, cfg, result.ema_sha256, result.step,
                                                  time.perf_counter() - t0))
     logger.info(f"expert {k}: finished at step {result.step}, EMA sha256 {result.ema_sha256[:16]}")

@@ -30,6 +30,7 @@ from ddm.core.config import SEED_MAX, Config, load_config, to_yaml
 from ddm.core.distributed import initialize
 from ddm.core.errors import DDMError
 from ddm.core.preemption import PREEMPTED_EXIT, Preempted
+from ddm.data.islands import publish_bundles
 from ddm.data.prepare import prepare
 from ddm.data.run import Run
 from ddm.eval.evaluate import DEFAULT_CFG_SCALES, DEFAULT_CLASS_N, DEFAULT_STRATEGIES, evaluate_run
@@ -129,7 +130,11 @@ def _run(args) -> Run:
 
 def cmd_prepare(args) -> int:
     cfg, config_path = _load(args)
-    prepare(cfg, args.run_dir or cfg.run_dir, overwrite=args.overwrite, base_dir=_base_dir(config_path))
+    run_dir = args.run_dir or cfg.run_dir
+    manifest = prepare(cfg, run_dir, overwrite=args.overwrite, base_dir=_base_dir(config_path))
+    if args.islands_to:
+        targets = publish_bundles(run_dir, args.islands_to, [c["id"] for c in manifest["clusters"]])
+        print(f"{len(targets)} island bundles copied to {args.islands_to}/<k>")
     return 0
 
 
@@ -375,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="load, embed and cluster a dataset into K shards + manifest")
     _add_common(p, config=True, run_dir_required=False)
     p.add_argument("--overwrite", action="store_true", help="replace a run directory prepared differently")
+    p.add_argument("--islands-to", default=None, metavar="URL",
+                   help="also copy each bundle RUN/islands/K to URL/K (a folder or an s3:// / gs:// URL)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("info", help="summarise a run directory")
@@ -386,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, run_dir_required=False)
     p.add_argument("--island", default=None, metavar="BUNDLE", help="the island bundle (a copy of RUN/islands/K)")
     p.add_argument("--out", default=None, help="with --island: where the expert goes (checkpoints, final/, "
-                                               "expert.json); nothing outside it is written")
+                                               "expert.json), a folder or an s3:// / gs:// URL; nothing outside "
+                                               "it is written")
     p.add_argument("--cluster", type=int_arg(0, COUNT_MAX, "a cluster id"), default=None, help="with --run-dir: which island, the cluster id k (0..K-1)")
     p.add_argument("--no-assemble", action="store_true",
                    help="with --run-dir: train into RUN/experts/K but leave the manifest to `ddm assemble`")
@@ -395,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("assemble", help="check experts trained elsewhere against the run's plan and register them")
     _add_common(p)
-    p.add_argument("outs", nargs="+", metavar="OUT", help="expert folders written by train-expert --out")
+    p.add_argument("outs", nargs="+", metavar="OUT", help="expert folders (or s3:// / gs:// URLs) written by train-expert --out")
     p.set_defaults(func=cmd_assemble)
 
     p = sub.add_parser("train-islands", help="train every unfinished expert, each in its own process")
