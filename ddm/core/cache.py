@@ -11,6 +11,7 @@ run directory that others may write to.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -45,5 +46,6 @@ def enable_compilation_cache(env: os._Environ | dict = os.environ) -> Path | Non
         logger.debug(f"compilation cache off: cannot create {folder} ({err})")
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    if importlib.util.find_spec("filelock") is not None:  # JAX's size-bounded cache locks with it (else unbounded)
+        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     return folder
