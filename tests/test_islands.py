@@ -64,9 +64,10 @@ def test_local_islands_failure_rerun_and_monolith(run, capsys):
 
     rc = cli.main(["train-islands", "--run-dir", str(run), "--parallel", "2", *SETS])
     captured = capsys.readouterr()
-    assert rc == 1, captured.out + captured.err
+    assert rc == 4, captured.out + captured.err  # its own code: 1 means only "not honest", 2 bad input
     assert "2 of 2 islands to train (2 at a time)" in captured.out
     assert "islands [1] failed" in captured.err
+    assert captured.err.count("ddm: error:") == 1 and "rerun to retry only them" in captured.err  # one line
     table = captured.out[captured.out.index("island  status"):].splitlines()
     rows = {int(line.split()[0]): line.split()[1] for line in table[1:]}
     assert rows == {0: "finished", 1: "failed"}, captured.out

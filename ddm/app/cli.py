@@ -2,9 +2,12 @@
 
 Exit codes mean one thing each:
 
-    0  done            1  `ddm verify`: the claim is not honest; `ddm train-islands`: an island failed
+    0  done            1  `ddm verify`: the claim is not honest (and nothing else)
     2  bad input or a refused operation: one line `ddm: error: ...`; nothing was written half-way
     3  a bug: one line naming the exception and the log file that holds its traceback
+    4  `ddm train-islands`: some islands failed (named in one line); the others are assembled, a rerun trains
+       only the failed ones
+    75 training was preempted (SIGTERM/SIGINT): a checkpoint was written; the same command resumes
     130 interrupted (Ctrl-C)
 
 Every option is parsed by a checking type (integers in range, seeds in 0..2^32-1, finite numbers), so a bad
@@ -198,7 +201,7 @@ def cmd_train_islands(args) -> int:
     failed = [i.cluster for i in results if i.status == "failed"]
     if failed:
         print(f"ddm: error: islands {failed} failed; see their train.log; rerun to retry only them", file=sys.stderr)
-        return 1
+        return islands.ISLANDS_FAILED_EXIT
     return 0
 
 
