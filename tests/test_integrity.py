@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import unwritable_folder
 
 from ddm.app import badinput, cli
+from ddm.app import sample as sample_app
 from ddm.core.checkpoint import DIGEST_FILE, REJECTED_DIR, Checkpointer, step_problem
 from ddm.core.errors import DDMError
+from ddm.core.files import check_output_dir, check_output_file
 from ddm.core.schema import Int, ListOf, Obj, Str, check
 from ddm.data.manifest import read_manifest
 
@@ -193,3 +197,27 @@ def test_staged_outputs_appear_together_or_not_at_all(tmp_path):
         check_output_file(tmp_path, "--out")
     with pytest.raises(DDMError, match="the folder of --out .* is a file, not a folder"):
         check_output_file(a / "x.png", "--out")
+
+
+def test_an_unwritable_output_folder_is_found_by_trying_even_where_os_access_says_yes(trained_run, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """Case 5's "unwritable place", as root too: `os.access` says yes to root for a chmod-0500 folder (and is
+    made to say yes to everyone here), so writability is tested by creating a probe file; `ddm sample` into a
+    folder that refuses writes is a one-line error before any model is loaded, and nothing is left there."""
+    folder = unwritable_folder(tmp_path)  # chmod 0o500, or /sys for root
+    before = sorted(folder.iterdir())
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    with pytest.raises(DDMError, match=r"the folder of --out .* does not allow writing"):
+        check_output_file(folder / "s.png", "--out", (".png",))
+    with pytest.raises(DDMError, match=r"--png-dir .*pngs/deeper is not writable .* does not allow writing"):
+        check_output_dir(folder / "pngs" / "deeper", "--png-dir")
+
+    def no_loading(*args, **kwargs):
+        pytest.fail("a model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(sample_app, "load_ensemble", no_loading)
+    code = cli.main(["sample", "--run-dir", str(trained_run), "--n", "2", "--steps", "2", "--out", str(folder / "s.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ddm: error: the folder of --out "), err
+    assert "does not allow writing" in err[0]
+    assert sorted(folder.iterdir()) == before  # no output, no probe
