@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import unwritable_folder
+from helpers import fresh_run, unwritable_folder
 
 from ddm.app import badinput, cli
 from ddm.app import sample as sample_app
@@ -21,6 +21,7 @@ from ddm.core.checkpoint import DIGEST_FILE, REJECTED_DIR, Checkpointer, step_pr
 from ddm.core.errors import DDMError
 from ddm.core.files import check_output_dir, check_output_file
 from ddm.core.schema import Int, ListOf, Obj, Str, check
+from ddm.data import manifest as mf
 from ddm.data.manifest import read_manifest
 
 
@@ -221,3 +222,33 @@ def test_an_unwritable_output_folder_is_found_by_trying_even_where_os_access_say
     assert code == 2 and len(err) == 1 and err[0].startswith("ddm: error: the folder of --out "), err
     assert "does not allow writing" in err[0]
     assert sorted(folder.iterdir()) == before  # no output, no probe
+
+
+def test_cases_2_and_3_a_flipped_chunk_bit_or_swapped_shards_are_refused_before_training(tmp_path_factory, capsys):
+    """The issue's steps: flip the lowest bit of the middle byte of a zarr chunk of cluster 0's shard, then
+    `train-expert --cluster 0` (it trained on it and exited 0); swap clusters 0 and 1's shards in the manifest
+    (train-expert read its bundle and assembled into the wrong manifest, exit 0). Both: exit 2, one line, before
+    any training (no expert folder), the manifest byte for byte as it was."""
+    run = fresh_run(tmp_path_factory, "swapped")
+    argv = ["train-expert", "--run-dir", str(run), "--cluster", "0", "--no-progress", "--set", "expert.train.steps=2"]
+    manifest = read_manifest(run)
+
+    def swap(m):
+        m["clusters"][0]["shard"], m["clusters"][1]["shard"] = m["clusters"][1]["shard"], m["clusters"][0]["shard"]
+
+    mf.update_manifest(run, swap)
+    swapped = (run / "manifest.json").read_bytes()
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ddm: error: shard ") and "holds cluster 1, not cluster 0" in err[0]
+    assert (run / "manifest.json").read_bytes() == swapped and not (run / "experts" / "0").exists()
+
+    mf.update_manifest(run, swap)  # swapped back
+    chunk = max((run / manifest["clusters"][0]["shard"] / "images").iterdir(), key=lambda p: p.stat().st_size)
+    _flip_middle_bit(chunk)
+    before = (run / "manifest.json").read_bytes()
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ddm: error: shard "), err
+    assert "does not match its digest" in err[0] or "is damaged" in err[0]
+    assert (run / "manifest.json").read_bytes() == before and not (run / "experts" / "0" / "checkpoints").exists()
