@@ -1,6 +1,6 @@
 """Integrity and robustness (issue 17): nothing corrupted is used silently, no traceback, exit codes that mean
-one thing. The issue's cases 1, 3 (wrong types), 5 and 6 are tests here; 2, 4, 7 and 3's swapped shards belong
-to the islands work (per-shard digests, stable run identity, the trainer lock).
+one thing. The issue's cases 1, 2, 3, 5 and 6 are tests here; 4 (a stable run identity) and 7 (one trainer per
+output) are in tests/test_share_nothing.py with the islands work that built them.
 """
 
 from __future__ import annotations
