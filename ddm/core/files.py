@@ -5,8 +5,8 @@ Two habits, used by every command that writes what a user asked for:
 - check an output path *before* any work (`check_output_file`, `check_output_dir`): a directory where a file
   should go, a path below a regular file or an unwritable folder is a one-line DDMError, not a traceback after
   minutes of sampling. Writability is tested by doing it (a probe file created and removed at once), not by
-  `os.access`, which says yes to root everywhere except on read-only mounts (a chmod-0500 folder, /sys, a
-  folder the filesystem refuses for its own reasons);
+  `os.access`, which reads permission bits and read-only mounts only: it says yes to root for a chmod-0500
+  folder and for /sys, where nothing can be created;
 - write through a temporary name in the same folder and rename (`atomic_write`, `Staged`): a reader never sees
   a torn file, and a command that fails part-way removes what it staged. `Staged` commits several outputs
   together only once every one of them was written.
