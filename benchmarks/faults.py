@@ -1,7 +1,7 @@
 """Counted fault figures (issue 17): SIGKILLs during training, corrupted files, bad input, fuzzed records.
 
     python benchmarks/faults.py [--work /tmp/ddm-faults] [--kills 20] [--parallel 4] [--seed 0] [--steps 60]
-        [--parts kills,corrupt,badinput,fuzz,cost] [--records 1000]
+        [--parts kills,corrupt,badinput,fuzz,cost] [--records 1000] [--no-compile-cache]
 
 Everything runs on digits (K=2, a micro expert of --steps steps, batch 32, a checkpoint every 5 steps), in
 `--work` (wiped first):
@@ -49,9 +49,15 @@ TRAIN = ["--set", "data.k=2", "--set", "expert.train.batch_size=32", "--set", "e
          "--set", "router.train.checkpoint_every=10", "--set", "router.train.log_every=10"]
 
 
+# Every `ddm` process this script starts gets this environment; main() adds a persistent compilation cache shared
+# by all of them (unless --no-compile-cache): the first training compiles, the others load, so a kill trial's
+# time is mostly training rather than XLA compiling the same programs again.
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
 def ddm(*argv: str, check: bool = False) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "ddm.app.cli", *argv], capture_output=True, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            env=ENV)
     if check and result.returncode:
         raise SystemExit(f"ddm {' '.join(argv)} failed:\n{result.stderr[-2000:]}")
     return result
@@ -83,7 +89,7 @@ def committed_steps(checkpoints: Path) -> list[int]:
 
 def _train(run: Path, train: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ddm.app.cli", train[0], "--run-dir", str(run), *train[1:]],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=ENV)
 
 
 def kills(base: Path, work: Path, count: int, steps: int, seed: int, parallel: int) -> None:
@@ -333,11 +339,15 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--parallel", type=int, default=4, help="kill trials at a time")
     parser.add_argument("--parts", default="kills,corrupt,badinput,fuzz,cost")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="every ddm process compiles afresh (default: one JAX compilation cache in --work)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if not args.no_compile_cache:
+        ENV.update(JAX_COMPILATION_CACHE_DIR=str(work / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     print(machine_table(extra={"command": " ".join(["python", *sys.argv])}))
     print()
     base = work / "prepared"

@@ -226,6 +226,15 @@ def _files_signature(path: str) -> tuple:
                  for p in sorted(root.rglob("*")) if p.is_file())
 
 
+def check_shard_holds(path: str, cluster: int | str) -> None:
+    """DDMError unless the shard at `path` says (in its shard.json) that it holds `cluster`: one small read, for a
+    manifest that points a cluster at another cluster's shard (swapped or copied entries)."""
+    info = read_shard_info(path)
+    if info is None or info.get("cluster") != cluster:
+        held = "no cluster id" if info is None else f"cluster {info.get('cluster')}"
+        raise DDMError(f"shard {path} holds {held}, not cluster {cluster}: the manifest points at the wrong shard")
+
+
 def verify_shard(path: str, sha256: str, cluster: int | str | None, *, images: np.ndarray | None = None,
                  labels: np.ndarray | None = None) -> None:
     """DDMError unless the shard at `path` holds `cluster` (its shard.json says so) and its content digest is
@@ -234,10 +243,8 @@ def verify_shard(path: str, sha256: str, cluster: int | str | None, *, images: n
     key = (path, sha256, cluster, _files_signature(path))
     if key in _VERIFIED:
         return
-    info = read_shard_info(path)
-    if cluster is not None and (info is None or info.get("cluster") != cluster):
-        held = "no cluster id" if info is None else f"cluster {info.get('cluster')}"
-        raise DDMError(f"shard {path} holds {held}, not cluster {cluster}: the manifest points at the wrong shard")
+    if cluster is not None:
+        check_shard_holds(path, cluster)
     try:
         images_sha = (array_sha256(images, IMAGES_TAG) if images is not None
                       else _streamed_images_sha256(open_shard(path)))

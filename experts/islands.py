@@ -28,6 +28,10 @@ from ddm.experts.assemble import assemble_experts
 
 logger = logging.getLogger(__name__)
 
+# `ddm train-islands` exits with this when some islands failed (the others finished and were assembled): its own
+# code, because 1 means only "not honest" (`ddm verify`) and 2 bad input; a rerun trains only the failed ones.
+ISLANDS_FAILED_EXIT = 4
+
 
 @dataclass
 class Island:

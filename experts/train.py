@@ -31,7 +31,7 @@ from ddm.data import storage
 from ddm.data.islands import Bundle
 from ddm.data.mirror import Mirror
 from ddm.data.run import Run
-from ddm.data.shards import ShardReader, check_labelled
+from ddm.data.shards import ShardReader, check_labelled, check_shard_holds
 from ddm.experts.assemble import assemble_experts
 from ddm.experts.lease import LEASE, Lease
 from ddm.experts.records import EXPERT_JSON, expert_record, write_expert_json
@@ -138,6 +138,9 @@ def train_expert(run_dir: str | Path, cluster: int, overrides: list[str] | tuple
     (with `assemble`, process 0) checks it and registers it in the manifest (`ddm.experts.assemble`)."""
     run = Run.open(run_dir, overrides)
     run.cluster(cluster)  # a cluster outside the run is a clear error before anything starts
+    # The island reads its bundle's shard, but it registers into this manifest: one that points cluster k at
+    # another cluster's shard (issue 17, case 3) is refused before training, not assembled into.
+    check_shard_holds(run.shard_path(cluster), cluster)
     result = train_island(run.bundle_dir(cluster), run.expert_dir(cluster), overrides, progress=progress)
     if assemble and jax.process_index() == 0:  # the digest was just computed from the state: no read-back
         assemble_experts(run, [run.expert_dir(cluster)], weights_sha256=result.ema_sha256)

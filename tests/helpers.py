@@ -8,7 +8,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
+
+from ddm.app.badinput import refusing_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,3 +54,11 @@ def model_inputs(shape, batch=3, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *shape), dtype=np.float32)
     return jnp.asarray(x), jnp.asarray(rng.uniform(size=batch).astype(np.float32))
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this user cannot create files in (a chmod-0500 one, or /sys for root); skips where none refuses."""
+    folder = refusing_folder(tmp_path)
+    if folder is None:
+        pytest.skip("no folder here refuses this user's writes (root, and no /sys)")
+    return folder

@@ -1,22 +1,27 @@
 """Integrity and robustness (issue 17): nothing corrupted is used silently, no traceback, exit codes that mean
-one thing. The issue's cases 1, 3 (wrong types), 5 and 6 are tests here; 2, 4, 7 and 3's swapped shards belong
-to the islands work (per-shard digests, stable run identity, the trainer lock).
+one thing. The issue's cases 1, 2, 3, 5 and 6 are tests here; 4 (a stable run identity) and 7 (one trainer per
+output) are in tests/test_share_nothing.py with the islands work that built them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import fresh_run, unwritable_folder
 
 from ddm.app import badinput, cli
+from ddm.app import sample as sample_app
 from ddm.core.checkpoint import DIGEST_FILE, REJECTED_DIR, Checkpointer, step_problem
 from ddm.core.errors import DDMError
+from ddm.core.files import check_output_dir, check_output_file
 from ddm.core.schema import Int, ListOf, Obj, Str, check
+from ddm.data import manifest as mf
 from ddm.data.manifest import read_manifest
 
 
@@ -193,3 +198,57 @@ def test_staged_outputs_appear_together_or_not_at_all(tmp_path):
         check_output_file(tmp_path, "--out")
     with pytest.raises(DDMError, match="the folder of --out .* is a file, not a folder"):
         check_output_file(a / "x.png", "--out")
+
+
+def test_an_unwritable_output_folder_is_found_by_trying_even_where_os_access_says_yes(trained_run, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """Case 5's "unwritable place", as root too: `os.access` says yes to root for a chmod-0500 folder (and is
+    made to say yes to everyone here), so writability is tested by creating a probe file; `ddm sample` into a
+    folder that refuses writes is a one-line error before any model is loaded, and nothing is left there."""
+    folder = unwritable_folder(tmp_path)  # chmod 0o500, or /sys for root
+    before = sorted(folder.iterdir())
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    with pytest.raises(DDMError, match=r"the folder of --out .* does not allow writing"):
+        check_output_file(folder / "s.png", "--out", (".png",))
+    with pytest.raises(DDMError, match=r"--png-dir .*pngs/deeper is not writable .* does not allow writing"):
+        check_output_dir(folder / "pngs" / "deeper", "--png-dir")
+
+    def no_loading(*args, **kwargs):
+        pytest.fail("a model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(sample_app, "load_ensemble", no_loading)
+    code = cli.main(["sample", "--run-dir", str(trained_run), "--n", "2", "--steps", "2", "--out", str(folder / "s.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ddm: error: the folder of --out "), err
+    assert "does not allow writing" in err[0]
+    assert sorted(folder.iterdir()) == before  # no output, no probe
+
+
+def test_cases_2_and_3_a_flipped_chunk_bit_or_swapped_shards_are_refused_before_training(tmp_path_factory, capsys):
+    """The issue's steps: flip the lowest bit of the middle byte of a zarr chunk of cluster 0's shard, then
+    `train-expert --cluster 0` (it trained on it and exited 0); swap clusters 0 and 1's shards in the manifest
+    (train-expert read its bundle and assembled into the wrong manifest, exit 0). Both: exit 2, one line, before
+    any training (no expert folder), the manifest byte for byte as it was."""
+    run = fresh_run(tmp_path_factory, "swapped")
+    argv = ["train-expert", "--run-dir", str(run), "--cluster", "0", "--no-progress", "--set", "expert.train.steps=2"]
+    manifest = read_manifest(run)
+
+    def swap(m):
+        m["clusters"][0]["shard"], m["clusters"][1]["shard"] = m["clusters"][1]["shard"], m["clusters"][0]["shard"]
+
+    mf.update_manifest(run, swap)
+    swapped = (run / "manifest.json").read_bytes()
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ddm: error: shard ") and "holds cluster 1, not cluster 0" in err[0]
+    assert (run / "manifest.json").read_bytes() == swapped and not (run / "experts" / "0").exists()
+
+    mf.update_manifest(run, swap)  # swapped back
+    chunk = max((run / manifest["clusters"][0]["shard"] / "images").iterdir(), key=lambda p: p.stat().st_size)
+    _flip_middle_bit(chunk)
+    before = (run / "manifest.json").read_bytes()
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ddm: error: shard "), err
+    assert "does not match its digest" in err[0] or "is damaged" in err[0]
+    assert (run / "manifest.json").read_bytes() == before and not (run / "experts" / "0" / "checkpoints").exists()

@@ -64,9 +64,10 @@ def test_local_islands_failure_rerun_and_monolith(run, capsys):
 
     rc = cli.main(["train-islands", "--run-dir", str(run), "--parallel", "2", *SETS])
     captured = capsys.readouterr()
-    assert rc == 1, captured.out + captured.err
+    assert rc == 4, captured.out + captured.err  # its own code: 1 means only "not honest", 2 bad input
     assert "2 of 2 islands to train (2 at a time)" in captured.out
     assert "islands [1] failed" in captured.err
+    assert captured.err.count("ddm: error:") == 1 and "rerun to retry only them" in captured.err  # one line
     table = captured.out[captured.out.index("island  status"):].splitlines()
     rows = {int(line.split()[0]): line.split()[1] for line in table[1:]}
     assert rows == {0: "finished", 1: "failed"}, captured.out
@@ -104,3 +105,15 @@ def test_local_islands_failure_rerun_and_monolith(run, capsys):
     assert f"{total} images" in proc.stdout  # all shards, not one cluster
     assert monolith["sha256"] not in (experts["0"]["sha256"], experts["1"]["sha256"])
     assert manifest["experts"] == experts  # the islands' records are untouched
+
+
+def test_ddm_run_exits_4_naming_the_islands_left_out(run, monkeypatch, capsys):
+    """`ddm run` goes on without failed islands (router and samples from the others) and then exits with
+    train-islands' code 4, naming them, not 0. The pipeline itself is stubbed: here no island finished."""
+    monkeypatch.setattr(cli, "run_all", lambda *args, **kwargs: {})
+    assert cli.main(["run", "--config", str(REPO / "configs" / "digits.yaml"), "--run-dir", str(run), *SETS]) == 4
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    expected = ("ddm: error: islands [0, 1] failed and were left out of the ensemble; see their train.log; "
+                "rerun to retry only them")
+    assert err == [expected], err
+

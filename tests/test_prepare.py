@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import unwritable_folder
 from PIL import Image
 
 from ddm.app.cli import main
@@ -296,16 +297,10 @@ def test_overwrite_replaces_a_different_run(digits_run, tmp_path):
 def test_unwritable_run_dir(tmp_path):
     (tmp_path / "a_file").write_text("")
     assert_refused(prepare(tmp_path / "a_file" / "run", "data.limit=100"), "cannot write run directory")
-    parent = tmp_path / "locked"
-    parent.mkdir()
-    parent.chmod(0o500)
-    try:
-        if os.access(parent, os.W_OK):
-            pytest.skip("running as a user (root) that can write to a 0o500 directory")
-        assert_refused(prepare(parent / "run", "data.limit=100"), "cannot write run directory", str(parent))
-        assert list(parent.iterdir()) == []
-    finally:
-        parent.chmod(0o700)
+    parent = unwritable_folder(tmp_path)  # chmod 0o500, or /sys as root (root writes into a 0o500 folder)
+    before = sorted(parent.iterdir())
+    assert_refused(prepare(parent / "run", "data.limit=100"), "cannot write run directory", str(parent))
+    assert sorted(parent.iterdir()) == before  # nothing created (the 0o500 folder is still empty)
 
 
 def test_subprocess_contract(tmp_path):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ddm.app import cli
+from ddm.core.files import write_refusal
 
 HUGE_SEED = str(2**64)  # the issue's 18446744073709551616
 
@@ -180,6 +181,14 @@ def _files(work: Path) -> dict[str, str]:
     return {p.name: str(p) for p in files.iterdir()}
 
 
+def refusing_folder(work: str | Path) -> Path | None:
+    """A folder this user cannot create files in: an empty chmod-0500 folder in `work`, or, for root (who writes
+    into that anyway), /sys, where nobody creates files; None where neither refuses."""
+    locked = Path(work) / "locked"
+    locked.mkdir(mode=0o500, parents=True, exist_ok=True)
+    return next((p for p in (locked, Path("/sys")) if p.is_dir() and write_refusal(p) is not None), None)
+
+
 def bad_input_cases(run_dir: str | Path, work: str | Path) -> list[Case]:
     """At least 100 bad inputs across every subcommand. `run_dir`: a trained run (not changed: cases fail
     before anything is written, which the harness checks for the outputs each names)."""
@@ -312,6 +321,14 @@ def bad_input_cases(run_dir: str | Path, work: str | Path) -> list[Case]:
         f["empty_dir"], outputs=(Path(f["empty_dir"]).with_suffix(".npz"),))
     add("sample", "--out below a file", "sample", "--run-dir", r, "--n", "2", "--steps", "2", "--out",
         below_file + ".png")
+    locked = refusing_folder(work)
+    if locked is not None:  # refused before any sampling, by trying (os.access says yes to root)
+        add("sample", "--out in a folder refusing writes", "sample", "--run-dir", r, "--n", "2", "--steps", "2",
+            "--out", str(locked / "s.png"), outputs=(locked / "s.png", locked / "s.npz"))
+        add("sample", "--png-dir in a folder refusing writes", "sample", "--run-dir", r, "--n", "2", "--steps", "2",
+            "--out", str(png), "--png-dir", str(locked / "pngs"), outputs=(*outputs, locked / "pngs"))
+        add("sample", "--record in a folder refusing writes", "sample", "--run-dir", r, "--n", "2", "--steps", "2",
+            "--out", str(png), "--record", str(locked / "r.json"), outputs=(*outputs, locked / "r.json"))
     add("sample", "--out not a .png", "sample", "--run-dir", r, "--n", "2", "--steps", "2", "--out",
         str(out / "s.jpg"), outputs=(out / "s.jpg", out / "s.npz"))
     add("sample", "--record into a folder", "sample", "--run-dir", r, "--n", "2", "--steps", "2", "--out", str(png),
@@ -352,6 +369,13 @@ def bad_input_cases(run_dir: str | Path, work: str | Path) -> list[Case]:
     # Keys, exports, configs, consensus.
     add("keygen", "--out into a folder", "keygen", "--out", f["empty_dir"])
     add("keygen", "--out below a file", "keygen", "--out", below_file, outputs=(below_file + ".pub",))
+    if locked is not None:
+        add("keygen", "--out in a folder refusing writes", "keygen", "--out", str(locked / "k"),
+            outputs=(locked / "k", locked / "k.pub"))
+        add("export", "--out in a folder refusing writes", "export", "--run-dir", r, "--out", str(locked / "export"),
+            outputs=(locked / "export",))
+        add("prepare", "run directory in a folder refusing writes", "prepare", "--run-dir", str(locked / "run"),
+            outputs=(locked / "run",))
     add("export", "--out not empty", "export", "--run-dir", r, "--out", f["nonempty"])
     add("export", "--out below a file", "export", "--run-dir", r, "--out", below_file)
     add("export", "manifest expert sha256 'abc'", "export", "--run-dir", broken["expert sha256 'abc'"], "--out",

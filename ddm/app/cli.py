@@ -2,9 +2,12 @@
 
 Exit codes mean one thing each:
 
-    0  done            1  `ddm verify`: the claim is not honest; `ddm train-islands`: an island failed
+    0  done            1  `ddm verify`: the claim is not honest (and nothing else)
     2  bad input or a refused operation: one line `ddm: error: ...`; nothing was written half-way
     3  a bug: one line naming the exception and the log file that holds its traceback
+    4  `ddm train-islands` (and `ddm run`): some islands failed (named in one line); the others are assembled, a
+       rerun trains only the failed ones
+    75 training was preempted (SIGTERM/SIGINT): a checkpoint was written; the same command resumes
     130 interrupted (Ctrl-C)
 
 Every option is parsed by a checking type (integers in range, seeds in 0..2^32-1, finite numbers), so a bad
@@ -203,7 +206,7 @@ def cmd_train_islands(args) -> int:
     failed = [i.cluster for i in results if i.status == "failed"]
     if failed:
         print(f"ddm: error: islands {failed} failed; see their train.log; rerun to retry only them", file=sys.stderr)
-        return 1
+        return islands.ISLANDS_FAILED_EXIT
     return 0
 
 
@@ -314,8 +317,16 @@ def cmd_config_show(args) -> int:
 
 def cmd_run(args) -> int:
     cfg, config_path = _load(args)
-    run_all(cfg, args.run_dir or cfg.run_dir, args.set, base_dir=_base_dir(config_path), overwrite=args.overwrite,
-            parallel=args.parallel)
+    run_dir = args.run_dir or cfg.run_dir
+    run_all(cfg, run_dir, args.set, base_dir=_base_dir(config_path), overwrite=args.overwrite, parallel=args.parallel)
+    # The job went on without the islands that failed (router and samples from the others): done, but not all of
+    # it, which is train-islands' code, not 0.
+    run = Run.open(run_dir, args.set)
+    failed = run.unfinished_experts(run.config.expert.train.steps)  # what launch_local counts as finished
+    if failed:
+        print(f"ddm: error: islands {failed} failed and were left out of the ensemble; see their train.log; rerun "
+              "to retry only them", file=sys.stderr)
+        return islands.ISLANDS_FAILED_EXIT
     return 0
 
 

@@ -4,7 +4,9 @@ Two habits, used by every command that writes what a user asked for:
 
 - check an output path *before* any work (`check_output_file`, `check_output_dir`): a directory where a file
   should go, a path below a regular file or an unwritable folder is a one-line DDMError, not a traceback after
-  minutes of sampling;
+  minutes of sampling. Writability is tested by doing it (a probe file created and removed at once), not by
+  `os.access`, which reads permission bits and read-only mounts only: it says yes to root for a chmod-0500
+  folder and for /sys, where nothing can be created;
 - write through a temporary name in the same folder and rename (`atomic_write`, `Staged`): a reader never sees
   a torn file, and a command that fails part-way removes what it staged. `Staged` commits several outputs
   together only once every one of them was written.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from ddm.core.errors import DDMError
@@ -27,17 +30,32 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def write_refusal(folder: str | Path) -> OSError | None:
+    """Why files cannot be created in `folder` (the OSError of creating an empty probe file there), None when
+    they can; the probe is removed at once. Asks the filesystem, so it holds for root too."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ddm-probe", dir=folder)  # a fresh name: no clash with a leftover
+    except OSError as err:
+        return err
+    os.close(handle)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
+
+
 def check_output_dir(path: str | Path, what: str) -> Path:
     """`path` as a folder outputs may go into: an existing writable folder, or one that can be created (its
-    nearest existing ancestor is a writable folder). DDMError naming `what` otherwise. Creates nothing."""
+    nearest existing ancestor is a writable folder). DDMError naming `what` otherwise. Leaves nothing behind
+    (the probe of writability is removed at once)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DDMError(f"{what} {path} is a file, not a folder")
     base = _nearest_existing(path.absolute())
     if not base.is_dir():
         raise DDMError(f"{what} {path} cannot be created: {base} is a file")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise DDMError(f"{what} {path} is not writable ({base} does not allow writing)")
+    err = write_refusal(base)
+    if err is not None:
+        raise DDMError(f"{what} {path} is not writable ({base} does not allow writing: {err.strerror or err})")
     return path
 
 
@@ -50,8 +68,11 @@ def check_output_file(path: str | Path, what: str, suffixes: tuple[str, ...] = (
     if suffixes and path.suffix.lower() not in suffixes:
         raise DDMError(f"{what} {path} must end with {' or '.join(suffixes)}")
     check_output_dir(path.parent if str(path.parent) else Path("."), f"the folder of {what}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise DDMError(f"{what} {path} exists and is not writable")
+    if path.exists():
+        try:  # opened for writing without creating or truncating: the file is left as it was
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))  # a FIFO must not block
+        except OSError as err:
+            raise DDMError(f"{what} {path} exists and is not writable: {err.strerror or err}") from None
     return path
 
 

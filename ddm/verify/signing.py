@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ddm.core.errors import DDMError
+from ddm.core.files import check_output_dir
 from ddm.core.hashing import canonical_json
 
 ALGORITHM = "ed25519"
@@ -49,6 +50,7 @@ def generate_keypair(out: str | Path) -> tuple[Path, Path]:
             raise DDMError(f"{path} already exists; keys are never overwritten")
     if not private_path.parent.is_dir():
         raise DDMError(f"no directory {private_path.parent} for the key")
+    check_output_dir(private_path.parent, "the folder of the key")  # writable, found by trying (root too)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
