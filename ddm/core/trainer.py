@@ -297,6 +297,8 @@ class Trainer:
         finally:
             checkpointer.close()
             self.monitor.close()
+            if callable(close_reader := getattr(task.reader, "close", None)):
+                close_reader()  # its prefetch thread, if any
         if done < cfg.steps:
             raise Preempted(task.name, done, stop.signame)
         final_path = task.out_dir / "final"
