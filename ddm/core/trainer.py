@@ -51,7 +51,8 @@ LossFn = Callable[[nnx.Module, jax.Array, jax.Array, jax.Array, jax.Array], tupl
 
 
 class BatchReader(Protocol):
-    """What the trainer reads batches from (`ddm.data.shards.ShardReader` is the implementation)."""
+    """What the trainer reads batches from (`ddm.data.shards.ShardReader` is the implementation). A reader may
+    also have `close()`, which the trainer calls when it stops (e.g. to end a prefetch thread)."""
 
     num_images: int
     seed: int
