@@ -437,6 +437,8 @@ class ShardReader:
         classes = self._classes[indices] if self.labelled else np.full(len(indices), NO_LABEL, np.int32)
         if self._cache is not None:
             return Batch(self._cache[indices], clusters, classes)
+        if self.shuffle == "global":  # rows all over the data: read just them (each touched chunk decoded once)
+            return Batch(self._read_rows(indices, shard), clusters, classes)
         chunk = np.searchsorted(self._spans[:, 0], indices, side="right") - 1
         needed = np.unique(chunk)
         self._load_chunks(needed)
@@ -446,6 +448,19 @@ class ShardReader:
         for c, rows in zip(needed, np.split(order, cuts[1:])):
             images[rows] = self._chunks[c][indices[rows] - self._spans[c, 0]]
         return Batch(images, clusters, classes)
+
+    def _read_rows(self, indices: np.ndarray, shard: np.ndarray) -> np.ndarray:
+        """Rows `indices` (of shards `shard`) read from the stores: [len(indices), H, W, C]."""
+        images = np.empty((len(indices),) + self.image_shape, self.dtype)
+        for k in np.unique(shard):
+            rows = shard == k
+            local = indices[rows] - self._offsets[k]
+            order = np.argsort(local)  # sorted reads touch each chunk once
+            try:
+                images[np.flatnonzero(rows)[order]] = self.stores[k][local[order]].read().result()
+            except ValueError as err:  # a damaged or vanished chunk
+                raise DDMError(f"cannot read shard {self.paths[k]}: {str(err).splitlines()[0][:200]}") from None
+        return images
 
     def _load_chunks(self, needed: np.ndarray) -> None:
         """Decodes the chunks of `needed` (chunk ids, rows of `_spans`) not yet held, all reads in flight at
