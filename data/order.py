@@ -35,14 +35,19 @@ def chunk_spans(sizes: np.ndarray, chunk_rows: list[int]) -> np.ndarray:
     return np.concatenate(spans)
 
 
+def window_chunks(spans: np.ndarray, buffer_rows: int) -> int:
+    """Chunks per shuffle window: ceil(buffer_rows / mean chunk rows), at least 1."""
+    return max(1, -(-int(buffer_rows) * len(spans) // int((spans[:, 1] - spans[:, 0]).sum())))
+
+
 def chunk_shuffled_permutation(spans: np.ndarray, seed: int, epoch: int, buffer_rows: int) -> np.ndarray:
     """Epoch `epoch`'s chunk-aware order: [N] int64, a permutation of all rows of `spans` ([C, 2], from
-    `chunk_spans`). Chunks are shuffled, grouped in consecutive windows of ceil(buffer_rows / mean chunk rows)
-    chunks (at least 1), and the rows of each window are shuffled together."""
+    `chunk_spans`). Chunks are shuffled, grouped in consecutive windows of `window_chunks` chunks, and the rows
+    of each window are shuffled together."""
     rng = np.random.default_rng([seed, epoch, 1])  # its own stream: never the global permutation's draws
     order = spans[rng.permutation(len(spans))]
     lengths = order[:, 1] - order[:, 0]
-    per_window = max(1, -(-int(buffer_rows) * len(spans) // int(lengths.sum())))
+    per_window = window_chunks(spans, buffer_rows)
     # Rows of the chunks in shuffled order, then one shuffle per window of `per_window` chunks.
     rows = np.repeat(order[:, 0] - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
     bounds = np.concatenate([[0], np.cumsum(lengths)])[::per_window]

@@ -34,7 +34,7 @@ import tensorstore as ts
 from ddm.core.errors import DDMError
 from ddm.core.hashing import array_hasher, array_sha256
 from ddm.data import storage
-from ddm.data.order import chunk_shuffled_permutation, chunk_spans, global_permutation
+from ddm.data.order import chunk_shuffled_permutation, chunk_spans, global_permutation, window_chunks
 from ddm.data.prefetch import Prefetcher
 
 logger = logging.getLogger(__name__)
@@ -379,10 +379,10 @@ class ShardReader:
         self._cache = np.concatenate([s.read().result() for s in self.stores]) if in_memory else None
         self._spans = chunk_spans(self.sizes, [s.chunk_layout.read_chunk.shape[0] for s in self.stores])
         if self._cache is None:
-            chunk_mean = self.num_images / len(self._spans)
-            # Room for the windows a batch can span plus the next one: each chunk is decoded once per pass.
-            window_chunks = max(1, -(-shuffle_buffer // int(chunk_mean)))
-            self._chunk_capacity = window_chunks * (2 + -(-batch_size // shuffle_buffer)) + 1
+            # Room for the windows one batch can span (two when batch_size <= shuffle_buffer): the chunks of a
+            # window stay until the batches have moved past it, so each chunk is decoded once per pass.
+            windows = 1 + -(-batch_size // shuffle_buffer)
+            self._chunk_capacity = window_chunks(self._spans, shuffle_buffer) * windows + 1
             self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
         self._prefetcher = Prefetcher(self._read_batch, prefetch) if prefetch else None
         if digests is not None:  # each shard must hold its cluster and match its digest (`verify_shard`)
