@@ -10,8 +10,12 @@ Paths may be local or any kvstore URL tensorstore understands (gs://, s3://, fil
 (latents, digests) go beside these two.
 
 The reader is a pure function of the step: the global batch for step s is the s-th block of B indices in the
-stream of per-epoch permutations (seeded by (seed, epoch)). Its "position" is therefore just the step, which
-makes resume exact, and each process of a multi-host job reads only its own rows of that block.
+stream of per-epoch orders (seeded by (seed, epoch); `ddm.data.order`). Its "position" is therefore just the
+step, which makes resume exact, and each process of a multi-host job reads only its own rows of that block.
+Shards held in memory use a uniform permutation; shards streamed from the store (larger than
+`IN_MEMORY_LIMIT_BYTES`) a chunk-aware one (shuffled chunks, rows mixed within a shuffle buffer of a few
+chunks), so each zarr chunk is decoded once per pass. With `prefetch`, a background thread reads the next
+batches while the trainer trains (`ddm.data.prefetch`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -29,6 +34,8 @@ import tensorstore as ts
 from ddm.core.errors import DDMError
 from ddm.core.hashing import array_hasher, array_sha256
 from ddm.data import storage
+from ddm.data.order import chunk_shuffled_permutation, chunk_spans, global_permutation, window_chunks
+from ddm.data.prefetch import Prefetcher
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ SHARD_FORMAT = "ddm-shard/v1"
 IMAGES_TAG, LABELS_TAG = "ddm-images:v1", "ddm-labels:v1"  # the digests a shard's content digest combines
 _VERIFY_ROWS = 4096  # rows per read while a streamed shard is digested
 NO_LABEL = -1  # the class a reader gives rows of unlabelled shards
+SHUFFLES = ("global", "chunks")  # a reader's epoch orders (`ddm.data.order`)
 
 
 def _kvstore(path: str, array: str) -> dict | str:
@@ -321,11 +329,18 @@ class ShardReader:
 
     `digests`: each shard's expected `shard_sha256`; when given, a shard that does not hold its cluster id or
     whose content differs is refused before the first batch (`verify_shard`).
+
+    `shuffle`: each epoch's order, "global" (a uniform permutation) or "chunks" (shuffled zarr chunks, rows
+    mixed within windows of about `shuffle_buffer` rows: `ddm.data.order`); default "chunks" for shards above
+    `IN_MEMORY_LIMIT_BYTES`, which are streamed (`in_memory` False) keeping only the decoded chunks of the
+    windows in use, so each chunk is decoded once per pass. The order depends on the data only, never on
+    `in_memory`. `prefetch`: batches read ahead on a background thread (0: none); `close()` stops it.
     """
 
     def __init__(self, paths: list[str], *, batch_size: int, seed: int, cluster_ids: list[int] | None = None,
                  process_index: int = 0, process_count: int = 1, in_memory: bool | None = None,
-                 digests: list[str] | None = None):
+                 digests: list[str] | None = None, shuffle: str | None = None, shuffle_buffer: int = 8192,
+                 prefetch: int = 0):
         if not paths:
             raise DDMError("a reader needs at least one shard")
         if not 0 <= process_index < process_count:
@@ -361,8 +376,22 @@ class ShardReader:
         nbytes = self.num_images * int(np.prod(self.image_shape)) * self.dtype.itemsize
         if in_memory is None:
             in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES
-        self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
+        self.shuffle = shuffle or ("global" if nbytes <= IN_MEMORY_LIMIT_BYTES else "chunks")
+        if self.shuffle not in SHUFFLES:
+            raise DDMError(f"reader shuffle {self.shuffle!r} is not one of {', '.join(SHUFFLES)}")
+        if shuffle_buffer < 1 or prefetch < 0:
+            raise DDMError(f"reader shuffle buffer must be >= 1 and prefetch >= 0, got {shuffle_buffer}, {prefetch}")
+        self.paths, self.shuffle_buffer = list(paths), shuffle_buffer
+        self._perm = (-1, np.empty(0, np.int64))  # (epoch, its order): one tuple, replaced whole (threads)
         self._cache = np.concatenate([s.read().result() for s in self.stores]) if in_memory else None
+        self._spans = chunk_spans(self.sizes, [s.chunk_layout.read_chunk.shape[0] for s in self.stores])
+        if self._cache is None:
+            # Room for the windows one batch can span (two when batch_size <= shuffle_buffer): the chunks of a
+            # window stay until the batches have moved past it, so each chunk is decoded once per pass.
+            windows = 1 + -(-batch_size // shuffle_buffer)
+            self._chunk_capacity = window_chunks(self._spans, shuffle_buffer) * windows + 1
+            self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._prefetcher = Prefetcher(self._read_batch, prefetch) if prefetch else None
         if digests is not None:  # each shard must hold its cluster and match its digest (`verify_shard`)
             for i, (path, sha) in enumerate(zip(paths, digests)):
                 rows = slice(self._offsets[i], self._offsets[i + 1])
@@ -379,11 +408,13 @@ class ShardReader:
         return ReaderPosition(epoch=start // self.num_images, offset=start % self.num_images)
 
     def _epoch_permutation(self, epoch: int) -> np.ndarray:
-        # One epoch's permutation serves many steps; keep the latest instead of redrawing it every batch.
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
-            self._perm_epoch = epoch
-        return self._perm
+        # One epoch's order serves many steps; keep the latest instead of redrawing it every batch.
+        held_epoch, perm = self._perm
+        if held_epoch != epoch:
+            perm = (global_permutation(self.num_images, self.seed, epoch) if self.shuffle == "global"
+                    else chunk_shuffled_permutation(self._spans, self.seed, epoch, self.shuffle_buffer))
+            self._perm = (epoch, perm)
+        return perm
 
     def global_indices(self, step: int) -> np.ndarray:
         """Indices into the union of shards for the global batch of `step`: [B] int64."""
@@ -398,6 +429,14 @@ class ShardReader:
 
     def batch(self, step: int) -> Batch:
         """This process's rows of step's global batch (see `Batch`)."""
+        return self._read_batch(step) if self._prefetcher is None else self._prefetcher.get(step)
+
+    def close(self) -> None:
+        """Stops the prefetch thread, if any (a later `batch` starts it again)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+
+    def _read_batch(self, step: int) -> Batch:
         lo = self.process_index * self.local_batch_size
         indices = self.global_indices(step)[lo:lo + self.local_batch_size]
         shard = np.searchsorted(self._offsets, indices, side="right") - 1
@@ -405,13 +444,50 @@ class ShardReader:
         classes = self._classes[indices] if self.labelled else np.full(len(indices), NO_LABEL, np.int32)
         if self._cache is not None:
             return Batch(self._cache[indices], clusters, classes)
+        if self.shuffle == "global":  # rows all over the data: read just them (each touched chunk decoded once)
+            return Batch(self._read_rows(indices, shard), clusters, classes)
+        chunk = np.searchsorted(self._spans[:, 0], indices, side="right") - 1
+        needed = np.unique(chunk)
+        self._load_chunks(needed)
+        images = np.empty((len(indices),) + self.image_shape, self.dtype)
+        order = np.argsort(chunk, kind="stable")
+        cuts = np.searchsorted(chunk[order], needed)
+        for c, rows in zip(needed, np.split(order, cuts[1:])):
+            images[rows] = self._chunks[c][indices[rows] - self._spans[c, 0]]
+        return Batch(images, clusters, classes)
+
+    def _read_rows(self, indices: np.ndarray, shard: np.ndarray) -> np.ndarray:
+        """Rows `indices` (of shards `shard`) read from the stores: [len(indices), H, W, C]."""
         images = np.empty((len(indices),) + self.image_shape, self.dtype)
         for k in np.unique(shard):
             rows = shard == k
             local = indices[rows] - self._offsets[k]
             order = np.argsort(local)  # sorted reads touch each chunk once
-            images[np.flatnonzero(rows)[order]] = self.stores[k][local[order]].read().result()
-        return Batch(images, clusters, classes)
+            try:
+                images[np.flatnonzero(rows)[order]] = self.stores[k][local[order]].read().result()
+            except ValueError as err:  # a damaged or vanished chunk
+                raise DDMError(f"cannot read shard {self.paths[k]}: {str(err).splitlines()[0][:200]}") from None
+        return images
+
+    def _load_chunks(self, needed: np.ndarray) -> None:
+        """Decodes the chunks of `needed` (chunk ids, rows of `_spans`) not yet held, all reads in flight at
+        once, and drops the least recently used beyond the capacity."""
+        for c in needed:
+            if c in self._chunks:
+                self._chunks.move_to_end(c)
+        missing = [int(c) for c in needed if c not in self._chunks]
+        reads = []
+        for c in missing:
+            start, end = self._spans[c]
+            k = int(np.searchsorted(self._offsets, start, side="right") - 1)
+            reads.append((k, self.stores[k][start - self._offsets[k]:end - self._offsets[k]].read()))
+        for c, (k, future) in zip(missing, reads):
+            try:
+                self._chunks[c] = future.result()
+            except ValueError as err:  # a damaged or vanished chunk
+                raise DDMError(f"cannot read shard {self.paths[k]}: {str(err).splitlines()[0][:200]}") from None
+        while len(self._chunks) > max(self._chunk_capacity, len(needed)):
+            self._chunks.popitem(last=False)
 
 
 def check_labelled(reader: ShardReader, num_classes: int) -> None:

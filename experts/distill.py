@@ -69,7 +69,8 @@ def train_student(run_dir: str | Path, teacher: Teacher, teacher_kind: str,
     train, model_cfg = cfg.distill.train, cfg.distill.model
     reader = ShardReader(run.shard_paths(), batch_size=train.batch_size, seed=train.seed,
                          cluster_ids=run.cluster_ids, process_index=jax.process_index(),
-                         process_count=jax.process_count(), digests=run.shard_digests())
+                         process_count=jax.process_count(), digests=run.shard_digests(),
+                         shuffle_buffer=train.shuffle_buffer, prefetch=train.prefetch)
     check_labelled(reader, model_cfg.num_classes)
     held = run.holdout_set()
     task = Task(

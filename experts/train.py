@@ -68,7 +68,8 @@ def make_dit(model_cfg: ModelConfig, image_shape: tuple[int, int, int], rngs: nn
 def _reader(paths: list[str], cluster_ids: list[int], cfg: Config, digests: list[str] | None) -> ShardReader:
     train = cfg.expert.train
     reader = ShardReader(paths, batch_size=train.batch_size, seed=train.seed, cluster_ids=cluster_ids,
-                         process_index=jax.process_index(), process_count=jax.process_count(), digests=digests)
+                         process_index=jax.process_index(), process_count=jax.process_count(), digests=digests,
+                         shuffle_buffer=train.shuffle_buffer, prefetch=train.prefetch)
     check_labelled(reader, cfg.expert.model.num_classes)
     return reader
 

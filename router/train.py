@@ -65,7 +65,7 @@ def train_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
     train = run.config.router.train
     reader = ShardReader(paths, batch_size=train.batch_size, seed=train.seed, cluster_ids=run.cluster_ids,
                          process_index=jax.process_index(), process_count=jax.process_count(),
-                         digests=run.shard_digests())
+                         digests=run.shard_digests(), shuffle_buffer=train.shuffle_buffer, prefetch=train.prefetch)
     check_labelled(reader, run.num_classes)
     task = Task(
         name="router",

@@ -16,12 +16,18 @@ from PIL import Image
 from ddm.app import cli
 from ddm.core.codec import LATENT_PREVIEW_TITLE, Codec
 from ddm.core.config import load_config
+from ddm.core.errors import DDMError
 from ddm.data import manifest as mf
 from ddm.data.prepare import prepare
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, read_labels, read_shard
+from ddm.eval.evaluate import evaluate_run
+from ddm.eval.features import UserFeatures
+from ddm.eval.latentspace import latent_spaces
 from ddm.experts.train import train_expert
 from ddm.router.train import train_router
+from ddm.verify.claims import gallery
+from ddm.verify.fuzz import _with_values
 from ddm.verify.records import encode_values, latents_sha256, output_digests
 
 from conftest import REPO
@@ -48,7 +54,7 @@ def _all_rows(run_dir) -> tuple[np.ndarray, np.ndarray]:
     return (np.concatenate([read_shard(p) for p in paths]), np.concatenate([read_labels(p) for p in paths]))
 
 
-def test_latents_end_to_end(tmp_path):
+def test_latents_end_to_end(tmp_path, capsys):
     latents, labels = digit_latents(N)
     source = tmp_path / "latents.npz"
     np.savez(source, latents=latents, labels=labels)
@@ -98,6 +104,34 @@ def test_latents_end_to_end(tmp_path):
     tampered["sha256"], tampered["images"] = output_digests(values + np.float32(1e-3), codec)
     (tmp_path / "tampered.json").write_text(json.dumps(tampered))
     assert cli.main(["verify", str(tmp_path / "tampered.json"), "--run-dir", str(run_dir), "--mode", "exact"]) == 1
+
+    # The other commands on a latent run (no more training): info, evaluate, consensus-eval's record builders.
+    capsys.readouterr()
+    assert cli.main(["info", "--run-dir", str(run_dir)]) == 0
+    info = capsys.readouterr().out
+    assert f"{len(stored)} float16 latents (8, 8, 4)" in info and "(x - mean) / std per channel" in info
+    report = evaluate_run(run_dir, n=6, steps=2, strategies=("top1",), monolith=False, student=False, cfg_scales=())
+    assert report["featurenet"]["name"] == "latent-pca32" and "not images" in report["featurenet"]["description"]
+    top1 = report["results"]["top1"]
+    assert np.isfinite([top1["fd"], top1["fd_pca"], top1["precision"]]).all() and top1["fd"] == top1["fd_pca"]
+    with np.load(run_dir / report["samples"]) as saved:
+        assert saved["top1"].dtype == np.float32 and saved["top1"].shape == (6, 8, 8, 4)  # de-normalised latents
+    # With sample.decoder: FD on decoded images (pixel PCA, or the user's features on them); --features alone fails.
+    train_rows = np.concatenate([read_shard(p) for p in run.shard_paths()])
+    def decode(z):  # a stand-in VAE decoder: channel 0 as an 8x8 grey image
+        return np.clip(z[..., :1] * 40 + 128, 0, 255).astype(np.uint8)
+    main_space, second, _ = latent_spaces(codec, train_rows, decode, None)
+    assert main_space.name == second.name == "decoded-pixel-pca32"
+    assert main_space.features(stored[:5]).shape == (5, 32)
+    user = UserFeatures("mean:fn", lambda images: images.reshape(len(images), -1).mean(1, keepdims=True))
+    assert latent_spaces(codec, train_rows, decode, user)[0].features(stored[:5]).shape == (5, 1)
+    with pytest.raises(DDMError, match="sample.decoder"):
+        latent_spaces(codec, train_rows, None, user)
+    # consensus-eval's forged records and collision gallery use the latent digests and preview.
+    forged = _with_values(record, values + np.float32(0.5))
+    assert (forged["sha256"], forged["images"]) == output_digests(values + np.float32(0.5), codec)
+    shown = gallery([{"kind": "honest", "meta": {}, "record": record}])
+    assert [g["phash"] for g in shown] == [d["phash"] for d in record["images"]]
 
 
 @pytest.mark.parametrize("bad,message", [

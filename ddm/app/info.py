@@ -18,20 +18,38 @@ def _names(names: list[str], shown: int = 10) -> str:
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
+def _rows(run: Run) -> str:
+    """What one row of the dataset is: "images", or e.g. "float16 latents" (with their normalisation)."""
+    codec = run.codec
+    if not codec.latents:
+        return "images"
+    return f"{run.dataset.get('dtype', 'float')} latents"
+
+
+def _normalisation(run: Run) -> list[str]:
+    codec = run.codec
+    if not codec.latents:
+        return []
+    per = ", ".join(f"{m:.4g}/{s:.4g}" for m, s in zip(codec.mean, codec.std))
+    return [f"latents    model value = (x - mean) / std per channel, mean/std {per}"]
+
+
 def describe(run: Run) -> str:
     """Dataset, clustering, per-cluster sizes and what is trained so far."""
     manifest = run.manifest
     ds, cl = manifest["dataset"], manifest["clustering"]
+    rows = _rows(run)
     lines = [
         f"run        {run.root}",
         f"manifest   sha256 {run.sha256[:16]}",
-        f"dataset    {ds['source']}: {ds['num_images']} images {tuple(ds['image_shape'])}, "
+        f"dataset    {ds['source']}: {ds['num_images']} {rows} {tuple(ds['image_shape'])}, "
         f"fingerprint {ds['fingerprint'][:16]}",
+        *_normalisation(run),
         f"clusters   K={cl['k']} by {cl['method']} partition of {cl.get('embedding', '?')} features"
         + (f", k-means inertia {cl['inertia']:.4g} after {cl.get('n_iter', '?')} iterations" if "inertia" in cl else ""),
         "classes    " + (f"{run.num_classes} ({_names(run.class_names)}): experts and router are class-conditional"
                           if run.num_classes else "none (unconditional)"),
-        f"holdout    {run.holdout.get('count', 0)} images",
+        f"holdout    {run.holdout.get('count', 0)} {rows}",
         "",
     ]
     table = cluster_table(run.clusters, run.class_names).splitlines()

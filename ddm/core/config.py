@@ -187,14 +187,20 @@ class TrainConfig:
     # Gradient accumulation: each optimizer step averages the gradients of `grad_accum` micro-batches of
     # batch_size / grad_accum rows (the same update as one batch of batch_size, in a fraction of the memory).
     grad_accum: int = 1
+    # The shard reader (`ddm.data.shards.ShardReader`): shards above 2 GiB are streamed in a chunk-aware order
+    # whose rows are mixed within windows of about `shuffle_buffer` rows (part of what makes the batches, so
+    # part of the run); `prefetch` batches are read ahead on a background thread (0: none; no effect on results).
+    shuffle_buffer: int = 8192
+    prefetch: int = 2
 
     def __post_init__(self) -> None:
         _check_choice("train.schedule", self.schedule, SCHEDULES)
         _check_choice("train.t_sampling", self.t_sampling, T_SAMPLINGS)
         for name in ("steps", "batch_size", "lr", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "sample_images", "sample_steps", "grad_accum"):
+                     "sample_images", "sample_steps", "grad_accum", "shuffle_buffer"):
             _check_positive(f"train.{name}", getattr(self, name))
         _check_positive("train.sample_every", self.sample_every, allow_zero=True)
+        _check_positive("train.prefetch", self.prefetch, allow_zero=True)
         _check_seed("train.seed", self.seed)
         if self.wandb_project is not None and not self.wandb_project.strip():
             raise DDMError("config train.wandb_project must be a project name or null")

@@ -51,7 +51,8 @@ LossFn = Callable[[nnx.Module, jax.Array, jax.Array, jax.Array, jax.Array], tupl
 
 
 class BatchReader(Protocol):
-    """What the trainer reads batches from (`ddm.data.shards.ShardReader` is the implementation)."""
+    """What the trainer reads batches from (`ddm.data.shards.ShardReader` is the implementation). A reader may
+    also have `close()`, which the trainer calls when it stops (e.g. to end a prefetch thread)."""
 
     num_images: int
     seed: int
@@ -297,6 +298,8 @@ class Trainer:
         finally:
             checkpointer.close()
             self.monitor.close()
+            if callable(close_reader := getattr(task.reader, "close", None)):
+                close_reader()  # its prefetch thread, if any
         if done < cfg.steps:
             raise Preempted(task.name, done, stop.signame)
         final_path = task.out_dir / "final"

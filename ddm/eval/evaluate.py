@@ -45,9 +45,10 @@ from ddm.data.shards import read_labels, read_shard
 from ddm.eval.features import UserFeatures
 from ddm.eval.featurenet import FeatureNet, FeatureNetConfig, apply_padded, get_classifier, get_featurenet
 from ddm.eval.metrics import KNN_K, frechet_distance, quality, shares, total_variation
+from ddm.eval.latentspace import LatentSpace, latent_spaces
 from ddm.eval.pixelpca import fit_pixel_pca
 from ddm.sampling.load import load_ensemble, load_single
-from ddm.sampling.outputs import usage_summary
+from ddm.sampling.outputs import load_decoder, usage_summary, viewable
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,11 @@ def _router_argmax(router_apply):
 
 
 def router_assignments(ensemble: Ensemble, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """argmax_k p(k | x, t=0) of uint8 images [N, H, W, C] under the ensemble's router: [N] int32.
-    Batches are padded to `batch` rows (one compilation for any N)."""
+    """argmax_k p(k | x, t=0) of uint8 images [N, H, W, C] (or a latent run's float latents, as stored) under
+    the ensemble's router: [N] int32. Batches are padded to `batch` rows (one compilation for any N)."""
     fn = _router_argmax(ensemble.router_apply)
-    return apply_padded(lambda x: fn(ensemble.router_params, x), images, batch).astype(np.int32)
+    return apply_padded(lambda x: fn(ensemble.router_params, x), images, batch,
+                        encode=ensemble.codec.encode).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,6 +141,8 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
     if n > limits.max_n or steps > limits.max_steps:  # before any model loads: a huge request is refused at once
         raise DDMError(f"--n {n} / --steps {steps} exceed sample.max_n={limits.max_n} / sample.max_steps="
                        f"{limits.max_steps} (--set sample.max_n=N / sample.max_steps=N to allow more)")
+    latent = run.codec.latents  # FD etc. on decoded images or on the latents: `ddm.eval.latentspace`
+    decoder = load_decoder(run.config.sample.decoder) if latent else None
     real_images = _load_real(run)
     ensemble = load_ensemble(run)
     manifest = run.manifest
@@ -147,20 +151,25 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
     out_dir = run.eval_dir if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    net = features or get_featurenet(run, cfg=feature_cfg, cache_dir=cache_dir)
-    real = net.features(real_images)
     train_images = np.concatenate([read_shard(path) for path in run.shard_paths()])
-    pca = fit_pixel_pca(train_images)
-    real_pca = pca.features(real_images)
+    if latent:
+        net, second, pca = latent_spaces(run.codec, train_images, decoder, features)
+    else:
+        net = features or get_featurenet(run, cfg=feature_cfg, cache_dir=cache_dir)
+        second = pca = fit_pixel_pca(train_images)
+    real = net.features(real_images)
+    real_pca = second.features(real_images)
     data_share = run.cluster_shares()
     holdout_share = shares(router_assignments(ensemble, real_images), num_clusters)
 
     rows: dict[str, dict] = {}
     pick = np.random.default_rng(seed).permutation(len(train_images))[:n]
     rows[REFERENCE] = {"kind": "reference", "n": len(pick), **quality(real, net.features(train_images[pick])),
-                       "fd_pca": frechet_distance(real_pca, pca.features(train_images[pick]))}
+                       "fd_pca": frechet_distance(real_pca, second.features(train_images[pick]))}
     classifier = None
-    if run.num_classes and cfg_scales:
+    if latent and run.num_classes and cfg_scales:
+        logger.info("class accuracy skipped: its classifier learns from images, and this run's shards hold latents")
+    elif run.num_classes and cfg_scales:
         classifier = get_classifier(run, cfg=feature_cfg, cache_dir=cache_dir)
         real_classes = read_labels(run.holdout_path())
         rows[REFERENCE]["class_accuracy"] = float((classifier.predict(real_images) == real_classes).mean())
@@ -175,11 +184,12 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         t0 = time.perf_counter()
         result = model.sample(n, strategy, steps=steps, solver=solver, seed=seed, batch_size=batch_size)
         seconds = time.perf_counter() - t0
+        stored = result.latents if latent else result.images  # what the shards hold: comparable with real_images
         row = {"kind": name if name in SINGLES else "ensemble", "strategy": strategy, "n": n,
-               **quality(real, net.features(result.images)),
-               "fd_pca": frechet_distance(real_pca, pca.features(result.images)), "seconds": round(seconds, 2),
+               **quality(real, net.features(stored)),
+               "fd_pca": frechet_distance(real_pca, second.features(stored)), "seconds": round(seconds, 2),
                "expert_evals_per_sample": result.expert_evals / n}
-        share = shares(router_assignments(ensemble, result.images), num_clusters)
+        share = shares(router_assignments(ensemble, stored), num_clusters)
         row["coverage"] = {"share": share.tolist(), "tv_vs_data": total_variation(share, data_share),
                            "tv_vs_holdout": total_variation(share, holdout_share)}
         if name not in SINGLES:
@@ -189,8 +199,8 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
                 model, strategy, classifier, class_n=class_n, cfg_scale=float(scale), steps=steps, solver=solver,
                 seed=seed, batch_size=batch_size) for scale in cfg_scales}
         rows[name] = row
-        grids[name] = result.images[:GRID_IMAGES]
-        arrays[name] = result.images
+        grids[name] = viewable(result, decoder)[0][:GRID_IMAGES]
+        arrays[name] = stored
         usage = f" ({usage_summary(result)})" if name not in SINGLES else ""
         accuracy = "".join(f"  acc@{s} {a['accuracy']:.2f}" for s, a in row.get("class_accuracy", {}).items())
         logger.info(f"  {name:<14} FD {row['fd']:8.3f}  FD-pca {row['fd_pca']:7.3f}  P {row['precision']:.3f}  R {row['recall']:.3f}  "
@@ -206,8 +216,8 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         "num_clusters": num_clusters,
         "clustering": manifest["clustering"].get("method"),
         "featurenet": _features_info(net),
-        "pixel_pca": {"name": pca.name, "dim": int(pca.basis.shape[1]),
-                      "description": "FD in the top principal components of the training images' pixels"},
+        "pixel_pca": {"name": second.name, "dim": int(pca.basis.shape[1]),
+                      "description": second.description if latent else "raw-pixel PCA of the training images"},
         "request": {"n": n, "steps": steps, "solver": solver, "seed": seed},
         "num_classes": run.num_classes,
         "holdout_count": len(real_images),
@@ -231,6 +241,9 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
 
 def _features_info(net: FeatureNet | UserFeatures) -> dict:
     """The report's description of the feature space the metrics were computed in."""
+    if isinstance(net, LatentSpace):
+        return {"name": net.name, "dim": net.dim, "metric_name": f"FD in {net.name} features",
+                "description": net.description}
     if isinstance(net, UserFeatures):
         return {"name": net.name, "user": True, "dim": net.dim, "metric_name": f"FD in {net.name} features",
                 "description": f"the user's feature extractor `{net.name}`"}
@@ -261,7 +274,7 @@ def format_markdown(report: dict) -> str:
          "(Kynkäänniemi et al. 2019). Coverage: total variation between the router's t=0 cluster assignment of "
          "the samples and the data's cluster shares. `real (train)` = training images, the finite-sample floor."),
         "",
-        (f"FD-PCA: FD in {report['pixel_pca']['name']} features (raw-pixel PCA of the training images), on the "
+        (f"FD-PCA: FD in {report['pixel_pca']['name']} features ({report['pixel_pca']['description']}), on the "
          "same samples, a second feature space."),
         "",
         "| model | FD ↓ | FD-PCA ↓ | precision ↑ | recall ↑ | coverage TV ↓ | expert evals / sample | seconds |",

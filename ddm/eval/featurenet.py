@@ -66,16 +66,18 @@ INFO = "info.json"
 TARGETS = ("kmeans", "classes")  # what the net learns to predict: k-means pseudo-classes, or the true classes
 
 
-def apply_padded(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """fn over uint8 images [N, H, W, C] (given to fn as float32 in [-1, 1]) in batches padded to `batch` rows,
-    so any N costs one compilation. Returns fn's outputs concatenated over N."""
+def apply_padded(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch: int = 256,
+                 encode: Callable[[np.ndarray], np.ndarray] = to_model_range) -> np.ndarray:
+    """fn over uint8 images [N, H, W, C] (given to fn as float32 in [-1, 1]; or any stored rows, given to fn as
+    `encode` makes them) in batches padded to `batch` rows, so any N costs one compilation. Returns fn's outputs
+    concatenated over N."""
     out = []
     for i in range(0, len(images), batch):
         chunk = images[i:i + batch]
         rows = len(chunk)
         if rows < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - rows,) + chunk.shape[1:], np.uint8)])
-        out.append(np.asarray(fn(jnp.asarray(to_model_range(chunk))))[:rows])
+            chunk = np.concatenate([chunk, np.zeros((batch - rows,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(fn(jnp.asarray(encode(chunk))))[:rows])
     return np.concatenate(out)
 
 

@@ -36,12 +36,11 @@ import numpy as np
 
 from ddm.core.ensemble import Ensemble
 from ddm.core.errors import DDMError
-from ddm.core.images import to_uint8
 from ddm.core.routing import parse_strategy
 from ddm.sampling.request import Request, generate
 from ddm.verify.environment import environment
 from ddm.verify.phash import perceptual_hashes
-from ddm.verify.records import claimed_values, make_record
+from ddm.verify.records import claimed_values, make_record, record_codec
 from ddm.verify.worker import COPY_MODES, DEFAULT_VERIFIERS, VerifierSpec
 
 logger = logging.getLogger(__name__)
@@ -133,7 +132,7 @@ def gallery(claims: list[dict]) -> list[dict]:
         seed = meta["seed"] if kind in ("seed", INTRA_KIND) else record["request"]["seed"]
         cluster = meta["expert"] if kind in ("honest_single", INTRA_KIND) else None
         values = claimed_values(record)
-        for j, h in enumerate(perceptual_hashes(to_uint8(values))):
+        for j, h in enumerate(perceptual_hashes(record_codec(record).preview(values))):
             out.append({"noise": [seed, j], "cluster": cluster, "phash": h["phash"], "x": values[j]})
     return out
 
@@ -148,7 +147,7 @@ def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) 
 
     def add(kind: str, request: Request, values: np.ndarray, **meta) -> None:
         claims.append({"id": len(claims), "kind": kind, "meta": meta,
-                       "record": make_record(manifest_sha, request, values, env)})
+                       "record": make_record(manifest_sha, request, values, env, ensemble.codec)})
 
     t0 = time.perf_counter()
     for i in range(settings.requests):
@@ -182,7 +181,8 @@ def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) 
             params = list(ensemble.expert_params)
             params[a], params[b] = params[b], params[a]
             add("swapped_experts", req, generate(ensemble.replace(expert_params=params), req).x, experts=[a, b])
-        noise = rng.normal(0.0, settings.pixel_noise / 127.5, honest.x.shape)  # uint8 levels -> model range
+        # uint8 levels -> model range (for latents: the same share of the [-1, 1] span, in standard deviations)
+        noise = rng.normal(0.0, settings.pixel_noise / 127.5, honest.x.shape)
         add("pixel_noise", req, (honest.x + noise).astype(np.float32), std=settings.pixel_noise)
 
         k = present[i % len(present)]

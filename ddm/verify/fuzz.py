@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ddm.core.errors import DDMError
-from ddm.core.hashing import images_sha256
-from ddm.core.images import to_uint8
 from ddm.sampling.request import Request
-from ddm.verify.records import claimed_values, encode_values, image_digests
+from ddm.verify.records import claimed_values, encode_values, output_digests, record_codec
 
 CATEGORIES = ("delete_field", "wrong_type", "huge_number", "altered_digest", "swapped_hashes", "request",
               "values", "forged_values", "truncated_json", "environment", "signature")
@@ -90,9 +88,8 @@ def _claim_text(record: dict) -> str:
 
 def _with_values(record: dict, values: np.ndarray) -> dict:
     """The record claiming `values` instead, with every digest recomputed to match (a consistent forgery)."""
-    images = to_uint8(values)
-    return {**record, "values": encode_values(values), "sha256": images_sha256(images),
-            "images": image_digests(images)}
+    batch, per_image = output_digests(values, record_codec(record))
+    return {**record, "values": encode_values(values), "sha256": batch, "images": per_image}
 
 
 def mutate(record: dict, category: str, rng: np.random.Generator) -> Mutant:
