@@ -6,7 +6,7 @@ with k-means vs random partitions and, optionally, the distilled student (the pa
         [--flop-match batch|steps] [--budgets 300,1000,3000 | --expert-steps 250] [--ks 2,4,8] [--batch B]
         [--ema 0.98] [--router-steps 150] [--distill-steps N --teacher cluster|full] [--n 400]
         [--sample-steps 20] [--out runs/experiment] [--set section.key=value ...] [--strategies full,top1,...]
-        [--plot docs/img/..._flops.png] [--table-only]
+        [--plot docs/img/..._flops.png] [--results-in earlier/results-batch.json ...] [--table-only]
 
 Per K, budget S (steps per expert), seed s and partition p, one run directory
 OUT/<dataset>/<match>-k<K>-s<S>/<p>-s<s>/:
@@ -33,6 +33,8 @@ OUT/<dataset>/<match>-k<K>-s<S>/<p>-s<s>/:
 
 Every stage is skipped when its output is already there, so the script resumes after a crash and re-running
 it only prints the tables (OUT/<dataset>/results-<match>.{md,json}) and redraws `--plot` (FD vs training FLOPs).
+`--results-in` merges an earlier invocation's results-<match>.json (e.g. one kept under docs/data/ after its run
+directories were deleted) into the tables and the plot, seed by seed.
 Runs everything in this one process (no per-island processes: on a shared 2-core machine process start-up and
 recompilation would dominate), with jax's persistent compilation cache in OUT/jax_cache.
 """
@@ -340,6 +342,36 @@ def format_table(rows: list[dict], metric_name: str) -> str:
     return "\n".join(lines)
 
 
+def merge_points(points: list[dict], earlier: list[dict], source: str) -> list[dict]:
+    """`points` with an earlier invocation's points merged in, per (K, budget) and per (partition, model) row,
+    seed by seed: a seed in `points` replaces the same seed in `earlier` (its run directory is the newer
+    measurement). Sorted by (K, budget); a merged point's header names what came from `source`."""
+    merged = {(p["k"], p["steps"]): p for p in points}
+    for old in earlier:
+        key = (old["k"], old["steps"])
+        if key not in merged:
+            merged[key] = {**old, "header": f"{old['header']} (from {source})"}
+            continue
+        new = merged[key]
+        rows, added = [], set()
+        for name in dict.fromkeys([(r["partition"], r["model"]) for r in new["rows"] + old["rows"]]):
+            pair = [next((r for r in p["rows"] if (r["partition"], r["model"]) == name), None) for p in (new, old)]
+            by_seed = {}
+            for row in reversed([r for r in pair if r is not None]):  # the old first, the new overwriting it
+                for i, seed in enumerate(row["seeds"]):
+                    by_seed[seed] = {m: row[m][i] for m in (*METRICS, "coverage_tv", "evals")
+                                     if len(row.get(m, ())) == len(row["seeds"])}
+            if pair[1] is not None:
+                added |= set(pair[1]["seeds"]) - set(pair[0]["seeds"] if pair[0] else ())
+            seeds = sorted(by_seed)
+            rows.append({"partition": name[0], "model": name[1], "seeds": seeds,
+                         **{m: [by_seed[s][m] for s in seeds if m in by_seed[s]]
+                            for m in (*METRICS, "coverage_tv", "evals")}})
+        header = new["header"] + (f"; cells of seeds {sorted(added)} from {source}" if added else "")
+        merged[key] = {**new, "rows": rows, "header": header}
+    return [merged[key] for key in sorted(merged)]
+
+
 def plot_budgets(points: list[dict], path: Path, title: str) -> None:
     """FD (feature net, left; raw-pixel PCA, right) against training FLOPs, mean ± std over seeds, one line per
     model: the monolith at its own FLOPs, every strategy at the ensemble's, the student at ensemble +
@@ -409,6 +441,9 @@ def main() -> int:
                         help="routing strategies to evaluate, comma-separated (a finished run's report is reused "
                              "when it has them all)")
     parser.add_argument("--plot", default=None, help="write the FD-vs-training-FLOPs figure here (PNG)")
+    parser.add_argument("--results-in", action="append", default=[],
+                        help="an earlier invocation's results-<match>.json (repeatable): its cells join the table "
+                             "and the plot, a seed finished here replacing the same seed there")
     parser.add_argument("--table-only", action="store_true", help="print the table of finished runs only")
     args = parser.parse_args()
     args.strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
@@ -427,7 +462,8 @@ def main() -> int:
     jax.config.update("jax_compilation_cache_dir", str(Path(args.out) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
-    points, texts = [], []
+    points: list[dict] = []
+    texts: list[str] = []
     # Budget-major within each K, then seed-major: a partial sweep still gives complete low budgets.
     for k in ks:
         for steps in budgets:
@@ -461,15 +497,18 @@ def main() -> int:
                       f"steps vs {any_report['holdout_count']} held-out images; feature net "
                       f"{any_report['featurenet']['name']} sha256 {any_report['featurenet']['sha256'][:16]}; mean ± "
                       f"std over seeds {sorted({s for _, s in reports})}")
-            table = format_table(rows, metric_name)
-            print(header)
-            print(table, flush=True)
-            texts.append(header + "\n\n" + table + "\n")
             points.append({"k": k, "steps": steps, "flops": budget, "rows": rows, "header": header,
                            "metric_name": metric_name})
+    for path in args.results_in:
+        points = merge_points(points, json.loads(Path(path).read_text())["points"], Path(path).name)
     if not points:
         print("no finished runs")
         return 1
+    for point in points:
+        table = format_table(point["rows"], point["metric_name"])
+        print(point["header"])
+        print(table, flush=True)
+        texts.append(point["header"] + "\n\n" + table + "\n")
     print(f"machine: {machine}; wall time this invocation {time.perf_counter() - t_start:.0f}s")
     out = Path(args.out) / args.dataset
     name = f"results-{args.flop_match}"
@@ -481,7 +520,9 @@ def main() -> int:
             sweep = [p for p in points if p["k"] == k]
             if sweep:
                 path = Path(args.plot) if len(ks) == 1 else Path(args.plot).with_stem(f"{Path(args.plot).stem}_k{k}")
-                plot_budgets(sweep, path, f"{args.dataset}, K={k}, flop-match {args.flop_match}, seeds {args.seeds}")
+                seeds_in = sorted({s for p in sweep for r in p["rows"] for s in r["seeds"]})
+                plot_budgets(sweep, path, f"{args.dataset}, K={k}, flop-match {args.flop_match}, seeds "
+                                          f"{','.join(map(str, seeds_in))}")
                 print(f"figure -> {path}")
     return 0
 

@@ -86,3 +86,23 @@ def test_ddm_distill_trains_pins_resumes_and_samples_the_student(trained_run_cop
     # The full teacher is a choice of its own (recorded), and a bad teacher name is rejected by the config.
     assert main(["distill", "--run-dir", str(run), "--set", "distill.teacher=oracle"]) == 2
     assert "distill.teacher" in capsys.readouterr().err
+
+
+def test_cluster_teacher_groups_rows_by_cluster_on_the_grouped_dispatch(trained_run):
+    """On GPU/TPU the cluster teacher runs each expert on one bucket of its own rows ("grouped"; the test above
+    covers CPU's "unrolled" chunks): uneven clusters, one of them empty, still give every sample exactly its own
+    expert's velocity."""
+    from ddm.data.run import Run
+    from ddm.sampling.load import load_ensemble
+    from ddm.sampling.teacher import ensemble_teacher
+
+    run = Run.open(trained_run)
+    ens = load_ensemble(run, with_router=False)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((8, *run.image_shape), dtype=np.float32))
+    t = jnp.asarray(rng.uniform(0.05, 0.95, 8), jnp.float32)
+    clusters = jnp.asarray([0, 2, 0, 1, 0, 2, 0, 2], jnp.int32)  # K=4: buckets of 4, 2 and 4 rows, expert 3 idle
+    y = jnp.asarray(rng.integers(0, 11, 8), jnp.int32)  # 10: the null label
+    each = np.stack([np.asarray(ens.expert_apply(p, x, t, y)) for p in ens.expert_params])  # [K, B, ...]
+    got = np.asarray(jax.jit(ensemble_teacher(ens.replace(dispatch="grouped"), "cluster"))(x, t, clusters, y))
+    np.testing.assert_allclose(got, each[np.asarray(clusters), np.arange(8)], rtol=1e-4, atol=1e-5)

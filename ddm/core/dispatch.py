@@ -68,6 +68,13 @@ def take_expert(stacked: Any, s: jax.Array | int) -> Any:
     return jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, s, keepdims=False), stacked)
 
 
+def bucket_floor(batch: int, experts: int, min_bucket: int) -> int:
+    """The smallest bucket (and the "unrolled" chunk) for a batch of `batch` over `experts` available experts:
+    `min_bucket`, but never more than batch / experts, the mean selection of top-1 (so small batches are not
+    padded up to `min_bucket` rows per expert)."""
+    return max(1, min(min_bucket, batch // experts))
+
+
 def bucket_size(count: int, batch: int, floor: int) -> int:
     """The static bucket for `count` selected rows of a batch of `batch`: next power of two >= max(count,
     floor), capped at `batch` (so a bucket never exceeds the batch, and a full selection costs no padding)."""

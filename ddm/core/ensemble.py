@@ -412,7 +412,7 @@ class Ensemble:
 
     def _plan(self, strategy: Strategy, batch: int, cfg: bool) -> _Plan:
         """The static description of a device evaluation on a batch of `batch`."""
-        floor = max(1, min(self.min_bucket, batch // len(self._present)))  # see the module docstring
+        floor = dispatch_lib.bucket_floor(batch, len(self._present), self.min_bucket)
         # Capacity: the mean selection of the sparse part (the `+full` steps just take more rounds).
         per_sample = {"topk": strategy.k, "threshold": 2}.get(strategy.kind, 1)
         return _Plan(strategy=strategy, dispatch=self.resolved_dispatch, present=self._present,
@@ -503,7 +503,7 @@ class Ensemble:
         acc = jnp.zeros(x.shape, jnp.float32)
         scale = jnp.float32(cfg_scale)
         real = padded = 0
-        floor = max(1, min(self.min_bucket, batch // len(self._present)))  # see the module docstring
+        floor = dispatch_lib.bucket_floor(batch, len(self._present), self.min_bucket)
         for k in self._present:
             if host is None:
                 rows = np.arange(batch, dtype=np.int32)
