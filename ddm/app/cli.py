@@ -203,11 +203,15 @@ def cmd_train_islands(args) -> int:
         print(f"wrote {path}\nsubmit it with: sbatch {path}")
         return 0
     results = islands.launch_local(args.run_dir, args.set, parallel=args.parallel or 1)
-    failed = [i.cluster for i in results if i.status == "failed"]
-    if failed:
-        print(f"ddm: error: islands {failed} failed; see their train.log; rerun to retry only them", file=sys.stderr)
-        return islands.ISLANDS_FAILED_EXIT
-    return 0
+    return _islands_outcome([i.cluster for i in results if i.status == "failed"])
+
+
+def _islands_outcome(failed: list[int], what: str = "failed") -> int:
+    """Exit code of a command that trained islands: 0, or one error line naming the failed ones and 4."""
+    if not failed:
+        return 0
+    print(f"ddm: error: islands {failed} {what}; see their train.log; rerun to retry only them", file=sys.stderr)
+    return islands.ISLANDS_FAILED_EXIT
 
 
 def cmd_train_router(args) -> int:
@@ -323,11 +327,7 @@ def cmd_run(args) -> int:
     # it, which is train-islands' code, not 0.
     run = Run.open(run_dir, args.set)
     failed = run.unfinished_experts(run.config.expert.train.steps)  # what launch_local counts as finished
-    if failed:
-        print(f"ddm: error: islands {failed} failed and were left out of the ensemble; see their train.log; rerun "
-              "to retry only them", file=sys.stderr)
-        return islands.ISLANDS_FAILED_EXIT
-    return 0
+    return _islands_outcome(failed, "failed and were left out of the ensemble")
 
 
 def cmd_hash(args) -> int:
