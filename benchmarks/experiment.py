@@ -29,10 +29,12 @@ OUT/<dataset>/<match>-k<K>-s<S>/<p>-s<s>/:
   finished ensemble; its FLOPs = N * B * (3 * F_student + F_teacher), F_teacher = F_dit for the cluster teacher
   (one expert per sample), K * F_dit + F_router for the full one; plotted at ensemble + distillation FLOPs.
 - `ddm evaluate` (FD in the feature net's features and in raw-pixel PCA features, precision/recall k=3,
-  coverage) on n samples per strategy; the student in RUN/eval_student/.
+  coverage) on n samples per strategy; the student in RUN/eval_student/. Each row also gets its speckle
+  (`ddm.eval.speckle`: the samples' mean |Laplacian| over the training images'; 1 = as smooth as the data).
 
 Every stage is skipped when its output is already there, so the script resumes after a crash and re-running
-it only prints the tables (OUT/<dataset>/results-<match>.{md,json}) and redraws `--plot` (FD vs training FLOPs).
+it only prints the tables (OUT/<dataset>/results-<match>.{md,json}) and redraws `--plot` (FD vs training FLOPs;
+with several --ks, also <plot stem>_ksweep_s<S>.png: FD against K at budget S).
 `--results-in` merges an earlier invocation's results-<match>.json (e.g. one kept under docs/data/ after its run
 directories were deleted) into the tables and the plot, seed by seed.
 Runs everything in this one process (no per-island processes: on a shared 2-core machine process start-up and
@@ -45,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -257,8 +260,13 @@ def build_run(args, partition: str, seed: int, steps: int, k: int) -> Path:
             log(f"{run_dir.parent.name}/{run_dir.name}: monolith ({m} steps x {b}) {time.perf_counter() - t0:.0f}s")
         if args.distill_steps and not finished(mf.read_manifest(run_dir).get("student"), args.distill_steps):
             t0 = time.perf_counter()
-            run = Run.open(run_dir)
-            train_student(run_dir, build_teacher(run, cfg.distill.teacher), cfg.distill.teacher, progress=False)
+            # The manifest keeps the distill settings of the run's first preparation; a later --distill-steps
+            # or --teacher must reach the trainer as overrides, and the student's old evaluation is stale.
+            distill = [o for o in overrides if o.startswith("distill.")]
+            run = Run.open(run_dir, distill)
+            train_student(run_dir, build_teacher(run, cfg.distill.teacher), cfg.distill.teacher, distill,
+                          progress=False)
+            shutil.rmtree(run_dir / "eval_student", ignore_errors=True)
             log(f"{run_dir.parent.name}/{run_dir.name}: student ({args.distill_steps} steps x {args.batch}, "
                 f"{cfg.distill.teacher} teacher) {time.perf_counter() - t0:.0f}s")
     return run_dir
@@ -289,7 +297,28 @@ def evaluate(args, run_dir: Path, seed: int) -> dict:
         student = json.loads(student_path.read_text())["results"].get("student")
         if student is not None:
             report["results"]["student"] = student
+    add_speckle(report, run_dir)
     return report
+
+
+def add_speckle(report: dict, run_dir: Path) -> None:
+    """Adds each row's speckle (`ddm.eval.speckle`: the samples' Laplacian energy over the training images')
+    from the saved samples of RUN/eval and RUN/eval_student; pixel runs only."""
+    from ddm.eval.speckle import speckle_ratio
+
+    manifest = mf.read_manifest(run_dir)
+    real = np.concatenate([read_shard(mf.resolve(run_dir, c["shard"])) for c in manifest["clusters"]])
+    if real.dtype != np.uint8:
+        return
+    for folder in ("eval", "eval_student"):
+        path = run_dir / folder / "samples.npz"
+        if not path.exists():
+            continue
+        with np.load(path) as saved:
+            for name, row in report["results"].items():
+                key = name.replace(":", "_")
+                if key in saved.files and name != "real (train)":
+                    row["speckle"] = speckle_ratio(saved[key], real)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,7 +334,7 @@ def _cell(values: list[float], digits: int) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
-METRICS = ("fd", "fd_pca", "precision", "recall")
+METRICS = ("fd", "fd_pca", "precision", "recall", "speckle")
 
 
 def collect(reports: dict[tuple[str, int], dict], strategies: tuple[str, ...]) -> list[dict]:
@@ -329,13 +358,13 @@ def collect(reports: dict[tuple[str, int], dict], strategies: tuple[str, ...]) -
 
 def format_table(rows: list[dict], metric_name: str) -> str:
     lines = [(f"| partition | model | {metric_name} ↓ | FD-PCA ↓ | precision ↑ | recall ↑ | coverage TV ↓ | "
-              "expert evals / sample | paper FID (ImageNet) | seeds |"),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "speckle (1 = data) | expert evals / sample | paper FID (ImageNet) | seeds |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         paper = PAPER_FID.get(row["model"]) if row["partition"] == "kmeans" else None
         lines.append(f"| {row['partition']} | {row['model']} | {_cell(row['fd'], 2)} | {_cell(row['fd_pca'], 2)} | "
                      f"{_cell(row['precision'], 3)} | {_cell(row['recall'], 3)} | {_cell(row['coverage_tv'], 3)} | "
-                     f"{_cell(row['evals'], 0)} | {'-' if paper is None else paper} | {len(row['seeds'])} |")
+                     f"{_cell(row.get('speckle', []), 2)} | {_cell(row['evals'], 0)} | {'-' if paper is None else paper} | {len(row['seeds'])} |")
     per_seed = [f"{row['model']} " + " / ".join(f"{v:.1f}" for v in row["fd"]) for row in rows
                 if row["partition"] == "kmeans"]
     lines += ["", f"Per seed ({metric_name}, seeds {' / '.join(map(str, rows[0]['seeds']))}): " + "; ".join(per_seed)]
@@ -404,6 +433,36 @@ def plot_budgets(points: list[dict], path: Path, title: str) -> None:
             ax.axhline(np.mean(floors), color="gray", ls=":", label="real (train) floor")
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(f"{label} (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
+
+
+def plot_k_sweep(points: list[dict], path: Path, title: str) -> None:
+    """FD (feature net, left; raw-pixel PCA, right) against the number of experts K at one budget, mean ± std
+    over seeds, one line per model (the monolith is trained in every K's run directory: same steps and batch)."""
+    from ddm.core.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    points = sorted(points, key=lambda p: p["k"])
+    models = list(dict.fromkeys(r["model"] for p in points for r in p["rows"] if r["partition"] == "kmeans"))
+    for ax, metric, label in ((axes[0], "fd", points[0]["metric_name"]), (axes[1], "fd_pca", "FD in raw-pixel PCA")):
+        for name in models:
+            rows = [(p["k"], next((r for r in p["rows"] if r["partition"] == "kmeans" and r["model"] == name), None))
+                    for p in points]
+            rows = [(k, r[metric]) for k, r in rows if r is not None and r[metric]]
+            if not rows:
+                continue
+            style = {"monolith": dict(color="black", lw=2.2), "real (train)": dict(color="gray", ls=":")}
+            ax.errorbar([k for k, _ in rows], [np.mean(v) for _, v in rows],
+                        yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in rows], marker="o", capsize=3,
+                        label=name, **style.get(name, {}))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([p["k"] for p in points], [str(p["k"]) for p in points])
+        ax.set_xlabel("K (experts; each at batch B / K)")
         ax.set_ylabel(f"{label} (lower is better)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -523,6 +582,12 @@ def main() -> int:
                 seeds_in = sorted({s for p in sweep for r in p["rows"] for s in r["seeds"]})
                 plot_budgets(sweep, path, f"{args.dataset}, K={k}, flop-match {args.flop_match}, seeds "
                                           f"{','.join(map(str, seeds_in))}")
+                print(f"figure -> {path}")
+        for steps in budgets:
+            sweep = [p for p in points if p["steps"] == steps and p["k"] in ks]
+            if len(sweep) > 1:
+                path = Path(args.plot).with_stem(f"{Path(args.plot).stem}_ksweep_s{steps}")
+                plot_k_sweep(sweep, path, f"{args.dataset}, S={steps}, flop-match {args.flop_match}, K sweep")
                 print(f"figure -> {path}")
     return 0
 

@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,13 +33,7 @@ from ddm.core.config import load_config
 from ddm.core.plots import save_strategy_figure
 from ddm.data import manifest as mf
 from ddm.data.shards import read_shard
-
-
-def laplacian_energy(images: np.ndarray) -> float:
-    """Mean |4 u - (4 neighbours)| over the interior pixels of uint8 images [n, H, W, C] scaled to [0, 1]."""
-    u = images.astype(np.float64) / 255.0
-    lap = (4 * u[:, 1:-1, 1:-1] - u[:, :-2, 1:-1] - u[:, 2:, 1:-1] - u[:, 1:-1, :-2] - u[:, 1:-1, 2:])
-    return float(np.abs(lap).mean())
+from ddm.eval.speckle import laplacian_energy
 
 
 def overrides(args, lr: float, ema: float) -> list[str]:

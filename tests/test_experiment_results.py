@@ -36,3 +36,18 @@ def test_merge_points_joins_seeds_new_runs_win_and_budgets_sort():
     assert merged[0]["header"] == "S=300; cells of seeds [0, 1] from old.json"  # the student: both seeds
     assert merged[1]["rows"][0]["fd"] == [39.3, 50.3] and merged[1]["header"] == "S=1000 (from old.json)"
     assert merged[2] is now[0]  # nothing earlier at this budget
+
+
+def test_table_has_a_speckle_column_and_the_k_sweep_is_drawn(tmp_path):
+    """The table shows each row's speckle (- where an earlier result has none); the K-sweep figure is a PNG."""
+    from benchmarks.experiment import format_table, plot_k_sweep
+
+    rows = [{**_row("monolith", [0, 1], [30.0, 32.0]), "speckle": [1.2, 1.4]}, _row("full", [0, 1], [28.0, 29.0])]
+    table = format_table(rows, "FD")
+    assert "speckle (1 = data)" in table.splitlines()[0]
+    monolith, full = table.splitlines()[2:4]
+    assert "| 1.30 ± 0.14 |" in monolith and "| 0.700 ± 0.000 | - | - | 39 ± 0 |" in full
+    points = [{**_point(2000, rows), "k": k} for k in (2, 4, 8)]
+    path = tmp_path / "fd_ksweep_s2000.png"
+    plot_k_sweep(points, path, "K sweep")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
