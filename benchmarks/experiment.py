@@ -334,6 +334,11 @@ def _cell(values: list[float], digits: int) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
+def _unique_or_all(values: list[float]) -> list[float]:
+    """One value when every seed has the same (expert calls per sample of a fixed strategy), else all."""
+    return values[:1] if len(set(values)) == 1 else values
+
+
 METRICS = ("fd", "fd_pca", "precision", "recall", "speckle")
 
 
@@ -364,7 +369,7 @@ def format_table(rows: list[dict], metric_name: str) -> str:
         paper = PAPER_FID.get(row["model"]) if row["partition"] == "kmeans" else None
         lines.append(f"| {row['partition']} | {row['model']} | {_cell(row['fd'], 2)} | {_cell(row['fd_pca'], 2)} | "
                      f"{_cell(row['precision'], 3)} | {_cell(row['recall'], 3)} | {_cell(row['coverage_tv'], 3)} | "
-                     f"{_cell(row.get('speckle', []), 2)} | {_cell(row['evals'], 0)} | {'-' if paper is None else paper} | {len(row['seeds'])} |")
+                     f"{_cell(row.get('speckle', []), 2)} | {_cell(_unique_or_all(row['evals']), 0)} | {'-' if paper is None else paper} | {len(row['seeds'])} |")
     per_seed = [f"{row['model']} " + " / ".join(f"{v:.1f}" for v in row["fd"]) for row in rows
                 if row["partition"] == "kmeans"]
     lines += ["", f"Per seed ({metric_name}, seeds {' / '.join(map(str, rows[0]['seeds']))}): " + "; ".join(per_seed)]

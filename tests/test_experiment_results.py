@@ -46,7 +46,7 @@ def test_table_has_a_speckle_column_and_the_k_sweep_is_drawn(tmp_path):
     table = format_table(rows, "FD")
     assert "speckle (1 = data)" in table.splitlines()[0]
     monolith, full = table.splitlines()[2:4]
-    assert "| 1.30 ± 0.14 |" in monolith and "| 0.700 ± 0.000 | - | - | 39 ± 0 |" in full
+    assert "| 1.30 ± 0.14 |" in monolith and "| 0.700 ± 0.000 | - | - | 39 |" in full
     points = [{**_point(2000, rows), "k": k} for k in (2, 4, 8)]
     path = tmp_path / "fd_ksweep_s2000.png"
     plot_k_sweep(points, path, "K sweep")
