@@ -462,9 +462,11 @@ def plot_k_sweep(points: list[dict], path: Path, title: str) -> None:
             if not rows:
                 continue
             style = {"monolith": dict(color="black", lw=2.2), "real (train)": dict(color="gray", ls=":")}
+            # The monolith does not depend on K: its spread across K is its own run-to-run noise (data order).
+            label = "monolith (same settings at every K)" if name == "monolith" else name
             ax.errorbar([k for k, _ in rows], [np.mean(v) for _, v in rows],
                         yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in rows], marker="o", capsize=3,
-                        label=name, **style.get(name, {}))
+                        label=label, **style.get(name, {}))
         ax.set_xscale("log", base=2)
         ax.set_xticks([p["k"] for p in points], [str(p["k"]) for p in points])
         ax.set_xlabel("K (experts; each at batch B / K)")
@@ -582,7 +584,7 @@ def main() -> int:
     if args.plot:
         for k in ks:
             sweep = [p for p in points if p["k"] == k]
-            if sweep:
+            if len(sweep) > 1:  # a curve needs two budgets
                 path = Path(args.plot) if len(ks) == 1 else Path(args.plot).with_stem(f"{Path(args.plot).stem}_k{k}")
                 seeds_in = sorted({s for p in sweep for r in p["rows"] for s in r["seeds"]})
                 plot_budgets(sweep, path, f"{args.dataset}, K={k}, flop-match {args.flop_match}, seeds "
