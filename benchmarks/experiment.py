@@ -246,7 +246,10 @@ def build_run(args, partition: str, seed: int, steps: int, k: int) -> Path:
                 f"{time.perf_counter() - t0:.0f}s")
     if not finished(mf.read_manifest(run_dir).get("router"), cfg.router.train.steps):
         t0 = time.perf_counter()
-        train_router(run_dir, progress=False)
+        # As for the student below: a later --router-steps reaches the trainer as overrides, and the routed
+        # rows of the old evaluation are stale.
+        train_router(run_dir, [o for o in overrides if o.startswith("router.")], progress=False)
+        shutil.rmtree(run_dir / "eval", ignore_errors=True)
         log(f"{run_dir.parent.name}/{run_dir.name}: router {time.perf_counter() - t0:.0f}s")
     if partition == "kmeans":
         budget = flops(cfg, tuple(manifest["dataset"]["image_shape"]), len(manifest["clusters"]), args.flop_match,
@@ -260,8 +263,8 @@ def build_run(args, partition: str, seed: int, steps: int, k: int) -> Path:
             log(f"{run_dir.parent.name}/{run_dir.name}: monolith ({m} steps x {b}) {time.perf_counter() - t0:.0f}s")
         if args.distill_steps and not finished(mf.read_manifest(run_dir).get("student"), args.distill_steps):
             t0 = time.perf_counter()
-            # The manifest keeps the distill settings of the run's first preparation; a later --distill-steps
-            # or --teacher must reach the trainer as overrides, and the student's old evaluation is stale.
+            # The manifest keeps the settings of the run's first preparation; a later --distill-steps or
+            # --teacher must reach the trainer as overrides, and the student's old evaluation is stale.
             distill = [o for o in overrides if o.startswith("distill.")]
             run = Run.open(run_dir, distill)
             train_student(run_dir, build_teacher(run, cfg.distill.teacher), cfg.distill.teacher, distill,
@@ -437,6 +440,8 @@ def plot_budgets(points: list[dict], path: Path, title: str) -> None:
         if floors:
             ax.axhline(np.mean(floors), color="gray", ls=":", label="real (train) floor")
         ax.set_xscale("log")
+        # Over less than a decade a log axis labels its minor ticks, on top of each other.
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel(f"{label} (lower is better)")
         ax.grid(alpha=0.3)
@@ -463,10 +468,10 @@ def plot_k_sweep(points: list[dict], path: Path, title: str) -> None:
                 continue
             style = {"monolith": dict(color="black", lw=2.2), "real (train)": dict(color="gray", ls=":")}
             # The monolith does not depend on K: its spread across K is its own run-to-run noise (data order).
-            label = "monolith (same settings at every K)" if name == "monolith" else name
+            legend = "monolith (same settings at every K)" if name == "monolith" else name
             ax.errorbar([k for k, _ in rows], [np.mean(v) for _, v in rows],
                         yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in rows], marker="o", capsize=3,
-                        label=label, **style.get(name, {}))
+                        label=legend, **style.get(name, {}))
         ax.set_xscale("log", base=2)
         ax.set_xticks([p["k"] for p in points], [str(p["k"]) for p in points])
         ax.set_xlabel("K (experts; each at batch B / K)")
