@@ -409,11 +409,29 @@ def merge_points(points: list[dict], earlier: list[dict], source: str) -> list[d
     return [merged[key] for key in sorted(merged)]
 
 
+def _kmeans_row(point: dict, model: str) -> dict | None:
+    return next((r for r in point["rows"] if r["partition"] == "kmeans" and r["model"] == model), None)
+
+
+def _label_axis(ax, xlabel: str, metric_label: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{metric_label} (lower is better)")
+    ax.grid(alpha=0.3)
+
+
+def _save_figure(fig, axes, title: str, path: Path) -> None:
+    from ddm.core.plots import save_figure
+
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
+
+
 def plot_budgets(points: list[dict], path: Path, title: str) -> None:
     """FD (feature net, left; raw-pixel PCA, right) against training FLOPs, mean ± std over seeds, one line per
     model: the monolith at its own FLOPs, every strategy at the ensemble's, the student at ensemble +
     distillation."""
-    from ddm.core.plots import pyplot, save_figure
+    from ddm.core.plots import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -424,7 +442,7 @@ def plot_budgets(points: list[dict], path: Path, title: str) -> None:
         for name in models:
             xs, ys, es = [], [], []
             for p in points:
-                row = next((r for r in p["rows"] if r["partition"] == "kmeans" and r["model"] == name), None)
+                row = _kmeans_row(p, name)
                 if row is None or not row[metric]:
                     continue
                 key = {"monolith": "monolith", "student": "student_total"}.get(name, "ensemble")
@@ -442,18 +460,14 @@ def plot_budgets(points: list[dict], path: Path, title: str) -> None:
         ax.set_xscale("log")
         # Over less than a decade a log axis labels its minor ticks, on top of each other.
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
-        ax.set_xlabel("training FLOPs")
-        ax.set_ylabel(f"{label} (lower is better)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path, dpi=110, bbox_inches="tight")
+        _label_axis(ax, "training FLOPs", label)
+    _save_figure(fig, axes, title, path)
 
 
 def plot_k_sweep(points: list[dict], path: Path, title: str) -> None:
     """FD (feature net, left; raw-pixel PCA, right) against the number of experts K at one budget, mean ± std
     over seeds, one line per model (the monolith is trained in every K's run directory: same steps and batch)."""
-    from ddm.core.plots import pyplot, save_figure
+    from ddm.core.plots import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -461,8 +475,7 @@ def plot_k_sweep(points: list[dict], path: Path, title: str) -> None:
     models = list(dict.fromkeys(r["model"] for p in points for r in p["rows"] if r["partition"] == "kmeans"))
     for ax, metric, label in ((axes[0], "fd", points[0]["metric_name"]), (axes[1], "fd_pca", "FD in raw-pixel PCA")):
         for name in models:
-            rows = [(p["k"], next((r for r in p["rows"] if r["partition"] == "kmeans" and r["model"] == name), None))
-                    for p in points]
+            rows = [(p["k"], _kmeans_row(p, name)) for p in points]
             rows = [(k, r[metric]) for k, r in rows if r is not None and r[metric]]
             if not rows:
                 continue
@@ -474,12 +487,8 @@ def plot_k_sweep(points: list[dict], path: Path, title: str) -> None:
                         label=legend, **style.get(name, {}))
         ax.set_xscale("log", base=2)
         ax.set_xticks([p["k"] for p in points], [str(p["k"]) for p in points])
-        ax.set_xlabel("K (experts; each at batch B / K)")
-        ax.set_ylabel(f"{label} (lower is better)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path, dpi=110, bbox_inches="tight")
+        _label_axis(ax, "K (experts; each at batch B / K)", label)
+    _save_figure(fig, axes, title, path)
 
 
 def _ints(text: str) -> list[int]:
