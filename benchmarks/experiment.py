@@ -307,21 +307,21 @@ def evaluate(args, run_dir: Path, seed: int) -> dict:
 def add_speckle(report: dict, run_dir: Path) -> None:
     """Adds each row's speckle (`ddm.eval.speckle`: the samples' Laplacian energy over the training images')
     from the saved samples of RUN/eval and RUN/eval_student; pixel runs only."""
-    from ddm.eval.speckle import speckle_ratio
+    from ddm.eval.speckle import speckle_ratios
 
-    manifest = mf.read_manifest(run_dir)
-    real = np.concatenate([read_shard(mf.resolve(run_dir, c["shard"])) for c in manifest["clusters"]])
-    if real.dtype != np.uint8:
-        return
+    samples = {}
     for folder in ("eval", "eval_student"):
         path = run_dir / folder / "samples.npz"
-        if not path.exists():
-            continue
-        with np.load(path) as saved:
-            for name, row in report["results"].items():
-                key = name.replace(":", "_")
-                if key in saved.files and name != "real (train)":
-                    row["speckle"] = speckle_ratio(saved[key], real)
+        if path.exists():
+            with np.load(path) as saved:
+                samples |= {name: saved[name.replace(":", "_")] for name in report["results"]
+                            if name != "real (train)" and name.replace(":", "_") in saved.files}
+    if not samples or any(images.dtype != np.uint8 for images in samples.values()):
+        return
+    manifest = mf.read_manifest(run_dir)
+    real = np.concatenate([read_shard(mf.resolve(run_dir, c["shard"])) for c in manifest["clusters"]])
+    for name, ratio in speckle_ratios(samples, real).items():
+        report["results"][name]["speckle"] = ratio
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,7 +372,8 @@ def format_table(rows: list[dict], metric_name: str) -> str:
         paper = PAPER_FID.get(row["model"]) if row["partition"] == "kmeans" else None
         lines.append(f"| {row['partition']} | {row['model']} | {_cell(row['fd'], 2)} | {_cell(row['fd_pca'], 2)} | "
                      f"{_cell(row['precision'], 3)} | {_cell(row['recall'], 3)} | {_cell(row['coverage_tv'], 3)} | "
-                     f"{_cell(row.get('speckle', []), 2)} | {_cell(_unique_or_all(row['evals']), 0)} | {'-' if paper is None else paper} | {len(row['seeds'])} |")
+                     f"{_cell(row.get('speckle', []), 2)} | {_cell(_unique_or_all(row['evals']), 0)} | "
+                     f"{'-' if paper is None else paper} | {len(row['seeds'])} |")
     per_seed = [f"{row['model']} " + " / ".join(f"{v:.1f}" for v in row["fd"]) for row in rows
                 if row["partition"] == "kmeans"]
     lines += ["", f"Per seed ({metric_name}, seeds {' / '.join(map(str, rows[0]['seeds']))}): " + "; ".join(per_seed)]
@@ -473,13 +474,13 @@ def plot_k_sweep(points: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     points = sorted(points, key=lambda p: p["k"])
     models = list(dict.fromkeys(r["model"] for p in points for r in p["rows"] if r["partition"] == "kmeans"))
+    style = {"monolith": dict(color="black", lw=2.2), "real (train)": dict(color="gray", ls=":")}
     for ax, metric, label in ((axes[0], "fd", points[0]["metric_name"]), (axes[1], "fd_pca", "FD in raw-pixel PCA")):
         for name in models:
             rows = [(p["k"], _kmeans_row(p, name)) for p in points]
             rows = [(k, r[metric]) for k, r in rows if r is not None and r[metric]]
             if not rows:
                 continue
-            style = {"monolith": dict(color="black", lw=2.2), "real (train)": dict(color="gray", ls=":")}
             # The monolith does not depend on K: its spread across K is its own run-to-run noise (data order).
             legend = "monolith (same settings at every K)" if name == "monolith" else name
             ax.errorbar([k for k, _ in rows], [np.mean(v) for _, v in rows],

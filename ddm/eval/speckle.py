@@ -9,6 +9,8 @@ learning rate, their EMA, or neither; nothing is learned, so it reads the same i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 
@@ -24,11 +26,20 @@ def laplacian_energy(images: np.ndarray) -> float:
     return float(np.abs(lap).mean())
 
 
-def speckle_ratio(samples: np.ndarray, real: np.ndarray) -> float:
-    """laplacian_energy(samples) / laplacian_energy(real); both [N, H, W, C] uint8 of the same H, W, C."""
-    if samples.shape[1:] != real.shape[1:]:
-        raise ValueError(f"samples {samples.shape[1:]} and real images {real.shape[1:]} differ in shape")
+def speckle_ratios(samples: Mapping[str, np.ndarray], real: np.ndarray) -> dict[str, float]:
+    """laplacian_energy of each named sample set / that of `real`, the real images' energy computed once.
+
+    samples: name -> [N, H, W, C] uint8; real: [M, H, W, C] uint8 of the same H, W, C.
+    """
+    for name, images in samples.items():
+        if images.shape[1:] != real.shape[1:]:
+            raise ValueError(f"samples {name!r} {images.shape[1:]} and real images {real.shape[1:]} differ in shape")
     reference = laplacian_energy(real)
     if reference <= 1e-12:
         raise ValueError("the real images are constant: their Laplacian energy is 0")
-    return laplacian_energy(samples) / reference
+    return {name: laplacian_energy(images) / reference for name, images in samples.items()}
+
+
+def speckle_ratio(samples: np.ndarray, real: np.ndarray) -> float:
+    """laplacian_energy(samples) / laplacian_energy(real); both [N, H, W, C] uint8 of the same H, W, C."""
+    return speckle_ratios({"samples": samples}, real)["samples"]
