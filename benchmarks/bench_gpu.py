@@ -6,7 +6,7 @@ bfloat16 compute (float32 parameters, AdamW state and loss), with and without pe
     python benchmarks/bench_gpu.py --batch 128 --steps 30 --peak-tflops 989
 
 Each (model, remat) case runs in a fresh subprocess (clean peak-memory counter; an out-of-memory case is
-reported, not fatal): the full training step of `ddm.core.trainer.train_step` (flow-matching loss with label
+reported, not fatal): the full training step of `ddm.train.trainer.train_step` (flow-matching loss with label
 dropout, clipping, AdamW, EMA), jitted with donated state, `--warmup` steps to compile, then `--steps` timed
 steps. Columns: images/s; MFU = model FLOPs / (time x peak), model FLOPs = 3 x the forward FLOPs of
 `ddm.core.dit.dit_flops_per_image` (remat's recomputation is not counted, as is usual); peak device memory
@@ -50,8 +50,8 @@ def run_case(preset: str, remat: str, batch: int, steps: int, warmup: int, tiny:
     from ddm.core.codec import Codec
     from ddm.core.config import ModelConfig, TrainConfig
     from ddm.core.dit import dit_flops_per_image, dit_from_config
-    from ddm.core.trainer import init_state, make_optimizer, train_step
     from ddm.experts.train import flow_loss
+    from ddm.train.trainer import init_state, make_optimizer, train_step
 
     shape = TINY if tiny else LATENT
     model_cfg = ModelConfig(preset="micro" if tiny else preset, patch_size=2, num_classes=1000, dtype="bfloat16",

@@ -59,8 +59,8 @@ from benchmarks.common import (
 )
 from ddm.core import flow as solvers
 from ddm.core.dit import DiT, preset_dims
-from ddm.core.ensemble import Ensemble
 from ddm.router.model import ConvRouter, conv_widths
+from ddm.sampling.ensemble import Ensemble
 
 K = 8
 # (row label, strategy, dispatch) after the single-expert baseline; "auto" is what `Ensemble` picks.

@@ -1,4 +1,4 @@
-"""Expert training step: ours (JAX/Flax NNX, `ddm.core.trainer.train_step`) against a straightforward PyTorch DiT.
+"""Expert training step: ours (JAX/Flax NNX, `ddm.train.trainer.train_step`) against a straightforward PyTorch DiT.
 
     pip install torch==2.13.0        # benchmark only: torch is not a dependency of ddm
     python benchmarks/bench_torch_dit.py [--quick] [--repeats N]
@@ -65,8 +65,8 @@ from ddm.core.dit import (
     count_params,
     dit_from_config,
 )
-from ddm.core.trainer import init_state, make_optimizer, train_step
 from ddm.experts.train import flow_loss, make_dit
+from ddm.train.trainer import init_state, make_optimizer, train_step
 
 # ---------------------------------------------------------------------------------------------------------
 # A straightforward PyTorch DiT (Peebles & Xie), channels-last input like ours.
@@ -199,7 +199,7 @@ def torch_train_step(model, ema, opt, sched, images_u8, cfg: TrainConfig):
 
 
 def torch_lr_lambda(cfg: TrainConfig):
-    """The same warmup + cosine schedule as `ddm.core.trainer.learning_rate`, as a multiplier of cfg.lr."""
+    """The same warmup + cosine schedule as `ddm.train.trainer.learning_rate`, as a multiplier of cfg.lr."""
     warmup, total = min(cfg.warmup_steps, cfg.steps), max(cfg.steps, cfg.warmup_steps + 1)
 
     def f(step):
@@ -274,7 +274,7 @@ def check_same_model(cfg: ModelConfig, shape) -> tuple[int, float]:
 
 
 def our_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, shape, images, labels, n: int):
-    """A callable running `n` of our training steps (`ddm.core.trainer.train_step`, jitted, state donated)."""
+    """A callable running `n` of our training steps (`ddm.train.trainer.train_step`, jitted, state donated)."""
     make_model = functools.partial(make_dit, model_cfg, shape)
     tx = make_optimizer(train_cfg)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(nnx.Rngs(params=0))))

@@ -68,8 +68,8 @@ def worker(args) -> None:
 
     from ddm.core.config import ModelConfig, TrainConfig
     from ddm.core.dit import dit_flops_per_image
-    from ddm.core.trainer import Task, Trainer
     from ddm.experts.train import flow_loss, make_dit
+    from ddm.train.trainer import Task, Trainer
 
     image_shape = tuple(args.image)
     model_cfg = ModelConfig(preset=args.preset, patch_size=2)

@@ -421,7 +421,7 @@ def _label_axis(ax, xlabel: str, metric_label: str) -> None:
 
 
 def _save_figure(fig, axes, title: str, path: Path) -> None:
-    from ddm.core.plots import save_figure
+    from ddm.train.plots import save_figure
 
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
@@ -432,7 +432,7 @@ def plot_budgets(points: list[dict], path: Path, title: str) -> None:
     """FD (feature net, left; raw-pixel PCA, right) against training FLOPs, mean ± std over seeds, one line per
     model: the monolith at its own FLOPs, every strategy at the ensemble's, the student at ensemble +
     distillation."""
-    from ddm.core.plots import pyplot
+    from ddm.train.plots import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -468,7 +468,7 @@ def plot_budgets(points: list[dict], path: Path, title: str) -> None:
 def plot_k_sweep(points: list[dict], path: Path, title: str) -> None:
     """FD (feature net, left; raw-pixel PCA, right) against the number of experts K at one budget, mean ± std
     over seeds, one line per model (the monolith is trained in every K's run directory: same steps and batch)."""
-    from ddm.core.plots import pyplot
+    from ddm.train.plots import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

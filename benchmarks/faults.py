@@ -306,8 +306,8 @@ def fuzz(run: Path, work: Path, records: int, seed: int) -> None:
 
 
 def cost(work: Path) -> None:
-    from ddm.core.checkpoint import step_file_digests
     from ddm.core.hashing import file_sha256
+    from ddm.train.checkpoint import step_file_digests
 
     step_dirs = sorted((work / "trained" / "experts" / "0" / "checkpoints").glob("[0-9]*"))
     rows = []

@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine_table, markdown_table
 from ddm.app.cli import main as ddm_main
-from ddm.core.plots import save_strategy_figure
 from ddm.data.run import Run
 from ddm.data.shards import read_labels, read_shard
 from ddm.eval.featurenet import get_classifier, run_training_set
+from ddm.train.plots import save_strategy_figure
 
 GRID_PER_CLASS = 8
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.experiment import CONFIGS, DATASET_OVERRIDES
 from ddm.core.config import load_config
-from ddm.core.plots import save_strategy_figure
+from ddm.train.plots import save_strategy_figure
 from ddm.data import manifest as mf
 from ddm.data.shards import read_shard
 from ddm.eval.speckle import laplacian_energy

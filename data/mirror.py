@@ -27,7 +27,7 @@ from ddm.data import storage
 
 logger = logging.getLogger(__name__)
 
-STEP_DIGEST = "ddm_digest.json"  # written last into every committed checkpoint step (ddm.core.checkpoint)
+STEP_DIGEST = "ddm_digest.json"  # written last into every committed checkpoint step (ddm.train.checkpoint)
 TEMPORARY = ("orbax-checkpoint-tmp", ".ddm-tmp", ".tmp")  # parts of names that are never pushed
 PUSH_EVERY_S = 10.0
 

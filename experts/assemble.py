@@ -20,13 +20,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ddm.core.checkpoint import load_pinned_tree
 from ddm.core.dit import dit_from_config
 from ddm.core.errors import DDMError
 from ddm.data import storage
 from ddm.data.islands import Bundle
 from ddm.data.run import Run
 from ddm.experts.records import EXPERT_JSON, model_digest, read_expert_json, write_expert_json
+from ddm.train.checkpoint import load_pinned_tree
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import yaml
 
 from ddm.core.errors import DDMError
-from ddm.core.preemption import PREEMPTED_EXIT
 from ddm.data.run import Run
 from ddm.experts.assemble import assemble_experts
+from ddm.train.preemption import PREEMPTED_EXIT
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,6 @@ from ddm.core.config import Config, ModelConfig, to_dict
 from ddm.core.dit import dit_from_config
 from ddm.core.errors import DDMError
 from ddm.core.flow import drop_labels, flow_matching_loss, solve_euler_loop
-from ddm.core.monitor import HeldOut
-from ddm.core.trainer import Task, Trainer, TrainResult
 from ddm.data import storage
 from ddm.data.islands import Bundle
 from ddm.data.mirror import Mirror
@@ -35,6 +33,8 @@ from ddm.data.shards import ShardReader, check_labelled, check_shard_holds
 from ddm.experts.assemble import assemble_experts
 from ddm.experts.lease import LEASE, Lease
 from ddm.experts.records import EXPERT_JSON, expert_record, write_expert_json
+from ddm.train.monitor import HeldOut
+from ddm.train.trainer import Task, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ import numpy as np
 
 from ddm.core.errors import DDMError
 from ddm.core.flow import interpolate
-from ddm.core.plots import pyplot, save_figure
 from ddm.data.run import Run
 from ddm.data.shards import read_labels, read_shard
 from ddm.router.trained import load_router
+from ddm.train.plots import pyplot, save_figure
 
 logger = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from flax import nnx
 from ddm.core.config import to_dict
 from ddm.core.errors import DDMError
 from ddm.core.flow import drop_labels, noisy_batch
-from ddm.core.monitor import HeldOut
-from ddm.core.trainer import Task, Trainer, TrainResult
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, check_labelled
 from ddm.router.trained import router_factory
+from ddm.train.monitor import HeldOut
+from ddm.train.trainer import Task, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
 

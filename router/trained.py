@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 from flax import nnx
 
-from ddm.core.checkpoint import load_pinned
 from ddm.core.config import RouterConfig
-from ddm.core.ensemble import model_apply
 from ddm.core.errors import DDMError
+from ddm.core.functional import model_apply
 from ddm.data.run import Run
 from ddm.router.model import router_from_config
+from ddm.train.checkpoint import load_pinned
 
 
 def make_router(router_cfg: RouterConfig, image_shape: tuple[int, int, int], num_clusters: int,

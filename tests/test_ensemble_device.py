@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from test_ensemble_exact import SHAPE, K, expert_apply, expert_params, make_ensemble, noisy_points
 
-from ddm.core import dispatch
-from ddm.core.ensemble import Ensemble
 from ddm.core.errors import DDMError
+from ddm.sampling import dispatch
+from ddm.sampling.ensemble import Ensemble
 
 STRATEGIES = ["full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5", "oracle", "single:1"]
 DEVICE = ["unrolled", "grouped", "capacity"]

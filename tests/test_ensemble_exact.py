@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from ddm.core import flow as solvers
-from ddm.core.ensemble import Ensemble, SampleResult
 from ddm.core.errors import DDMError
 from ddm.core.images import make_grid, save_grid_png, to_uint8
-from ddm.core.routing import Strategy, parse_strategy
+from ddm.sampling.ensemble import Ensemble, SampleResult
+from ddm.sampling.routing import Strategy, parse_strategy
 
 SHAPE = (2, 2, 1)
 D = 4

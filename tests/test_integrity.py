@@ -17,12 +17,12 @@ from helpers import fresh_run, unwritable_folder
 
 from ddm.app import badinput, cli
 from ddm.app import sample as sample_app
-from ddm.core.checkpoint import DIGEST_FILE, REJECTED_DIR, Checkpointer, step_problem
 from ddm.core.errors import DDMError
 from ddm.core.files import check_output_dir, check_output_file
 from ddm.core.schema import Int, ListOf, Obj, Str, check
 from ddm.data import manifest as mf
 from ddm.data.manifest import read_manifest
+from ddm.train.checkpoint import DIGEST_FILE, REJECTED_DIR, Checkpointer, step_problem
 
 
 def _flip_middle_bit(path: Path) -> None:

@@ -21,12 +21,12 @@ from ddm.core.config import load_config
 from ddm.core.dit import dit_from_config
 from ddm.core.flow import drop_labels, flow_matching_loss
 from ddm.core.images import to_model_range
-from ddm.core.monitor import HOLDOUT_KEY
-from ddm.core.trainer import read_metrics
-from ddm.core.writers import open_writers
 from ddm.data import manifest as mf
 from ddm.data.run import Run
 from ddm.data.shards import read_labels, read_shard
+from ddm.train.monitor import HOLDOUT_KEY
+from ddm.train.trainer import read_metrics
+from ddm.train.writers import open_writers
 
 TRAIN = ["expert.train.steps=8", "expert.train.batch_size=16", "expert.train.warmup_steps=2",
          "expert.train.log_every=4", "expert.train.checkpoint_every=8", "expert.train.tensorboard=true",

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from helpers import fresh_run
 
-from ddm.core.trainer import read_metrics
 from ddm.data import manifest as mf
+from ddm.train.trainer import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["expert.train.steps=16", "expert.train.batch_size=16", "expert.train.checkpoint_every=4",

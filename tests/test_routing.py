@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ddm.core.errors import DDMError
-from ddm.core.routing import Strategy, parse_strategy, route_weights
+from ddm.sampling.routing import Strategy, parse_strategy, route_weights
 
 K = 5
 ALL = np.ones(K, bool)

@@ -13,7 +13,7 @@ from helpers import perturb
 from ddm.core.config import TrainConfig
 from ddm.core.dit import DiT, reference_attention
 from ddm.core.errors import DDMError
-from ddm.core.trainer import init_state, loss_and_grads, make_optimizer, train_step
+from ddm.train.trainer import init_state, loss_and_grads, make_optimizer, train_step
 
 SHAPE = (16, 16, 4)  # a latent-shaped input: 64 tokens of patch 2
 

@@ -270,7 +270,7 @@ def _child_env(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(tmp_path_factory, tmp_path):
-    from ddm.core.preemption import PREEMPTED_EXIT
+    from ddm.train.preemption import PREEMPTED_EXIT
 
     run = fresh_run(tmp_path_factory, "sigterm")
     bundle, env = run / "islands" / "0", _child_env(tmp_path_factory)

@@ -31,9 +31,9 @@ from ddm.core.config import TrainConfig
 from ddm.core.dit import DiT
 from ddm.core.errors import DDMError
 from ddm.core.flow import flow_matching_loss
-from ddm.core.trainer import NonFiniteError, Task, Trainer, init_state, make_optimizer, read_metrics, train_step
 from ddm.data import manifest as mf
 from ddm.data.shards import ShardReader
+from ddm.train.trainer import NonFiniteError, Task, Trainer, init_state, make_optimizer, read_metrics, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 # One training config for every subprocess run here (and in test_islands.py): identical programs hit the cache.
@@ -273,7 +273,7 @@ def test_nonfinite_loss_exits_2_and_keeps_last_good_checkpoint(tmp_path_factory,
 
 
 def test_truncate_metrics_drops_rows_after_resume_point_and_torn_lines(tmp_path):
-    from ddm.core.trainer import _truncate_metrics
+    from ddm.train.trainer import _truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)]

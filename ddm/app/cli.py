@@ -32,7 +32,7 @@ from ddm.core.cache import enable_compilation_cache
 from ddm.core.config import SEED_MAX, Config, load_config, to_yaml
 from ddm.core.distributed import initialize
 from ddm.core.errors import DDMError
-from ddm.core.preemption import PREEMPTED_EXIT, Preempted
+from ddm.train.preemption import PREEMPTED_EXIT, Preempted
 from ddm.data.islands import publish_bundles
 from ddm.data.prepare import prepare
 from ddm.data.run import Run

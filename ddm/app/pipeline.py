@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from ddm.core.config import Config
-from ddm.core.ensemble import Ensemble
 from ddm.core.errors import DDMError
-from ddm.core.plots import save_strategy_figure
 from ddm.data.prepare import prepare
 from ddm.data.run import Run
 from ddm.experts.islands import launch_local
 from ddm.router.train import train_router
+from ddm.sampling.ensemble import Ensemble
 from ddm.sampling.load import load_ensemble
 from ddm.sampling.outputs import load_decoder, save_outputs, usage_summary
 from ddm.sampling.request import Request, generate
+from ddm.train.plots import save_strategy_figure
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Tensor names are the tree's key paths joined by dots (`ema.blocks.0.attn.qkv.kernel`), so the file reads in
 any safetensors loader (`safetensors.numpy.load_file`, PyTorch, the Hugging Face Hub viewer). Reading it back
 rebuilds the tree the model expects (names, shapes and dtypes must match exactly), so its `pytree_sha256` is
-the same pin as the orbax checkpoint it was exported from: `ddm.core.checkpoint.load_pinned` checks both kinds
+the same pin as the orbax checkpoint it was exported from: `ddm.train.checkpoint.load_pinned` checks both kinds
 the same way.
 """
 
@@ -57,7 +57,7 @@ def save_safetensors(path: str | Path, tree, metadata: dict[str, str] | None = N
 
 def load_safetensors(path: str | Path, abstract_tree):
     """The tree saved at `path`, in the structure and placement of `abstract_tree` (ShapeDtypeStructs with
-    shardings, as `ddm.core.checkpoint.abstract_final` builds). A file that does not parse or whose names,
+    shardings, as `ddm.train.checkpoint.abstract_final` builds). A file that does not parse or whose names,
     shapes or dtypes differ from the model's is a DDMError naming the first difference."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file

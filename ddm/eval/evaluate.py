@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddm.core.ensemble import Ensemble
+from ddm.sampling.ensemble import Ensemble
 from ddm.core.errors import DDMError
-from ddm.core.plots import save_strategy_figure
-from ddm.core.routing import parse_strategy
+from ddm.train.plots import save_strategy_figure
+from ddm.sampling.routing import parse_strategy
 from ddm.data.run import Run
 from ddm.data.shards import read_labels, read_shard
 from ddm.eval.features import UserFeatures

@@ -48,16 +48,16 @@ import numpy as np
 from flax import nnx
 
 from ddm.core.cache import default_cache_dir
-from ddm.core.checkpoint import load_pinned
 from ddm.core.config import TrainConfig
 from ddm.core.errors import DDMError
 from ddm.core.hashing import images_sha256, labels_fingerprint
 from ddm.core.images import to_model_range
-from ddm.core.trainer import Task, Trainer
 from ddm.data.embed import pca
 from ddm.data.kmeans import kmeans
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, read_labels, read_shard, write_shard
+from ddm.train.checkpoint import load_pinned
+from ddm.train.trainer import Task, Trainer
 
 logger = logging.getLogger(__name__)
 

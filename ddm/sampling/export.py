@@ -32,7 +32,6 @@ import numpy as np
 from flax import nnx
 
 import ddm
-from ddm.core.checkpoint import load_pinned_tree
 from ddm.core.config import to_yaml
 from ddm.core.errors import DDMError
 from ddm.core.weights import save_safetensors
@@ -41,6 +40,7 @@ from ddm.data.run import EXPORT_INFO, WEIGHTS_SUFFIX, Run
 from ddm.data.sums import SUMS, write_sums
 from ddm.router.trained import router_factory
 from ddm.sampling.load import expert_factory, open_run, single_factory
+from ddm.train.checkpoint import load_pinned_tree
 
 logger = logging.getLogger(__name__)
 

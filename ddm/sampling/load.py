@@ -1,7 +1,7 @@
 """A run's trained models, ready to sample: the routed `Ensemble`, or one model (the monolith) on its own.
 
 Every component is restored from its `final/` checkpoint (or, in an export, its `.safetensors` file) and
-checked against the SHA-256 pinned in the manifest (`ddm.core.checkpoint.load_pinned`): a corrupted or
+checked against the SHA-256 pinned in the manifest (`ddm.train.checkpoint.load_pinned`): a corrupted or
 tampered checkpoint never reaches sampling.
 """
 
@@ -13,13 +13,14 @@ from pathlib import Path
 
 from flax import nnx
 
-from ddm.core.checkpoint import load_pinned
 from ddm.core.config import ModelConfig, from_dict
 from ddm.core.dit import dit_from_config
-from ddm.core.ensemble import Ensemble, model_apply
 from ddm.core.errors import DDMError
+from ddm.core.functional import model_apply
 from ddm.data.run import Run
 from ddm.router.trained import load_router
+from ddm.sampling.ensemble import Ensemble
+from ddm.train.checkpoint import load_pinned
 
 
 def open_run(run: Run | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:

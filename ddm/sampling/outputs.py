@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ddm.core.codec import LATENT_PREVIEW_TITLE
-from ddm.core.ensemble import SampleResult
 from ddm.core.errors import DDMError
 from ddm.core.images import grid_image, save_png
+from ddm.sampling.ensemble import SampleResult
 from ddm.sampling.request import Request
 
 

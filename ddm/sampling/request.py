@@ -13,7 +13,7 @@ import numpy as np
 from ddm.core.config import SEED_MAX, SampleConfig
 from ddm.core.errors import DDMError
 from ddm.core.flow import SOLVERS
-from ddm.core.routing import parse_strategy
+from ddm.sampling.routing import parse_strategy
 
 
 @dataclasses.dataclass(frozen=True)

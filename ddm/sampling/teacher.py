@@ -3,7 +3,7 @@ function, `ddm.experts.distill.Teacher`.
 
 - "cluster": sample i runs expert clusters[i] alone (one expert forward per sample, as in the paper). The rows
   are grouped by cluster and each expert runs on its own rows, by the ensemble's dispatcher
-  (`ddm.core.dispatch` with one-hot weights: "unrolled" chunks on CPU, "grouped" buckets on GPU/TPU), so each
+  (`ddm.sampling.dispatch` with one-hot weights: "unrolled" chunks on CPU, "grouped" buckets on GPU/TPU), so each
   expert's parameters are read once per batch, never copied per sample;
 - "full": every expert runs on every sample (the experts share one architecture: their parameters stacked
   along a leading axis [K, ...] and one expert function vmapped over them) and the router's posterior
@@ -15,11 +15,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ddm.core import dispatch
-from ddm.core.ensemble import Ensemble
 from ddm.core.errors import DDMError
 from ddm.data.run import Run
 from ddm.experts.distill import Teacher
+from ddm.sampling import dispatch
+from ddm.sampling.ensemble import Ensemble
 from ddm.sampling.load import load_ensemble
 
 

@@ -34,10 +34,10 @@ import time
 import jax
 import numpy as np
 
-from ddm.core.ensemble import Ensemble
 from ddm.core.errors import DDMError
-from ddm.core.routing import parse_strategy
+from ddm.sampling.ensemble import Ensemble
 from ddm.sampling.request import Request, generate
+from ddm.sampling.routing import parse_strategy
 from ddm.verify.environment import environment
 from ddm.verify.phash import perceptual_hashes
 from ddm.verify.records import claimed_values, make_record, record_codec

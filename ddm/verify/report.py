@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ddm.core.plots import pyplot, save_figure
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
+from ddm.train.plots import pyplot, save_figure
 from ddm.verify.analysis import MODES_SCORED, analyse
 from ddm.verify.claims import HONEST_KINDS, INTRA_KIND, EvalSettings, build_claims, gallery
 from ddm.verify.phash import HASH_BITS

@@ -6,7 +6,7 @@ A job is a `Task` (which model, which loss, which data, where to write) plus a `
     resume      latest intact orbax checkpoint if any (verified against its digest; onto the current mesh,
                 any device count)
     loop        batch = reader(step) -> train_step (jit, donated state) -> log / checkpoint
-                (log steps also evaluate the held-out set and feed the metrics writers; `ddm.core.monitor`)
+                (log steps also evaluate the held-out set and feed the metrics writers; `ddm.train.monitor`)
     finish      final EMA params saved standalone, their SHA-256 returned for the manifest
 
 Everything random is a pure function of (seed, step): `fold_in(key, step)` for noise, the reader's
@@ -33,14 +33,14 @@ from flax import nnx
 from tqdm import tqdm
 
 from ddm.core import mesh as mesh_lib
-from ddm.core.checkpoint import Checkpointer, abstract_with_shardings, save_params
 from ddm.core.codec import Codec
 from ddm.core.config import TrainConfig
 from ddm.core.errors import DDMError
 from ddm.core.hashing import pytree_sha256
-from ddm.core.monitor import HeldOut, Monitor, Sampler
-from ddm.core.plots import plot_loss_curve
-from ddm.core.preemption import Preempted, StopRequest
+from ddm.train.checkpoint import Checkpointer, abstract_with_shardings, save_params
+from ddm.train.monitor import HeldOut, Monitor, Sampler
+from ddm.train.plots import plot_loss_curve
+from ddm.train.preemption import Preempted, StopRequest
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import numpy as np
 from flax import nnx
 
 from ddm.core import mesh as mesh_lib
-from ddm.core.config import TrainConfig
 from ddm.core.codec import Codec
+from ddm.core.config import TrainConfig
 from ddm.core.images import grid_image, save_png
-from ddm.core.writers import HOLDOUT_PREFIX, Writers, check_available, open_writers
+from ddm.train.writers import HOLDOUT_PREFIX, Writers, check_available, open_writers
 
 # (model, noise [n, H, W, C] float32) -> samples [n, H, W, C] float32 in about [-1, 1]; traceable.
 Sampler = Callable[[nnx.Module, jax.Array], jax.Array]

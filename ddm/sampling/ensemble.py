@@ -5,11 +5,11 @@
 The whole solve is one device program: `Ensemble.sample` jits, per (batch shape, strategy, steps, solver, CFG),
 a function that integrates the ODE with `ddm.core.flow.integrate` (a `lax.scan` over the velocity evaluations)
 and, at every evaluation, runs the router, turns its posterior into weights (`route_weights`) and dispatches on
-the device (`ddm.core.dispatch`): each expert runs only on the rows routed to it, and the weighted velocities
+the device (`ddm.sampling.dispatch`): each expert runs only on the rows routed to it, and the weighted velocities
 are added up. Nothing comes back to the host until the solve ends: one program launch per batch, no per-step
 synchronisation, and experts nobody selected cost nothing. `full` and `single:K` know their selection without
 looking and run their experts on the whole batch. `dispatch` chooses how the experts are run ("auto": the
-backend's best; see `ddm.core.dispatch` for the options and docs/benchmarks.md for the measurements):
+backend's best; see `ddm.sampling.dispatch` for the options and docs/benchmarks.md for the measurements):
 "unrolled" on CPU (every expert its own code and its own parameters, rows in chunks of a static size),
 "grouped" on GPU/TPU (the experts' parameters stacked, one code for all of them, one bucket per expert whose
 size is chosen on the device).
@@ -49,13 +49,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from ddm.core import dispatch as dispatch_lib
 from ddm.core import flow
-from ddm.core.errors import DDMError
 from ddm.core.codec import Codec
-from ddm.core.routing import Strategy, parse_strategy, route_weights
+from ddm.core.errors import DDMError
+from ddm.sampling import dispatch as dispatch_lib
+from ddm.sampling.routing import Strategy, parse_strategy, route_weights
 
 ExpertApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 RouterApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -284,7 +283,7 @@ class Ensemble:
     min_bucket: the smallest dispatch bucket (bounds the bucket sizes compiled for tiny selections); batches
         smaller than min_bucket * (available experts) use B / (available experts) instead.
     dispatch: "auto" (the backend's best: "grouped"), "grouped", "capacity" or "host" (the reference); see
-        the module docstring and `ddm.core.dispatch`.
+        the module docstring and `ddm.sampling.dispatch`.
     expert_sharding: where the stacked expert parameters live, e.g. `NamedSharding(mesh, P("expert"))` to put
         the available experts on the devices of an `expert` mesh axis; None: jax's default device.
 
@@ -671,21 +670,3 @@ class Ensemble:
 
             x = step(velocity, x, float(ts[i]), float(ts[i + 1]))
         return x, jnp.stack(step_weights), real, padded
-
-
-def model_apply(model: nnx.Module, *, labels: bool = True) -> tuple[Callable, Any]:
-    """A pure apply function and the state of an NNX model, in the form `Ensemble` takes.
-
-    Returns (apply(state, x [b, H, W, C], t [b], y [b] | None) -> output, state). labels=False drops y (for a
-    model without a class input).
-    """
-    graphdef, state = nnx.split(model)
-
-    if labels:
-        def apply(state, x, t, y):
-            return nnx.merge(graphdef, state)(x, t, y)
-    else:
-        def apply(state, x, t, y):
-            return nnx.merge(graphdef, state)(x, t)
-
-    return apply, state

@@ -24,7 +24,7 @@ from ddm.core.errors import DDMError
 
 logger = logging.getLogger(__name__)
 
-HOLDOUT_PREFIX = "holdout_"  # metrics row keys of held-out evaluations (ddm.core.monitor)
+HOLDOUT_PREFIX = "holdout_"  # metrics row keys of held-out evaluations (ddm.train.monitor)
 NOT_SCALARS = ("step", "time")
 
 

@@ -1,6 +1,6 @@
 """Routed dispatch on the device: sum_k w[:, k] * v_k(x) computed without a host round-trip.
 
-Pure, jit-able functions used by `ddm.core.ensemble.Ensemble`. The experts share one `expert_apply(params, x,
+Pure, jit-able functions used by `ddm.sampling.ensemble.Ensemble`. The experts share one `expert_apply(params, x,
 t, y)`; their parameters are *stacked*: one pytree whose leaves carry a leading expert axis [S, ...] over the S
 available experts (`stack_params`), so one traced expert function serves every expert, selected by a traced
 index, and the stack can be sharded over an `expert` mesh axis.
