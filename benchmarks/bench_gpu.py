@@ -1,9 +1,9 @@
 """Training throughput of the paper's experts on one accelerator: DiT-B/2 and DiT-XL/2 on 32x32x4 latents,
 bfloat16 compute (float32 parameters, AdamW state and loss), with and without per-block remat.
 
-    python benchmarks/bench_gpu.py                        # on a GPU: the table below, ~3-6 minutes
-    python benchmarks/bench_gpu.py --cpu-tiny             # anywhere: tiny shapes, checks the script runs
-    python benchmarks/bench_gpu.py --batch 128 --steps 30 --peak-tflops 989
+    python -m benchmarks.bench_gpu                        # on a GPU: the table below, ~3-6 minutes
+    python -m benchmarks.bench_gpu --cpu-tiny             # anywhere: tiny shapes, checks the script runs
+    python -m benchmarks.bench_gpu --batch 128 --steps 30 --peak-tflops 989
 
 Each (model, remat) case runs in a fresh subprocess (clean peak-memory counter; an out-of-memory case is
 reported, not fatal): the full training step of `ddm.train.trainer.train_step` (flow-matching loss with label
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # Dense bf16 peak FLOP/s by device kind (substring match, first wins).
 PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12),
@@ -117,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     for preset in args.models.split(","):
         for remat in args.remat.split(","):
             batch = args.batch or (8 if args.cpu_tiny else 256 if preset in ("S", "B") else 128)
-            cmd = [sys.executable, __file__, "--case", f"{preset}:{remat}:{batch}", "--steps", str(args.steps),
+            cmd = [sys.executable, "-m", "benchmarks.bench_gpu", "--case", f"{preset}:{remat}:{batch}", "--steps", str(args.steps),
                    "--warmup", str(args.warmup)] + (["--cpu-tiny"] if args.cpu_tiny else [])
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                 failure = None if lines else (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
             except subprocess.TimeoutExpired:
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(["model", "remat", "batch", "images/s", "ms/step", "MFU", "peak memory"], rows))
     print()
     device = results[0]["device"] if results else "?"
-    print(machine_table(extra={"device": device, "command": " ".join(["python benchmarks/bench_gpu.py",
+    print(machine_table(extra={"device": device, "command": " ".join(["python -m benchmarks.bench_gpu",
                                                                         *(argv or sys.argv[1:])])}))
     return 0
 

@@ -1,6 +1,6 @@
 """Times `ddm.data.kmeans.kmeans` against scikit-learn's Lloyd k-means on the same data, start and iterations.
 
-    python benchmarks/bench_kmeans.py [--repeats 5] [--iters 50]
+    python -m benchmarks.bench_kmeans [--repeats 5] [--iters 50]
 
 Both start from the same k-means++ centroids and run the same number of Lloyd iterations (ours with tol=0;
 scikit-learn with tol=0 stops early only on exact label convergence, so its iteration count is measured first
@@ -9,7 +9,7 @@ of several end-to-end calls (input checks, transfers and the final labels includ
 implementations called in turn so that background load affects both alike. The ms/iter columns are the
 marginal cost of an iteration: (time at `iters` - time at 1 iteration) / (iters - 1).
 Prints a markdown table and the machine it ran on. On a machine shared with other jobs, also run it pinned
-to one core (`taskset -c 0 python benchmarks/bench_kmeans.py`): XLA, OpenMP and OpenBLAS all size their
+to one core (`taskset -c 0 python -m benchmarks.bench_kmeans`): XLA, OpenMP and OpenBLAS all size their
 thread pools from the affinity mask, and no side then loses time to oversubscribed threads.
 """
 
@@ -19,14 +19,12 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 import sklearn  # noqa: E402

@@ -1,8 +1,8 @@
 """`ddm prepare` on a large memory-mapped float16 latent .npy (peak RSS, time), then the shard reader's
 latents/s on the result, against what one island consumes.
 
-    nice -n 10 python benchmarks/bench_prepare.py                 # 250,000 x 32x32x4 float16 = 2.0 GB
-    python benchmarks/bench_prepare.py --n 20000 --keep DIR       # smaller; keep the files in DIR
+    nice -n 10 python -m benchmarks.bench_prepare                 # 250,000 x 32x32x4 float16 = 2.0 GB
+    python -m benchmarks.bench_prepare --n 20000 --keep DIR       # smaller; keep the files in DIR
 
 The .npy is written by this script (random values a block at a time, in a temporary folder that is deleted at
 the end) and prepared by `ddm prepare` in a child process, whose peak resident memory is its own VmHWM
@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine_table, markdown_table  # noqa: E402
 from ddm.core.config import ModelConfig  # noqa: E402
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{island:,.0f} latents/s (3 x {flops / 3 / 1e9:.1f} GFLOP per latent)"],
         ]))
         print()
-        print(machine_table(extra={"command": "python benchmarks/bench_prepare.py " + " ".join(argv or sys.argv[1:])}))
+        print(machine_table(extra={"command": "python -m benchmarks.bench_prepare " + " ".join(argv or sys.argv[1:])}))
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

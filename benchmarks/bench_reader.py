@@ -2,8 +2,8 @@
 permutation (the reader before chunk-aware shuffling) against the chunk-aware order, with and without
 background prefetch, against what one island consumes.
 
-    nice -n 15 python benchmarks/bench_reader.py                  # 8 shards, 250,000 x 32x32x4 float16 = 2.0 GB
-    python benchmarks/bench_reader.py --n 20000 --batches 20      # a quick look
+    nice -n 15 python -m benchmarks.bench_reader                  # 8 shards, 250,000 x 32x32x4 float16 = 2.0 GB
+    python -m benchmarks.bench_reader --n 20000 --batches 20      # a quick look
 
 The shards are written by this script (random values, `ShardWriter`, zarr chunks of `--chunk` latents) in a
 temporary folder deleted at the end; every reader streams them (`in_memory=False`, as for shards larger than
@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine_table, markdown_table  # noqa: E402
 from ddm.core.config import ModelConfig  # noqa: E402
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"one 8xH100 island, DiT-B/2 at {args.mfu:.0%} MFU: {island:,.0f} latents/s "
               f"(3 x {flops / 3 / 1e9:.1f} GFLOP per latent)")
         print()
-        print(machine_table(extra={"command": "python benchmarks/bench_reader.py " + " ".join(argv or sys.argv[1:])}))
+        print(machine_table(extra={"command": "python -m benchmarks.bench_reader " + " ".join(argv or sys.argv[1:])}))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0

@@ -1,6 +1,6 @@
 """Router cost per sampling step relative to one expert of the default preset: FLOPs and measured time.
 
-    python benchmarks/bench_router.py [--quick] [--repeats N] [--batch B] [--config digits.yaml ...]
+    python -m benchmarks.bench_router [--quick] [--repeats N] [--batch B] [--config digits.yaml ...]
 
 With top-1 routing every velocity evaluation runs the router once and one expert per sample, so the router's
 overhead is router cost / expert cost per image. For each shipped config's expert (configs/digits.yaml: DiT
@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +124,7 @@ def main() -> None:
                         help="only this shipped config (repeatable; default: all of them)")
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 7)
-    command = "python benchmarks/bench_router.py" + (" --quick" if args.quick else "") + (
+    command = "python -m benchmarks.bench_router" + (" --quick" if args.quick else "") + (
         f" --repeats {args.repeats}" if args.repeats else "") + "".join(f" --config {c}" for c in args.config or [])
     print(machine_table(extra={"command": f"`{command}`", "batch": args.batch, "rounds": repeats}))
     print()

@@ -1,6 +1,6 @@
 """Sampling throughput of the routed ensemble (top-1, top-2, full, ...) relative to one expert sampling alone.
 
-    python benchmarks/bench_sampling.py [--quick] [--repeats N] [--device cpu|gpu]
+    python -m benchmarks.bench_sampling [--quick] [--repeats N] [--device cpu|gpu]
 
 For each shape, K=8 randomly initialised DiT experts (same architecture, seeds 0..7) and a random conv router
 are put in one `Ensemble`; the baseline is an `Ensemble` holding only expert 0, sampled with `single:0` (no
@@ -23,19 +23,26 @@ Random init is adapted so that the numbers mean something:
   "experts used" column shows how evenly). Its cost is the real router's.
 
 Columns: "dispatch" is the dispatcher that ran (`SampleResult.dispatch`; "auto" resolves to "unrolled" on CPU,
-"grouped" on GPU; "host" is the reference that reads the routing weights back every evaluation); "expert rows"
+"grouped" on GPU; "host" is the tests' reference dispatcher, tests/oracles/host_dispatch.py, that reads the routing
+weights back every evaluation); "expert rows"
 is the number of rows the experts actually ran per evaluation (chunk/bucket padding included), relative to the
 batch (single = 1.0, full = K); "router share" is the router's forward time (jit, warm, median at the same
 batch) times the evaluations of one call, over the strategy's time; "plain loop" is a jitted Euler loop over
 expert 0 without the `Ensemble` (one program launch per step). "top1, exact rows (no router)" is a bound, not a
 dispatcher: one jitted program running each expert on exactly its top-1 rows (no padding, no routing; the
 selection is fixed from a top-1 `sample` call), i.e. what per-expert calls cost on this backend at best.
+
+Prior rows (ancestral sampling: each sample's expert drawn once from the cluster shares, here K equal clusters,
+then that expert alone, no router): `prior` against `single:0` at n = 64*K images in one call, both timed here
+(the only rows at that n; "experts used" is then the drawn experts); every case but S (512 S images take
+minutes on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 from pathlib import Path
@@ -43,7 +50,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +67,7 @@ from ddm.core import flow as solvers
 from ddm.core.dit import DiT, preset_dims
 from ddm.router.model import ConvRouter, conv_widths
 from ddm.sampling.ensemble import Ensemble
+from tests.oracles.host_dispatch import HOST, host_sample
 
 K = 8
 # (row label, strategy, dispatch) after the single-expert baseline; "auto" is what `Ensemble` picks.
@@ -69,7 +76,7 @@ RUNS = (
     ("top2", "top2", "auto"),
     ("full", "full", "auto"),
     ("top1+full:0.5", "top1+full:0.5", "auto"),
-    ("top1 (host reference)", "top1", "host"),
+    ("top1 (host reference)", "top1", HOST),
 )
 # The device dispatchers "auto" did not pick, and "unrolled" with a smaller chunk (`min_bucket` 4): the full run
 # measures them (docs/benchmarks.md says why "auto" picks what it picks).
@@ -89,6 +96,7 @@ class Case:
     router_preset: str
     plain_loop: bool = True
     options: bool = True
+    prior: bool = True  # the prior rows (n = 64*K)
 
     @property
     def name(self) -> str:
@@ -108,7 +116,7 @@ def cases(device: str, quick: bool, repeats: int | None) -> list[Case]:
     # S on 32x32x4 (256 tokens, 12 blocks of width 384) takes about 0.15 s per image-step on a 2-core CPU:
     # a small batch, one step, few rounds.
     out.append(Case("S", (32, 32, 4), 2, 4, 1, repeats or (4 if quick else 5), "S", plain_loop=False,
-                    options=not quick))
+                    options=not quick, prior=False))
     return out
 
 
@@ -231,9 +239,11 @@ def bench_case(case: Case, gpu: bool) -> list[list[str]]:
     n, steps = case.batch, case.steps
     results = {}
 
-    def sampler(ens, strategy, key):
+    def sampler(ens, strategy, key, reference=False):
+        draw = functools.partial(host_sample, ens) if reference else ens.sample
+
         def run():
-            results[key] = ens.sample(n, strategy, steps=steps, solver="euler", seed=0)
+            results[key] = draw(n, strategy, steps=steps, solver="euler", seed=0)
             return results[key].x
         return run
 
@@ -247,8 +257,9 @@ def bench_case(case: Case, gpu: bool) -> list[list[str]]:
         if case.batch // K > SMALL_CHUNK:  # otherwise the floor is below it already
             runs.append((f"top1 ({auto}, min_bucket {SMALL_CHUNK})", "top1", auto))
     for label, strategy, dispatch in runs:
-        ens = ensemble.replace(dispatch=dispatch, min_bucket=SMALL_CHUNK if "min_bucket" in label else 8)
-        fns[label] = sampler(ens, strategy, label)
+        ens = ensemble.replace(dispatch="auto" if dispatch == HOST else dispatch,
+                               min_bucket=SMALL_CHUNK if "min_bucket" in label else 8)
+        fns[label] = sampler(ens, strategy, label, reference=dispatch == HOST)
     # Warm-up (compilation), then the bound: the top-1 assignment of the first step, fixed.
     interleaved(fns, repeats=1, warmup=0, block=jax.block_until_ready)
     choice = np.argmax(results["top1"].weights[0], -1)
@@ -278,6 +289,37 @@ def bench_case(case: Case, gpu: bool) -> list[list[str]]:
         rows.append([case.name, f"B={n}, {steps} steps", name, "-" if res is None else res.dispatch,
                      fmt(n / timing.median), f"{base.median / timing.median:.2f}", cpu, f"{expert_rows:.2f}",
                      used, share, f"{timing.spread:.0%}"])
+    return rows + (prior_rows(case, expert_apply, params, gpu) if case.prior else [])
+
+
+def prior_rows(case: Case, expert_apply, params, gpu: bool) -> list[list[str]]:
+    """`single:0` and `prior` (K equal cluster sizes, no router) at n = 64*K, interleaved: two table rows."""
+    n, steps = 64 * K, case.steps
+    single = Ensemble(expert_apply, params[:1], None, None, image_shape=case.image_shape)
+    prior = Ensemble(expert_apply, params, None, None, image_shape=case.image_shape, prior_counts=np.ones(K))
+    results = {}
+
+    def sampler(ens, strategy):
+        def run():
+            results[strategy] = ens.sample(n, strategy, steps=steps, solver="euler", seed=0)
+            return results[strategy].x
+        return run
+
+    fns = {"single:0": sampler(single, "single:0"), "prior": sampler(prior, "prior")}
+    interleaved(fns, repeats=1, warmup=0, block=jax.block_until_ready)  # compilation
+    timings = interleaved(fns, repeats=case.repeats, warmup=0, block=jax.block_until_ready)
+    base = timings["single:0"]
+    rows = []
+    for name, timing in timings.items():
+        res = results[name]
+        used = "-"
+        if name == "prior":
+            drawn = np.bincount(res.experts, minlength=K) / n
+            used = f"{int((drawn > 0).sum())}/{K} (max {drawn.max():.2f})"
+        cpu = "-" if gpu else f"{base.cpu_median / timing.cpu_median:.2f}"
+        rows.append([case.name, f"B={n}, {steps} steps", f"{name} (n=64K)", res.dispatch, fmt(n / timing.median),
+                     f"{base.median / timing.median:.2f}", cpu, f"{res.padded_evals / (steps * n):.2f}", used,
+                     "-", f"{timing.spread:.0%}"])
     return rows
 
 
@@ -298,7 +340,7 @@ def main() -> None:
         sys.exit(f"--device gpu needs a GPU; jax's default backend here is {jax.default_backend()}")
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
-    command = "python benchmarks/bench_sampling.py" + (" --quick" if args.quick else "") + (
+    command = "python -m benchmarks.bench_sampling" + (" --quick" if args.quick else "") + (
         " --device gpu" if args.device == "gpu" else "")
     extra = {"command": f"`{command}`", "experts": f"K={K}, Euler solver, min_bucket 8",
              "device": str(jax.devices()[0].device_kind)}

@@ -1,6 +1,6 @@
 """Cost of checking a shard against its digest when a reader opens it (once per process).
 
-    python benchmarks/bench_shard_digest.py [--sizes 10000,60000,300000]
+    python -m benchmarks.bench_shard_digest [--sizes 10000,60000,300000]
 
 Writes synthetic 28x28x1 uint8 shards with int32 labels (chunked along N as `ddm prepare` does) and times
 - opening a `ShardReader` without a digest (tensorstore read of the whole shard into memory),
@@ -17,7 +17,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from ddm.data import shards  # noqa: E402
 

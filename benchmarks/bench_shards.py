@@ -1,6 +1,6 @@
 """Read throughput of cluster shards: `ShardReader.batch` in memory vs streaming, and raw tensorstore reads.
 
-    python benchmarks/bench_shards.py [--seconds 2] [--chunk 256]
+    python -m benchmarks.bench_shards [--seconds 2] [--chunk 256]
 
 Writes two shards into a temporary folder: the 10,000 MNIST images of ../shared/data/mnist10k.npz (synthetic
 28x28x1 noise when the file is absent) and 60,000 synthetic 28x28x1 images, chunked along N as `ddm prepare`
@@ -19,7 +19,6 @@ import importlib.metadata
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from ddm.data.shards import ShardReader, open_shard, write_shard  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Expert training step: ours (JAX/Flax NNX, `ddm.train.trainer.train_step`) against a straightforward PyTorch DiT.
 
     pip install torch==2.13.0        # benchmark only: torch is not a dependency of ddm
-    python benchmarks/bench_torch_dit.py [--quick] [--repeats N]
+    python -m benchmarks.bench_torch_dit [--quick] [--repeats N]
 
 Both sides train the same DiT (patch embed, fixed 2-D sin-cos position embedding, timestep MLP, adaLN-Zero
 blocks with the same widths / heads / MLP ratio, adaLN final layer; float32) with the same step:
@@ -43,7 +43,6 @@ except ImportError:
     sys.exit("bench_torch_dit.py needs PyTorch, which is not a dependency of ddm: pip install torch==2.13.0")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import jax
 import jax.numpy as jnp
@@ -345,7 +344,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     repeats = args.repeats or (3 if args.quick else 7)
-    command = "python benchmarks/bench_torch_dit.py" + (" --quick" if args.quick else "")
+    command = "python -m benchmarks.bench_torch_dit" + (" --quick" if args.quick else "")
     print(machine_table(("jax", "jaxlib", "flax", "optax", "torch"),
                         extra={"command": f"`{command}`", "torch threads": torch.get_num_threads(),
                                "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],

@@ -12,8 +12,8 @@ time on a shared machine), images/s, the sharding overhead ratio (step time / 1-
 preset: the 8 fake devices share the same cores, so a ratio above 1 is partitioning, collective and
 replicated-work overhead), and peak host memory (ru_maxrss of the worker).
 
-    python benchmarks/bench_train.py                 # both presets: ~5 minutes on 2 cores, ~8 when busy
-    python benchmarks/bench_train.py --presets tiny  # ~2 minutes
+    python -m benchmarks.bench_train                 # both presets: ~5 minutes on 2 cores, ~8 when busy
+    python -m benchmarks.bench_train --presets tiny  # ~2 minutes
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 # preset -> (image shape, default batch, default timed steps). S is ~450x the FLOPs of tiny per image at 32x32:
 # a handful of images per step keeps the whole benchmark within minutes on 2 cores.
 PRESETS = {"tiny": ((8, 8, 1), 64, 15), "S": ((32, 32, 4), 8, 1)}
@@ -117,7 +116,7 @@ def run_config(preset: str, devices: int, data: int, fsdp: int, batch: int, step
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile time is part of the report
-    cmd = [sys.executable, __file__, "--worker", "--preset", preset, "--image", *map(str, image),
+    cmd = [sys.executable, "-m", "benchmarks.bench_train", "--worker", "--preset", preset, "--image", *map(str, image),
            "--batch", str(batch), "--steps", str(steps), "--data", str(data), "--fsdp", str(fsdp)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -170,7 +169,7 @@ def main(argv=None) -> None:
             rows.append(row)
             print(f"  {preset:>4} {devices} device(s) mesh {row['mesh']}: {row['images_per_s']:.3g} img/s, "
                   f"step {row['step_s'] * 1e3:.0f} ms, compile {row['compile_s']:.0f}s", file=sys.stderr)
-    command = "python benchmarks/bench_train.py" + "".join(
+    command = "python -m benchmarks.bench_train" + "".join(
         f" --{k} {v}" for k, v in (("batch", args.batch), ("steps", args.steps)) if v)
     if args.presets != list(PRESETS):
         command += " --presets " + " ".join(args.presets)

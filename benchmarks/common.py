@@ -4,9 +4,8 @@ Timings on a shared CPU are noisy, so every script reports *ratios measured in t
 being compared are warmed up (compiled) first, then called in turn, round after round (`interleaved`), so that
 background load hits all of them alike, and each one's median over the rounds is taken.
 
-Use from a script as
+Use from a script run as a module from the repo root (`python -m benchmarks.NAME`) as
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.common import interleaved, machine_table, markdown_table
 """
 

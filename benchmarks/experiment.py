@@ -2,7 +2,7 @@
 strategy, over several seeds and training budgets (our version of the paper's Table 1 and its budget curve),
 with k-means vs random partitions and, optionally, the distilled student (the paper's section 4.4).
 
-    python benchmarks/experiment.py [--dataset digits|mnist10k] [--seeds 0,1,2] [--partitions kmeans,random]
+    python -m benchmarks.experiment [--dataset digits|mnist10k] [--seeds 0,1,2] [--partitions kmeans,random]
         [--flop-match batch|steps] [--budgets 300,1000,3000 | --expert-steps 250] [--ks 2,4,8] [--batch B]
         [--ema 0.98] [--router-steps 150] [--distill-steps N --teacher cluster|full] [--n 400]
         [--sample-steps 20] [--out runs/experiment] [--set section.key=value ...] [--strategies full,top1,...]
@@ -13,9 +13,9 @@ OUT/<dataset>/<match>-k<K>-s<S>/<p>-s<s>/:
 - prepare with the dataset's config + the overrides below (stored in the manifest, so every later stage uses
   them). The clustering itself uses data.seed=0 for every seed, so all runs share the same holdout set and
   the same feature network; the seed changes expert/router/student initialisation, data order and sampling noise.
-- `random`: after preparing, the training images are re-split uniformly at random into K equal-size shards
-  (seeded by s), written with `ddm.data.shards.write_shard`; the manifest's clusters say so
-  (clustering.method = "random"). The held-out images get random labels.
+- `random`: prepared with `data.partition=random`, `data.partition_seed=s`: the training images are split
+  uniformly at random into K equal-size shards (clustering.method = "random"), the held-out images get random
+  clusters too (same holdout set as the k-means runs).
 - K experts x S steps, the router x R steps, then (kmeans runs only; the monolith does not depend on the
   partition) the monolith with the same training FLOPs, matched one of two ways (`--flop-match`):
       batch (default, the paper's: 8 experts x batch 32 = the monolith's 256): every expert takes batch B / K
@@ -55,13 +55,11 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from ddm.core.config import load_config
 from ddm.core.dit import dit_flops_per_image
-from ddm.data import islands
 from ddm.data import manifest as mf
-from ddm.data.shards import read_labels, read_shard, write_shard
+from ddm.data.shards import read_shard
 from ddm.eval.evaluate import DEFAULT_STRATEGIES, evaluate_run
 from ddm.router.model import router_flops_per_image
 
@@ -98,30 +96,32 @@ def expert_batch(args, k: int) -> int:
     return args.batch // k
 
 
-def run_overrides(args, seed: int, steps: int, k: int) -> list[str]:
-    s, r = steps, args.router_steps
+def job_overrides(section: str, steps: int, batch: int | None, ema: float, seed: int, log_parts: int = 2) -> list[str]:
+    """`section.train.*`: `steps` steps (a tenth of them warmup, one checkpoint at the end) at `batch` (None: the
+    config's), EMA decay `ema`, seed `seed`."""
+    return [f"{section}.train.{key}={value}" for key, value in (
+        ("steps", steps), ("warmup_steps", max(steps // 10, 1)), *([("batch_size", batch)] if batch else []),
+        ("ema_decay", ema), ("seed", seed), ("checkpoint_every", steps), ("log_every", max(steps // log_parts, 1)))]
+
+
+def run_overrides(args, seed: int, steps: int, k: int, partition: str = "kmeans") -> list[str]:
+    distill = max(args.distill_steps, 1)
     return [
         *DATASET_OVERRIDES[args.dataset],
-        "data.seed=0", f"data.k={k}",
-        f"expert.train.steps={s}", f"expert.train.warmup_steps={max(s // 10, 1)}",
-        f"expert.train.ema_decay={args.ema}", f"expert.train.batch_size={expert_batch(args, k)}",
-        f"expert.train.seed={seed}", f"expert.train.checkpoint_every={s}", f"expert.train.log_every={max(s // 2, 1)}",
-        f"router.train.steps={r}", f"router.train.warmup_steps={max(r // 10, 1)}", "router.train.ema_decay=0.95",
-        f"router.train.seed={seed}", f"router.train.checkpoint_every={r}", f"router.train.log_every={max(r // 2, 1)}",
+        "data.seed=0", f"data.k={k}", f"data.partition={partition}", f"data.partition_seed={seed}",
+        *job_overrides("expert", steps, expert_batch(args, k), args.ema, seed),
+        *job_overrides("router", args.router_steps, None, 0.95, seed),
         f"sample.steps={args.sample_steps}", f"sample.seed={seed}",
         # The student: the experts' architecture, the monolith's batch, its own step count.
-        f"distill.model.preset={{expert_preset}}", f"distill.model.patch_size={{expert_patch}}",
-        f"distill.train.steps={max(args.distill_steps, 1)}", f"distill.train.batch_size={args.batch}",
-        f"distill.train.warmup_steps={max(args.distill_steps // 10, 1)}", f"distill.train.ema_decay={args.ema}",
-        f"distill.train.seed={seed}", f"distill.train.checkpoint_every={max(args.distill_steps, 1)}",
-        f"distill.train.log_every={max(args.distill_steps // 2, 1)}", f"distill.teacher={args.teacher}",
+        "distill.model.preset={expert_preset}", "distill.model.patch_size={expert_patch}",
+        *job_overrides("distill", distill, args.batch, args.ema, seed), f"distill.teacher={args.teacher}",
         *args.set,
     ]
 
 
-def resolved_overrides(args, seed: int, steps: int, k: int) -> list[str]:
+def resolved_overrides(args, seed: int, steps: int, k: int, partition: str = "kmeans") -> list[str]:
     """run_overrides with the student's architecture filled in from the experts' (after every --set)."""
-    raw = run_overrides(args, seed, steps, k)
+    raw = run_overrides(args, seed, steps, k, partition)
     cfg = load_config(CONFIGS[args.dataset], [o for o in raw if not o.startswith("distill.model")])
     return [o.format(expert_preset=cfg.expert.model.preset, expert_patch=cfg.expert.model.patch_size)
             if o.startswith("distill.model") else o for o in raw]
@@ -158,60 +158,6 @@ def flops(cfg, image_shape: tuple[int, int, int], k: int, match: str, monolith_b
     return out
 
 
-def _partition_inertia(images: np.ndarray, labels: np.ndarray, cfg) -> float:
-    """Within-cluster sum of squares of a partition in the run's clustering embedding (as k-means reports)."""
-    from ddm.data.embed import embed
-
-    features = embed(images, cfg.data).astype(np.float64)
-    return float(sum(((features[labels == k] - features[labels == k].mean(0)) ** 2).sum()
-                     for k in np.unique(labels)))
-
-
-def random_partition(run_dir: Path, seed: int, cfg) -> None:
-    """Re-splits a prepared run's training images uniformly at random into K equal-size shards.
-
-    The manifest then says clustering.method = "random" (n_iter 0, inertia of the random partition in the same
-    embedding, for comparison with k-means'); held-out images get random labels; clusters/labels.npy (k-means
-    labels) is removed.
-    """
-    manifest = mf.read_manifest(run_dir)
-    if manifest["clustering"].get("method") == "random":
-        return
-    k = len(manifest["clusters"])
-    paths = [mf.resolve(run_dir, c["shard"]) for c in manifest["clusters"]]
-    images = np.concatenate([read_shard(path) for path in paths])
-    classes = [read_labels(path) for path in paths]
-    classes = None if classes[0] is None else np.concatenate(classes)
-    rng = np.random.default_rng([seed, 7])
-    labels = np.empty(len(images), np.int32)
-    labels[rng.permutation(len(images))] = np.arange(len(images)) % k
-    chunk = manifest["config"]["data"]["chunk_images"]
-    for c in manifest["clusters"]:
-        rows = labels == c["id"]
-        member_classes = None if classes is None else classes[rows]
-        sha = write_shard(mf.resolve(run_dir, c["shard"]), images[rows], member_classes, chunk, cluster=c["id"])
-        c.update(count=int(rows.sum()), share=int(rows.sum()) / len(images), sha256=sha)
-        if member_classes is not None:
-            c["class_counts"] = np.bincount(member_classes, minlength=manifest["dataset"]["num_classes"]).tolist()
-    holdout = manifest.get("holdout") or {}
-    if holdout.get("labels"):
-        np.save(mf.resolve(run_dir, holdout["labels"]), rng.integers(0, k, holdout["count"]).astype(np.int32))
-    (run_dir / "clusters" / "labels.npy").unlink(missing_ok=True)  # k-means labels no longer describe the shards
-    manifest["clustering"].pop("train_labels", None)  # the k-means labels file is gone
-    manifest["clustering"].update(method="random", random_seed=seed, n_iter=0,
-                                  kmeans_inertia=manifest["clustering"].get("inertia"),
-                                  inertia=_partition_inertia(images, labels, cfg))
-    # The bundles name the new shards and the new plan (islands train from their bundle alone).
-    run_id = mf.plan_sha256(manifest)
-    for c in manifest["clusters"]:
-        bundle = run_dir / c["bundle"]
-        old = json.loads((bundle / islands.ISLAND_JSON).read_text())
-        shard = {**old["shard"], "sha256": c["sha256"], "count": c["count"]}
-        islands.write_island_json(bundle, islands.island_record(run_id, c["id"], manifest["dataset"], shard,
-                                                                old.get("holdout"), manifest["config"]))
-    mf.write_manifest(run_dir, manifest)
-
-
 def finished(entry: dict | None, steps: int) -> bool:
     return bool(entry) and entry.get("status") == "finished" and entry.get("step") == steps
 
@@ -230,13 +176,11 @@ def build_run(args, partition: str, seed: int, steps: int, k: int) -> Path:
     from ddm.data.run import Run
 
     run_dir = run_dir_of(args, partition, seed, steps, k)
-    overrides = resolved_overrides(args, seed, steps, k)
+    overrides = resolved_overrides(args, seed, steps, k, partition)
     cfg = load_config(CONFIGS[args.dataset], overrides)
     if not mf.manifest_path(run_dir).exists():
         log(f"{run_dir}: prepare")
         prepare(cfg, run_dir, base_dir=REPO)
-    if partition == "random":
-        random_partition(run_dir, seed, cfg)
     manifest = mf.read_manifest(run_dir)
     for c in manifest["clusters"]:
         if not finished(manifest.get("experts", {}).get(str(c["id"])), cfg.expert.train.steps):
@@ -257,9 +201,7 @@ def build_run(args, partition: str, seed: int, steps: int, k: int) -> Path:
         m, b = budget["monolith_steps"], budget["monolith_batch"]
         if not finished(mf.read_manifest(run_dir).get("monolith"), m):
             t0 = time.perf_counter()
-            train_monolith(run_dir, [f"expert.train.steps={m}", f"expert.train.warmup_steps={max(m // 10, 1)}",
-                                     f"expert.train.batch_size={b}", f"expert.train.checkpoint_every={m}",
-                                     f"expert.train.log_every={max(m // 4, 1)}"], progress=False)
+            train_monolith(run_dir, job_overrides("monolith", m, b, args.ema, seed, log_parts=4), progress=False)
             log(f"{run_dir.parent.name}/{run_dir.name}: monolith ({m} steps x {b}) {time.perf_counter() - t0:.0f}s")
         if args.distill_steps and not finished(mf.read_manifest(run_dir).get("student"), args.distill_steps):
             t0 = time.perf_counter()
@@ -517,7 +459,7 @@ def main() -> int:
     parser.add_argument("--sample-steps", type=int, default=20, help="Heun steps")
     parser.add_argument("--out", default=str(REPO / "runs" / "experiment"))
     parser.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
-    # Default: `ddm evaluate`'s list, the paper's Table 1 strategies plus top1+full:0.5 (ddm/routing.py).
+    # Default: `ddm evaluate`'s list, the paper's Table 1 strategies plus top1+full:0.5 and prior (ddm/sampling/routing.py).
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                         help="routing strategies to evaluate, comma-separated (a finished run's report is reused "
                              "when it has them all)")

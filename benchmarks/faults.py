@@ -1,6 +1,6 @@
 """Counted fault figures (issue 17): SIGKILLs during training, corrupted files, bad input, fuzzed records.
 
-    python benchmarks/faults.py [--work /tmp/ddm-faults] [--kills 20] [--parallel 4] [--seed 0] [--steps 60]
+    python -m benchmarks.faults [--work /tmp/ddm-faults] [--kills 20] [--parallel 4] [--seed 0] [--steps 60]
         [--parts kills,corrupt,badinput,fuzz,cost] [--records 1000] [--no-compile-cache]
 
 Everything runs on digits (K=2, a micro expert of --steps steps, batch 32, a checkpoint every 5 steps), in
@@ -14,8 +14,8 @@ kills     one uninterrupted `ddm train-expert --cluster 0` gives the reference f
 corrupt   on a trained run (2 experts + router): a flipped bit in an intermediate expert / router checkpoint,
           the final expert / router weights, a shard chunk; manifests that are invalid JSON, have wrong types,
           or swap two clusters' shards -> whether the command that reads it notices (exit 2 or a warning).
-badinput  `ddm.app.badinput`: every bad input of the catalogue against the trained run -> clean errors.
-fuzz      `ddm.verify.fuzz.run_fuzz` (issue 18's 1,000 seeded mutants of an honest record, auto mode) ->
+badinput  `tests/oracles/badinput.py`: every bad input of the catalogue against the trained run -> clean errors.
+fuzz      `tests/oracles/fuzz.py` `run_fuzz` (issue 18's 1,000 seeded mutants of an honest record, auto mode) ->
           tracebacks, exit codes, exit 0 on altered claims, the slowest record.
 cost      what the checkpoint digests cost: hashing a step of the micro expert, SHA-256 throughput.
 
@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
@@ -263,7 +262,7 @@ def corrupt(base: Path, work: Path, steps: int) -> Path:
 
 
 def bad_input(run: Path, work: Path) -> None:
-    from ddm.app import badinput
+    from tests.oracles import badinput
 
     cases = badinput.bad_input_cases(run, work / "badinput")
     t0 = time.perf_counter()
@@ -286,9 +285,9 @@ def fuzz(run: Path, work: Path, records: int, seed: int) -> None:
     from ddm.data.run import Run
     from ddm.sampling.request import Request
     from ddm.verify.environment import environment
-    from ddm.verify.fuzz import run_fuzz
     from ddm.verify.records import make_record
     from ddm.verify.verdict import Verifier
+    from tests.oracles.fuzz import run_fuzz
 
     opened = Run.open(run)
     verifier = Verifier(opened)

@@ -1,6 +1,6 @@
 """Adversarial records against `ddm verify`: the issue's 93 former false accepts, and a seeded 1,000-record fuzz.
 
-    python benchmarks/fuzz_records.py [--run-dir runs/digits] [--records 1000] [--seed 0]
+    python -m benchmarks.fuzz_records [--run-dir runs/digits] [--records 1000] [--seed 0]
         [--modes auto,tolerance,phash] [--signed] [--worst-case]
 
 The honest record is what `ddm sample --record` writes for 4 images, top1, 8 Heun steps, seed 0 (the issue's
@@ -21,17 +21,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine_table, markdown_table
 from ddm.data.run import Run
 from ddm.sampling.request import Request
 from ddm.verify.environment import environment
-from ddm.verify.fuzz import issue_cases, judge_mutants, run_fuzz
 from ddm.verify.limits import VerifyLimits
 from ddm.verify.records import make_record
 from ddm.verify.signing import generate_keypair, load_private_key, load_public_key, sign_record
 from ddm.verify.verdict import Verifier
+from tests.oracles.fuzz import issue_cases, judge_mutants, run_fuzz
 
 
 def table(result: dict) -> str:

@@ -1,7 +1,7 @@
 """Writes a small latent dataset for `configs/digits-latents.yaml`: the 1,797 digits as float16 "latents"
 [N, 8, 8, 4] with their class labels, in the range and precision of SD-VAE latents (not centred, std ~4).
 
-    python benchmarks/make_latents.py [--out runs/digits-latents.npz]
+    python -m benchmarks.make_latents [--out runs/digits-latents.npz]
     ddm run --config configs/digits-latents.yaml
 
 No VAE is involved (none ships offline): channel 0 is the digit, channel 1 its negative, channel 2 a blurred

@@ -1,7 +1,7 @@
 """Speckle probe (issue 15): are the mnist10k experts' speckled samples caused by the learning rate (tuned for
 the monolith's batch 128, applied at the experts' batch 16) or by the EMA decay (0.99)?
 
-    python benchmarks/speckle.py [--k 8] [--cluster 0] [--steps 1500] [--batch 16] [--lrs 0.002,0.000707]
+    python -m benchmarks.speckle [--k 8] [--cluster 0] [--steps 1500] [--batch 16] [--lrs 0.002,0.000707]
         [--emas 0.99,0.999] [--n 64] [--sample-steps 20] [--seed 0] [--out runs/speckle]
 
 The cheapest evidence: one expert (cluster `--cluster` of a K-means split of mnist10k, the experiment's CPU
@@ -26,7 +26,6 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.experiment import CONFIGS, DATASET_OVERRIDES
 from ddm.core.config import load_config

@@ -1,6 +1,6 @@
 """The verification table of docs/verification.md from a `ddm consensus-eval` work folder, for chosen fleets.
 
-    python benchmarks/verify_table.py RUN/eval/consensus_work --fleet 0,1,2 [--fleet 0,1,3 ...] [--margin 2]
+    python -m benchmarks.verify_table RUN/eval/consensus_work --fleet 0,1,2 [--fleet 0,1,3 ...] [--margin 2]
         [--holdout]
 
 A fleet is a set of the folder's honest verifiers (their indices in consensus_work, e.g. verifier_3.json). For
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.common import markdown_table
 from ddm.verify.analysis import MODES_SCORED, analyse

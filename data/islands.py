@@ -9,7 +9,8 @@
     holdout/      the held-out images whose nearest centroid is k (their loss is logged while training)
 
 Copying (or uploading) that folder is how work is handed to an island; the island never sees the run
-directory. `Bundle.open` reads and checks island.json; the shard is checked against its digest when the
+directory. `Bundle.open` reads island.json and checks it against `ISLAND_SCHEMA` (a damaged or hand-edited
+one is a one-line error naming the field); the shard is checked against its digest when the
 reader opens it. A bundle's digest (`bundle_sha256`, of island.json's canonical JSON) names it in the expert
 record the island writes, so the coordinator can tell which plan an expert was trained from.
 """
@@ -17,21 +18,38 @@ record the island writes, so the coordinator can tell which plan an expert was t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
+from ddm.core import documents
 from ddm.core.codec import Codec
 from ddm.core.config import Config, config_from_data, with_num_classes
 from ddm.core.errors import DDMError
+from ddm.core.schema import Anything, Hex, Int, ListOf, Nullable, Obj, RelPath, Str
 from ddm.data import storage
+from ddm.data.manifest_schema import MAX_CLASSES, MAX_CLUSTERS, MAX_COUNT, MAX_SIDE
 from ddm.data.shards import NO_LABEL, read_labels, read_shard, verify_shard
 
 BUNDLE_FORMAT = "ddm-island/v1"
 ISLAND_JSON = "island.json"
 SHARD, HOLDOUT = "shard", "holdout"  # the bundle's shard folders
+
+_SHARD = Obj({"path": RelPath(), "sha256": Hex(64), "count": Int(min=0, max=MAX_COUNT)})
+ISLAND_SCHEMA = Obj(
+    {"format": Str(),
+     "run_id": Hex(64),
+     "cluster": Int(min=0, max=MAX_CLUSTERS - 1),
+     "dataset": Obj({"fingerprint": Hex(64),
+                     "image_shape": ListOf(Int(min=1, max=MAX_SIDE), min_len=3, max_len=3,
+                                           name=f"a list of 3 integers in 1..{MAX_SIDE} ([H, W, C])")},
+                    optional={"num_classes": Nullable(Int(min=0, max=MAX_CLASSES)),
+                              "class_names": Nullable(ListOf(Str(), max_len=MAX_CLASSES)),
+                              "dtype": Str(), "codec": Nullable(Anything(dict, "an object"))}),
+     "shard": _SHARD,
+     "config": Anything(dict, "an object")},  # checked by the config's own dataclasses
+    optional={"holdout": Nullable(_SHARD)},
+)
 
 
 def bundle_dir(run_dir: str | Path, k: int) -> Path:
@@ -49,7 +67,7 @@ def island_record(run_id: str, cluster: int, dataset: dict, shard: dict, holdout
 
 
 def write_island_json(bundle: str | Path, record: dict) -> None:
-    storage.write_bytes(storage.join(bundle, ISLAND_JSON), json.dumps(record, indent=2) + "\n")
+    storage.write_bytes(storage.join(bundle, ISLAND_JSON), documents.dumps(record))
 
 
 def publish_bundles(run_dir: str | Path, dest: str, clusters: list[int]) -> list[str]:
@@ -65,7 +83,7 @@ def publish_bundles(run_dir: str | Path, dest: str, clusters: list[int]) -> list
 
 def bundle_sha256(record: dict) -> str:
     """SHA-256 of island.json's canonical JSON: the bundle's name in expert records."""
-    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return documents.digest(record)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +102,7 @@ class Bundle:
         if raw is None:
             raise DDMError(f"no island bundle at {root} ({ISLAND_JSON} missing): copy RUN/islands/<k> from a "
                            "prepared run")
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DDMError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(record, dict) or record.get("format") != BUNDLE_FORMAT:
-            raise DDMError(f"{path} is not a {BUNDLE_FORMAT} record")
-        for key in ("run_id", "cluster", "dataset", "shard", "config"):
-            if key not in record:
-                raise DDMError(f"{path} has no {key!r}")
+        record = documents.load(raw, ISLAND_SCHEMA, f"island bundle {path}", fmt=BUNDLE_FORMAT)
         num_classes = int(record["dataset"].get("num_classes") or 0)
         config = with_num_classes(config_from_data(record["config"], overrides), num_classes)
         return cls(str(root) if storage.is_url(root) else Path(root), record, config)

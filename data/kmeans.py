@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 LOG_EVERY = 10  # iterations between progress lines (and host syncs) when progress is on
 # Above this many N*K distance entries the assignment step runs over blocks of rows, so memory stays at
 # about CHUNK_ELEMENTS floats instead of N*K (1.28M points x 1024 fine centroids would be 5 GB). Below it
-# one unblocked pass is faster: on CPU a scan over cache-sized blocks measured 2-3x slower per iteration.
+# one unblocked pass is faster: on CPU a scan over cache-sized blocks is slower per iteration (docs/benchmarks.md).
 CHUNK_ELEMENTS = 1 << 25
 # k-means++ costs K * trials passes over its input, so it runs on a seeded subsample of
 # max(INIT_SAMPLE_MIN, INIT_SAMPLE_PER_CLUSTER * K) points when N is larger; Lloyd then uses every point.
@@ -138,8 +138,8 @@ def _argmin_rows(part: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-row (first) argmin [n] int32 and min [n] of part [n, K].
 
     For K >= 16 the min and then the smallest index attaining it are two plain reductions, which XLA:CPU
-    vectorises; its fused (value, index) argmin reduction measured 3-4x slower there (K=256: 210 vs 68 ms for
-    200k rows). For small K the fused argmin is the faster one. Both give the same (first-index) answer.
+    vectorises; its fused (value, index) argmin reduction is slower there (docs/benchmarks.md, "k-means vs
+    scikit-learn"). For small K the fused argmin is the faster one. Both give the same (first-index) answer.
     """
     k = part.shape[1]
     best = jnp.min(part, axis=1)
@@ -225,7 +225,7 @@ def _capacity_assign(dist: jax.Array, cap: jax.Array) -> jax.Array:
 
     The margin order is fixed once per call. Recomputing margins over the open centroids every round (a
     "regret" variant) gave 0.005-0.08% lower balanced inertia on skewed blobs and MNIST but cost a sort per
-    round, 3-6x slower on CPU. Returns labels [N] int32 with bincount <= cap.
+    round, several times slower (docs/benchmarks.md). Returns labels [N] int32 with bincount <= cap.
     """
     n, k = dist.shape
     iota = jnp.arange(n, dtype=jnp.int32)

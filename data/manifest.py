@@ -12,33 +12,36 @@ Schema (format "ddm-run/v2"; paths are relative to the run directory):
                                                         `labels`: their nearest centroid (.npy)
     config:     the resolved `Config` the run was prepared with
     experts:    {"k": {status, step, sha256, path, ...}}  filled in by `ddm assemble` (never by an island)
-    router, monolith: {status, step, sha256, path}
+    router, monolith, student: {status, step, sha256, path}
+                the components (`ddm.data.components`: the one list of them)
 
 Every read checks the manifest against its schema (`ddm.data.manifest_schema`: types, ranges, how fields
 relate), so a damaged or hand-edited manifest is a one-line error naming the field.
 
-Only coordinator commands (prepare, assemble, train-router, train-monolith, the local launcher) update it.
+Only coordinator commands (prepare, assemble, train-router, train-monolith, distill, the local launcher) update
+it.
 Two of them may still run at once on one machine, so every update takes an exclusive lock and writes through
 a temporary file + rename: a reader never sees a half-written manifest.
 
 A run has two names. `plan_sha256` (the *run id* islands carry) digests what was planned: dataset,
-clustering, each cluster's shard digest, the resolved config. `manifest_sha256` (what verification records
-name) digests the plan plus each finished component's weight SHA-256. Neither sees volatile fields (times,
-durations, paths, statuses), so moving the run, re-running finished work or assembling the same experts
-again leaves every record valid.
+clustering, each cluster's shard digest, the resolved config; no component section enters it. `manifest_sha256`
+(what verification records name) digests the plan plus the weight SHA-256 of each finished component the routed
+ensemble samples with (experts, router: `components.ENSEMBLE`); the monolith and the student are left out, so
+training them after records were made (or after `ddm export`) leaves every record valid. Neither sees volatile
+fields (times, durations, paths, statuses), so moving the run, re-running finished work or assembling the same
+experts again leaves every record valid.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ddm.core import documents
 from ddm.core.errors import DDMError
+from ddm.data import components
 from ddm.data.manifest_schema import validate_manifest
 
 FORMAT = "ddm-run/v2"
@@ -56,12 +59,8 @@ def manifest_path(run_dir: str | Path) -> Path:
 def read_manifest(run_dir: str | Path) -> dict:
     """The manifest of `run_dir`; DDMError if there is none or it is not valid."""
     path = manifest_path(run_dir)
-    if not path.is_file():
-        raise DDMError(f"no manifest at {path}: run `ddm prepare` for this run directory first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit number
-        raise DDMError(f"manifest {path} is not valid JSON: {str(err)[:200]}") from None
+    # parsed first, checked below: an old format is named before its fields would be refused one by one
+    manifest = documents.read(path, None, "manifest", missing="run `ddm prepare` for this run directory first")
     if isinstance(manifest, dict) and manifest.get("format") in OLD_FORMATS:
         raise DDMError(f"manifest {path} is {manifest['format']} ({OLD_FORMATS[manifest['format']]}): prepare the "
                        f"run again with this version of ddm (ddm prepare --overwrite)")
@@ -77,10 +76,7 @@ def read_manifest(run_dir: str | Path) -> dict:
 
 def write_manifest(run_dir: str | Path, manifest: dict) -> None:
     """Writes atomically (temp file + rename) so a crash never leaves a truncated manifest."""
-    path = manifest_path(run_dir)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    documents.write(manifest_path(run_dir), manifest)
 
 
 @contextlib.contextmanager
@@ -119,11 +115,7 @@ def record_component(run_dir: str | Path, section: str, key: str | None, entry: 
 # Keys of a cluster entry / of the config that say where things are, not what they are.
 _PLACE_KEYS = ("shard", "bundle")
 _CONFIG_PLACE_KEYS = ("run_dir",)
-COMPONENT_SECTIONS = ("experts", "router", "monolith")
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+COMPONENT_SECTIONS = components.SECTIONS
 
 
 def plan_sha256(manifest: dict) -> str:
@@ -135,7 +127,7 @@ def plan_sha256(manifest: dict) -> str:
                             for c in plan["clusters"]]
     if isinstance(plan.get("config"), dict):
         plan["config"] = {k: v for k, v in plan["config"].items() if k not in _CONFIG_PLACE_KEYS}
-    return _digest(plan)
+    return documents.digest(plan)
 
 
 def _weights(entry) -> dict | None:
@@ -146,13 +138,16 @@ def _weights(entry) -> dict | None:
 
 
 def manifest_sha256(manifest: dict) -> str:
-    """The run's identity in verification records: SHA-256 of the plan's digest and every finished component's
-    weights (see the module docstring)."""
-    experts = manifest.get("experts") or {}
-    identity = {"plan": plan_sha256(manifest),
-                "experts": {k: _weights(e) for k, e in sorted(experts.items()) if _weights(e)},
-                **{s: _weights(manifest.get(s)) for s in ("router", "monolith") if _weights(manifest.get(s))}}
-    return _digest(identity)
+    """The run's identity in verification records: SHA-256 of the plan's digest and the weights of every
+    finished component the routed ensemble uses (`components.ENSEMBLE`; see the module docstring)."""
+    identity: dict = {"plan": plan_sha256(manifest)}
+    for c in components.ENSEMBLE:
+        section = manifest.get(c.name)
+        if c.per_cluster:
+            identity[c.name] = {k: _weights(e) for k, e in sorted((section or {}).items()) if _weights(e)}
+        elif _weights(section):
+            identity[c.name] = _weights(section)
+    return documents.digest(identity)
 
 
 def resolve(run_dir: str | Path, relative: str) -> str:

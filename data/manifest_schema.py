@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from ddm.core.schema import Anything, Hex, Int, ListOf, MapOf, Nullable, Num, Obj, RelPath, Str, check
+from ddm.data.components import COMPONENTS
 
 MAX_COUNT = 2**40  # images; far beyond any dataset, small enough that sums stay exact
 MAX_SIDE = 65_536  # pixels (or latent cells) per side, and channels
@@ -19,12 +20,12 @@ MAX_CLUSTERS = 2**16
 MAX_CLASSES = 2**20  # class labels travel as int32; a million classes is far beyond any dataset here
 STATUSES = ("finished", "pending", "running", "failed")
 
-# A trained component (an expert, the router, the monolith) as its job records it.
+# A trained component (an expert, the router, the monolith, the student) as its job records it.
 COMPONENT = Obj(
     {"status": Str(choices=STATUSES)},
     optional={"step": Int(min=0), "sha256": Hex(64), "path": RelPath(), "seconds": Num(min=0),
               "num_clusters": Int(min=1, max=MAX_CLUSTERS), "model": Anything(dict, "an object"),
-              "train": Anything(dict, "an object"), "router": Anything(dict, "an object")},
+              "train": Anything(dict, "an object"), "router": Anything(dict, "an object"), "teacher": Str()},
 )
 
 SCHEMA = Obj(
@@ -53,8 +54,8 @@ SCHEMA = Obj(
         "created": Str(),
         "holdout": Obj({"count": Int(min=0, max=MAX_COUNT)}, optional={"shard": RelPath(), "labels": RelPath()}),
         "experts": MapOf(Nullable(COMPONENT), key_pattern=r"0|[1-9][0-9]{0,5}", key_name="cluster ids"),
-        "router": Nullable(COMPONENT),
-        "monolith": Nullable(COMPONENT),
+        # router, monolith, student: one entry per run (`ddm.data.components`)
+        **{c.name: Nullable(COMPONENT) for c in COMPONENTS if not c.per_cluster},
     },
 )
 

@@ -1,4 +1,4 @@
-"""`ddm prepare`: dataset -> embeddings -> k-means -> one zarr shard per cluster + manifest.
+"""`ddm prepare`: dataset -> embeddings -> k-means (or a random partition) -> one zarr shard per cluster + manifest.
 
 The manifest is written last: a crash part-way leaves no manifest, and rerunning simply redoes the work.
 An existing run directory is never clobbered by accident: a different dataset or clustering needs
@@ -20,6 +20,7 @@ from ddm.core.errors import DDMError
 from ddm.core.hashing import dataset_fingerprint, labels_fingerprint
 from ddm.data import manifest as mf
 from ddm.data import islands
+from ddm.data.components import COMPONENTS
 from ddm.data.embed import fit_embedding, load_features
 from ddm.data.kmeans import assign, kmeans
 from ddm.data.shards import ShardWriter
@@ -31,7 +32,7 @@ BLOCK_ROWS = 4_096  # rows per block when streaming features, assignments and sh
 STATS_BLOCK_BYTES = 32 << 20  # float64 working set of one block of the latent statistics
 
 # Everything ddm writes in a run directory; `--overwrite` removes only these.
-RUN_CONTENTS = ("manifest.json", "shards", "islands", "clusters", "experts", "router", "monolith", "samples", "eval",
+RUN_CONTENTS = ("manifest.json", "shards", "islands", "clusters", *(c.folder for c in COMPONENTS), "samples", "eval",
                 "slurm", "k8s")
 
 
@@ -40,6 +41,14 @@ def fit_sample(n: int, fit_samples: int, seed: int) -> np.ndarray:
     if n <= fit_samples:
         return np.arange(n)
     return np.sort(np.random.default_rng([seed, 2]).choice(n, fit_samples, replace=False))
+
+
+def random_partition(n: int, k: int, seed: int, stream: int) -> np.ndarray:
+    """[n] int32 cluster ids in 0..k-1 drawn uniformly at random with equal sizes (within one): a seeded
+    permutation dealt round-robin. `stream` separates independent draws of one seed (training / held-out rows)."""
+    labels = np.empty(n, np.int32)
+    labels[np.random.default_rng([seed, 7, stream]).permutation(n)] = np.arange(n) % k
+    return labels
 
 
 def data_codec(images: np.ndarray, cfg: DataConfig, block_rows: int = BLOCK_ROWS) -> Codec:
@@ -96,6 +105,11 @@ def _write_rows(path: str, images: np.ndarray, labels: np.ndarray | None, rows: 
 
 def _clustering_params(cfg: Config) -> dict:
     d = cfg.data
+    if d.partition == "random":
+        seed = d.seed if d.partition_seed is None else d.partition_seed
+        return dict(method="random", k=d.k, partition_seed=seed, seed=d.seed, holdout_fraction=d.holdout_fraction,
+                    limit=d.limit, image_size=d.image_size, kind=d.kind,
+                    **({"latent_scale": d.latent_scale} if d.kind == "latents" else {}))
     params = dict(method=d.kmeans, k=d.k, embedding=d.embedding, embed_dim=d.embed_dim, seed=d.seed,
                   max_iter=d.max_iter, tol=d.tol, holdout_fraction=d.holdout_fraction, limit=d.limit,
                   image_size=d.image_size, kind=d.kind, fit_samples=d.fit_samples)
@@ -189,6 +203,33 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
 
     train_idx, hold_idx = split_holdout(n, cfg.data.holdout_fraction, cfg.data.k, cfg.data.seed)
     codec = data_codec(images, cfg.data, block_rows)
+    if cfg.data.partition == "random":
+        logger.info(f"random partition K={cfg.data.k} (seed {params['partition_seed']}) of {len(train_idx):,} "
+                    "training images ...")
+        train_labels = random_partition(len(train_idx), cfg.data.k, params["partition_seed"], 0)
+        hold_labels = random_partition(len(hold_idx), cfg.data.k, params["partition_seed"], 1)
+        fitted = {"n_iter": 0}
+    else:
+        train_labels, hold_labels, fitted = _kmeans_labels(images, train_idx, hold_idx, codec, cfg, base_dir,
+                                                           block_rows)
+    if overwrite and mf.manifest_path(run_dir).exists():
+        logger.info(f"--overwrite: removing the earlier preparation in {run_dir}")
+        _clear_run_dir(run_dir)
+    logger.info("writing shards ...")
+    (run_dir / "clusters").mkdir(exist_ok=True)
+    if "centroids" in fitted:
+        np.save(run_dir / "clusters" / "centroids.npy", fitted.pop("centroids"))
+        fitted["centroids"] = "clusters/centroids.npy"
+    np.save(run_dir / "clusters" / "labels.npy", train_labels)
+    return _write_run(run_dir, cfg, dataset, codec, data_fp, labels_sha, params, fitted, train_idx, hold_idx,
+                      train_labels, hold_labels, block_rows, t0)
+
+
+def _kmeans_labels(images, train_idx: np.ndarray, hold_idx: np.ndarray, codec: Codec, cfg: Config,
+                   base_dir: Path | None, block_rows: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """k-means on the embedding: (train labels [N_train] int32, held-out labels [N_hold] int32: the nearest
+    centroid, the manifest's clustering results {inertia, n_iter, centroids [K, D] float32})."""
+    n = len(images)
     fit_idx = fit_sample(n, cfg.data.fit_samples, cfg.data.seed)
     logger.info(f"embedding with {cfg.data.embedding} (fitted on {len(fit_idx):,} of {n:,} images) ...")
     features_of = _feature_source(images, fit_idx, codec, cfg, base_dir, block_rows)
@@ -209,14 +250,15 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
         train_labels[block] = assign(features_of(train_idx[block]), result.centroids)
     hold_labels = np.concatenate([assign(features_of(hold_idx[lo:lo + block_rows]), result.centroids)
                                   for lo in range(0, len(hold_idx), block_rows)] or [np.zeros(0, np.int32)])
+    return train_labels, hold_labels, {"inertia": float(result.inertia), "n_iter": int(result.n_iter),
+                                       "centroids": result.centroids}
 
-    if overwrite and mf.manifest_path(run_dir).exists():
-        logger.info(f"--overwrite: removing the earlier preparation in {run_dir}")
-        _clear_run_dir(run_dir)
-    logger.info("writing shards ...")
-    (run_dir / "clusters").mkdir(exist_ok=True)
-    np.save(run_dir / "clusters" / "centroids.npy", result.centroids)
-    np.save(run_dir / "clusters" / "labels.npy", train_labels)
+
+def _write_run(run_dir: Path, cfg: Config, dataset, codec: Codec, data_fp: str, labels_sha: str | None, params: dict,
+               fitted: dict, train_idx: np.ndarray, hold_idx: np.ndarray, train_labels: np.ndarray,
+               hold_labels: np.ndarray, block_rows: int, t0: float) -> dict:
+    """Writes every cluster's shard and island bundle, the holdout and (last) the manifest; returns it."""
+    images, labels, n = dataset.images, dataset.labels, len(dataset.images)
     clusters, island_holdouts = [], []
     for k in range(cfg.data.k):
         # The cluster's shard lives in its island bundle: the one copy, which the manifest points at.
@@ -250,8 +292,7 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
                     "class_names": dataset.class_names, "labels_sha256": labels_sha,
                     # latents only: image runs keep the manifest they always had (no codec means images)
                     **({"dtype": images.dtype.name, "codec": codec.to_dict()} if codec.latents else {})},
-        "clustering": {**params, "inertia": float(result.inertia), "n_iter": int(result.n_iter),
-                       "centroids": "clusters/centroids.npy", "train_labels": "clusters/labels.npy"},
+        "clustering": {**params, **fitted, "train_labels": "clusters/labels.npy"},
         "clusters": clusters,
         "holdout": holdout,
         "config": {**to_dict(cfg), "run_dir": str(run_dir)},

@@ -22,10 +22,10 @@ from ddm.core.codec import Codec
 from ddm.core.config import Config, config_from_data, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.data import manifest as mf
+from ddm.data.components import EXPERTS, Component, component
 from ddm.data.shards import NO_LABEL, read_labels, read_shard
 from ddm.data.sums import check_sums
 
-COMPONENTS = ("router", "monolith", "student")  # single components beside the per-cluster experts
 EXPORT_INFO = "export.json"  # marks an exported run folder
 WEIGHTS_SUFFIX = ".safetensors"  # an exported component's file: its manifest path + this suffix
 
@@ -62,8 +62,9 @@ class Run:
 
     @property
     def sha256(self) -> str:
-        """The run's identity in verification records: its plan and every finished component's weight digest,
-        no times, durations or paths (`ddm.data.manifest.manifest_sha256`)."""
+        """The run's identity in verification records: its plan and the weight digests of the finished experts
+        and router (what an ensemble sample uses; not the monolith or student), no times, durations or paths
+        (`ddm.data.manifest.manifest_sha256`)."""
         return mf.manifest_sha256(self.manifest)
 
     @property
@@ -185,7 +186,7 @@ class Run:
         return (images[keep], labels[keep], classes[keep]) if keep.any() else None
 
     # -----------------------------------------------------------------------------------------------------
-    # Components (experts, router, monolith).
+    # Components (`ddm.data.components`: experts, router, monolith, student).
     # -----------------------------------------------------------------------------------------------------
 
     def component(self, section: str, key: int | str | None = None) -> dict | None:
@@ -227,11 +228,11 @@ class Run:
         return [k for k in self.cluster_ids if not self.finished(self.expert(k), steps)]
 
     def expert_dir(self, k: int) -> Path:
-        return self.root.absolute() / "experts" / str(k)
+        return self.root.absolute() / EXPERTS.folder / str(k)
 
-    def component_dir(self, name: str) -> Path:
-        """RUN/router, RUN/monolith, ... (absolute)."""
-        return self.root.absolute() / name
+    def component_dir(self, name: str | Component) -> Path:
+        """RUN/router, RUN/monolith, ... (absolute): the folder of a registered component."""
+        return self.root.absolute() / (name if isinstance(name, Component) else component(name)).folder
 
     @property
     def eval_dir(self) -> Path:

@@ -30,6 +30,7 @@ from flax import nnx
 
 from ddm.core.config import to_dict
 from ddm.core.flow import drop_labels, noisy_batch
+from ddm.data.components import STUDENT
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, check_labelled
 from ddm.experts.train import draw_grid, make_dit
@@ -37,8 +38,6 @@ from ddm.train.monitor import HeldOut
 from ddm.train.trainer import Task, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
-
-STUDENT = "student"  # the manifest section and RUN/ folder of the distilled model
 
 # (x_t [B, H, W, C] float32, t [B] float32, clusters [B] int32, y [B] int32 | None) -> v [B, H, W, C] float32.
 # Pure and jit-able; its parameters are closed over (constants of the compiled step).
@@ -74,7 +73,7 @@ def train_student(run_dir: str | Path, teacher: Teacher, teacher_kind: str,
     check_labelled(reader, model_cfg.num_classes)
     held = run.holdout_set()
     task = Task(
-        name=STUDENT,
+        name=STUDENT.name,
         make_model=functools.partial(make_dit, model_cfg, run.image_shape),
         loss=functools.partial(distill_loss, teacher, train.t_sampling, train.class_dropout, model_cfg.num_classes),
         reader=reader,
@@ -87,7 +86,7 @@ def train_student(run_dir: str | Path, teacher: Teacher, teacher_kind: str,
     t0 = time.perf_counter()
     result = Trainer(task, train, progress=progress).run()
     if jax.process_index() == 0:
-        run.record(STUDENT, None, {"status": "finished", "step": result.step, "sha256": result.ema_sha256,
+        run.record(STUDENT.name, None, {"status": "finished", "step": result.step, "sha256": result.ema_sha256,
                                    "path": run.relative(result.final_path),
                                    "seconds": round(time.perf_counter() - t0, 1), "teacher": teacher_kind,
                                    "model": to_dict(model_cfg), "train": to_dict(train)})

@@ -9,35 +9,48 @@ Schema (format "ddm-expert/v1"):
     hardware, seconds, finished                    what trained it, how long, when (recorded, never checked)
 
 An island writes it last, whole, after `final/`: an OUT without it is unfinished. OUT may be a folder or a URL
-(`ddm.data.storage`).
+(`ddm.data.storage`). A reader checks it against `EXPERT_SCHEMA`, so a damaged or hand-edited record is a
+one-line error naming the field.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import socket
 import time
 from pathlib import Path
 
 import jax
 
+from ddm.core import documents
 from ddm.core.config import Config, ModelConfig, to_dict
 from ddm.core.errors import DDMError
+from ddm.core.schema import Anything, Hex, Int, Num, Obj, Str
 from ddm.data import storage
 from ddm.data.islands import Bundle
+from ddm.data.manifest_schema import MAX_CLUSTERS
 
 EXPERT_JSON = "expert.json"
 EXPERT_FORMAT = "ddm-expert/v1"
 
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+EXPERT_SCHEMA = Obj(
+    {"format": Str(),
+     "run_id": Hex(64),
+     "cluster": Int(min=0, max=MAX_CLUSTERS - 1),
+     "shard_sha256": Hex(64),
+     "model_digest": Hex(64),
+     "ema_sha256": Hex(64),
+     "step": Int(min=0),
+     # a folder of OUT: a name, never a path that could lead out of it
+     "final": Str(pattern=r"(?!\.\.?$)[A-Za-z0-9._-]+", name="a folder name (letters, digits, . _ -)")},
+    optional={"bundle_sha256": Hex(64), "config_digest": Hex(64), "seconds": Num(min=0),
+              "model": Anything(dict, "an object"), "train": Anything(dict, "an object"),
+              "hardware": Anything(), "finished": Anything()},  # recorded, never checked
+)
 
 
 def model_digest(model_cfg: ModelConfig) -> str:
     """SHA-256 of an expert's model config (canonical JSON): the architecture its weights fit."""
-    return _digest(to_dict(model_cfg))
+    return documents.digest(to_dict(model_cfg))
 
 
 def hardware() -> dict:
@@ -51,14 +64,14 @@ def expert_record(bundle: Bundle, cfg: Config, ema_sha256: str, step: int, secon
     """expert.json's content for an expert trained from `bundle` with config `cfg`."""
     return {"format": EXPERT_FORMAT, "run_id": bundle.run_id, "cluster": bundle.cluster,
             "bundle_sha256": bundle.sha256, "shard_sha256": bundle.shard_sha256,
-            "model_digest": model_digest(cfg.expert.model), "config_digest": _digest(to_dict(cfg.expert)),
+            "model_digest": model_digest(cfg.expert.model), "config_digest": documents.digest(to_dict(cfg.expert)),
             "ema_sha256": ema_sha256, "step": step, "final": "final",
             "model": to_dict(cfg.expert.model), "train": to_dict(cfg.expert.train),
             "hardware": hardware(), "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def write_expert_json(out: str | Path, record: dict) -> None:
-    storage.write_bytes(storage.join(out, EXPERT_JSON), json.dumps(record, indent=2) + "\n")
+    storage.write_bytes(storage.join(out, EXPERT_JSON), documents.dumps(record))
 
 
 def read_expert_json(out: str | Path) -> dict:
@@ -67,13 +80,4 @@ def read_expert_json(out: str | Path) -> dict:
     raw = storage.read_bytes(path)
     if raw is None:
         raise DDMError(f"no {EXPERT_JSON} in {out}: the island has not finished training")
-    try:
-        record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DDMError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(record, dict) or record.get("format") != EXPERT_FORMAT:
-        raise DDMError(f"{path} is not a {EXPERT_FORMAT} record")
-    for key in ("run_id", "cluster", "shard_sha256", "model_digest", "ema_sha256", "step", "final"):
-        if key not in record:
-            raise DDMError(f"{path} has no {key!r}")
-    return record
+    return documents.load(raw, EXPERT_SCHEMA, f"expert record {path}", fmt=EXPERT_FORMAT)

@@ -3,10 +3,10 @@
 Both are the shared `Trainer` with a DiT and the flow-matching loss; they differ only in which shards the
 reader sees and where the results go. An expert trains from its island bundle alone into an OUT folder of its
 own (`train_island`), and writes `OUT/expert.json` for the coordinator's `ddm assemble`; the monolith trains
-on the run's shards into `RUN_DIR/monolith/`. On labelled data both are
-class-conditional: the DiT sees each image's class, replaced by the null label with probability
-`expert.train.class_dropout`, so one network learns the conditional and the unconditional flow that
-classifier-free guidance combines.
+on the run's shards into `RUN_DIR/monolith/` with its own settings (`monolith.*`, by default the expert's:
+`ddm.core.config.monolith_job`). On labelled data both are class-conditional: the DiT sees each image's class,
+replaced by the null label with probability `train.class_dropout`, so one network learns the conditional and the
+unconditional flow that classifier-free guidance combines.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import jax
 from flax import nnx
 
 from ddm.core.codec import Codec
-from ddm.core.config import Config, ModelConfig, to_dict
+from ddm.core.config import Config, ExpertConfig, ModelConfig, monolith_job, to_dict
 from ddm.core.dit import dit_from_config
 from ddm.core.errors import DDMError
-from ddm.core.flow import drop_labels, flow_matching_loss, solve_euler_loop
+from ddm.core.flow import drop_labels, flow_matching_loss, integrate
 from ddm.data import storage
+from ddm.data.components import MONOLITH
 from ddm.data.islands import Bundle
 from ddm.data.mirror import Mirror
 from ddm.data.run import Run
@@ -57,7 +58,7 @@ def flow_loss(t_sampling: str, class_dropout: float, num_classes: int, model: nn
 def draw_grid(steps: int, model: nnx.Module, noise: jax.Array) -> jax.Array:
     """The grid drawn while training: `steps` Euler steps from noise [n, H, W, C] float32 -> [n, H, W, C]
     (a class-conditional model draws unguided, with the null label)."""
-    return solve_euler_loop(lambda x_t, t: model(x_t, t), noise, steps)
+    return integrate(lambda x_t, t, evaluation: (model(x_t, t), None), noise, steps, "euler")[0]
 
 
 def make_dit(model_cfg: ModelConfig, image_shape: tuple[int, int, int], rngs: nnx.Rngs) -> nnx.Module:
@@ -65,27 +66,28 @@ def make_dit(model_cfg: ModelConfig, image_shape: tuple[int, int, int], rngs: nn
     return dit_from_config(model_cfg, image_shape, rngs)
 
 
-def _reader(paths: list[str], cluster_ids: list[int], cfg: Config, digests: list[str] | None) -> ShardReader:
-    train = cfg.expert.train
+def _reader(paths: list[str], cluster_ids: list[int], job: ExpertConfig, digests: list[str] | None) -> ShardReader:
+    train = job.train
     reader = ShardReader(paths, batch_size=train.batch_size, seed=train.seed, cluster_ids=cluster_ids,
                          process_index=jax.process_index(), process_count=jax.process_count(), digests=digests,
                          shuffle_buffer=train.shuffle_buffer, prefetch=train.prefetch)
-    check_labelled(reader, cfg.expert.model.num_classes)
+    check_labelled(reader, job.model.num_classes)
     return reader
 
 
-def _diffusion_task(name: str, cfg: Config, image_shape: tuple[int, int, int], reader: ShardReader, out_dir: Path,
-                    held: tuple | None, codec: Codec) -> Task:
-    train = cfg.expert.train
+def _diffusion_task(name: str, cfg: Config, job: ExpertConfig, image_shape: tuple[int, int, int],
+                    reader: ShardReader, out_dir: Path, held: tuple | None, codec: Codec) -> Task:
+    """The DiT job `name` with the model and training settings `job` (the expert's, or `monolith_job`)."""
+    train = job.train
     return Task(
         name=name,
-        make_model=functools.partial(make_dit, cfg.expert.model, image_shape),
-        loss=functools.partial(flow_loss, train.t_sampling, train.class_dropout, cfg.expert.model.num_classes),
+        make_model=functools.partial(make_dit, job.model, image_shape),
+        loss=functools.partial(flow_loss, train.t_sampling, train.class_dropout, job.model.num_classes),
         reader=reader,
         out_dir=out_dir,
         meta={"config": to_dict(cfg), "image_shape": list(image_shape)},
         holdout=None if held is None else HeldOut(*held),
-        sample=functools.partial(draw_grid, cfg.expert.train.sample_steps),
+        sample=functools.partial(draw_grid, train.sample_steps),
         codec=codec,
     )
 
@@ -120,10 +122,10 @@ def train_island(bundle_dir: str | Path, out: str | Path, overrides: list[str] |
     working = _working_folder(out)  # a bucket OUT it cannot write is refused before the lease is taken
     lease = Lease(out) if jax.process_index() == 0 else contextlib.nullcontext()
     with lease:
-        reader = _reader([bundle.shard_path], [k], cfg, [bundle.shard_sha256])
+        reader = _reader([bundle.shard_path], [k], cfg.expert, [bundle.shard_sha256])
         with working as work:
-            task = _diffusion_task(f"expert {k}", cfg, bundle.image_shape, reader, work, bundle.holdout_set(),
-                                   bundle.codec)
+            task = _diffusion_task(f"expert {k}", cfg, cfg.expert, bundle.image_shape, reader, work,
+                                   bundle.holdout_set(), bundle.codec)
             t0 = time.perf_counter()
             result = Trainer(task, cfg.expert.train, progress=progress).run()
         if jax.process_index() == 0:  # last, once final/ is in OUT
@@ -140,7 +142,7 @@ def train_expert(run_dir: str | Path, cluster: int, overrides: list[str] | tuple
     run = Run.open(run_dir, overrides)
     run.cluster(cluster)  # a cluster outside the run is a clear error before anything starts
     # The island reads its bundle's shard, but it registers into this manifest: one that points cluster k at
-    # another cluster's shard (issue 17, case 3) is refused before training, not assembled into.
+    # another cluster's shard is refused before training, not assembled into.
     check_shard_holds(run.shard_path(cluster), cluster)
     result = train_island(run.bundle_dir(cluster), run.expert_dir(cluster), overrides, progress=progress)
     if assemble and jax.process_index() == 0:  # the digest was just computed from the state: no read-back
@@ -148,24 +150,25 @@ def train_expert(run_dir: str | Path, cluster: int, overrides: list[str] | tuple
     return result
 
 
-def _record(run: Run, section: str, key, result: TrainResult, seconds: float) -> None:
+def _record(run: Run, section: str, key, job: ExpertConfig, result: TrainResult, seconds: float) -> None:
     if jax.process_index() != 0:
         return
-    cfg = run.config
     entry = {"status": "finished", "step": result.step, "sha256": result.ema_sha256,
              "path": run.relative(result.final_path), "seconds": round(seconds, 1),
-             "model": to_dict(cfg.expert.model), "train": to_dict(cfg.expert.train)}
+             "model": to_dict(job.model), "train": to_dict(job.train)}
     run.record(section, key, entry)
 
 
 def train_monolith(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                    progress: bool = False) -> TrainResult:
-    """The baseline: the same trainer and model on the union of all shards, under `RUN_DIR/monolith/`."""
+    """The baseline: the same trainer and a DiT on the union of all shards, under `RUN_DIR/monolith/`, with the
+    `monolith` config section (null parts: the expert's)."""
     run = Run.open(run_dir, overrides)
-    reader = _reader(run.shard_paths(), run.cluster_ids, run.config, run.shard_digests())
-    task = _diffusion_task("monolith", run.config, run.image_shape, reader, run.component_dir("monolith"),
+    job = monolith_job(run.config)
+    reader = _reader(run.shard_paths(), run.cluster_ids, job, run.shard_digests())
+    task = _diffusion_task(MONOLITH.name, run.config, job, run.image_shape, reader, run.component_dir(MONOLITH),
                            run.holdout_set(), run.codec)
     t0 = time.perf_counter()
-    result = Trainer(task, run.config.expert.train, progress=progress).run()
-    _record(run, "monolith", None, result, time.perf_counter() - t0)
+    result = Trainer(task, job.train, progress=progress).run()
+    _record(run, MONOLITH.name, None, job, result, time.perf_counter() - t0)
     return result

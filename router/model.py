@@ -108,8 +108,11 @@ class ConvStage(nnx.Module):
         return jax.nn.silu(h * (1.0 + scale) + shift)
 
 
-class ConvRouter(nnx.Module):
-    """Small conv net router: (x [B, H, W, C], t [B], y [B] | None) -> logits [B, num_clusters] float32."""
+class _StagedRouter(nnx.Module):
+    """The body the conv and MLP routers share: (x [B, H, W, C], t [B], y [B] | None) -> logits
+    [B, num_clusters] float32 through a condition embedding c(t, y), FiLM-conditioned stages, a LayerNorm and a
+    zero-initialised head (every cluster equally likely before training). Subclasses build the stages
+    (`_stages`) and shape the input and the stages' output (`_inputs`, `_pool`)."""
 
     def __init__(self, *, image_shape: tuple[int, int, int], widths: tuple[int, ...], num_clusters: int,
                  num_classes: int = 0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
@@ -117,21 +120,32 @@ class ConvRouter(nnx.Module):
         self.dtype = dtype
         cond_dim = widths[-1]
         self.cond = ConditionEmbedder(cond_dim, num_classes, freq_dim=CONV_FREQ_DIM, dtype=dtype, rngs=rngs)
-        chans = (self.image_shape[2],) + tuple(widths)
-        self.stages = nnx.List([
-            ConvStage(chans[i], chans[i + 1], cond_dim, stride=1 if i == 0 else 2, dtype=dtype, rngs=rngs)
-            for i in range(len(widths))
-        ])
+        self.stages = nnx.List(self._stages(widths, cond_dim, dtype, rngs))
         self.norm = nnx.LayerNorm(widths[-1], rngs=rngs)
         self.head = nnx.Linear(widths[-1], num_clusters, kernel_init=_zeros, rngs=rngs)
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
         check_inputs(x, t, y, self.image_shape)
         c = self.cond(t, y)
-        h = x.astype(self.dtype)
+        h = self._inputs(x).astype(self.dtype)
         for stage in self.stages:
             h = stage(h.astype(self.dtype), c)
-        return self.head(self.norm(jnp.mean(h, axis=(1, 2)))).astype(jnp.float32)
+        return self.head(self.norm(self._pool(h))).astype(jnp.float32)
+
+
+class ConvRouter(_StagedRouter):
+    """Small conv net router: (x [B, H, W, C], t [B], y [B] | None) -> logits [B, num_clusters] float32."""
+
+    def _stages(self, widths, cond_dim, dtype, rngs) -> list:
+        chans = (self.image_shape[2],) + tuple(widths)
+        return [ConvStage(chans[i], chans[i + 1], cond_dim, stride=1 if i == 0 else 2, dtype=dtype, rngs=rngs)
+                for i in range(len(widths))]
+
+    def _inputs(self, x: jax.Array) -> jax.Array:
+        return x
+
+    def _pool(self, h: jax.Array) -> jax.Array:
+        return jnp.mean(h, axis=(1, 2))
 
 
 class DenseStage(nnx.Module):
@@ -149,29 +163,19 @@ class DenseStage(nnx.Module):
         return jax.nn.silu(h * (1.0 + scale) + shift)
 
 
-class MLPRouter(nnx.Module):
+class MLPRouter(_StagedRouter):
     """Dense router on the flattened image: (x [B, H, W, C], t [B], y [B] | None) -> logits [B, num_clusters]
     float32."""
 
-    def __init__(self, *, image_shape: tuple[int, int, int], widths: tuple[int, ...], num_clusters: int,
-                 num_classes: int = 0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-        self.image_shape = _check_router_args(image_shape, num_clusters, widths)
-        self.dtype = dtype
-        cond_dim = widths[-1]
-        self.cond = ConditionEmbedder(cond_dim, num_classes, freq_dim=CONV_FREQ_DIM, dtype=dtype, rngs=rngs)
+    def _stages(self, widths, cond_dim, dtype, rngs) -> list:
         dims = (math.prod(self.image_shape),) + tuple(widths)
-        self.stages = nnx.List([DenseStage(dims[i], dims[i + 1], cond_dim, dtype=dtype, rngs=rngs)
-                                for i in range(len(widths))])
-        self.norm = nnx.LayerNorm(widths[-1], rngs=rngs)
-        self.head = nnx.Linear(widths[-1], num_clusters, kernel_init=_zeros, rngs=rngs)
+        return [DenseStage(dims[i], dims[i + 1], cond_dim, dtype=dtype, rngs=rngs) for i in range(len(widths))]
 
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
-        check_inputs(x, t, y, self.image_shape)
-        c = self.cond(t, y)
-        h = x.reshape(x.shape[0], -1).astype(self.dtype)
-        for stage in self.stages:
-            h = stage(h.astype(self.dtype), c)
-        return self.head(self.norm(h)).astype(jnp.float32)
+    def _inputs(self, x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0], -1)
+
+    def _pool(self, h: jax.Array) -> jax.Array:
+        return h
 
 
 class DiTRouter(nnx.Module):

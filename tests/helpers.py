@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from ddm.app.badinput import refusing_folder
+from oracles.badinput import refusing_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

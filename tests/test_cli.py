@@ -1,8 +1,11 @@
-"""CLI habits (issue 19): every option documented, `ddm --version`, `ddm config show`."""
+"""CLI habits: every option documented, `ddm --version`, `ddm config show`, no jax for --help / --version."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import yaml
@@ -40,6 +43,45 @@ def test_version(capsys):
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"ddm {ddm.__version__}"
     assert ddm.__version__[0].isdigit()
+
+
+# Runs in a fresh interpreter (this one has jax loaded by other tests): the parser, --version and every
+# command's --help must answer without importing jax (or flax, orbax, tensorstore).
+_NO_JAX_SCRIPT = textwrap.dedent("""
+    import contextlib, io, sys
+    from ddm.app.cli import build_parser, main
+    parser = build_parser()
+    commands = list(next(a for a in parser._actions if a.choices and "sample" in a.choices).choices)
+    for argv in [["--version"], ["--help"], ["config", "show", "--help"]] + [[c, "--help"] for c in commands]:
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                main(argv)
+            except SystemExit as exit_info:
+                assert exit_info.code == 0, (argv, exit_info.code)
+    heavy = sorted(m for m in ("jax", "flax", "orbax", "tensorstore") if m in sys.modules)
+    print("loaded:", heavy, len(commands))
+""")
+
+
+def test_help_and_version_load_no_jax():
+    done = subprocess.run([sys.executable, "-c", _NO_JAX_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded, count = done.stdout.split("loaded:")[1].rsplit(" ", 1)
+    assert loaded.strip() == "[]" and int(count) > 15, done.stdout
+
+
+def test_module_entry_point_answers_version_and_help():
+    for flag, expected in (("--version", f"ddm {ddm.__version__}"), ("--help", "usage: ddm")):
+        done = subprocess.run([sys.executable, "-m", "ddm", flag], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and expected in done.stdout, done.stderr
+
+
+def test_class_n_help_names_the_evaluation_default():
+    from ddm.eval.evaluate import DEFAULT_CLASS_N
+
+    evaluate = next(a for a in build_parser()._actions if a.choices and "evaluate" in a.choices).choices["evaluate"]
+    class_n = next(a for a in evaluate._actions if "--class-n" in a.option_strings)
+    assert class_n.default is None and f"(default {DEFAULT_CLASS_N})" in class_n.help
 
 
 def test_config_show_prints_the_resolved_config(capsys, monkeypatch):

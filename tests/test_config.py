@@ -186,3 +186,29 @@ def test_with_num_classes():
         with_num_classes(load_config(None, ["expert.model.num_classes=3"]), 0)
     with pytest.raises(DDMError, match="num_classes=0 disagrees"):
         with_num_classes(load_config(None, ["expert.model.num_classes=0"]), 10)
+
+
+def test_monolith_section_defaults_to_the_expert_and_takes_its_own_overrides():
+    from ddm.core.config import monolith_job, with_num_classes
+
+    cfg = load_config(REPO / "configs" / "digits.yaml", ["expert.train.lr=0.01"])
+    assert cfg.monolith.model is None and cfg.monolith.train is None  # null: the expert's, as resolved
+    assert monolith_job(cfg).train == cfg.expert.train and monolith_job(cfg).model == cfg.expert.model
+    # A partial monolith section is completed from the expert's values (file + overrides), and only it changes.
+    cfg = load_config(REPO / "configs" / "digits.yaml", ["monolith.train.steps=7", "expert.train.lr=0.01"])
+    job = monolith_job(cfg)
+    assert job.train.steps == 7 and job.train.lr == 0.01 and cfg.expert.train.steps == 2000
+    assert job.train.batch_size == cfg.expert.train.batch_size and job.model == cfg.expert.model
+    # As stored in a manifest and opened again with an override of its own.
+    stored = config_from_data(to_dict(load_config(REPO / "configs" / "digits.yaml")), ["monolith.train.steps=3"])
+    assert monolith_job(stored).train.steps == 3 and stored.expert.train.steps == 2000
+    assert config_from_data(to_dict(cfg)) == cfg
+    # Its model follows the data's classes; a disagreeing one is refused, bad values are one-line errors.
+    resolved = with_num_classes(load_config(None, ["monolith.model.preset=micro"]), 10)
+    assert monolith_job(resolved).model.num_classes == 10 and monolith_job(resolved).model.preset == "micro"
+    with pytest.raises(DDMError, match="monolith.model.num_classes=3 disagrees"):
+        with_num_classes(load_config(None, ["monolith.model.num_classes=3"]), 10)
+    with pytest.raises(DDMError, match="train.steps"):
+        load_config(None, ["monolith.train.steps=0"])
+    with pytest.raises(DDMError, match="unknown config key monolith.train.stepz"):
+        load_config(None, ["monolith.train.stepz=3"])

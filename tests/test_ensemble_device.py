@@ -2,7 +2,7 @@
 
 Uses the analytic Gaussian-mixture experts and router of test_ensemble_exact.py (exact velocities, cheap to
 compile). Every strategy, CFG, missing experts and `sample` are compared on a batch whose top-1 choices cover
-every expert; the reference is `dispatch="host"`, the previous design.
+every expert; the reference is the host dispatcher of tests/oracles/host_dispatch.py, the previous design.
 """
 
 import warnings
@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from oracles.host_dispatch import host_sample, host_velocity
+from oracles.traces import TraceCounter
 from test_ensemble_exact import SHAPE, K, expert_apply, expert_params, make_ensemble, noisy_points
 
 from ddm.core.errors import DDMError
@@ -31,7 +33,7 @@ def assert_same_routing(weights, reference, err_msg=""):
 
 @pytest.fixture(scope="module")
 def reference():
-    return make_ensemble(dispatch="host")
+    return make_ensemble()
 
 
 def _labels(n):
@@ -52,7 +54,7 @@ def test_velocity_equals_reference(reference, dispatch_name, text):
     kwargs = {"rng": jax.random.key(5)} if text == "sample" else {}
     if text == "oracle":
         kwargs["labels"] = _labels(96)
-    v_ref, w_ref = reference.velocity(x, t, text, **kwargs)
+    v_ref, w_ref = host_velocity(reference, x, t, text, **kwargs)
     v, w = device.velocity(x, t, text, **kwargs)
     assert_same_routing(w, w_ref, err_msg=text)
     np.testing.assert_allclose(np.asarray(v), np.asarray(v_ref), **TOL, err_msg=text)
@@ -65,7 +67,7 @@ def test_sample_equals_reference(reference, text):
     """The default device dispatch (and, for the strategies that mix selections, every device dispatch) runs
     the same solve as the reference: same routing decisions, same samples to float rounding, same counts."""
     labels = _labels(48) if text == "oracle" else None
-    ref = reference.sample(48, text, steps=3, solver="heun", seed=2, labels=labels)
+    ref = host_sample(reference, 48, text, steps=3, solver="heun", seed=2, labels=labels)
     names = DEVICE if text in ("top2", "top1+full:0.5") else ["auto"]
     for name in names:
         out = reference.replace(dispatch=name).sample(48, text, steps=3, solver="heun", seed=2, labels=labels)
@@ -88,12 +90,11 @@ def test_classifier_free_guidance_equals_reference():
         return jnp.stack([x.sum((1, 2, 3)), -x.sum((1, 2, 3)), x[:, 0, 0, 0]], -1) * params
 
     experts = [{"a": jnp.float32(0.5)}, {"a": jnp.float32(-1.0)}, {"a": jnp.float32(0.2)}]
-    host = Ensemble(cond_expert, experts, router, jnp.float32(3.0), image_shape=SHAPE, num_classes=num_classes,
-                    dispatch="host")
+    host = Ensemble(cond_expert, experts, router, jnp.float32(3.0), image_shape=SHAPE, num_classes=num_classes)
     y = np.arange(40) % (num_classes + 1)  # includes the null label
     # top1+full:0.5 runs both phases (the full posterior, then top-1) in one solve.
     for text, names in (("top1+full:0.5", DEVICE), ("full", ["unrolled"])):
-        ref = host.sample(40, text, steps=4, seed=1, y=y, cfg_scale=2.5)
+        ref = host_sample(host, 40, text, steps=4, seed=1, y=y, cfg_scale=2.5)
         for name in names:
             out = host.replace(dispatch=name).sample(40, text, steps=4, seed=1, y=y, cfg_scale=2.5)
             assert_same_routing(out.weights, ref.weights)
@@ -104,10 +105,9 @@ def test_classifier_free_guidance_equals_reference():
 def test_missing_experts_equal_reference():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        host = make_ensemble(available=[True, False, True], dispatch="host")
-        device = host.replace(dispatch="auto")
+        device = make_ensemble(available=[True, False, True])
     for text in ("top2", "sample"):
-        ref = host.sample(40, text, steps=3, seed=3)
+        ref = host_sample(device, 40, text, steps=3, seed=3)
         out = device.sample(40, text, steps=3, seed=3)
         assert (out.weights[..., 1] == 0).all()
         assert_same_routing(out.weights, ref.weights)
@@ -115,15 +115,16 @@ def test_missing_experts_equal_reference():
 
 
 def test_one_compile_per_batch_and_strategy_shape():
-    ens = make_ensemble()
-    before = ens.solve_traces
-    ens.sample(37, "top2", steps=3, seed=0)  # a batch size no other test uses
-    assert ens.solve_traces == before + 1
+    counter = TraceCounter(expert_apply)  # its own compiled programs: counts no other test disturbs
+    ens = make_ensemble().replace(expert_apply=counter)
+    ens.sample(37, "top2", steps=3, seed=0)
+    first = counter.traces
+    assert first > 0
     ens.sample(37, "top2", steps=3, seed=1)  # another seed: same program
     ens.replace(router_params=ens.router_params).sample(37, "top2", steps=3, seed=2)  # another ensemble too
-    assert ens.solve_traces == before + 1
-    ens.sample(41, "top2", steps=3, seed=0, batch_size=37)  # batches of 37 and 4: one new shape
-    assert ens.solve_traces == before + 2
+    assert counter.traces == first
+    ens.sample(41, "top2", steps=3, seed=0, batch_size=37)  # batches of 37 and 4: one new program, for the 4
+    assert counter.traces > first
 
 
 def test_no_transfer_inside_the_solve():
@@ -136,10 +137,9 @@ def test_no_transfer_inside_the_solve():
         result = ens.sample(24, "top1+full:0.5", steps=3, solver="heun", seed=1)
     assert result.x.shape == (24, *SHAPE)
     # Control: the reference dispatcher goes back to the host at every evaluation, which the guard refuses.
-    host = ens.replace(dispatch="host")
-    host.sample(24, "top1", steps=3, seed=0)
+    host_sample(ens, 24, "top1", steps=3, seed=0)
     with jax.transfer_guard("disallow"), pytest.raises(Exception, match="isallowed"):
-        host.sample(24, "top1", steps=3, seed=1)
+        host_sample(ens, 24, "top1", steps=3, seed=1)
 
 
 def test_bitwise_deterministic_and_batch_composition():

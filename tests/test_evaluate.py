@@ -128,8 +128,8 @@ def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featur
                  "--feature-steps", "10", "--cfg-scales", "1,3", "--class-n", "20"])
     assert code == 0
     report = json.loads((run / "eval" / "report.json").read_text())
-    expected = {"real (train)", "full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5", "monolith",
-                "student"}
+    expected = {"real (train)", "full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5", "prior",
+                "monolith", "student"}
     assert set(report["results"]) == expected
     for name in expected - {"real (train)"}:
         row = report["results"][name]

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 from helpers import fresh_run, unwritable_folder
+from oracles import badinput
 
-from ddm.app import badinput, cli
+from ddm.app import cli
 from ddm.app import sample as sample_app
 from ddm.core.errors import DDMError
 from ddm.core.files import check_output_dir, check_output_file
@@ -146,7 +147,7 @@ ISSUE_CASES = {  # the issue's case 5 and 6 inputs, by their names in the catalo
 
 
 def test_cases_5_and_6_and_every_bad_input_of_the_catalogue_is_a_clean_error(trained_run, tmp_path):
-    """>= 100 bad inputs across every subcommand (ddm.app.badinput): each exits 2 with one `ddm: error:` line,
+    """>= 100 bad inputs across every subcommand (tests/oracles/badinput.py): each exits 2 with one `ddm: error:` line,
     no traceback, and leaves none of its outputs behind; the issue's own cases are among them."""
     before = sorted(p.relative_to(trained_run).as_posix() for p in trained_run.rglob("*"))
     cases = badinput.bad_input_cases(trained_run, tmp_path / "work")

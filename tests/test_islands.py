@@ -110,7 +110,9 @@ def test_local_islands_failure_rerun_and_monolith(run, capsys):
 def test_ddm_run_exits_4_naming_the_islands_left_out(run, monkeypatch, capsys):
     """`ddm run` goes on without failed islands (router and samples from the others) and then exits with
     train-islands' code 4, naming them, not 0. The pipeline itself is stubbed: here no island finished."""
-    monkeypatch.setattr(cli, "run_all", lambda *args, **kwargs: {})
+    from ddm.app import pipeline
+
+    monkeypatch.setattr(pipeline, "run_all", lambda *args, **kwargs: {})  # the CLI imports it when `run` runs
     assert cli.main(["run", "--config", str(REPO / "configs" / "digits.yaml"), "--run-dir", str(run), *SETS]) == 4
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     expected = ("ddm: error: islands [0, 1] failed and were left out of the ensemble; see their train.log; "

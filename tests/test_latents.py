@@ -27,7 +27,7 @@ from ddm.eval.latentspace import latent_spaces
 from ddm.experts.train import train_expert
 from ddm.router.train import train_router
 from ddm.verify.claims import gallery
-from ddm.verify.fuzz import _with_values
+from oracles.fuzz import _with_values
 from ddm.verify.records import encode_values, latents_sha256, output_digests
 
 from conftest import REPO

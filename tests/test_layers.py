@@ -84,11 +84,15 @@ def test_wheel_installs_one_package_that_works_beside_user_packages(tmp_path):
     assert tops == {"ddm"}
 
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    # The venv sees this interpreter's packages (jax, flax, ...) but gets its own ddm from the wheel.
-    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--force-reinstall",
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--force-reinstall",
                     "--target", str(env_dir / "wheel-site"), str(wheel)], check=True, timeout=600)
+    # The venv gets its own ddm from the wheel, then this interpreter's dependencies (jax, flax, ...): its
+    # site-packages folders, whether it is the system's python or a virtualenv (a venv's system_site_packages
+    # would see the base interpreter's instead). As PYTHONPATH entries their .pth files are not run, so this
+    # interpreter's editable ddm (a .pth finder) stays out.
+    dependencies = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
     user = tmp_path / "user_project"
     for name in MAPPED:
         (user / name).mkdir(parents=True)
@@ -101,7 +105,7 @@ def test_wheel_installs_one_package_that_works_beside_user_packages(tmp_path):
         assert ddm.data.prepare.__file__.startswith(sys.argv[1]), ddm.data.prepare.__file__
         print("ok")
     """)
-    env = {**os.environ, "PYTHONPATH": f"{user}:{env_dir / 'wheel-site'}"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(user), str(env_dir / "wheel-site"), *dependencies])}
     env.pop("PYTHONHOME", None)
     out = subprocess.run([python, "-c", check, str(env_dir / "wheel-site")], cwd=user, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -116,4 +120,5 @@ def test_editable_install_serves_the_mapped_packages_from_the_repo(tmp_path):
     code = "import ddm.data.run, ddm.experts.train, ddm.router.model; print(ddm.data.run.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert Path(out.stdout.strip()) == REPO / "data" / "run.py"
+    # resolve(): a strict editable install (README, Install) serves them through links to the same files
+    assert Path(out.stdout.strip()).resolve() == REPO / "data" / "run.py"

@@ -314,3 +314,42 @@ def test_subprocess_contract(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"ddm: error: data source not found: {tmp_path}/missing.npz"
+
+
+# --- data.partition=random ----------------------------------------------------------------------------------
+
+
+def test_random_partition_is_balanced_seeded_and_counted(tmp_path):
+    """`data.partition=random`: equal cluster sizes (within one image), the same shards for the same seed and other
+    ones for another seed, the same holdout split as k-means (data.seed), and manifest counts that add up."""
+    from ddm.data.prepare import random_partition
+
+    labels = random_partition(1000, 7, 3, 0)
+    assert labels.dtype == np.int32 and np.bincount(labels).tolist() == [143] * 6 + [142]
+    assert np.array_equal(labels, random_partition(1000, 7, 3, 0))
+    assert not np.array_equal(labels, random_partition(1000, 7, 4, 0))
+    assert not np.array_equal(labels, random_partition(1000, 7, 3, 1))
+
+    sets = ["data.partition=random", "data.partition_seed=5", "data.k=3"]
+    for name, extra in (("a", []), ("b", []), ("c", ["data.partition_seed=6"])):
+        rc, _, err = prepare(tmp_path / name, *sets, *extra)
+        assert rc == 0, err
+    runs = {name: Run.open(tmp_path / name) for name in "abc"}
+    a = runs["a"]
+    counts = [c["count"] for c in a.clusters]
+    assert max(counts) - min(counts) <= 1 and sum(counts) == a.dataset["num_images"] - a.holdout["count"]
+    assert a.manifest["clustering"]["method"] == "random" and a.manifest["clustering"]["partition_seed"] == 5
+    assert "centroids" not in a.manifest["clustering"]
+    assert sum(c["share"] for c in a.clusters) == pytest.approx(1.0)
+    for c in a.clusters:
+        assert len(read_shard(a.shard_path(c["id"]))) == c["count"]
+        assert sum(c["class_counts"]) == c["count"]
+    assert np.array_equal(np.bincount(np.load(tmp_path / "a" / "clusters" / "labels.npy"), minlength=3), counts)
+    assert np.bincount(a.holdout_labels(), minlength=3).max() - np.bincount(a.holdout_labels()).min() <= 1
+    assert runs["a"].shard_digests() == runs["b"].shard_digests() and runs["a"].run_id == runs["b"].run_id
+    assert runs["a"].shard_digests() != runs["c"].shard_digests()
+    # The held-out images are those of a k-means run with the same data.seed: only the partition differs.
+    n = a.dataset["num_images"]
+    _, hold = split_holdout(n, a.config.data.holdout_fraction, 3, a.config.data.seed)
+    assert len(hold) == a.holdout["count"]
+    assert_refused(prepare(tmp_path / "d", "data.partition=spectral"), "data.partition")

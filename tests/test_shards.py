@@ -263,14 +263,14 @@ def test_manifest_round_trip_and_atomic_write(tmp_path, monkeypatch):
         seen["src"] = json.loads(Path(src).read_text())
         real_replace(src, dst)
 
-    monkeypatch.setattr(mf.os, "replace", spy)
+    monkeypatch.setattr(os, "replace", spy)  # the one atomic write (ddm.core.files) renames through os.replace
     mf.write_manifest(tmp_path, _manifest(experts={"0": {"status": "finished"}}))
     assert json.loads(seen["target_before"]) == _manifest(experts={})
     assert seen["src"]["experts"] == {"0": {"status": "finished"}}
     monkeypatch.undo()
 
     # A failed write (here: unserialisable content) leaves the old manifest intact.
-    with pytest.raises(TypeError):
+    with pytest.raises(DDMError, match="cannot write as JSON"):
         mf.write_manifest(tmp_path, _manifest(experts={"0": object()}))
     assert mf.read_manifest(tmp_path)["experts"] == {"0": {"status": "finished"}}
 

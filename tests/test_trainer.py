@@ -356,3 +356,67 @@ def test_kill_and_resume_is_bitwise_and_elastic(tmp_path_factory):
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                  load_final(elastic / "experts/0/final"), ref_final)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EMA warmup.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _linear_loss(model, x, clusters, classes, rng):
+    return jnp.mean(jnp.square(model(x.reshape(x.shape[0], -1)) - 1.0)), {}
+
+
+def _ema_run(warmup: bool, steps: int = 4, decay: float = 0.999):
+    """(initial params, params after each step, EMA after each step) of `steps` plain steps of a linear model."""
+    cfg = TrainConfig(lr=0.1, warmup_steps=0, ema_decay=decay, ema_warmup=warmup)
+    tx = make_optimizer(cfg)
+    make = lambda rngs: nnx.Linear(12, 1, rngs=rngs)  # noqa: E731
+    graphdef = nnx.graphdef(make(nnx.Rngs(0)))
+    state = init_state(make, tx, 0)
+    step = jax.jit(functools.partial(train_step, graphdef, _linear_loss, tx, decay, ema_warmup=warmup))
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 2, 2, 3)), jnp.uint8)
+    labels = jnp.zeros((8,), jnp.int32)
+    initial = jax.device_get(state["params"])
+    params, emas = [], []
+    for _ in range(steps):
+        state, _ = step(state, images, labels, labels)
+        params.append(jax.device_get(state["params"]))
+        emas.append(jax.device_get(state["ema"]))
+    return initial, params, emas
+
+
+def test_ema_warmup_follows_the_live_weights_early():
+    """With warmup the EMA after 4 steps is near the live weights (decays 0.1, 2/11, 3/12, 4/13), far nearer
+    than the initial weights are; the update matches the warmup formula step by step."""
+    initial, params, emas = _ema_run(warmup=True)
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+    ema = flat(initial)
+    for t, p in enumerate(params):
+        decay = min(0.999, (1 + t) / (10 + t))
+        ema = decay * ema + (1 - decay) * flat(p)
+        np.testing.assert_allclose(flat(emas[t]), ema, rtol=1e-5, atol=1e-7)
+    gap, moved = np.abs(flat(emas[-1]) - flat(params[-1])).max(), np.abs(flat(params[-1]) - flat(initial)).max()
+    assert moved > 0.1 and gap < 0.3 * moved
+
+
+def test_ema_without_warmup_is_the_fixed_decay():
+    """ema_warmup false: EMA_t = d EMA_{t-1} + (1 - d) params_t from the initial weights, as before warmup existed
+    (after 4 steps at d = 0.999 it has barely left the initial weights)."""
+    initial, params, emas = _ema_run(warmup=False)
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+    ema = flat(initial)
+    for t, p in enumerate(params):
+        ema = 0.999 * ema + (1 - 0.999) * flat(p)
+        np.testing.assert_allclose(flat(emas[t]), ema, rtol=1e-6, atol=1e-8)
+    assert np.abs(flat(emas[-1]) - flat(initial)).max() < 0.01 * np.abs(flat(params[-1]) - flat(initial)).max()
+
+
+def test_ema_warmup_is_on_by_default_and_never_exceeds_the_decay():
+    from ddm.train.trainer import ema_decay_at
+
+    assert TrainConfig().ema_warmup is True
+    decays = [float(ema_decay_at(0.99, jnp.int32(t), True)) for t in (0, 1, 10, 1000, 10**6)]
+    assert decays[0] == pytest.approx(0.1) and decays[1] == pytest.approx(2 / 11)
+    assert decays == sorted(decays) and decays[-1] == pytest.approx(0.99)
+    assert ema_decay_at(0.99, jnp.int32(5), False) == 0.99

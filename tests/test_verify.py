@@ -253,7 +253,7 @@ BAD_RECORDS = {
     "short sha256": (_set("sha256", "ab" * 31), "sha256 must be 64"),
     "short manifest sha": (_set("manifest_sha256", "ab"), "manifest_sha256 must be 64"),
     "too few hashes": (lambda r: r["images"].pop(), "3 image hashes for n=4"),
-    "shape not 4-d": (_set("shape", [4, 8, 8]), "is not [n, H, W, C]"),
+    "shape not 4-d": (_set("shape", [4, 8, 8]), "shape must be [n, H, W, C] of positive integers, got [4, 8, 8]"),
     "shape n mismatch": (_set("shape", [5, 8, 8, 1]), "does not fit a request of n=4"),
     "wrong image shape": (_set("shape", [4, 16, 16, 3]), "claims images of shape [16, 16, 3], but run"),
     "unknown request field": (_set_request("temperature", 0.5), "unknown field 'temperature'"),
@@ -455,7 +455,7 @@ def test_verify_reads_calibrated_thresholds(trained_run_copy, verifier, honest_r
 def test_seeded_fuzz_no_altered_claim_passes_and_no_traceback(verifier, honest_record, tmp_path):
     """220 mutants of an honest record (20 per category): no altered claim exits 0, nothing tracebacks, each
     judged within 60 s (the first regeneration compiles; benchmarks/fuzz_records.py runs 1,000)."""
-    from ddm.verify.fuzz import CATEGORIES, run_fuzz
+    from oracles.fuzz import CATEGORIES, run_fuzz
 
     record = json.loads(honest_record.read_text())
     t0 = time.perf_counter()
@@ -474,7 +474,7 @@ def test_seeded_fuzz_no_altered_claim_passes_and_no_traceback(verifier, honest_r
 def test_the_issues_93_false_accepts_now_fail(verifier, honest_record, tmp_path):
     """Issue 18's 93 alterations that v1 judged HONEST (per-image hashes with the batch digest intact, request
     changes, batch digests, dHashes), rebuilt on a v2 record: none exits 0."""
-    from ddm.verify.fuzz import issue_cases, judge_mutants
+    from oracles.fuzz import issue_cases, judge_mutants
 
     record = json.loads(honest_record.read_text())
     cases = issue_cases(record)

@@ -22,39 +22,22 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ddm
 from ddm.app import logs
-from ddm.app.info import describe
-from ddm.app.pipeline import run_all
-from ddm.app.sample import sample_command
 from ddm.core.cache import enable_compilation_cache
 from ddm.core.config import SEED_MAX, Config, load_config, to_yaml
-from ddm.core.distributed import initialize
 from ddm.core.errors import DDMError
+from ddm.data.components import SINGLE_NAMES
 from ddm.train.preemption import PREEMPTED_EXIT, Preempted
-from ddm.data.islands import publish_bundles
-from ddm.data.prepare import prepare
-from ddm.data.run import Run
-from ddm.eval.evaluate import DEFAULT_CFG_SCALES, DEFAULT_CLASS_N, DEFAULT_STRATEGIES, evaluate_run
-from ddm.eval.features import load_features
-from ddm.eval.featurenet import FeatureNetConfig
-from ddm.experts import islands
-from ddm.experts.assemble import assemble_experts
-from ddm.experts.distill import train_student
-from ddm.experts.train import train_expert, train_island, train_monolith
-from ddm.router.evaluate import evaluate_router
-from ddm.router.train import train_router
-from ddm.sampling.export import export_run
-from ddm.sampling.request import Request, check_limits
-from ddm.sampling.teacher import build_teacher
-from ddm.verify.claims import EvalSettings
-from ddm.verify.limits import LABEL_MAX, VerifyLimits
-from ddm.verify.phash import format_hash_table, hash_files
-from ddm.verify.report import consensus_eval
-from ddm.verify.signing import generate_keypair, key_id, load_public_key
-from ddm.verify.verdict import MODES, format_verdict, run_thresholds, verify_record
-from ddm.verify.worker import DEFAULT_VERIFIERS, VerifierSpec
+from ddm.verify.limits import LABEL_MAX, MODES, VerifyLimits
+
+# Only modules that load without jax are imported above: `ddm --help`, `--version` and a refused argument answer
+# at once. Each command imports the library it runs inside its handler.
+if TYPE_CHECKING:
+    from ddm.data.run import Run
+    from ddm.sampling.request import Request
 
 DEFAULT_CONFIG = "configs/digits.yaml"
 COUNT_MAX = 2**31 - 1  # counts on the command line (images, steps, processes): int32 is far beyond any use
@@ -124,6 +107,8 @@ def _load(args) -> tuple[Config, str | None]:
 
 
 def _run(args) -> Run:
+    from ddm.data.run import Run
+
     """The run directory of the command, opened once with its --set overrides."""
     return Run.open(args.run_dir, args.set)
 
@@ -132,6 +117,9 @@ def _run(args) -> Run:
 
 
 def cmd_prepare(args) -> int:
+    from ddm.data.islands import publish_bundles
+    from ddm.data.prepare import prepare
+
     cfg, config_path = _load(args)
     run_dir = args.run_dir or cfg.run_dir
     manifest = prepare(cfg, run_dir, overwrite=args.overwrite, base_dir=_base_dir(config_path))
@@ -142,6 +130,9 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from ddm.app.info import describe
+    from ddm.data.run import Run
+
     run_dir = args.run_dir or args.run_dir_positional
     if run_dir is None:
         raise DDMError("ddm info needs a run directory: ddm info --run-dir RUN")
@@ -150,6 +141,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_train_expert(args) -> int:
+    from ddm.core.distributed import initialize
+    from ddm.experts.train import train_expert, train_island
+
     if (args.island is None) == (args.run_dir is None):
         raise DDMError("ddm train-expert takes --island BUNDLE --out OUT, or --run-dir RUN --cluster K")
     if args.island is not None:
@@ -166,18 +160,28 @@ def cmd_train_expert(args) -> int:
 
 
 def cmd_assemble(args) -> int:
+    from ddm.experts.assemble import assemble_experts
+
     run = assemble_experts(args.run_dir, args.outs, args.set)
     print(f"{len(run.finished_experts())} of {run.num_clusters} experts assembled in {run.root}")
     return 0
 
 
 def cmd_train_monolith(args) -> int:
+    from ddm.core.distributed import initialize
+    from ddm.experts.train import train_monolith
+
     initialize()
     train_monolith(args.run_dir, args.set, progress=not args.no_progress)
     return 0
 
 
 def cmd_distill(args) -> int:
+    from ddm.core.distributed import initialize
+    from ddm.data.run import Run
+    from ddm.experts.distill import train_student
+    from ddm.sampling.teacher import build_teacher
+
     initialize()
     overrides = list(args.set) + ([f"distill.teacher={args.teacher}"] if args.teacher else [])
     run = Run.open(args.run_dir, overrides)
@@ -187,6 +191,8 @@ def cmd_distill(args) -> int:
 
 
 def cmd_train_islands(args) -> int:
+    from ddm.experts import islands
+
     if args.launcher == "k8s":
         if not args.image:
             raise DDMError("--launcher k8s needs --image (a container image with ddm installed)")
@@ -208,6 +214,8 @@ def cmd_train_islands(args) -> int:
 
 def _islands_outcome(failed: list[int], what: str = "failed") -> int:
     """Exit code of a command that trained islands: 0, or one error line naming the failed ones and 4."""
+    from ddm.experts import islands
+
     if not failed:
         return 0
     print(f"ddm: error: islands {failed} {what}; see their train.log; rerun to retry only them", file=sys.stderr)
@@ -215,17 +223,25 @@ def _islands_outcome(failed: list[int], what: str = "failed") -> int:
 
 
 def cmd_train_router(args) -> int:
+    from ddm.core.distributed import initialize
+    from ddm.router.train import train_router
+
     initialize()
     train_router(args.run_dir, args.set, progress=not args.no_progress)
     return 0
 
 
 def cmd_eval_router(args) -> int:
+    from ddm.router.evaluate import evaluate_router
+
     evaluate_router(args.run_dir, args.set, seed=args.seed)
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from ddm.eval.evaluate import DEFAULT_CFG_SCALES, DEFAULT_CLASS_N, DEFAULT_STRATEGIES, evaluate_run
+    from ddm.eval.featurenet import FeatureNetConfig
+
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else list(DEFAULT_STRATEGIES)
     feature_cfg = FeatureNetConfig() if args.feature_steps is None else FeatureNetConfig(steps=args.feature_steps)
     scales = DEFAULT_CFG_SCALES if args.cfg_scales is None else _numbers(args.cfg_scales, "--cfg-scales")
@@ -233,7 +249,7 @@ def cmd_evaluate(args) -> int:
                  strategies=strategies, monolith=not args.no_monolith, student=not args.no_student,
                  cache_dir=args.cache_dir,
                  feature_cfg=feature_cfg, features=_user_features(args.features), cfg_scales=scales,
-                 class_n=args.class_n)
+                 class_n=DEFAULT_CLASS_N if args.class_n is None else args.class_n)
     return 0
 
 
@@ -258,29 +274,55 @@ def _class_labels(args, n: int | None) -> tuple[int, ...] | None:
         return (args.class_,) * n
     if args.labels is None:
         return None
-    parse = int_arg(0, LABEL_MAX, "a class index")
-    try:
-        labels = tuple(parse(v) for v in args.labels.split(","))
-    except argparse.ArgumentTypeError as err:
-        raise DDMError(f"--labels must be comma-separated class indices: {err}") from None
+    labels = _index_list(args.labels, "--labels", "class")
     if args.n is not None and len(labels) != args.n:
         raise DDMError(f"--labels gives {len(labels)} labels for --n {args.n} images")
     return labels
 
 
+def _index_list(text: str, flag: str, what: str) -> tuple[int, ...]:
+    """'a,b,c' -> (a, b, c), each an index in [0, LABEL_MAX]; DDMError naming `flag` otherwise."""
+    parse = int_arg(0, LABEL_MAX, f"a {what} index")
+    try:
+        return tuple(parse(v) for v in text.split(","))
+    except argparse.ArgumentTypeError as err:
+        raise DDMError(f"{flag} must be comma-separated {what} indices: {err}") from None
+
+
 def _request(args, cfg: Config) -> Request:
+    from ddm.sampling.request import Request
+
     n = cfg.sample.n if args.n is None else args.n
     labels = _class_labels(args, n)
     if labels is not None:
         n = len(labels)  # --labels without --n: one image per label
+    clusters = _clusters(args, n, labels)
+    if clusters is not None:
+        n = len(clusters)  # --clusters without --n: one image per cluster id
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else (cfg.sample.cfg_scale if labels else None)
     return Request(seed=cfg.sample.seed if args.seed is None else args.seed, n=n,
-                   strategy=args.strategy or "top1",
+                   strategy=args.strategy or ("oracle" if clusters is not None else "top1"),
                    steps=cfg.sample.steps if args.steps is None else args.steps,
-                   solver=args.solver or cfg.sample.solver, labels=labels, cfg_scale=cfg_scale)
+                   solver=args.solver or cfg.sample.solver, labels=labels, cfg_scale=cfg_scale, clusters=clusters)
+
+
+def _clusters(args, n: int, labels: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The oracle strategy's cluster per image (--clusters a,b,c); None without it. Whether each names a trained
+    expert of the run is checked when the run is open (`ddm.sampling.request.check_clusters`)."""
+    if args.clusters is None:
+        return None
+    clusters = _index_list(args.clusters, "--clusters", "cluster")
+    expected = len(labels) if labels is not None else args.n
+    if expected is not None and len(clusters) != expected:
+        what = f"{expected} labels" if labels is not None else f"--n {expected} images"
+        raise DDMError(f"--clusters gives {len(clusters)} clusters for {what}")
+    return clusters
 
 
 def cmd_sample(args) -> int:
+    from ddm.app.sample import sample_command
+    from ddm.sampling.request import check_limits
+
     if args.key and not args.record:
         raise DDMError("--key signs a verification record: pass --record too")
     if args.model != "ensemble" and args.strategy is not None:
@@ -296,6 +338,8 @@ def cmd_sample(args) -> int:
 
 def _user_features(spec: str | None):
     """`--features module:function`, importable from the working directory as `python -m` would allow."""
+    from ddm.eval.features import load_features
+
     if spec is None:
         return None
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -304,11 +348,15 @@ def _user_features(spec: str | None):
 
 
 def cmd_export(args) -> int:
+    from ddm.sampling.export import export_run
+
     export_run(args.run_dir, args.out)
     return 0
 
 
 def cmd_config_show(args) -> int:
+    from ddm.data.run import Run
+
     if args.run_dir is not None:
         if args.config is not None:
             raise DDMError("ddm config show takes --config or --run-dir, not both")
@@ -320,6 +368,9 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from ddm.app.pipeline import run_all
+    from ddm.data.run import Run
+
     cfg, config_path = _load(args)
     run_dir = args.run_dir or cfg.run_dir
     run_all(cfg, run_dir, args.set, base_dir=_base_dir(config_path), overwrite=args.overwrite, parallel=args.parallel)
@@ -331,11 +382,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_hash(args) -> int:
+    from ddm.verify.phash import format_hash_table, hash_files
+
     print(format_hash_table(hash_files(args.files)))
     return 0
 
 
 def cmd_verify(args) -> int:
+    from ddm.verify.signing import load_public_key
+    from ddm.verify.verdict import format_verdict, run_thresholds, verify_record
+
     limits = VerifyLimits(max_n=args.max_n, max_steps=args.max_steps, max_image_steps=args.max_image_steps)
     public_key = load_public_key(args.public_key) if args.public_key else None
     thresholds = None
@@ -348,12 +404,18 @@ def cmd_verify(args) -> int:
 
 
 def cmd_keygen(args) -> int:
+    from ddm.verify.signing import generate_keypair, key_id, load_public_key
+
     private, public = generate_keypair(args.out)
     print(f"wrote {private} (private key, keep it secret) and {public} (public key, {key_id(load_public_key(public))})")
     return 0
 
 
 def cmd_consensus_eval(args) -> int:
+    from ddm.verify.claims import EvalSettings
+    from ddm.verify.report import consensus_eval
+    from ddm.verify.worker import DEFAULT_VERIFIERS, VerifierSpec
+
     specs = [VerifierSpec.parse(text) for text in args.verifier] or list(DEFAULT_VERIFIERS)
     if args.verifiers < 1:
         raise DDMError(f"--verifiers must be >= 1, got {args.verifiers}")
@@ -380,6 +442,15 @@ def _add_common(p: argparse.ArgumentParser, *, config: bool = False, run_dir_req
     p.add_argument("--run-dir", required=run_dir_required, help="the run directory")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set expert.train.steps=500")
+
+
+def _add_training_job(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """A subcommand that trains one run component: --run-dir, --set and --no-progress."""
+    p = sub.add_parser(name, help=help)
+    _add_common(p)
+    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
+    p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,23 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpu-topology", default=None, help="k8s: GKE TPU topology, e.g. 2x2")
     p.set_defaults(func=cmd_train_islands)
 
-    p = sub.add_parser("train-monolith", help="train the single-model baseline on all data")
-    _add_common(p)
-    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
-    p.set_defaults(func=cmd_train_monolith)
-
-    p = sub.add_parser("distill", help="train one student DiT on the ensemble's velocity (ensemble distillation)")
-    _add_common(p)
+    _add_training_job(sub, "train-monolith", "train the single-model baseline on all data", cmd_train_monolith)
+    p = _add_training_job(sub, "distill", "train one student DiT on the ensemble's velocity (ensemble distillation)",
+                          cmd_distill)
     p.add_argument("--teacher", choices=("cluster", "full"), default=None,
                    help="cluster: each sample's own cluster expert (the paper's); full: the router-weighted "
                         "ensemble (default: distill.teacher, cluster)")
-    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
-    p.set_defaults(func=cmd_distill)
-
-    p = sub.add_parser("train-router", help="train the router p(cluster | x_t, t) on all shards")
-    _add_common(p)
-    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
-    p.set_defaults(func=cmd_train_router)
+    _add_training_job(sub, "train-router", "train the router p(cluster | x_t, t) on all shards", cmd_train_router)
 
     p = sub.add_parser("eval-router", help="router accuracy / calibration on held-out data (JSON + PNG)")
     _add_common(p)
@@ -477,16 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scales", default=None,
                    help="guidance scales of the class accuracy, comma-separated, or none (default 1,2,3; "
                         "class-conditional runs only)")
-    p.add_argument("--class-n", type=COUNT, default=DEFAULT_CLASS_N,
-                   help=f"guided samples per model and scale for the class accuracy (default {DEFAULT_CLASS_N})")
+    p.add_argument("--class-n", type=COUNT, default=None,  # None: ddm.eval.evaluate.DEFAULT_CLASS_N (a test ties them)
+                   help="guided samples per model and scale for the class accuracy (default 100)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="sample with the routed ensemble (PNG grid + .npz)")
     _add_common(p)
     p.add_argument("--n", type=COUNT, default=None, help="number of images (default: sample.n)")
     p.add_argument("--strategy", default=None,
-                   help="full | top1 | top2 | topk:K | threshold:TAU | sample | oracle | single:K; top-k, threshold "
-                        "and sample also as S+full:T, e.g. top1+full:0.5 (default top1)")
+                   help="full | top1 | top2 | topk:K | threshold:TAU | sample | oracle | prior | single:K; top-k, "
+                        "threshold and sample also as S+full:T, e.g. top1+full:0.5 (default top1; oracle with "
+                        "--clusters)")
     p.add_argument("--steps", type=COUNT, default=None, help="ODE steps (default: sample.steps)")
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: sample.solver)")
     p.add_argument("--seed", type=SEED, default=None, help="noise seed (default: sample.seed)")
@@ -496,7 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated class labels, one per image (their count is n)")
     p.add_argument("--cfg-scale", type=float_arg(0), default=None,
                    help="classifier-free guidance scale with --class/--labels (default: sample.cfg_scale; 1: none)")
-    p.add_argument("--model", choices=("ensemble", "monolith", "student"), default="ensemble",
+    p.add_argument("--clusters", default=None,
+                   help="comma-separated cluster ids, one per image: the oracle strategy's experts (their count is n)")
+    p.add_argument("--model", choices=("ensemble", *SINGLE_NAMES), default="ensemble",
                    help="what to sample: the routed ensemble (default), the monolith, or the distilled student")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample.png); an .npz is written beside")
     p.add_argument("--record", default=None, help="also write a verification record (JSON) here")
@@ -512,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("hash", help="SHA-256, pHash and dHash of PNG files or images in .npz files")
     p.add_argument("files", nargs="+", metavar="FILE", help="PNG files or .npz files with an images array")
-    p.set_defaults(func=cmd_hash)
+    p.set_defaults(func=cmd_hash, compiles=False)  # loads no jax
 
     p = sub.add_parser("verify", help="regenerate a verification record and judge it (exit 0 honest, 1 not)")
     p.add_argument("record", help="the verification record (JSON) written by ddm sample --record")
@@ -535,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="write a new Ed25519 key pair for signing records: KEY and KEY.pub")
     p.add_argument("--out", required=True, help="the private key's path; the public key goes to OUT.pub")
-    p.set_defaults(func=cmd_keygen)
+    p.set_defaults(func=cmd_keygen, compiles=False)  # loads no jax
 
     p = sub.add_parser("consensus-eval", help="N verifier processes (commit, then reveal) + majority vote on honest and "
                                               "tampered claims; calibrates the verify thresholds")
@@ -593,7 +657,7 @@ def _add_export_and_config(sub) -> None:
     p.add_argument("--run-dir", default=None, help="print the config stored in this run (or export) instead")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set expert.train.steps=500")
-    p.set_defaults(func=cmd_config_show)
+    p.set_defaults(func=cmd_config_show, compiles=False)  # loads no jax
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -604,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddm: error: {err}", file=sys.stderr)
         return 2
     logs.configure(logging.INFO)
-    enable_compilation_cache()  # each process compiles a program once per machine, not once per run
+    if getattr(args, "compiles", True):
+        enable_compilation_cache()  # each process compiles a program once per machine, not once per run
     try:
         return args.func(args)
     except Preempted as err:

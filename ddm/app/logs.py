@@ -19,9 +19,9 @@ import platform
 import sys
 import tempfile
 import traceback
+from importlib import metadata
 from pathlib import Path
 
-import jax
 from tqdm import tqdm
 
 import ddm
@@ -94,11 +94,19 @@ def crash_log_dirs() -> list[Path]:
     return first + [default_cache_dir() / "logs", Path(tempfile.gettempdir()) / "ddm-logs"]
 
 
+def _version(package: str) -> str:
+    """An installed package's version without importing it (a crash may come before jax was loaded)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def write_crash_log(argv: list[str], err: BaseException) -> str:
     """Writes the traceback of `err` (with the command line and versions) to a new log file; returns its path,
     or a note when no folder could take it."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    text = (f"ddm {ddm.__version__}, python {platform.python_version()}, jax {jax.__version__}, "
+    text = (f"ddm {ddm.__version__}, python {platform.python_version()}, jax {_version('jax')}, "
             f"{platform.platform()}\ncommand: {' '.join(argv)}\n\n"
             + "".join(traceback.format_exception(type(err), err, err.__traceback__)))
     for folder in crash_log_dirs():

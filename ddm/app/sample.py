@@ -9,17 +9,18 @@ from pathlib import Path
 
 from ddm.core.errors import DDMError
 from ddm.core.files import Staged, check_output_dir, check_output_file
+from ddm.data.components import SINGLE_NAMES, component
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble, load_single
 from ddm.sampling.outputs import load_decoder, save_outputs, save_pngs, usage_summary
-from ddm.sampling.request import Request, check_condition, generate
+from ddm.sampling.request import Request, check_clusters, check_condition, generate
 from ddm.verify.environment import environment
 from ddm.verify.records import make_record, write_record
 from ddm.verify.signing import key_id, load_private_key, sign_record
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("ensemble", "monolith", "student")  # what `ddm sample --model` draws from
+MODELS = ("ensemble", *SINGLE_NAMES)  # what `ddm sample --model` draws from (`ddm.data.components`)
 
 
 def sample_command(run: Run, request: Request, out: Path, *, record: Path | None = None,
@@ -34,6 +35,8 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     of them behind.
     """
     check_condition(request, run.num_classes)  # before loading anything: a bad class is the user's first error
+    if request.clusters is not None:  # oracle's clusters: in range, with trained experts
+        check_clusters(request, [run.finished(run.expert(k)) for k in run.cluster_ids])
     if model not in MODELS:
         raise DDMError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     if model != "ensemble" and record is not None:
@@ -51,15 +54,15 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     else:
         ensemble = load_single(run, model)
         if ensemble is None:
-            hint = "ddm distill" if model == "student" else "ddm train-monolith"
-            raise DDMError(f"the {model} of {run.root} is not trained: run `{hint} --run-dir {run.root}`")
+            raise DDMError(f"the {model} of {run.root} is not trained: run `{component(model).command} "
+                           f"--run-dir {run.root}`")
         request = dataclasses.replace(request, strategy="single:0")
     t0 = time.perf_counter()
     result = generate(ensemble, request)
     seconds = time.perf_counter() - t0
     rec = None
     if record is not None:
-        rec = make_record(run.sha256, request, result.x, environment(), run.codec)
+        rec = make_record(run.sha256, request, result.x, environment(), run.codec, experts=result.experts)
         if private_key is not None:
             rec = sign_record(rec, private_key)
     with Staged() as staged:

@@ -1,8 +1,8 @@
 """ddm's per-user cache folder, and JAX's persistent compilation cache kept in it.
 
 Every Trainer and Ensemble jits its own functions, so without a disk cache each expert of a run compiles the
-same program again (on the test machine the 2nd and 3rd digits experts took 35-48 s each instead of 7 s), and
-every new `ddm` process starts cold. The CLI turns the cache on for its process; library users opt in by calling
+same program again (docs/benchmarks.md, "Expert training", measures what that costs), and every new `ddm`
+process starts cold. The CLI turns the cache on for its process; library users opt in by calling
 `enable_compilation_cache` (or setting JAX's own `JAX_COMPILATION_CACHE_DIR`).
 
 The cache is trusted code: JAX loads executables from it. It lives in the user's own cache folder, never in a
@@ -15,8 +15,6 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-
-import jax
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +43,8 @@ def enable_compilation_cache(env: os._Environ | dict = os.environ) -> Path | Non
     except OSError as err:
         logger.debug(f"compilation cache off: cannot create {folder} ({err})")
         return None
+    import jax  # here, not above: default_cache_dir serves commands that never load jax
+
     jax.config.update("jax_compilation_cache_dir", str(folder))
     if importlib.util.find_spec("filelock") is not None:  # JAX's size-bounded cache locks with it (else unbounded)
         jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)

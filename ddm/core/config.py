@@ -1,6 +1,7 @@
 """Typed, frozen configuration loaded from `configs/*.yaml` with `--set section.key=value` overrides.
 
-One `Config` describes a whole run: data preparation, the experts, the router and sampling. It is stored
+One `Config` describes a whole run: data preparation, the experts, the router, sampling, distillation and
+the monolith. It is stored
 resolved inside the run's manifest, so every later command (train, sample, verify) sees exactly the settings
 the run was prepared with, plus any overrides given on its own command line.
 """
@@ -18,11 +19,14 @@ from typing import Any
 import yaml
 
 from ddm.core.errors import DDMError
-from ddm.core.flow import SOLVERS, T_SAMPLINGS
 
 EMBEDDINGS = ("pixels", "pca", "file")
+# ddm.core.flow implements these (and imports them from here): the config is read without loading jax
+T_SAMPLINGS = ("uniform", "logit_normal")
+SOLVERS = ("euler", "heun")
 DATA_KINDS = ("images", "latents")
 KMEANS_MODES = ("lloyd", "balanced", "two_stage")
+PARTITIONS = ("kmeans", "random")
 MODEL_PRESETS = ("micro", "tiny", "small", "S", "B", "L", "XL")
 DTYPES = ("float32", "bfloat16")
 REMAT_MODES = ("none", "block")
@@ -87,6 +91,11 @@ class DataConfig:
     features_path: str | None = None  # precomputed features for embedding="file" (.npy or .parquet)
     features_column: str | None = None  # parquet column with the feature vectors
     k: int = 4
+    # How the training images are split into the K clusters: "kmeans" (on the embedding, `kmeans` mode below) or
+    # "random" (uniformly at random, cluster sizes equal to within one image, seeded by `partition_seed`; the
+    # paper's baseline partition: no embedding is computed and held-out images get random clusters too).
+    partition: str = "kmeans"
+    partition_seed: int | None = None  # random partition's seed (null: data.seed)
     kmeans: str = "lloyd"
     max_iter: int = 100
     tol: float = 1e-4  # Lloyd stops when the relative inertia change is below this
@@ -105,6 +114,9 @@ class DataConfig:
             raise DDMError("config data.latent_scale applies to data.kind=latents only")
         _check_choice("data.embedding", self.embedding, EMBEDDINGS)
         _check_choice("data.kmeans", self.kmeans, KMEANS_MODES)
+        _check_choice("data.partition", self.partition, PARTITIONS)
+        if self.partition_seed is not None:
+            _check_seed("data.partition_seed", self.partition_seed)
         if self.labels is None:
             object.__setattr__(self, "labels", "none")
         _check_choice("data.labels", self.labels, LABEL_MODES)
@@ -168,6 +180,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # EMA warmup (diffusers' EMAModel): the decay of update t is min(ema_decay, (1 + t) / (10 + t)), so the EMA
+    # follows the live weights early instead of averaging in the random initialisation; false: ema_decay throughout.
+    ema_warmup: bool = True
     t_sampling: str = "logit_normal"
     class_dropout: float = 0.1  # share of labels replaced by the null label (classifier-free guidance)
     seed: int = 0
@@ -222,6 +237,20 @@ class TrainConfig:
 class ExpertConfig:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class MonolithConfig:
+    """`ddm train-monolith`: the single-model baseline, one DiT on every shard.
+
+    A null section is the expert's (`expert.model` / `expert.train` as this command resolves them, so
+    `--set expert.train.lr=...` reaches it too). A section that is given, even in part (`--set
+    monolith.train.steps=N`), is completed from the expert's values and is from then on the monolith's own.
+    Use `monolith_job(cfg)` for the settings the monolith trains with.
+    """
+
+    model: ModelConfig | None = None
+    train: TrainConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +321,12 @@ class Config:
     router: RouterConfig = RouterConfig()
     sample: SampleConfig = SampleConfig()
     distill: DistillConfig = DistillConfig()
+    monolith: MonolithConfig = MonolithConfig()
+
+
+def monolith_job(cfg: Config) -> ExpertConfig:
+    """The model and training settings the monolith trains with: its own section, else the expert's."""
+    return ExpertConfig(model=cfg.monolith.model or cfg.expert.model, train=cfg.monolith.train or cfg.expert.train)
 
 
 def with_num_classes(cfg: Config, num_classes: int) -> Config:
@@ -311,10 +346,16 @@ def with_num_classes(cfg: Config, num_classes: int) -> Config:
     if student is not None and student != num_classes:
         raise DDMError(f"config distill.model.num_classes={student} disagrees with the data's {num_classes} classes "
                        "(leave it unset: the student is conditioned like the experts)")
+    mono = cfg.monolith.model
+    if mono is not None and mono.num_classes is not None and mono.num_classes != num_classes:
+        raise DDMError(f"config monolith.model.num_classes={mono.num_classes} disagrees with the data's {num_classes} "
+                       "classes (leave it unset: the monolith is conditioned like the experts)")
     model = dataclasses.replace(cfg.expert.model, num_classes=num_classes)
     student_model = dataclasses.replace(cfg.distill.model, num_classes=num_classes)
+    mono_model = None if mono is None else dataclasses.replace(mono, num_classes=num_classes)
     return dataclasses.replace(cfg, expert=dataclasses.replace(cfg.expert, model=model),
-                               distill=dataclasses.replace(cfg.distill, model=student_model))
+                               distill=dataclasses.replace(cfg.distill, model=student_model),
+                               monolith=dataclasses.replace(cfg.monolith, model=mono_model))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -431,7 +472,19 @@ def config_from_data(values: dict, overrides: list[str] | tuple[str, ...] = ()) 
     merged = dict(values)
     for text in overrides:
         merged = _merge(merged, parse_override(text))
-    return from_dict(Config, merged)
+    return from_dict(Config, _inherit_monolith(merged))
+
+
+def _inherit_monolith(values: dict) -> dict:
+    """`values` with a given monolith.model / monolith.train completed from the expert's (`MonolithConfig`)."""
+    mono, expert = values.get("monolith"), values.get("expert")
+    if not isinstance(mono, dict):
+        return values
+    expert = expert if isinstance(expert, dict) else {}
+    mono = {part: (_merge(expert[part] if isinstance(expert.get(part), dict) else {}, value)
+                   if part in ("model", "train") and isinstance(value, dict) else value)
+            for part, value in mono.items()}
+    return {**values, "monolith": mono}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -28,10 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddm.core.config import SOLVERS, T_SAMPLINGS  # the names a config accepts
 from ddm.core.errors import DDMError
-
-T_SAMPLINGS = ("uniform", "logit_normal")
-SOLVERS = ("euler", "heun")
 
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B, ...], t [B]) -> v [B, ...]
 
@@ -158,16 +156,6 @@ def evaluations(solver: str, steps: int) -> int:
     return steps if solver == "euler" else 2 * steps - 1
 
 
-def solve(velocity: Velocity, x1: jax.Array, steps: int, solver: str = "euler") -> jax.Array:
-    """Integrates from noise x1 [B, ...] float32 at t=1 to the sample x0 [B, ...] float32 at t=0."""
-    step = step_function(solver)
-    ts = time_grid(steps)
-    x = jnp.asarray(x1, jnp.float32)
-    for i in range(steps):
-        x = step(velocity, x, float(ts[i]), float(ts[i + 1]))
-    return x
-
-
 def evaluation_stages(solver: str, steps: int) -> np.ndarray:
     """The stage of each velocity evaluation of a solve, in order: int32 [evaluations(solver, steps)], 0 for a
     step's first evaluation, 1 for Heun's corrector."""
@@ -180,7 +168,8 @@ AuxVelocity = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
 def integrate(velocity: AuxVelocity, x1: jax.Array, steps: int, solver: str = "euler") -> tuple[jax.Array, Any]:
-    """`solve` as one traced program, for use inside `jax.jit`: a `lax.scan` over the velocity evaluations.
+    """The ODE solve from x1 at t=1 to x0 at t=0 as one traced program (the one solver of ddm: sampling, the
+    training grids, distillation), for use inside `jax.jit`: a `lax.scan` over the velocity evaluations.
 
     velocity(x [B, ...] f32, t [B] f32, evaluation int32 scalar) -> (v [B, ...], aux pytree), where evaluation
     = 2 * step + stage (stage 1: Heun's corrector) identifies the call (e.g. to derive its random key).
@@ -190,7 +179,7 @@ def integrate(velocity: AuxVelocity, x1: jax.Array, steps: int, solver: str = "e
     The scan runs one evaluation per iteration, so `velocity` is traced once (not once per stage: a routed
     velocity is a large program). Its arithmetic is `euler_step` / `heun_step`'s: the first evaluation of a
     step predicts x + dt v; the corrector, where there is one, gives x + dt 0.5 (v + v_next), so `integrate`
-    and `solve` agree to float rounding.
+    and a Python loop of those steps agree to float rounding (the tests' reference).
     """
     ts = time_grid(steps)
     stages = evaluation_stages(solver, steps)
@@ -220,11 +209,3 @@ def integrate(velocity: AuxVelocity, x1: jax.Array, steps: int, solver: str = "e
     (x, _, _), aux = jax.lax.scan(body, (x1, zeros, zeros), schedule)
     return x, aux
 
-
-def solve_euler_loop(velocity: Velocity, x1: jax.Array, steps: int) -> jax.Array:
-    """Euler from noise x1 [B, ...] float32 at t=1 to x0 [B, ...] float32 at t=0, as one loop (`integrate`).
-
-    For solves inside a jitted function (the sample grids drawn while training): the loop compiles one step
-    instead of `steps` unrolled copies. Same times and updates as `solve(..., "euler")`.
-    """
-    return integrate(lambda x, t, evaluation: (velocity(x, t), None), x1, steps, "euler")[0]

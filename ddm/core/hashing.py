@@ -14,9 +14,9 @@ collide with an old hash:
   types and the order in which a dict was filled do not, nor how a checkpoint lays the arrays out on disk.
 - `file_sha256(path)`: SHA-256 of a file's bytes, as `sha256sum` prints it (exports' SHA256SUMS, checkpoint
   step digests).
-- `canonical_json(obj)`: the UTF-8 bytes of ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
-  ensure_ascii=True, allow_nan=False)``: keys sorted, no whitespace, non-ASCII as \\uXXXX escapes, floats as
-  Python's shortest round-trip repr. What signatures and commitments are computed over.
+
+The canonical bytes of JSON documents (what run ids, signatures and commitments digest) are
+`ddm.core.documents.canonical_bytes`.
 """
 
 
@@ -65,15 +65,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The canonical bytes of a JSON value (layout in the module docstring); DDMError for NaN / Inf or a value
-    JSON cannot hold."""
-    try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-    except (TypeError, ValueError, RecursionError) as err:
-        raise DDMError(f"not canonical JSON: {err}") from None
 
 
 def images_sha256(images: np.ndarray) -> str:

@@ -1,9 +1,9 @@
 """Declarative checks of JSON documents (the run manifest, island bundles, ...) with one-line errors.
 
 A schema is plain data: `Obj({"name": Int(min=0), ...}, optional={...})`, `ListOf(...)`, `MapOf(...)`,
-`Str(...)`, `Hex(64)`, `Num(...)`, `Bool()`, `Nullable(...)`, `Anything()`. `check(document, schema, where)`
-walks the document and raises one `DDMError` for the first field that does not fit, naming the field by its
-path and what it should be:
+`Str(...)`, `Hex(64)`, `Num(...)`, `Bool()`, `Nullable(...)`, `Named(...)`, `Anything()`.
+`check(document, schema, where)` walks the document and raises one `DDMError` for the first field that does
+not fit, naming the field by its path and what it should be:
 
     manifest runs/x/manifest.json: clusters must be a list of objects, got 'x'
     manifest runs/x/manifest.json: dataset.image_shape[0] must be an integer in 1..65536, got 'a'
@@ -12,7 +12,10 @@ Relations between fields (counts that must add up, ids that must be in order) ar
 (already type-checked) document that return a problem or None, checked after the schema. To check a new
 field, add it to the schema of its document (under `optional` when older documents lack it); fields a schema
 does not name are kept and not checked, so a reader never refuses a document only because a newer writer
-added something.
+added something; a `closed` object (a signed record, whose every byte is a claim) refuses them instead:
+
+    record r.json: unknown field 'comment'
+
 """
 
 from __future__ import annotations
@@ -63,6 +66,11 @@ class Anything(Spec):
         return None
 
 
+def _outside(spec: Int | Num, value) -> bool:
+    """Whether a number lies outside the spec's [min, max] (either bound may be None: unbounded)."""
+    return (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max)
+
+
 @dataclasses.dataclass(frozen=True)
 class Int(Spec):
     min: int | None = None
@@ -76,10 +84,7 @@ class Int(Spec):
         return "an integer" if self.max is None else f"an integer <= {self.max}"
 
     def problem(self, value, path):
-        if (not _is_int(value) or (self.min is not None and value < self.min)
-                or (self.max is not None and value > self.max)):
-            return path, self.describe(), value
-        return None
+        return (path, self.describe(), value) if not _is_int(value) or _outside(self, value) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +101,7 @@ class Num(Spec):
 
     def problem(self, value, path):
         ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-        if (not ok or (self.min is not None and value < self.min) or (self.max is not None and value > self.max)):
-            return path, self.describe(), value
-        return None
+        return (path, self.describe(), value) if not ok or _outside(self, value) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,22 +115,26 @@ class Bool(Spec):
 
 @dataclasses.dataclass(frozen=True)
 class Str(Spec):
-    """A string: non-empty, at most `max_len` characters, one of `choices` or matching `pattern` (when given)."""
+    """A string of `min_len` (non-empty by default) to `max_len` characters, one of `choices` or matching `pattern`
+    (when given)."""
 
     choices: tuple[str, ...] = ()
     pattern: str | None = None
     max_len: int = 4096
     name: str | None = None
+    min_len: int = 1
 
     def describe(self) -> str:
         if self.name:
             return self.name
         if self.choices:
             return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.min_len == 0:
+            return f"a string of at most {self.max_len} characters"
         return "a non-empty string"
 
     def problem(self, value, path):
-        if (not isinstance(value, str) or not value or len(value) > self.max_len
+        if (not isinstance(value, str) or len(value) < self.min_len or len(value) > self.max_len
                 or (self.choices and value not in self.choices)
                 or (self.pattern is not None and not re.fullmatch(self.pattern, value))):
             return path, self.describe(), value
@@ -161,6 +168,21 @@ class Nullable(Spec):
 
 
 @dataclasses.dataclass(frozen=True)
+class Named(Spec):
+    """`inner`, with any problem inside it reported as this field not being `name`: for small compound values
+    (a shape, a map of strings) that read better whole than by their parts."""
+
+    inner: Spec
+    name: str
+
+    def describe(self) -> str:
+        return self.name
+
+    def problem(self, value, path):
+        return None if self.inner.problem(value, path) is None else (path, self.name, value)
+
+
+@dataclasses.dataclass(frozen=True)
 class ListOf(Spec):
     item: Spec
     min_len: int = 0
@@ -191,10 +213,12 @@ class ListOf(Spec):
 
 @dataclasses.dataclass(frozen=True)
 class Obj(Spec):
-    """An object with `fields` (required) and `optional` fields; other keys are allowed and not checked."""
+    """An object with `fields` (required) and `optional` fields; other keys are allowed and not checked, or
+    refused when `closed`."""
 
     fields: dict[str, Spec]
     optional: dict[str, Spec] = dataclasses.field(default_factory=dict)
+    closed: bool = False
 
     def describe(self) -> str:
         return "an object"
@@ -203,6 +227,10 @@ class Obj(Spec):
         if not isinstance(value, dict):
             return path, self.describe(), value
         prefix = f"{path}." if path else ""
+        if self.closed:
+            unknown = sorted(set(value) - set(self.fields) - set(self.optional))
+            if unknown:
+                return f"{prefix}{unknown[0]}", "absent", _UNKNOWN
         for name, spec in self.fields.items():
             if name not in value:
                 return f"{prefix}{name}", "present", _MISSING
@@ -219,11 +247,12 @@ class Obj(Spec):
 
 @dataclasses.dataclass(frozen=True)
 class MapOf(Spec):
-    """An object whose keys match `key_pattern` and whose values all fit `value`."""
+    """An object of at most `max_len` keys (when given) that match `key_pattern`, whose values all fit `value`."""
 
     value: Spec
     key_pattern: str = ".+"
     key_name: str = "keys"
+    max_len: int | None = None
 
     def describe(self) -> str:
         return "an object"
@@ -231,6 +260,8 @@ class MapOf(Spec):
     def problem(self, value, path):
         if not isinstance(value, dict):
             return path, self.describe(), value
+        if self.max_len is not None and len(value) > self.max_len:
+            return path, f"an object of at most {self.max_len} keys", value
         for key, item in value.items():
             if not re.fullmatch(self.key_pattern, key):
                 return path or "the document", f"keyed by {self.key_name}", key
@@ -241,6 +272,7 @@ class MapOf(Spec):
 
 
 _MISSING = object()
+_UNKNOWN = object()
 
 
 def check(document: Any, schema: Spec, where: str, rules: Sequence[Rule] = ()) -> Any:
@@ -251,6 +283,8 @@ def check(document: Any, schema: Spec, where: str, rules: Sequence[Rule] = ()) -
         field = path or "the document"
         if got is _MISSING:
             raise DDMError(f"{where}: {field} is missing")
+        if got is _UNKNOWN:
+            raise DDMError(f"{where}: unknown field {field!r}")
         raise DDMError(f"{where}: {field} must be {expected}, got {_short(got)}")
     for rule in rules:
         problem = rule(document)

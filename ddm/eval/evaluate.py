@@ -1,9 +1,9 @@
 """`ddm evaluate`: sample quality per routing strategy (and of the monolith) against held-out real images.
 
-For each strategy (default: full, top1, top2, threshold:0.1, sample; plus the monolith when RUN/monolith is
-trained) we draw n samples from the same initial noise and measure, in the features of the run's feature
-network (`ddm.eval.featurenet`: a conv net trained on this dataset's k-means pseudo-classes, so "FD in kmc32-cnn
-features", not FID):
+For each strategy (default: full, top1, top2, threshold:0.1, sample, top1+full:0.5, prior; plus the monolith
+when RUN/monolith is trained) we draw n samples from the same initial noise and measure, in the features of the
+run's feature network (`ddm.eval.featurenet`: a conv net trained on this dataset's k-means pseudo-classes, so
+"FD in kmc32-cnn features", not FID):
 
 - FD: Fréchet distance between Gaussians fitted to generated and held-out features (lower is better);
 - precision / recall: k-NN manifold estimates (Kynkäänniemi et al. 2019, k=3): the share of generated samples
@@ -40,6 +40,9 @@ from ddm.sampling.ensemble import Ensemble
 from ddm.core.errors import DDMError
 from ddm.train.plots import save_strategy_figure
 from ddm.sampling.routing import parse_strategy
+from ddm.data.components import MONOLITH as MONOLITH_COMPONENT
+from ddm.data.components import SINGLE_NAMES
+from ddm.data.components import STUDENT as STUDENT_COMPONENT
 from ddm.data.run import Run
 from ddm.data.shards import read_labels, read_shard
 from ddm.eval.features import UserFeatures
@@ -52,13 +55,12 @@ from ddm.sampling.outputs import load_decoder, usage_summary, viewable
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STRATEGIES = ("full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5")
+DEFAULT_STRATEGIES = ("full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5", "prior")
 DEFAULT_N = 500
 DEFAULT_CFG_SCALES = (1.0, 2.0, 3.0)
 DEFAULT_CLASS_N = 100  # guided samples per (model, guidance scale)
-MONOLITH = "monolith"
-STUDENT = "student"  # the distilled single model (`ddm distill`)
-SINGLES = (MONOLITH, STUDENT)
+MONOLITH, STUDENT = MONOLITH_COMPONENT.name, STUDENT_COMPONENT.name
+SINGLES = SINGLE_NAMES  # single models evaluated beside the routed ensemble (`ddm.data.components`)
 REFERENCE = "real (train)"
 GRID_IMAGES = 64
 

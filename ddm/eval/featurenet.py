@@ -1,7 +1,7 @@
 """The feature network behind `ddm evaluate`: a small conv classifier the project trains itself on real data.
 
 Why not Inception/FID: our datasets are unlabelled in general, tiny (8x8 digits) and offline, and no pretrained
-Flax encoder ships (see GUIDE.md). So each dataset gets its own feature network, and every report says
+Flax encoder ships (README.md, "Configs"). So each dataset gets its own feature network, and every report says
 "FD in kmc<K>-cnn features", never "FID": the numbers compare runs *on the same dataset*, not across datasets
 or with published FIDs.
 
@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddm.core import documents
 from ddm.core.cache import default_cache_dir
 from ddm.core.config import TrainConfig
 from ddm.core.errors import DDMError
@@ -226,6 +227,7 @@ def canonical_order(images: np.ndarray) -> np.ndarray:
 
 
 def cache_key(fingerprint: str, train_sha: str, cfg: FeatureNetConfig) -> str:
+    # not `documents.digest` (its compact separators): the key names cached feature nets, which must keep theirs
     config_sha = hashlib.sha256(json.dumps({"version": NET_VERSION, **cfg.key_fields()},
                                            sort_keys=True).encode()).hexdigest()
     return f"{fingerprint[:16]}-{train_sha[:8]}-{config_sha[:8]}"
@@ -306,9 +308,7 @@ def _train(directory: Path, images: np.ndarray, targets: np.ndarray, outputs: in
             "config": dataclasses.asdict(cfg), "image_shape": list(images.shape[1:]), "outputs": outputs,
             "num_train_images": len(images), "pseudo_class_sizes": np.bincount(targets, minlength=outputs).tolist(),
             "final_train_accuracy": rows[-1].get("accuracy") if rows else None, **meta}
-    tmp = directory / (INFO + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(directory / INFO)
+    documents.write(directory / INFO, info)
 
 
 def _copy_into_run(src: Path, dst: Path) -> None:

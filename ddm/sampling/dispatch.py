@@ -9,19 +9,17 @@ Dispatches (`DISPATCHES`; `Ensemble(dispatch=...)` picks one, "auto" the backend
 - "unrolled" (CPU default): every expert gets its own code with its own parameters (a static loop over the
   experts), and runs its selected rows in chunks of a static size (a `lax.fori_loop` whose trip count is
   computed on the device: zero for an expert nobody selected). XLA:CPU copies a dynamically indexed slice of a
-  stacked weight at about 1 GB/s (a 64 MB slice: 90 ms, against 3.4 ms for the matmul that reads it), so on
-  CPU no parameter is ever sliced out of a stack. Costs one expert trace per expert in the program.
+  stacked weight far more slowly than the matmul that reads it takes (docs/design.md, "Routed sampling"), so
+  on CPU no parameter is ever sliced out of a stack. Costs one expert trace per expert in the program.
 - "grouped" (GPU/TPU default): the experts' parameters stacked, one loop over the experts with the parameters
   indexed on the device, and one bucket per expert whose static size is chosen on the device (`lax.switch`
-  over the host dispatcher's bucket sizes: powers of two from a floor, capped at the batch). One expert trace
+  over the bucket sizes: powers of two from a floor, capped at the batch, `bucket_sizes`). One expert trace
   per bucket size, whatever K; the indexing costs a copy of each selected expert's weights per evaluation,
   cheap at accelerator bandwidth.
 - "capacity": all experts at once (`jax.vmap` over the stack) on fixed-capacity buckets, MoE-style; rows beyond
   an expert's capacity are not dropped but taken in further rounds (a `lax.while_loop`), so the result is exact.
   One batched call per round instead of one call per expert, and no parameter slicing: the stack can be
   sharded over an `expert` mesh axis, each device running its own experts.
-- "host": the reference. The router's weights go to the host every evaluation and one jitted call per selected
-  expert runs a padded bucket (`Ensemble` keeps this path for comparison; see its module docstring).
 
 Exactness: every dispatch computes each (sample, expert) velocity with non-zero weight exactly once and adds
 w * v into the sample's row; padded rows point at index B (out of range) and are dropped. Rows are added per
@@ -42,7 +40,7 @@ import numpy as np
 
 from ddm.core.errors import DDMError
 
-DISPATCHES = ("auto", "unrolled", "grouped", "capacity", "host")
+DISPATCHES = ("auto", "unrolled", "grouped", "capacity")
 
 ExpertApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 
@@ -147,7 +145,7 @@ def unrolled(expert_apply: ExpertApply, experts: Sequence[Any], present: tuple[i
     """Each expert on its selected rows only, in chunks of `chunk` rows (see the module docstring).
 
     experts: S param trees (the available experts, in `present` order), each given its own code, so no
-    parameter is ever sliced out of a stack (XLA:CPU copies a dynamically sliced weight at ~1 GB/s, slower than
+    parameter is ever sliced out of a stack (XLA:CPU copies a dynamically sliced weight slowly, slower than
     the expert itself for large models). weights [B, K] f32, zero = not selected. Returns (v [B, ...] f32, real
     rows, padded rows) int32.
     """

@@ -7,19 +7,22 @@ a function that integrates the ODE with `ddm.core.flow.integrate` (a `lax.scan` 
 and, at every evaluation, runs the router, turns its posterior into weights (`route_weights`) and dispatches on
 the device (`ddm.sampling.dispatch`): each expert runs only on the rows routed to it, and the weighted velocities
 are added up. Nothing comes back to the host until the solve ends: one program launch per batch, no per-step
-synchronisation, and experts nobody selected cost nothing. `full` and `single:K` know their selection without
-looking and run their experts on the whole batch. `dispatch` chooses how the experts are run ("auto": the
+synchronisation, and experts nobody selected cost nothing. `full` knows its selection without looking and runs
+every expert on the whole batch; `single:K` goes through the same row dispatch as `oracle`, so on CPU its expert
+sees chunks of a static size whatever the batch, as a routed sample's does. `prior` (ancestral sampling) draws each sample's expert from
+p(k | y) once, on the host before the solve (`Ensemble.prior_experts`, from the clusters' data counts given as
+`prior_counts`), and then runs exactly as `oracle` with those labels: the router is never evaluated and each
+sample costs one expert evaluation per step. `dispatch` chooses how the experts are run ("auto": the
 backend's best; see `ddm.sampling.dispatch` for the options and docs/benchmarks.md for the measurements):
 "unrolled" on CPU (every expert its own code and its own parameters, rows in chunks of a static size),
 "grouped" on GPU/TPU (the experts' parameters stacked, one code for all of them, one bucket per expert whose
 size is chosen on the device).
 
-The reference dispatcher (`dispatch="host"`, the previous design) stays for comparison and tests: per velocity
-evaluation it runs the router (one jitted call), brings the [B, K] weights to the host, and for every expert
-with selected samples runs one jitted expert call on a padded bucket (powers of two from a floor, capped at
-the batch; the floor is `min_bucket`, but never more than B / (available experts), the mean selection of
-top-1; "grouped" uses the same buckets, "unrolled" chunks of the floor). Every dispatch agrees with it to float
-rounding for every strategy (tests/test_ensemble_device.py).
+Bucket sizes are powers of two from a floor, capped at the batch; the floor is `min_bucket`, but never more
+than B / (available experts), the mean selection of top-1 ("grouped" uses these buckets, "unrolled" chunks of
+the floor). Every dispatch agrees to float rounding, for every strategy, with a reference that brings the
+weights to the host at every evaluation and runs one jitted call per selected expert (the tests' oracle,
+tests/oracles/host_dispatch.py; tests/test_ensemble_device.py).
 
 Compilation: one program per (batch, strategy, steps, solver, CFG) shape, cached by jax and shared by
 ensembles with the same apply functions. Within it the expert function is traced once per expert ("unrolled";
@@ -28,8 +31,9 @@ twice for `S+full:T`, whose full-posterior steps run each expert on the whole ba
 
 Determinism: for a (seed, request) the output is a pure function of the parameters. The initial noise is
 `jax.random.normal(jax.random.key(seed, impl="threefry2x32"), (n, H, W, C))` for the whole request (batching
-does not change it); the `sample` strategy draws sample i's expert at evaluation e (= 2*step + stage, stage 1
-being Heun's corrector) from key fold_in(fold_in(fold_in(key(seed), 1), e), i), also independent of batching.
+does not change it); `prior` draws sample i's expert once, from key fold_in(fold_in(key(seed), 2), i), and the
+`sample` strategy draws it at evaluation e (= 2*step + stage, stage 1 being Heun's corrector) from key
+fold_in(fold_in(fold_in(key(seed), 1), e), i): both independent of batching.
 Identical requests on the same hardware and software are bitwise identical (no dispatch adds velocities
 through a scatter with repeated indices, which GPUs make nondeterministic). Outputs are *not* bitwise invariant
 to batch composition: a sample shares its expert call with whichever other samples picked the same expert, and
@@ -54,7 +58,7 @@ from ddm.core import flow
 from ddm.core.codec import Codec
 from ddm.core.errors import DDMError
 from ddm.sampling import dispatch as dispatch_lib
-from ddm.sampling.routing import Strategy, parse_strategy, route_weights
+from ddm.sampling.routing import PRIOR_TAG, Strategy, parse_strategy, prior_choice, prior_probs, route_weights
 
 ExpertApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 RouterApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -69,10 +73,10 @@ class SampleResult:
     x: float32 [n, H, W, C], the final ODE state (model space: [-1, 1] for images, standardised latents).
     weights: float32 [steps, n, K], the routing weights of each step's first velocity evaluation.
     expert_ids: int32 [steps, n], the chosen expert per step, for one-hot strategies (top1, sample, oracle,
-        single); None otherwise.
+        prior, single); None otherwise.
     expert_evals: (sample, expert) velocity evaluations the strategy needed (no padding; a CFG pair counts 1).
     padded_evals: rows the experts actually ran, bucket padding included.
-    dispatch: which dispatcher ran ("grouped", "capacity" or "host"; see the module docstring).
+    dispatch: which dispatcher ran ("unrolled", "grouped" or "capacity"; see the module docstring).
     """
 
     images: np.ndarray
@@ -87,10 +91,12 @@ class SampleResult:
     padded_evals: int
     dispatch: str
     latents: np.ndarray | None = None  # float32 [n, H, W, C]: de-normalised latents (latent runs only)
+    # int32 [n]: each sample's one expert, for the strategies that fix it before the solve (oracle, prior, single)
+    experts: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Routing and one evaluation: pure functions shared by both paths. The apply functions are bound with
+# Routing: pure functions (tests/oracles/host_dispatch.py reuses them). The apply functions are bound with
 # functools.partial so that jax sees them as constants; everything that varies is a traced argument.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -111,73 +117,14 @@ def _route(router_apply, router_params, x, t, y, mask, key, offset, *, strategy:
 
 
 def _fixed_route(mask, labels, batch, *, strategy: Strategy):
-    """Weights [batch, K] of the router-free strategies (oracle, single): they ignore x and t."""
+    """Weights [batch, K] of the router-free strategies (oracle, prior, single): they ignore x and t."""
     num = mask.shape[0]
     uniform = jnp.full((batch, num), 1.0 / num, jnp.float32)
     return route_weights(uniform, strategy, mask=mask, labels=labels)
 
 
-class _TraceLog:
-    """What the expert function was traced at, per `expert_apply` (shared by ensembles using it): the distinct
-    (batch, bucket rows, cfg) shapes, and the number of device solve programs traced."""
-
-    def __init__(self):
-        self.shapes: set[tuple[int, int, bool]] = set()
-        self.solves = 0
-
-    def counted(self, expert_apply: ExpertApply, batch: int, cfg: bool) -> ExpertApply:
-        """expert_apply, recording the bucket shape of every trace (runs at trace time only)."""
-        def apply(params, x, t, y):
-            self.shapes.add((batch, x.shape[0] // (2 if cfg else 1), cfg))
-            return expert_apply(params, x, t, y)
-        return apply
-
-
-@functools.lru_cache(maxsize=16)
-def _trace_log(expert_apply: ExpertApply) -> _TraceLog:
-    return _TraceLog()
-
-
-# --- the reference (host) path --------------------------------------------------------------------------
-
-
-def _expert_contrib(expert_apply, null_label, log, params, acc, x, t, y, weights, k, idx, cfg_scale, *, cfg):
-    """acc [B, ...] + weights[idx, k] * v_k(x[idx]) scattered back to rows idx; returns the new acc.
-
-    idx [bucket] int32: selected rows, padded with B (out of range: the gather clips it, the scatter drops it).
-    k: int32 scalar (traced, so one executable serves every expert). cfg (static): classifier-free guidance.
-    """
-    apply = log.counted(expert_apply, x.shape[0], cfg)
-    xb, tb = x.at[idx].get(mode="clip"), t.at[idx].get(mode="clip")
-    yb = None if y is None else y.at[idx].get(mode="clip")
-    v = dispatch_lib.expert_velocity(apply, params, xb, tb, yb, cfg_scale, cfg=cfg, null_label=null_label)
-    w = weights.at[idx, k].get(mode="clip")
-    return acc.at[idx].add(w.reshape((-1,) + (1,) * (v.ndim - 1)) * v, mode="drop")
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_contrib(expert_apply: ExpertApply, null_label: int) -> Callable:
-    """The jitted `_expert_contrib` for one expert function.
-
-    Cached per (expert_apply, null_label) so that ensembles built over the same architecture (e.g. one per
-    strategy being evaluated) share compiled executables. Bounded, because a loader may build a fresh closure
-    per call, which would otherwise pin every old one in memory.
-    """
-    return jax.jit(
-        functools.partial(_expert_contrib, expert_apply, null_label, _trace_log(expert_apply)),
-        static_argnames=("cfg",),
-        donate_argnames=("acc",),
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_route(router_apply: RouterApply) -> Callable:
-    """The jitted `_route` for one router function (strategy static), cached like `_jitted_contrib`."""
-    return jax.jit(functools.partial(_route, router_apply), static_argnames=("strategy",))
-
-
-# The router-free strategies' weights (oracle, single), jitted so a request costs one compile, not one per eager op.
-_fixed_route_jit = jax.jit(_fixed_route, static_argnames=("batch", "strategy"))
+# The prior strategy's draws (`prior_choice`), jitted: one compile per request size, not one per eager op.
+_prior_choice_jit = jax.jit(prior_choice)
 
 
 # --- the device path ------------------------------------------------------------------------------------
@@ -203,7 +150,7 @@ class _Plan:
     capacity: int
 
 
-def _device_velocity(expert_apply, router_apply, log, experts, router_params, x, t, y, labels, key, offset,
+def _device_velocity(expert_apply, router_apply, experts, router_params, x, t, y, labels, key, offset,
                      cfg_scale, *, plan: _Plan):
     """One routed velocity evaluation on the device: (v [B, ...] f32, weights [B, K] f32, real rows, padded
     rows). experts: the available experts' params (a tuple of trees for "unrolled", their stack otherwise).
@@ -214,14 +161,11 @@ def _device_velocity(expert_apply, router_apply, log, experts, router_params, x,
         weights = _route(router_apply, router_params, x, t, y, mask, key, offset, strategy=strategy)
     else:
         weights = _fixed_route(mask, labels, batch, strategy=strategy)
-    apply = log.counted(expert_apply, batch, plan.cfg)
     common = {"cfg": plan.cfg, "null_label": plan.null_label}
-    args = (apply, experts, plan.present, x, t, y, weights, cfg_scale)
+    args = (expert_apply, experts, plan.present, x, t, y, weights, cfg_scale)
     everyone = tuple(range(len(plan.present)))
     if strategy.kind == "full":
         v, real, padded = dispatch_lib.dense(*args, slots=everyone, **common)
-    elif strategy.kind == "single":
-        v, real, padded = dispatch_lib.dense(*args, slots=(plan.present.index(strategy.expert),), **common)
     elif plan.dispatch == "unrolled":
         sparse = functools.partial(dispatch_lib.unrolled, *args, chunk=plan.chunk, **common)
         if strategy.full_above is None:
@@ -237,7 +181,7 @@ def _device_velocity(expert_apply, router_apply, log, experts, router_params, x,
     return v, weights, real, padded
 
 
-def _device_solve(expert_apply, router_apply, log, experts, router_params, x1, y, labels, route_base, offset,
+def _device_solve(expert_apply, router_apply, experts, router_params, x1, y, labels, route_base, offset,
                   cfg_scale, *, plan: _Plan, steps: int, solver: str):
     """The whole routed ODE solve of one batch, from noise x1 [B, H, W, C] f32 at t=1 to x0 at t=0.
 
@@ -245,12 +189,10 @@ def _device_solve(expert_apply, router_apply, log, experts, router_params, x1, y
     e)); offset: the batch's first sample index in the request. Returns (x0 [B, ...] f32, weights [steps, B, K]
     f32 of each step's first evaluation, real rows, padded rows summed over the solve).
     """
-    log.solves += 1  # runs at trace time only: one per compiled program
-
     def velocity(x, t, evaluation):
         key = None if route_base is None else jax.random.fold_in(route_base, evaluation)
-        v, weights, real, padded = _device_velocity(expert_apply, router_apply, log, experts, router_params, x,
-                                                    t, y, labels, key, offset, cfg_scale, plan=plan)
+        v, weights, real, padded = _device_velocity(expert_apply, router_apply, experts, router_params, x, t, y,
+                                                    labels, key, offset, cfg_scale, plan=plan)
         return v, (weights, real, padded)
 
     x0, (weights, real, padded) = flow.integrate(velocity, x1, steps, solver)
@@ -260,12 +202,15 @@ def _device_solve(expert_apply, router_apply, log, experts, router_params, x1, y
 
 @functools.lru_cache(maxsize=16)
 def _jitted_device(expert_apply: ExpertApply, router_apply: RouterApply | None) -> tuple[Callable, Callable]:
-    """(one jitted evaluation, the jitted whole solve) for one pair of apply functions, cached like
-    `_jitted_contrib`."""
-    log = _trace_log(expert_apply)
-    evaluate = jax.jit(functools.partial(_device_velocity, expert_apply, router_apply, log),
+    """(one jitted evaluation, the jitted whole solve) for one pair of apply functions.
+
+    Cached per pair so that ensembles built over the same architecture (e.g. one per strategy being evaluated)
+    share compiled executables. Bounded, because a loader may build a fresh closure per call, which would
+    otherwise pin every old one in memory.
+    """
+    evaluate = jax.jit(functools.partial(_device_velocity, expert_apply, router_apply),
                        static_argnames=("plan",))
-    solve = jax.jit(functools.partial(_device_solve, expert_apply, router_apply, log),
+    solve = jax.jit(functools.partial(_device_solve, expert_apply, router_apply),
                     static_argnames=("plan", "steps", "solver"))
     return evaluate, solve
 
@@ -275,17 +220,20 @@ class Ensemble:
 
     expert_apply(params, x [b, H, W, C] f32, t [b] f32, y [b] int32 | None) -> v [b, H, W, C].
     expert_params: list of K param trees; None for a missing expert.
-    router_apply(router_params, x, t, y) -> logits [b, K]. May be None (then only oracle/single work).
+    router_apply(router_params, x, t, y) -> logits [b, K]. May be None (then only oracle/prior/single work).
     image_shape: (H, W, C). num_classes: 0 for unconditional models; otherwise labels are 0..num_classes-1 and
         num_classes is the null label used for unconditional / CFG evaluations.
     available: which experts to use (default: those whose params are not None). Missing experts are masked
         out of routing (the posterior is renormalised over the rest) with a warning.
     min_bucket: the smallest dispatch bucket (bounds the bucket sizes compiled for tiny selections); batches
         smaller than min_bucket * (available experts) use B / (available experts) instead.
-    dispatch: "auto" (the backend's best: "grouped"), "grouped", "capacity" or "host" (the reference); see
-        the module docstring and `ddm.sampling.dispatch`.
+    dispatch: "auto" (the backend's best: "unrolled" on CPU, "grouped" on GPU/TPU; `resolved_dispatch`),
+        "unrolled", "grouped" or "capacity"; see the module docstring and `ddm.sampling.dispatch`.
     expert_sharding: where the stacked expert parameters live, e.g. `NamedSharding(mesh, P("expert"))` to put
         the available experts on the devices of an `expert` mesh axis; None: jax's default device.
+    prior_counts: the clusters' training data counts, for the `prior` strategy's p(k | y): [K, num_classes]
+        images of class c in cluster k, or [K] cluster sizes (unconditional ensembles, or unguided samples
+        only); None: `prior` is refused. `load_ensemble` passes the run manifest's.
 
     All params are used as given (device placement included), so a loader only has to restore K param trees
     and the router's and call this constructor. The device path stacks the available experts' parameters once,
@@ -306,6 +254,7 @@ class Ensemble:
         dispatch: str = "auto",
         expert_sharding: jax.sharding.Sharding | None = None,
         codec: Codec = Codec(),
+        prior_counts: Any = None,
     ):
         expert_params = list(expert_params)
         num = len(expert_params)
@@ -336,6 +285,17 @@ class Ensemble:
             raise DDMError(f"min_bucket must be >= 1, got {min_bucket}")
         if dispatch not in dispatch_lib.DISPATCHES:
             raise DDMError(f"unknown dispatch {dispatch!r}; expected one of {', '.join(dispatch_lib.DISPATCHES)}")
+        if prior_counts is not None:
+            prior_counts = np.asarray(prior_counts, np.float64)
+            if prior_counts.ndim not in (1, 2) or prior_counts.shape[0] != num:
+                raise DDMError(f"prior_counts must be [K={num}] cluster sizes or [K, C] class counts, got shape "
+                               f"{prior_counts.shape}")
+            if not (np.isfinite(prior_counts).all() and (prior_counts >= 0).all()):
+                raise DDMError("prior_counts must be finite counts >= 0")
+            if prior_counts.ndim == 2 and num_classes == 0:
+                prior_counts = prior_counts.sum(1)  # unconditional experts on labelled data: the cluster sizes
+            if prior_counts.ndim == 2 and prior_counts.shape[1] != num_classes:
+                raise DDMError(f"prior_counts has {prior_counts.shape[1]} classes, the ensemble {num_classes}")
 
         self.expert_apply = expert_apply
         self.expert_params = expert_params
@@ -350,12 +310,10 @@ class Ensemble:
         self.expert_sharding = expert_sharding
         self._present = tuple(present)
         self.codec = codec
+        self.prior_counts = prior_counts
         self._mask = jnp.asarray(available, bool)
         self._stacked = None
-        self._route_fn = None if router_apply is None else _jitted_route(router_apply)
-        self._contrib_fn = _jitted_contrib(expert_apply, self.num_classes)
         self._device_fns = _jitted_device(expert_apply, router_apply)
-        self._log = _trace_log(expert_apply)
 
     def replace(self, **changes: Any) -> Ensemble:
         """A copy with some constructor arguments changed (e.g. `expert_params`, `router_params`, `dispatch`);
@@ -364,7 +322,7 @@ class Ensemble:
                    "router_apply": self.router_apply, "router_params": self.router_params,
                    "image_shape": self.image_shape, "num_classes": self.num_classes,
                    "available": self.available, "min_bucket": self.min_bucket, "dispatch": self.dispatch,
-                   "expert_sharding": self.expert_sharding, "codec": self.codec}
+                   "expert_sharding": self.expert_sharding, "codec": self.codec, "prior_counts": self.prior_counts}
         unknown = sorted(set(changes) - set(current))
         if unknown:
             raise DDMError(f"Ensemble.replace: unknown field {unknown[0]!r} (known: {', '.join(current)})")
@@ -396,19 +354,6 @@ class Ensemble:
                                                       self.expert_sharding)
         return self._stacked
 
-    @property
-    def expert_traces(self) -> int:
-        """How many distinct (batch, bucket, cfg) shapes the shared expert function was traced at, on either
-        path (each device program compiles its own copy of each of its buckets); shared by every ensemble with
-        the same `expert_apply`."""
-        return len(self._log.shapes)
-
-    @property
-    def solve_traces(self) -> int:
-        """How many device solve programs were traced (one per (batch, strategy, steps, solver, CFG) shape);
-        shared by every ensemble with the same `expert_apply`."""
-        return self._log.solves
-
     def _plan(self, strategy: Strategy, batch: int, cfg: bool) -> _Plan:
         """The static description of a device evaluation on a batch of `batch`."""
         floor = dispatch_lib.bucket_floor(batch, len(self._present), self.min_bucket)
@@ -425,8 +370,11 @@ class Ensemble:
 
     def _check_strategy(self, strategy: str | Strategy) -> Strategy:
         strategy = parse_strategy(strategy)
-        if strategy.needs_router and self._route_fn is None:
+        if strategy.needs_router and self.router_apply is None:
             raise DDMError(f"routing strategy {strategy} needs a router, and this ensemble has none")
+        if strategy.kind == "prior" and self.prior_counts is None:
+            raise DDMError("routing strategy 'prior' needs the clusters' data counts: build the Ensemble with "
+                           "prior_counts ([K, C] class counts or [K] cluster sizes; load_ensemble passes the run's)")
         if strategy.kind == "single":
             if strategy.expert >= self.num_experts:
                 raise DDMError(f"strategy {strategy}: there are only {self.num_experts} experts")
@@ -435,7 +383,9 @@ class Ensemble:
         return strategy
 
     def _check_labels(self, strategy: Strategy, labels: Any, n: int) -> np.ndarray | None:
-        """Oracle cluster labels [n] int32 (required for oracle, ignored otherwise)."""
+        """Oracle cluster labels [n] int32 (required for oracle, refused for prior, ignored otherwise)."""
+        if strategy.kind == "prior" and labels is not None:
+            raise DDMError("routing strategy 'prior' draws each sample's expert itself; labels are oracle's")
         if strategy.kind != "oracle":
             return None
         if labels is None:
@@ -473,53 +423,6 @@ class Ensemble:
     # One velocity evaluation.
     # -----------------------------------------------------------------------------------------------------
 
-    def _evaluate_host(
-        self,
-        x: jax.Array,
-        t: jax.Array,
-        y: jax.Array | None,
-        strategy: Strategy,
-        *,
-        key: jax.Array | None,
-        offset: int,
-        fixed: tuple[jax.Array, np.ndarray] | None,
-        cfg: bool,
-        cfg_scale: float,
-    ) -> tuple[jax.Array, jax.Array, int, int]:
-        """The reference dispatcher: v [B, ...] f32, weights [B, K] f32 (device), real and padded expert rows.
-
-        fixed: (device, host) weights for oracle/single, whose selection does not depend on x.
-        """
-        batch = x.shape[0]
-        if fixed is not None:
-            weights, host = fixed
-        else:
-            weights = self._route_fn(
-                self.router_params, x, t, y, self._mask, key, jnp.uint32(offset), strategy=strategy
-            )
-            # full uses every available expert on every sample: no need to look at the weights.
-            host = None if strategy.kind == "full" else np.asarray(weights)  # the one [B, K] transfer
-        acc = jnp.zeros(x.shape, jnp.float32)
-        scale = jnp.float32(cfg_scale)
-        real = padded = 0
-        floor = dispatch_lib.bucket_floor(batch, len(self._present), self.min_bucket)
-        for k in self._present:
-            if host is None:
-                rows = np.arange(batch, dtype=np.int32)
-            else:
-                rows = np.flatnonzero(host[:, k] > 0).astype(np.int32)
-                if rows.size == 0:
-                    continue
-            size = dispatch_lib.bucket_size(rows.size, batch, floor)
-            idx = np.full((size,), batch, np.int32)
-            idx[: rows.size] = rows
-            acc = self._contrib_fn(
-                self.expert_params[k], acc, x, t, y, weights, jnp.int32(k), idx, scale, cfg=cfg
-            )
-            real += rows.size
-            padded += size
-        return acc, weights, real, padded
-
     def velocity(
         self,
         x_t: jax.Array,
@@ -537,6 +440,9 @@ class Ensemble:
         y [B] (or scalar): class labels of a conditional ensemble (None: the null label). cfg_scale: guidance.
         """
         strategy = self._check_strategy(strategy)
+        if strategy.kind == "prior":
+            raise DDMError("routing strategy 'prior' draws each sample's expert once per request: use sample(), or "
+                           "velocity(..., 'oracle', labels=ensemble.prior_experts(...))")
         x = jnp.asarray(x_t, jnp.float32)
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise DDMError(f"x_t must have shape [B, {', '.join(map(str, self.image_shape))}], got {x.shape}")
@@ -548,23 +454,24 @@ class Ensemble:
         y_host, cfg = self._check_condition(y, cfg_scale, batch)
         y_dev = None if y_host is None else jnp.asarray(y_host)
         scale = 0.0 if cfg_scale is None else float(cfg_scale)
-        if self.resolved_dispatch == "host":
-            fixed = self._fixed_weights(strategy, labels, batch)
-            v, weights, _, _ = self._evaluate_host(x, t, y_dev, strategy, key=rng, offset=0, fixed=fixed,
-                                                   cfg=cfg, cfg_scale=scale)
-            return v, weights
         evaluate, _ = self._device_fns
         v, weights, _, _ = evaluate(self._device_experts(), self.router_params, x, t, y_dev,
                                     None if labels is None else jnp.asarray(labels), rng, jnp.uint32(0),
                                     jnp.float32(scale), plan=self._plan(strategy, batch, cfg))
         return v, weights
 
-    def _fixed_weights(self, strategy: Strategy, labels: np.ndarray | None, n: int):
-        """(device, host) weights [n, K] for strategies that ignore the router (oracle, single), else None."""
-        if strategy.needs_router:
-            return None
-        weights = _fixed_route_jit(self._mask, labels, n, strategy=strategy)
-        return weights, np.asarray(weights)  # independent of x: no wait on pending work
+    def prior_experts(self, n: int, *, seed: int = 0, y: Any = None) -> np.ndarray:
+        """The experts the `prior` strategy gives a request's n samples: int32 [n], sample i drawn from p(k | y_i)
+        over the available experts (`ddm.sampling.routing.prior_probs`; y None or the null label: the cluster
+        shares) with the key fold_in(fold_in(jax.random.key(seed), PRIOR_TAG), i), so a sample's expert depends
+        only on (seed, i, its class), never on n's batching. y: [n] or scalar class labels, as in `sample`."""
+        self._check_strategy("prior")
+        y_all, _ = self._check_condition(y, None, n)
+        labels = np.zeros((n,), np.int32) if y_all is None else y_all  # unconditional: every row the null label
+        probs = prior_probs(self.prior_counts, labels, self.available, null_label=self.num_classes)
+        with jax.transfer_guard("allow"):
+            key = jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), PRIOR_TAG)
+            return np.asarray(_prior_choice_jit(key, probs))
 
     # -----------------------------------------------------------------------------------------------------
     # Sampling.
@@ -585,10 +492,11 @@ class Ensemble:
     ) -> SampleResult:
         """Draws n samples by integrating the routed flow from t=1 to t=0 (see the module docstring).
 
-        labels [n]: oracle clusters. y [n] or scalar: class labels (conditional ensembles). batch_size: samples
+        labels [n]: oracle clusters (`prior` draws its own: `prior_experts`). y [n] or scalar: class labels
+        (conditional ensembles; `prior` draws each sample's expert from p(k | y), CFG within it). batch_size: samples
         integrated together (default: all n); it changes memory and speed, not the noise or routing draws.
-        On the device path each batch is one program launch, and nothing moves between host and device from the
-        first launch until the results come back (one explicit `jax.device_get`).
+        Each batch is one program launch, and nothing moves between host and device from the first launch until
+        the results come back (one explicit `jax.device_get`).
         """
         if n < 1:
             raise DDMError(f"n must be >= 1, got {n}")
@@ -597,6 +505,8 @@ class Ensemble:
         flow.time_grid(steps)  # validates steps
         labels = self._check_labels(strategy, labels, n)
         y_all, cfg = self._check_condition(y, cfg_scale, n)
+        if strategy.kind == "prior":  # drawn once, before the solve; then the oracle path with these labels
+            labels = self.prior_experts(n, seed=seed, y=y_all)
         batch_size = n if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise DDMError(f"batch_size must be >= 1, got {batch_size}")
@@ -614,15 +524,12 @@ class Ensemble:
                 stop = min(n, start + batch_size)
                 inputs.append((noise[start:stop], None if y_all is None else jnp.asarray(y_all[start:stop]),
                                None if labels is None else jnp.asarray(labels[start:stop]), jnp.uint32(start)))
-            experts = None if self.resolved_dispatch == "host" else self._device_experts()
+            experts = self._device_experts()
+        _, solve = self._device_fns
         batches = []  # per batch: (x0 [b, ...], weights [steps, b, K], real rows, padded rows), on device
         for x1, yb, lb, offset in inputs:
-            if experts is None:
-                batches.append(self._solve_host(x1, yb, lb, route_base, offset, strategy, steps, solver, cfg, scale))
-            else:
-                _, solve = self._device_fns
-                batches.append(solve(experts, self.router_params, x1, yb, lb, route_base, offset, scale,
-                                     plan=self._plan(strategy, x1.shape[0], cfg), steps=steps, solver=solver))
+            batches.append(solve(experts, self.router_params, x1, yb, lb, route_base, offset, scale,
+                                 plan=self._plan(strategy, x1.shape[0], cfg), steps=steps, solver=solver))
 
         fetched = jax.device_get(batches)  # the one transfer to the host
         x_final = np.concatenate([b[0] for b in fetched]).astype(np.float32)
@@ -641,32 +548,5 @@ class Ensemble:
             padded_evals=int(sum(b[3] for b in fetched)),
             dispatch=self.resolved_dispatch,
             latents=self.codec.decode(x_final) if self.codec.latents else None,
+            experts=expert_ids[0].copy() if strategy.fixed else None,
         )
-
-    def _solve_host(self, x1, y, labels, route_base, offset, strategy, steps, solver, cfg, scale):
-        """One batch with the reference dispatcher: a Python loop over steps and experts (see `_evaluate_host`).
-        labels: device [b] int32 or None; offset, scale: device scalars."""
-        step = flow.step_function(solver)
-        ts = flow.time_grid(steps)
-        offset, scale = int(offset), float(scale)
-        fixed = self._fixed_weights(strategy, None if labels is None else np.asarray(labels), x1.shape[0])
-        step_weights = []
-        real = padded = 0
-        x = x1
-        for i in range(steps):
-            stage = [0]
-
-            def velocity(x_s, t_s, i=i, stage=stage):
-                nonlocal real, padded
-                key = None if route_base is None else jax.random.fold_in(route_base, 2 * i + stage[0])
-                v, w, r, p = self._evaluate_host(x_s, t_s, y, strategy, key=key, offset=offset, fixed=fixed,
-                                                 cfg=cfg, cfg_scale=scale)
-                if stage[0] == 0:
-                    step_weights.append(w)
-                stage[0] += 1
-                real += r
-                padded += p
-                return v
-
-            x = step(velocity, x, float(ts[i]), float(ts[i + 1]))
-        return x, jnp.stack(step_weights), real, padded

@@ -2,9 +2,10 @@
 
     OUT/
       manifest.json                    the run's manifest, byte for byte: same run identity (manifest SHA-256),
-                                       so verification records made on the run hold on the export
+                                       so verification records made on the run hold on the export (also
+                                       after the run trains a monolith or student: they are not part of it)
       experts/k/final.safetensors      every finished expert's {"ema", "rest"} tree (`ddm.core.weights`)
-      router/final.safetensors         the router; monolith/final.safetensors when trained
+      router/final.safetensors         the router; monolith/, student/final.safetensors when trained
       config.yaml                      the resolved config the run was trained with
       eval/                            the run's evaluation reports, when present
       export.json                      format, source, components with their SHA-256 pins
@@ -35,6 +36,7 @@ import ddm
 from ddm.core.config import to_yaml
 from ddm.core.errors import DDMError
 from ddm.core.weights import save_safetensors
+from ddm.data.components import COMPONENTS
 from ddm.data.manifest import MANIFEST
 from ddm.data.run import EXPORT_INFO, WEIGHTS_SUFFIX, Run
 from ddm.data.sums import SUMS, write_sums
@@ -49,15 +51,17 @@ EVAL_FILES = ("router.json", "report.json", "report.md")
 
 
 def pinned_components(run: Run) -> list[tuple[str, dict, Callable[[nnx.Rngs], nnx.Module]]]:
-    """(name, manifest entry, constructor) of every finished component: experts, router, monolith."""
-    found = [(f"expert {k}", run.expert(k), expert_factory(run)) for k in run.finished_experts()]
-    router = run.component("router")
-    if run.finished(router):
-        found.append(("router", router, router_factory(run)))
-    for name in ("monolith", "student"):
-        entry = run.component(name)
+    """(name, manifest entry, constructor) of every finished component, in the registry's order
+    (`ddm.data.components`: experts as "expert k", then router, monolith, student)."""
+    found = []
+    for c in COMPONENTS:
+        if c.per_cluster:
+            found += [(f"expert {k}", run.expert(k), expert_factory(run)) for k in run.finished_experts()]
+            continue
+        entry = run.component(c.name)
         if run.finished(entry):
-            found.append((name, entry, single_factory(run, entry)[1]))
+            make = router_factory(run) if c.builds == "router" else single_factory(run, entry)[1]
+            found.append((c.name, entry, make))
     return found
 
 

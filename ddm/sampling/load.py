@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from flax import nnx
 
 from ddm.core.config import ModelConfig, from_dict
@@ -39,12 +40,21 @@ def single_factory(run: Run, entry: dict) -> tuple[ModelConfig, Callable[[nnx.Rn
     return model_cfg, functools.partial(dit_from_config, model_cfg, run.image_shape)
 
 
+def prior_counts(run: Run) -> np.ndarray:
+    """What the `prior` strategy's p(k | y) comes from, as the manifest plans it: each cluster's class counts
+    [K, num_classes] (labelled data), else its size [K]. float64."""
+    if run.num_classes and all("class_counts" in c for c in run.clusters):
+        return np.array([c["class_counts"] for c in run.clusters], np.float64)
+    return np.array([c["count"] for c in run.clusters], np.float64)
+
+
 def load_ensemble(run: Run | str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                   with_router: bool = True) -> Ensemble:
     """The routed ensemble of a run: its finished experts (EMA weights) and its router.
 
     Experts that are not finished are left out (the ensemble masks them and warns); the router is required
-    unless `with_router` is False (then only the `oracle` / `single:k` strategies work).
+    unless `with_router` is False (then only the `oracle` / `prior` / `single:k` strategies work). The clusters'
+    data counts (`prior_counts`) go with it, for `prior`.
     """
     run = open_run(run, overrides)
     make_expert = expert_factory(run)
@@ -63,7 +73,7 @@ def load_ensemble(run: Run | str | Path, overrides: list[str] | tuple[str, ...] 
     if with_router:
         router_apply, router_state = load_router(run)
     return Ensemble(apply, states, router_apply, router_state, image_shape=run.image_shape, codec=run.codec,
-                    num_classes=run.config.expert.model.num_classes)
+                    num_classes=run.config.expert.model.num_classes, prior_counts=prior_counts(run))
 
 
 def load_single(run: Run | str | Path, section: str = "monolith") -> Ensemble | None:

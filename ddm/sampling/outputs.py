@@ -56,7 +56,8 @@ def save_outputs(result: SampleResult, request: Request, out_png: Path, *, manif
     """Writes the grid PNG and, beside it, an .npz of images + routing decisions + request. Returns the npz.
 
     npz keys: images uint8 [n, H, W, C], weights float32 [steps, n, K], expert_ids int32 [steps, n] (one-hot
-    strategies only), request (JSON text), manifest_sha256 (text); for latent runs also latents float32
+    strategies only), experts int32 [n] (each image's one expert, for the strategies that fix it before the
+    solve: prior, oracle, single), request (JSON text), manifest_sha256 (text); for latent runs also latents float32
     [n, h, w, c] (de-normalised: the values the shards store), and `images` are what the grid shows (decoded
     by `decoder`, or the channel visualisation, named in the PNG's Title).
     stage: where each file's bytes go first (`ddm.core.files.Staged.stage`: a temporary name renamed once every
@@ -71,6 +72,8 @@ def save_outputs(result: SampleResult, request: Request, out_png: Path, *, manif
         arrays["latents"] = result.latents
     if result.expert_ids is not None:
         arrays["expert_ids"] = result.expert_ids
+    if result.experts is not None:
+        arrays["experts"] = result.experts
     with open(stage(npz), "wb") as f:  # a file object: numpy would append .npz to a temporary name
         np.savez_compressed(f, **arrays)
     return npz

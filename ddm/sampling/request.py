@@ -20,13 +20,16 @@ from ddm.sampling.routing import parse_strategy
 class Request:
     """One generation request (JSON-serialisable)."""
 
-    seed: int = 0
-    n: int = 64
+    seed: int = SampleConfig.seed  # the defaults are the config's `sample` section's
+    n: int = SampleConfig.n
     strategy: str = "top1"
-    steps: int = 50
-    solver: str = "euler"
+    steps: int = SampleConfig.steps
+    solver: str = SampleConfig.solver
     labels: tuple[int, ...] | None = None  # class labels, for class-conditional experts
     cfg_scale: float | None = None
+    # the `oracle` strategy's cluster per image (and only its: other strategies choose their experts); left out
+    # of the JSON when None, so requests of every other strategy read and digest as they always did
+    clusters: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         parse_strategy(self.strategy)  # raises DDMError listing the accepted forms
@@ -45,6 +48,16 @@ class Request:
                 raise DDMError(f"request labels must be non-negative integers, got {list(self.labels)!r}")
             if len(self.labels) != self.n:
                 raise DDMError(f"request has {len(self.labels)} labels for n={self.n} images")
+        oracle = parse_strategy(self.strategy).kind == "oracle"
+        if oracle and self.clusters is None:
+            raise DDMError("routing strategy 'oracle' needs each image's cluster (`ddm sample --clusters 0,3,...`)")
+        if self.clusters is not None:
+            if not oracle:
+                raise DDMError(f"clusters feed the oracle strategy; strategy {self.strategy} chooses its own experts")
+            if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in self.clusters):
+                raise DDMError(f"request clusters must be non-negative integers, got {list(self.clusters)!r}")
+            if len(self.clusters) != self.n:
+                raise DDMError(f"request has {len(self.clusters)} clusters for n={self.n} images")
         if self.cfg_scale is not None and (not isinstance(self.cfg_scale, (int, float))
                                            or isinstance(self.cfg_scale, bool) or not math.isfinite(self.cfg_scale)):
             raise DDMError(f"request cfg_scale={self.cfg_scale!r} must be a finite number or null")
@@ -52,6 +65,10 @@ class Request:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["labels"] = list(self.labels) if self.labels is not None else None
+        if self.clusters is None:
+            del d["clusters"]
+        else:
+            d["clusters"] = list(self.clusters)
         return d
 
     @classmethod
@@ -62,10 +79,11 @@ class Request:
         if unknown:
             raise DDMError(f"request has unknown field {unknown[0]!r}")
         data = dict(data)
-        if data.get("labels") is not None:
-            if not isinstance(data["labels"], list):
-                raise DDMError(f"request labels must be a list of integers or null, got {data['labels']!r}")
-            data["labels"] = tuple(data["labels"])
+        for name in ("labels", "clusters"):
+            if data.get(name) is not None:
+                if not isinstance(data[name], list):
+                    raise DDMError(f"request {name} must be a list of integers or null, got {data[name]!r}")
+                data[name] = tuple(data[name])
         return cls(**data)
 
 
@@ -82,6 +100,20 @@ def check_condition(request: Request, num_classes: int) -> None:
     outside = sorted({v for v in request.labels if v >= num_classes})
     if outside:
         raise DDMError(f"class {outside[0]} is outside [0, {num_classes}): the run's classes are 0..{num_classes - 1}")
+
+
+def check_clusters(request: Request, available: list[bool]) -> None:
+    """DDMError unless every oracle cluster of the request names an available expert (`available`: one entry
+    per cluster of the run, True where its expert is trained)."""
+    if request.clusters is None:
+        return
+    outside = sorted({v for v in request.clusters if v >= len(available)})
+    if outside:
+        raise DDMError(f"cluster {outside[0]} is outside [0, {len(available)}): the run's clusters are "
+                       f"0..{len(available) - 1}")
+    missing = sorted({v for v in request.clusters if not available[v]})
+    if missing:
+        raise DDMError(f"cluster {missing[0]}'s expert is not trained; oracle cannot route to it")
 
 
 def check_limits(request: Request, sample: SampleConfig) -> Request:
@@ -103,5 +135,7 @@ def generate(ensemble, request: Request, *, batch_size: int | None = None):
     """
     check_condition(request, ensemble.num_classes)
     labels = None if request.labels is None else np.asarray(request.labels, np.int32)
+    clusters = None if request.clusters is None else np.asarray(request.clusters, np.int32)
     return ensemble.sample(request.n, request.strategy, steps=request.steps, solver=request.solver,
-                           seed=request.seed, y=labels, cfg_scale=request.cfg_scale, batch_size=batch_size)
+                           seed=request.seed, labels=clusters, y=labels, cfg_scale=request.cfg_scale,
+                           batch_size=batch_size)

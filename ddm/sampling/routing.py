@@ -1,7 +1,7 @@
 """Routing strategies: which experts' velocities are mixed, and with what weights, at each solver step.
 
 The exact marginal flow is u_t(x_t) = sum_k p(k | x_t, t) v_k(x_t) (the `full` strategy). Cheaper strategies keep
-only part of the posterior; the paper's best ImageNet result was top-1 (see /work/shared/GUIDE.md):
+only part of the posterior; the paper's best ImageNet result was top-1 (McAllister et al., README.md):
 
 | text              | Strategy                         | weights [B, K] per sample                                 |
 |-------------------|----------------------------------|-----------------------------------------------------------|
@@ -11,6 +11,7 @@ only part of the posterior; the paper's best ImageNet result was top-1 (see /wor
 | `threshold:TAU`   | kind="threshold", tau=TAU        | experts with posterior >= TAU, renormalised               |
 | `sample`          | kind="sample"                    | one expert drawn from the posterior (one-hot)             |
 | `oracle`          | kind="oracle"                    | one-hot of the sample's known cluster label               |
+| `prior`           | kind="prior"                     | one-hot of an expert drawn once per sample from p(k | y)   |
 | `single:K`        | kind="single", expert=K          | one-hot of expert K for every sample                      |
 | `S+full:T`        | S with full_above=T              | the posterior while t > T, strategy S below (S: top-k,    |
 |                   |                                  | threshold or sample), e.g. `top1+full:0.8`                |
@@ -19,6 +20,12 @@ Why `+full:T`: near t = 1 the posterior is close to the cluster prior, so top-1 
 argmax of an almost flat distribution, biased towards the largest cluster, and a flow committed early stays
 there (docs/results.md). Mixing with the full posterior over the first, noisiest part of the solve and
 routing sparsely once the posterior is sharp costs K expert calls per step only while t > T.
+
+Why `prior` (ancestral sampling): the data is the mixture p(x | y) = sum_k p(k | y) p_k(x | y), and p(k | y) is
+known exactly from the counts of each class in each cluster. Drawing k ~ p(k | y) once per sample and integrating
+expert k alone samples the mixture exactly when each expert models its cluster: no router, one expert per sample
+per step, the choice fixed for the whole solve (docs/design.md). `prior_probs` builds p(k | y) from the counts,
+`prior_choice` draws from it; the weights are then the one-hot of the drawn experts, as for `oracle`.
 
 Strategies are plain hashable data, so they can be static arguments of `jax.jit`. `route_weights` is a pure,
 jit-able function; the decisions are per sample (two samples of a batch may pick different experts).
@@ -31,19 +38,25 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddm.core.errors import DDMError
 
-KINDS = ("full", "topk", "threshold", "sample", "oracle", "single")
-ACCEPTED_FORMS = ("full, top1, top2, topN, topk:N, threshold:TAU (0 < TAU <= 1), sample, oracle, single:K; "
+KINDS = ("full", "topk", "threshold", "sample", "oracle", "single", "prior")
+ACCEPTED_FORMS = ("full, top1, top2, topN, topk:N, threshold:TAU (0 < TAU <= 1), sample, oracle, prior, single:K; "
                   "topN, threshold:TAU and sample also as S+full:T (the full posterior while t > T, 0 <= T < 1)")
-# Strategies whose weights come from the router's posterior (oracle and single need no router).
+# Strategies whose weights come from the router's posterior (oracle, single and prior need no router).
 ROUTED_KINDS = ("full", "topk", "threshold", "sample")
+# Strategies that fix each sample's one expert before the solve, for every step of it.
+FIXED_KINDS = ("oracle", "single", "prior")
+# The fold of the request's key (`jax.random.key(seed)`) that `prior` draws from (1 is `sample`'s).
+PRIOR_TAG = 2
 # Strategies that take the `+full:T` modifier (full itself needs none; oracle and single ignore the router).
 SPARSE_KINDS = ("topk", "threshold", "sample")
 
 _DEFAULTS = {"k": 1, "tau": 0.0, "expert": 0}
-_USED_FIELDS = {"full": (), "topk": ("k",), "threshold": ("tau",), "sample": (), "oracle": (), "single": ("expert",)}
+_USED_FIELDS = {"full": (), "topk": ("k",), "threshold": ("tau",), "sample": (), "oracle": (), "single": ("expert",),
+                "prior": ()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +117,13 @@ class Strategy:
         """Whether every sample gets exactly one expert at every step (so a chosen expert id is meaningful)."""
         if self.full_above is not None:
             return False
-        return self.kind in ("sample", "oracle", "single") or (self.kind == "topk" and self.k == 1)
+        return self.kind in ("sample", "oracle", "single", "prior") or (self.kind == "topk" and self.k == 1)
+
+    @property
+    def fixed(self) -> bool:
+        """Whether each sample's one expert is chosen before the solve and kept for all of it (oracle, single,
+        prior): then `SampleResult.experts` names it."""
+        return self.kind in FIXED_KINDS
 
 
 _INT = r"(\d+)"
@@ -112,7 +131,7 @@ _FLOAT = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
 
 def parse_strategy(text: str | Strategy) -> Strategy:
-    """Parses "full", "top1", "top2", "topk:3", "threshold:0.1", "sample", "oracle", "single:2", and the sparse
+    """Parses "full", "top1", "top2", "topk:3", "threshold:0.1", "sample", "oracle", "prior", "single:2", and the sparse
     ones with a "+full:T" suffix ("top1+full:0.8") (case and surrounding spaces ignored); a `Strategy` passes
     through. `parse_strategy(str(s)) == s` for every strategy."""
     if isinstance(text, Strategy):
@@ -125,7 +144,7 @@ def parse_strategy(text: str | Strategy) -> Strategy:
         if base.full_above is not None:
             raise DDMError(f"routing strategy {text!r} has two '+full' parts; accepted: {ACCEPTED_FORMS}")
         return dataclasses.replace(base, full_above=float(m.group(2)))
-    if s in ("full", "sample", "oracle"):
+    if s in ("full", "sample", "oracle", "prior"):
         return Strategy(s)
     if m := (re.fullmatch(r"top" + _INT, s) or re.fullmatch(r"topk:" + _INT, s)):
         return Strategy("topk", k=int(m.group(1)))
@@ -193,10 +212,11 @@ def route_weights(
     - sample: one expert per sample drawn from the posterior, one-hot. `rng` is one key (all samples drawn from
       it at once) or per-sample keys [B] (what `Ensemble` uses, so draws do not depend on batching).
     - oracle: one-hot of `labels` [B] int (the samples' known clusters).
+    - prior: one-hot of `labels` [B] int, the experts drawn once per sample from p(k | y) (`prior_choice`).
     - single: one-hot of `strategy.expert`.
     - `+full:T` (strategy.full_above = T): samples whose time t [B] (required then) is > T get the full
       posterior, the others the strategy's weights.
-    oracle/single choices that are masked out or out of range fall back to the top-1 available expert
+    oracle/prior/single choices that are masked out or out of range fall back to the top-1 available expert
     (`Ensemble` refuses such requests up front; this only keeps the function total under jit).
 
     Pure and deterministic; jit it with `strategy` static.
@@ -251,15 +271,60 @@ def _sparse_weights(p: jax.Array, strategy: Strategy, mask: jax.Array, rng: jax.
         else:
             raise DDMError(f"routing rng must be one key or [B]={p.shape[0]} keys, got shape {keys.shape}")
         return jax.nn.one_hot(choice, num, dtype=jnp.float32)
-    if kind == "oracle":
+    if kind in ("oracle", "prior"):
         if labels is None:
-            raise DDMError("routing strategy 'oracle' needs the samples' cluster labels")
+            raise DDMError(f"routing strategy '{kind}' needs the samples' cluster labels")
         labels = jnp.asarray(labels, jnp.int32)
         if labels.shape != (p.shape[0],):
-            raise DDMError(f"oracle labels must have shape ({p.shape[0]},), got {labels.shape}")
+            raise DDMError(f"{kind} labels must have shape ({p.shape[0]},), got {labels.shape}")
         return _one_hot_or_top1(p, labels, mask)
     # single
     if strategy.expert >= num:
         raise DDMError(f"routing strategy {strategy} names expert {strategy.expert}, but there are only {num}")
     choice = jnp.full((p.shape[0],), strategy.expert, jnp.int32)
     return _one_hot_or_top1(p, choice, mask)
+
+
+def prior_probs(counts, y, mask, *, null_label: int) -> np.ndarray:
+    """p(k | y_i) over the available experts, float32 [n, K] (rows sum to 1), from the clusters' data counts.
+
+    counts: [K, C] images of class c in cluster k (a labelled run's `class_counts`), or [K] cluster sizes.
+    y: [n] int class labels; a sample whose label is `null_label` (unconditional or unguided) gets the cluster
+    shares p(k) = size_k / N, as does every sample when counts are only sizes. mask [K] bool: available experts;
+    the missing ones get 0 and each row is renormalised over the rest, which samples the data of the present
+    clusters only (p(x | y, k present)), not the whole dataset.
+
+    DDMError when a real class label meets counts without classes, or when no available cluster holds an image
+    of a requested class (then p(k | y) has nothing to renormalise).
+    """
+    counts = np.asarray(counts, np.float64)
+    mask = np.asarray(mask, bool)
+    y = np.asarray(y, np.int64)
+    if counts.ndim == 2 and counts.shape[1] != null_label:
+        raise DDMError(f"prior counts have {counts.shape[1]} classes; the labels have {null_label} (+ the null label)")
+    if (y < 0).any() or (y > null_label).any():
+        raise DDMError(f"class labels must be in [0, {null_label}] for prior routing ({null_label} = null)")
+    if counts.ndim == 1 and (y != null_label).any():
+        raise DDMError("routing strategy 'prior' with class labels needs each cluster's class counts [K, C], "
+                       "not only its size")
+    sizes = counts if counts.ndim == 1 else counts.sum(1)
+    # rows: classes 0..C-1 (p(k | c) up to normalisation), then the null label (the cluster sizes)
+    table = np.concatenate([counts.T if counts.ndim == 2 else np.zeros((null_label, len(sizes))), sizes[None, :]])
+    table = np.where(mask[None, :], table, 0.0)
+    rows = table[y]
+    empty = sorted({int(c) for c in y[rows.sum(1) == 0]})
+    if empty:
+        what = "the unconditional prior" if empty == [null_label] else f"class {empty[0]}"
+        raise DDMError(f"routing strategy 'prior': no available expert's cluster holds data of {what}")
+    return (rows / rows.sum(1, keepdims=True)).astype(np.float32)
+
+
+def prior_choice(key: jax.Array, probs: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+    """Each sample's expert under `prior`: int32 [n], sample i drawn from probs[i] [K] (`prior_probs`) with the key
+    fold_in(key, start + i). key: the request's prior key, fold_in(jax.random.key(seed), PRIOR_TAG), so sample
+    i's draw depends only on (seed, i, its probabilities), never on the batch it is solved in. Pure; jit-able."""
+    probs = jnp.asarray(probs, jnp.float32)
+    index = jnp.asarray(start, jnp.uint32) + jnp.arange(probs.shape[0], dtype=jnp.uint32)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(_as_keys(key), index)
+    logp = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+    return jax.vmap(jax.random.categorical)(keys, logp).astype(jnp.int32)

@@ -55,7 +55,7 @@ def ensemble_teacher(ensemble: Ensemble, kind: str) -> Teacher:
 def _cluster_teacher(ensemble: Ensemble) -> Teacher:
     """Each sample through its own cluster's expert, the rows grouped by cluster (every expert available)."""
     present = tuple(range(ensemble.num_experts))
-    unrolled = ensemble.resolved_dispatch in ("unrolled", "host")  # host: the reference, no device path of its own
+    unrolled = ensemble.resolved_dispatch == "unrolled"
     experts = tuple(ensemble.expert_params) if unrolled else ensemble.stacked_params
     common = {"cfg": False, "null_label": ensemble.num_classes}
 

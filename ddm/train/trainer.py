@@ -155,11 +155,24 @@ def loss_and_grads(graphdef, loss: LossFn, params, rest, x, clusters, classes, r
     return jax.tree.map(lambda a: a / accum, total)
 
 
+def ema_decay_at(decay: float, step: jax.Array, warmup: bool) -> jax.Array | float:
+    """The EMA decay of the update made at `step` (int32 scalar, 0 for the first update).
+
+    warmup False: `decay` itself. warmup True: min(decay, (1 + step) / (10 + step)), diffusers' EMAModel
+    warmup: 0.1 at the first update, so the average soon forgets the random initial weights instead of
+    carrying them for ~1 / (1 - decay) steps. A float32 scalar, a function of the step alone (resumes exactly).
+    """
+    if not warmup:
+        return decay
+    step = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
 def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images, clusters, classes, *,
-               accum: int = 1, codec: Codec = Codec()):
+               accum: int = 1, codec: Codec = Codec(), ema_warmup: bool = True):
     """One optimisation step. images: [B, H, W, C] stored rows (uint8 images or float latents, which `codec`
     maps to model space), clusters, classes: [B] int32 (see `LossFn`); accum: micro-batches the batch is split
-    into (`loss_and_grads`). Returns (state, metrics).
+    into (`loss_and_grads`); ema_warmup: the EMA decay follows `ema_decay_at`. Returns (state, metrics).
 
     A non-finite loss or gradient leaves params/optimizer untouched and records the step in `state["bad"]`,
     so the host can stop with the last good state still intact.
@@ -170,7 +183,8 @@ def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images
                                               rng, accum)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+    decay = ema_decay_at(ema_decay, state["step"], ema_warmup)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
     grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(state["params"])
     # Finite loss and gradients can still overflow the parameters (a huge learning rate): check them too,
     # element-wise, since a global norm overflows float32 long before the parameters themselves do.
@@ -231,7 +245,7 @@ class Trainer:
         self._lr = jax.jit(learning_rate(cfg))  # host-side, for the log; one compile instead of one per op
         mesh_lib.check_batch(cfg.batch_size // cfg.grad_accum, self.mesh)  # each micro-batch splits evenly too
         step_fn = functools.partial(train_step, self.graphdef, task.loss, self.tx, cfg.ema_decay,
-                                    accum=cfg.grad_accum, codec=task.codec)
+                                    accum=cfg.grad_accum, codec=task.codec, ema_warmup=cfg.ema_warmup)
         self._step = jax.jit(step_fn, donate_argnums=0,
                              in_shardings=(self.shardings, self.batch_sharding, self.batch_sharding,
                                            self.batch_sharding),

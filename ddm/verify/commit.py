@@ -1,7 +1,7 @@
 """Commit-reveal between verifiers, so that no verifier can copy another's result instead of regenerating.
 
 Phase 1 (commit): for each claim, a verifier publishes only ``commitment(payload, nonce)``:
-SHA-256 of the ASCII line ``ddm-commit/v1`` and a newline, the canonical JSON (`ddm.core.hashing.canonical_json`)
+SHA-256 of the ASCII line ``ddm-commit/v1`` and a newline, the canonical JSON (`ddm.core.documents.canonical_bytes`)
 of its payload (the claim id, its own verifier index, its verdicts and its per-image distances), a newline, and
 a fresh 256-bit nonce as 64 hex digits. Phase 2 (reveal) opens only once every verifier has committed; each
 then publishes its payloads and nonces, and anyone recomputes the hashes (`check_reveals`).
@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 
+from ddm.core.documents import canonical_bytes
 from ddm.core.errors import DDMError
-from ddm.core.hashing import canonical_json
 
 COMMIT_CONTEXT = b"ddm-commit/v1\n"
 
@@ -30,7 +30,7 @@ def new_nonce() -> str:
 
 def commitment(payload: dict, nonce: str) -> str:
     """The commitment (64 hex digits) to one payload under a nonce (64 hex digits)."""
-    return hashlib.sha256(COMMIT_CONTEXT + canonical_json(payload) + b"\n" + nonce.encode("ascii")).hexdigest()
+    return hashlib.sha256(COMMIT_CONTEXT + canonical_bytes(payload) + b"\n" + nonce.encode("ascii")).hexdigest()
 
 
 def commit(payloads: dict[str, dict]) -> tuple[dict[str, str], dict[str, str]]:

@@ -15,6 +15,7 @@ from ddm.core.config import SEED_MAX
 from ddm.core.errors import DDMError
 
 LABEL_MAX = 2**31 - 1  # class labels travel as int32
+MODES = ("auto", "exact", "tolerance", "phash")  # ddm.verify.verdict's modes; here, the CLI parses without jax
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,8 @@ request, the claimed output itself, and digests of it:
   de-normalised latents `codec.decode(values)`: `sha256` and each image's `sha256` are `latents_sha256` of
   their float32 bytes, and the perceptual hashes are of `codec.preview(values)` (latent channels 0-2);
 - `environment`: the claimant's software and hardware (`ddm.verify.environment`);
+- `experts` (strategies that fix each image's expert before the solve: prior, oracle, single): the expert each
+  image was drawn to or given, n integers, which a verifier compares with its own draws;
 - `signature` (optional): Ed25519 over everything else (`ddm.verify.signing`).
 
 Why the values and not a sketch: at our image sizes they cost 256 (8x8) to 3,136 (28x28) bytes per image, and
@@ -18,8 +20,10 @@ batch digest and pixels disagree is caught without regenerating anything (`contr
 compares values at float precision (honest cross-hardware drift ~1e-3, a solver step ~1e-2; uint8 pixels
 would round both to 0-1 levels).
 
-`read_record` parses with bounds (file size, JSON depth, duplicate keys); `validate_record` checks structure
-and limits; `claimed_values` decodes the values; `contradictions` lists disagreements inside the record.
+`read_record` parses with bounds (file size, then strict JSON: `ddm.core.documents.parse`); `validate_record`
+checks structure (`RECORD_SCHEMA`: closed, every field typed) and how fields relate (`record_rules`: the
+request, its limits, shape and hashes against it, the codec against the shape); `claimed_values` decodes the
+values; `contradictions` lists disagreements inside the record.
 """
 
 from __future__ import annotations
@@ -27,26 +31,49 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from ddm.core.errors import DDMError
+from ddm.core import documents
 from ddm.core.codec import Codec
+from ddm.core.errors import DDMError
 from ddm.core.hashing import array_sha256, images_sha256
 from ddm.core.images import to_uint8
+from ddm.core.schema import Anything, Hex, Int, ListOf, MapOf, Named, Num, Obj, Str, check
 from ddm.sampling.request import Request
 from ddm.verify.limits import DEFAULT_LIMITS, VerifyLimits
-from ddm.verify.phash import hex_to_hash, perceptual_hashes
+from ddm.verify.phash import HASH_HEX_DIGITS, perceptual_hashes
 
 RECORD_FORMAT = "ddm-record/v2"
-RECORD_KEYS = ("format", "manifest_sha256", "request", "shape", "sha256", "images", "values", "environment")
-OPTIONAL_KEYS = ("signature", "codec")
 MAX_STRATEGY_CHARS = 64
 MAX_ENVIRONMENT_KEYS = 32
 MAX_ENVIRONMENT_CHARS = 1024
+
+# What `hex_to_hash` reads back.
+_PERCEPTUAL = Str(pattern=f"[0-9a-fA-F]{{{HASH_HEX_DIGITS}}}", name=f"a 64-bit hash ({HASH_HEX_DIGITS} hex digits)")
+_NUMBERS = ListOf(Num(), min_len=1, name="a list of finite numbers")
+# Closed: a signed record is a claim byte for byte, so a field this version does not know is refused, not kept.
+RECORD_SCHEMA = Obj(
+    {"format": Str(choices=(RECORD_FORMAT,)),
+     "manifest_sha256": Hex(64),
+     "request": Anything(dict, "an object"),  # `Request.from_json` and the limits check it (record_rules)
+     "shape": Named(ListOf(Int(min=1), min_len=4, max_len=4), "[n, H, W, C] of positive integers"),
+     "sha256": Hex(64),
+     "images": ListOf(Obj({"sha256": Hex(64), "phash": _PERCEPTUAL, "dhash": _PERCEPTUAL}, closed=True)),
+     "values": Str(min_len=0, max_len=sys.maxsize, name="a base64 string"),  # its length: `claimed_values`
+     "environment": Named(MapOf(Str(min_len=0, max_len=MAX_ENVIRONMENT_CHARS), max_len=MAX_ENVIRONMENT_KEYS),
+                          f"an object of at most {MAX_ENVIRONMENT_KEYS} strings of at most "
+                          f"{MAX_ENVIRONMENT_CHARS} characters")},
+    optional={"signature": Anything(),  # checked by `ddm.verify.signing`
+              "codec": Obj({"kind": Str(choices=("latents",)), "mean": _NUMBERS, "std": _NUMBERS}, closed=True),
+              # each image's one expert, for the strategies that fix it before the solve (prior, oracle, single)
+              "experts": ListOf(Int(min=0, max=2**31 - 1))},
+    closed=True,
+)
 
 
 def image_digests(images: np.ndarray) -> list[dict[str, str]]:
@@ -82,10 +109,11 @@ def encode_values(values: np.ndarray) -> str:
 
 
 def make_record(manifest_sha: str, request: Request, values: np.ndarray, environment: dict[str, str],
-                codec: Codec = Codec()) -> dict:
+                codec: Codec = Codec(), experts: np.ndarray | None = None) -> dict:
     """A verification record for the output `values` (float32 [n, H, W, C], the final ODE state in model range)
     of `request` on the run, made in `environment` (`ddm.verify.environment.environment()`); `codec`: the
-    run's (`Run.codec`), recorded for latent runs."""
+    run's (`Run.codec`), recorded for latent runs; `experts`: int [n], each image's one expert
+    (`SampleResult.experts`: prior, oracle and single), recorded when given."""
     values = np.asarray(values)
     if values.dtype != np.float32 or values.ndim != 4:
         raise DDMError(f"make_record needs float32 values [n, H, W, C], got {values.dtype} {values.shape}")
@@ -95,33 +123,13 @@ def make_record(manifest_sha: str, request: Request, values: np.ndarray, environ
               "values": encode_values(values), "environment": dict(environment)}
     if codec.latents:
         record["codec"] = codec.to_dict()
+    if experts is not None:
+        record["experts"] = [int(k) for k in np.asarray(experts)]
     return record
 
 
 def write_record(path: str | Path, record: dict) -> None:
-    Path(path).write_text(json.dumps(record, indent=1) + "\n")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        duplicate = next(k for k in keys if keys.count(k) > 1)
-        raise DDMError(f"duplicate key {duplicate!r}")
-    return dict(pairs)
-
-
-def parse_record(text: str | bytes, where: str = "record") -> dict:
-    """JSON text -> object; DDMError for anything that is not strict JSON (duplicate keys, NaN, nesting too
-    deep to parse, integers too long to convert)."""
-    def constant(name: str):
-        raise DDMError(f"{name} is not a JSON number")
-
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=constant)
-    except DDMError as err:
-        raise DDMError(f"{where} is not valid JSON: {err}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise DDMError(f"{where} is not valid JSON: {str(err)[:200]}") from None
+    documents.write(path, record, indent=1)
 
 
 def read_record(path: str | Path, limits: VerifyLimits = DEFAULT_LIMITS) -> tuple[dict, Request]:
@@ -132,79 +140,78 @@ def read_record(path: str | Path, limits: VerifyLimits = DEFAULT_LIMITS) -> tupl
     size = path.stat().st_size
     if size > limits.max_record_bytes:
         raise DDMError(f"record {path} has {size} bytes, more than the limit of {limits.max_record_bytes}")
-    record = parse_record(path.read_bytes(), f"record {path}")
+    record = documents.parse(path.read_bytes(), f"record {path}")
     return validate_record(record, str(path), limits), Request.from_json(record["request"])
 
 
-def _is_hex(value, digits: int) -> bool:
-    return isinstance(value, str) and len(value) == digits and all(c in "0123456789abcdef" for c in value)
+def record_rules(limits: VerifyLimits = DEFAULT_LIMITS) -> tuple[Callable[[dict], str | None], ...]:
+    """How a record's fields relate, checked in order after `RECORD_SCHEMA` (so each rule may rely on the
+    types, and on the rules before it): the request is a complete `Request` within `limits`, and the shape,
+    the image hashes and the codec fit it."""
 
+    def request_is_complete_and_within_limits(record: dict) -> str | None:
+        strategy = record["request"].get("strategy")
+        if isinstance(strategy, str) and len(strategy) > MAX_STRATEGY_CHARS:
+            return f"strategy has more than {MAX_STRATEGY_CHARS} characters"
+        try:
+            request = Request.from_json(record["request"])
+            # every field spelled out: a signed claim must not lean on defaults that a later version may change
+            # (but `clusters`, which only oracle requests have: its absence is None, not a default)
+            missing = [f.name for f in dataclasses.fields(Request)
+                       if f.name not in record["request"] and f.name != "clusters"]
+            if missing:
+                return f"request has no {missing[0]!r} field"
+            limits.check_request(request, "request")
+        except DDMError as err:
+            return str(err)
+        return None
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    def shape_fits_the_request(record: dict) -> str | None:
+        shape, n = record["shape"], record["request"]["n"]
+        if shape[0] != n:
+            return f"shape {shape} does not fit a request of n={n} images"
+        if math.prod(shape) * 4 > limits.max_record_bytes:
+            return f"shape {shape} is larger than a record may be ({limits.max_record_bytes} bytes)"
+        return None
+
+    def one_hash_per_image(record: dict) -> str | None:
+        count, n = len(record["images"]), record["request"]["n"]
+        return None if count == n else f"images lists {count} image hashes for n={n} images"
+
+    def one_expert_per_image(record: dict) -> str | None:
+        if "experts" not in record:
+            return None
+        count, n = len(record["experts"]), record["request"]["n"]
+        return None if count == n else f"experts lists {count} experts for n={n} images"
+
+    def codec_fits_the_shape(record: dict) -> str | None:
+        if "codec" not in record:
+            return None
+        channels = record["shape"][3]
+        for name in ("mean", "std"):
+            if len(record["codec"][name]) != channels:
+                return f"codec.{name} must hold {channels} numbers (one per channel of shape {record['shape']})"
+        try:
+            record_codec(record)  # std > 0, else DDMError
+        except DDMError as err:
+            return f"codec: {err}"
+        return None
+
+    return (request_is_complete_and_within_limits, shape_fits_the_request, one_hash_per_image,
+            one_expert_per_image, codec_fits_the_shape)
 
 
 def validate_record(record, where: str = "record", limits: VerifyLimits = DEFAULT_LIMITS) -> dict:
-    """Checks a record's structure and bounds (format, fields and their types, request within `limits`, shape,
-    hash formats, the length of `values`); returns it, else DDMError. Whether its digests agree with its values
-    is `contradictions`; whether they agree with a regeneration is `ddm.verify.verdict`."""
+    """Checks a record's structure and bounds (`RECORD_SCHEMA`: format, fields and their types, hash formats;
+    `record_rules`: the request within `limits`, the shape, image hashes and codec against it); returns it, else
+    a one-line DDMError naming the field. Whether its digests agree with its values is `contradictions`;
+    whether they agree with a regeneration is `ddm.verify.verdict`."""
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise DDMError(f"{where} is not a {RECORD_FORMAT} record")
-    for key in RECORD_KEYS:
-        if key not in record:
-            raise DDMError(f"{where} has no {key!r} field")
-    unknown = sorted(set(record) - set(RECORD_KEYS) - set(OPTIONAL_KEYS))
-    if unknown:
-        raise DDMError(f"{where} has unknown field {unknown[0]!r}")
-    if not _is_hex(record["manifest_sha256"], 64):
-        raise DDMError(f"{where}: manifest_sha256 must be 64 lowercase hex digits")
-    strategy = record["request"].get("strategy") if isinstance(record["request"], dict) else None
-    if isinstance(strategy, str) and len(strategy) > MAX_STRATEGY_CHARS:
-        raise DDMError(f"{where}: strategy has more than {MAX_STRATEGY_CHARS} characters")
-    request = Request.from_json(record["request"])
-    # every field spelled out: a signed claim must not lean on defaults that a later version may change
-    missing = [f.name for f in dataclasses.fields(Request) if f.name not in record["request"]]
-    if missing:
-        raise DDMError(f"{where}: request has no {missing[0]!r} field")
-    limits.check_request(request, where)
-    shape = record["shape"]
-    if not (isinstance(shape, list) and len(shape) == 4 and all(_is_positive_int(d) for d in shape)):
-        raise DDMError(f"{where}: shape {shape!r} is not [n, H, W, C] of positive integers")
-    if shape[0] != request.n:
-        raise DDMError(f"{where}: shape {shape} does not fit a request of n={request.n} images")
-    if math.prod(shape) * 4 > limits.max_record_bytes:
-        raise DDMError(f"{where}: shape {shape} is larger than a record may be ({limits.max_record_bytes} bytes)")
-    images = record["images"]
-    if not isinstance(images, list) or len(images) != request.n:
-        count = len(images) if isinstance(images, list) else "no list of"
-        raise DDMError(f"{where} has {count} image hashes for n={request.n}")
-    for i, row in enumerate(images):
-        if not isinstance(row, dict) or set(row) != {"sha256", "phash", "dhash"}:
-            raise DDMError(f"{where}: image {i} must have exactly sha256, phash and dhash")
-        if not _is_hex(row["sha256"], 64):
-            raise DDMError(f"{where}: image {i} sha256 must be 64 lowercase hex digits")
-        for name in ("phash", "dhash"):
-            try:
-                hex_to_hash(row[name])
-            except DDMError as err:
-                raise DDMError(f"{where}: image {i} {name}: {err}") from None
-    if not _is_hex(record["sha256"], 64):
-        raise DDMError(f"{where}: sha256 must be 64 lowercase hex digits")
-    if not isinstance(record["values"], str):
-        raise DDMError(f"{where}: values must be a base64 string")
-    if "codec" in record:
-        codec = record["codec"]
-        if not (isinstance(codec, dict) and set(codec) == {"kind", "mean", "std"} and codec["kind"] == "latents"
-                and all(isinstance(v, list) and len(v) == shape[3] and all(isinstance(x, (int, float))
-                                                                           and not isinstance(x, bool) for x in v)
-                        for v in (codec["mean"], codec["std"]))):
-            raise DDMError(f"{where}: codec must be {{kind: latents, mean: [{shape[3]} numbers], std: [...]}}")
-        record_codec(record)  # std > 0 and finite, else DDMError
-    env = record["environment"]
-    if not (isinstance(env, dict) and len(env) <= MAX_ENVIRONMENT_KEYS
-            and all(isinstance(v, str) and len(v) <= MAX_ENVIRONMENT_CHARS for v in env.values())):
-        raise DDMError(f"{where}: environment must be an object of at most {MAX_ENVIRONMENT_KEYS} short strings")
-    return record
+    missing = next((key for key in RECORD_SCHEMA.fields if key not in record), None)
+    if missing is not None:  # before the schema: a record without a field says so, whatever else is wrong
+        raise DDMError(f"{where} has no {missing!r} field")
+    return check(record, RECORD_SCHEMA, where, record_rules(limits))
 
 
 def claimed_values(record: dict, where: str = "record") -> np.ndarray:

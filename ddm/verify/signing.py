@@ -5,7 +5,7 @@ public key, PEM SubjectPublicKeyInfo); `openssl pkey -in KEY -pubout` gives the 
 `key_id`: "ed25519:" + the first 16 hex digits of SHA-256 of its 32 raw public-key bytes.
 
 What is signed (`signed_bytes`): the ASCII line ``ddm-record-signature/v1`` and a newline, followed by the
-canonical JSON (`ddm.core.hashing.canonical_json`: sorted keys, no whitespace, ASCII) of the record without its
+canonical JSON (`ddm.core.documents.canonical_bytes`: sorted keys, no whitespace, ASCII) of the record without its
 `signature` field. The signature field is
 ``{"algorithm": "ed25519", "public_key": base64 of the 32 raw bytes, "value": base64 of the 64-byte signature}``.
 Any change to any other field after signing (a digest, a request field, a value, the environment) breaks it.
@@ -24,9 +24,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ddm.core.documents import canonical_bytes
 from ddm.core.errors import DDMError
 from ddm.core.files import check_output_dir
-from ddm.core.hashing import canonical_json
 
 ALGORITHM = "ed25519"
 SIGNATURE_CONTEXT = b"ddm-record-signature/v1\n"
@@ -97,7 +97,7 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
 
 def signed_bytes(record: dict) -> bytes:
     """The exact bytes a record's signature covers (module docstring)."""
-    return SIGNATURE_CONTEXT + canonical_json({k: v for k, v in record.items() if k != "signature"})
+    return SIGNATURE_CONTEXT + canonical_bytes({k: v for k, v in record.items() if k != "signature"})
 
 
 def sign_record(record: dict, key: Ed25519PrivateKey) -> dict:

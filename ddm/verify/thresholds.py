@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
+from ddm.core import documents
 from ddm.core.errors import DDMError
+from ddm.core.schema import Anything, Hex, Int, Num, Obj, Str
 from ddm.verify.phash import HASH_BITS
 
 THRESHOLDS_FORMAT = "ddm-verify-thresholds/v1"
@@ -40,6 +41,9 @@ MEDIAN_MIN_IMAGES = 5  # below this a median is one or two images: too few to te
 
 
 VALUE_FIELDS = ("max_abs", "rms", "median_max_abs", "median_rms")
+THRESHOLDS_SCHEMA = Obj({"format": Str(), "manifest_sha256": Hex(64), "phash": Int(min=0, max=HASH_BITS),
+                         **{name: Num(min=0) for name in VALUE_FIELDS}},
+                        optional={"calibration": Anything()})  # how they were measured: recorded, never checked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +76,9 @@ def thresholds_path(eval_dir: str | Path) -> Path:
 
 def write_thresholds(eval_dir: str | Path, manifest_sha: str, thresholds: Thresholds, calibration: dict) -> Path:
     """Writes the calibrated thresholds (and how they were measured) for the run named by `manifest_sha`."""
-    path = thresholds_path(eval_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {"format": THRESHOLDS_FORMAT, "manifest_sha256": manifest_sha, "phash": thresholds.phash,
             **{k: getattr(thresholds, k) for k in VALUE_FIELDS}, "calibration": calibration}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return documents.write(thresholds_path(eval_dir), body, indent=1)
 
 
 def read_thresholds(eval_dir: str | Path, manifest_sha: str) -> Thresholds | None:
@@ -88,13 +87,8 @@ def read_thresholds(eval_dir: str | Path, manifest_sha: str) -> Thresholds | Non
     path = thresholds_path(eval_dir)
     if not path.is_file():
         return None
-    try:
-        body = json.loads(path.read_text())
-        if body.get("format") != THRESHOLDS_FORMAT:
-            raise ValueError(f"not a {THRESHOLDS_FORMAT} file")
-        if body.get("manifest_sha256") != manifest_sha:
-            raise DDMError(f"{path} was calibrated on another run (manifest {str(body.get('manifest_sha256'))[:16]}"
-                           f", this run is {manifest_sha[:16]}); rerun ddm consensus-eval")
-        return Thresholds(phash=body["phash"], **{k: body[k] for k in VALUE_FIELDS}, source=str(path))
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise DDMError(f"{path} is not a readable thresholds file: {err}") from None
+    body = documents.read(path, THRESHOLDS_SCHEMA, "thresholds file", fmt=THRESHOLDS_FORMAT)
+    if body["manifest_sha256"] != manifest_sha:
+        raise DDMError(f"{path} was calibrated on another run (manifest {body['manifest_sha256'][:16]}, this run "
+                       f"is {manifest_sha[:16]}); rerun ddm consensus-eval")
+    return Thresholds(phash=body["phash"], **{k: body[k] for k in VALUE_FIELDS}, source=str(path))

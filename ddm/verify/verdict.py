@@ -14,6 +14,9 @@ is consistent: its batch digest and every per-image sha256 / pHash / dHash are t
 - auto (the default): exact when the claimant's environment (in the record) equals this verifier's
   (`ddm.verify.environment`), else tolerance.
 
+A record that names each image's expert (`experts`: prior, oracle, single) must name the regeneration's: a
+prior record whose draws were edited is not honest even when its images are.
+
 (1) and (2) need no model: a record that fails them is judged without regenerating anything. dHash is part of
 the verdict only through (2); the distances each mode does not use are printed for information, labelled so.
 """
@@ -27,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from ddm.core.codec import Codec
+from ddm.core.documents import canonical_bytes
 from ddm.core.errors import DDMError
-from ddm.core.hashing import canonical_json
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
 from ddm.sampling.request import Request, generate
 from ddm.verify.environment import environment
-from ddm.verify.limits import DEFAULT_LIMITS, VerifyLimits
+from ddm.verify.limits import DEFAULT_LIMITS, MODES, VerifyLimits
 from ddm.verify.phash import hamming, hex_to_hash, perceptual_hashes
 from ddm.verify.records import claimed_values, contradictions, read_record, record_codec
 from ddm.verify.signing import SignatureCheck, check_signature
@@ -42,7 +45,6 @@ from ddm.verify.thresholds import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, MEDIAN_
 __all__ = ["DEFAULT_THRESHOLD", "MODES", "ImageCheck", "Verdict", "Verifier", "compare", "format_verdict",
            "verify_record"]
 
-MODES = ("auto", "exact", "tolerance", "phash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +179,28 @@ def record_problems(record: dict, signature: SignatureCheck | None = None) -> li
     return problems + [f"contradictory record: {p}" for p in contradictions(record, claimed_values(record))]
 
 
+def expert_problems(record: dict, experts: np.ndarray | None, strategy: str) -> list[str]:
+    """Where a record's claimed per-image experts (`experts`, if it has them) disagree with the regeneration's
+    (`SampleResult.experts`: int [n], None when `strategy` fixes no expert per image)."""
+    if "experts" not in record:
+        return []
+    if experts is None:
+        return [f"the record names each image's expert, but strategy {strategy} fixes none"]
+    wrong = np.flatnonzero(np.asarray(record["experts"]) != np.asarray(experts)).tolist()
+    if wrong:
+        more = " ..." if len(wrong) > 8 else ""
+        return [f"the claimed experts of images {wrong[:8]}{more} are not the request's "
+                + f"(regenerated: {[int(experts[i]) for i in wrong[:8]]})"]
+    return []
+
+
 def compare(record: dict, regenerated: np.ndarray | None, *, mode: str = "exact",
             thresholds: Thresholds = DEFAULT_THRESHOLDS, verifier_env: dict | None = None,
-            signature: SignatureCheck | None = None) -> Verdict:
+            signature: SignatureCheck | None = None, extra_problems: tuple[str, ...] = ()) -> Verdict:
     """Judges a validated record against regenerated values (float32 [n, H, W, C], the final ODE state; None
-    when the verifier did not regenerate) under `mode` (auto needs `verifier_env`)."""
-    problems = record_problems(record, signature)
+    when the verifier did not regenerate) under `mode` (auto needs `verifier_env`). extra_problems: what else
+    the verifier found (`expert_problems`), each enough to make the record not honest."""
+    problems = record_problems(record, signature) + list(extra_problems)
     claimed = claimed_values(record)
     resolved, reason = resolve_mode(mode, record.get("environment"), verifier_env)
     checks = None if regenerated is None else image_checks(claimed, regenerated, record_codec(record))
@@ -235,16 +253,25 @@ class Verifier:
         self.thresholds = thresholds or run_thresholds(run)
         self.environment = environment()
         self._ensemble = None
-        self._regenerated: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        # per request: (final state float32 [n, H, W, C], each image's expert int32 [n] or None)
+        self._regenerated: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
         self._cache_size = cache_size
 
     def regenerate(self, request: Request) -> np.ndarray:
         """The run's output for `request`: float32 [n, H, W, C] final ODE state (cached per request)."""
-        key = canonical_json(request.to_json())
+        return self._regeneration(request)[0]
+
+    def regenerated_experts(self, request: Request) -> np.ndarray | None:
+        """Each image's expert in the regeneration of `request` (`SampleResult.experts`), or None."""
+        return self._regeneration(request)[1]
+
+    def _regeneration(self, request: Request) -> tuple[np.ndarray, np.ndarray | None]:
+        key = canonical_bytes(request.to_json())
         if key not in self._regenerated:
             if self._ensemble is None:
                 self._ensemble = load_ensemble(self.run)
-            self._regenerated[key] = generate(self._ensemble, request).x
+            result = generate(self._ensemble, request)
+            self._regenerated[key] = (result.x, result.experts)
             while len(self._regenerated) > self._cache_size:
                 self._regenerated.popitem(last=False)
         self._regenerated.move_to_end(key)
@@ -262,8 +289,10 @@ class Verifier:
         check_record_fits_run(record, self.run)
         # a bad signature or a contradictory record is judged without regenerating anything
         regenerated = None if record_problems(record, signature) else self.regenerate(request)
+        extra = () if regenerated is None else tuple(
+            expert_problems(record, self.regenerated_experts(request), request.strategy))
         return compare(record, regenerated, mode=mode, thresholds=self.thresholds,
-                       verifier_env=self.environment, signature=signature)
+                       verifier_env=self.environment, signature=signature, extra_problems=extra)
 
 
 def verify_record(run_dir: str, record_path: str | Path, *, mode: str = "auto", public_key=None,

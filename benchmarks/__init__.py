@@ -1,0 +1,1 @@
+"""Runnable benchmarks that print markdown tables: run each from the repo root as `python -m benchmarks.NAME`."""
