@@ -3,8 +3,9 @@
     python -m benchmarks.bench_sampling [--quick] [--repeats N] [--device cpu|gpu]
 
 For each shape, K=8 randomly initialised DiT experts (same architecture, seeds 0..7) and a random conv router
-are put in one `Ensemble`; the baseline is an `Ensemble` holding only expert 0, sampled with `single:0` (no
-router, one expert call per evaluation), through the same machinery (one device program per solve). Every row
+are put in one `Ensemble`; the baseline ("one expert") is expert 0 alone on the whole batch, the Euler solve as
+one jitted program (`flow.integrate`, no `Ensemble`, no dispatch): what one model costs. `single:0` is an
+`Ensemble` holding only expert 0, through the ensemble's machinery (its row dispatch included). Every row
 samples the same batch (one `sample` call, `n` = batch) with the same Euler steps; images/s = batch / median
 wall time. Goal (issue 16): top-1 >= 0.9x the single expert for tiny 8x8 and >= 0.95x for S 32x32x4 (CPU-time
 ratio on CPU), full ~ 1/K.
@@ -33,9 +34,9 @@ dispatcher: one jitted program running each expert on exactly its top-1 rows (no
 selection is fixed from a top-1 `sample` call), i.e. what per-expert calls cost on this backend at best.
 
 Prior rows (ancestral sampling: each sample's expert drawn once from the cluster shares, here K equal clusters,
-then that expert alone, no router): `prior` against `single:0` at n = 64*K images in one call, both timed here
-(the only rows at that n; "experts used" is then the drawn experts); every case but S (512 S images take
-minutes on a CPU).
+then that expert alone, no router): `prior` and `single:0` against one expert at n = 64*K images in one call,
+all timed here (the only rows at that n; "experts used" is then the drawn experts), every case; S's with one
+timed round.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ RUNS = (
 OPTIONS = tuple((f"top1 ({name})", "top1", name) for name in ("unrolled", "grouped", "capacity"))
 SMALL_CHUNK = 4
 BOUND = "top1, exact rows (no router)"
+BASE = "one expert (one program)"  # the baseline every ratio is taken against
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Case:
     plain_loop: bool = True
     options: bool = True
     prior: bool = True  # the prior rows (n = 64*K)
+    prior_repeats: int | None = None  # timed rounds of the prior rows (None: `repeats`)
 
     @property
     def name(self) -> str:
@@ -115,8 +118,9 @@ def cases(device: str, quick: bool, repeats: int | None) -> list[Case]:
         out.append(Case("tiny", (28, 28, 1), 4, 64, 2, r, "tiny"))
     # S on 32x32x4 (256 tokens, 12 blocks of width 384) takes about 0.15 s per image-step on a 2-core CPU:
     # a small batch, one step, few rounds.
+    # Its prior rows (512 images a call) get one timed round after the compiling one.
     out.append(Case("S", (32, 32, 4), 2, 4, 1, repeats or (4 if quick else 5), "S", plain_loop=False,
-                    options=not quick, prior=False))
+                    options=not quick, prior_repeats=repeats or 1))
     return out
 
 
@@ -188,6 +192,15 @@ def make_router(case: Case) -> tuple[callable, nnx.State]:
     return router_apply, state
 
 
+def one_expert(expert_apply, params, noise: jax.Array, steps: int):
+    """Euler sampling with one expert on the whole batch as one jitted program (no Ensemble): the baseline."""
+    def solve(p, x):
+        return solvers.integrate(lambda x, t, e: (expert_apply(p, x, t, None), None), x, steps, "euler")[0]
+
+    solve = jax.jit(solve)
+    return lambda: solve(params, noise)
+
+
 def plain_loop(expert_apply, params, noise: jax.Array, steps: int):
     """Euler sampling with one expert and no Ensemble: x_T = noise, one jitted expert call per step."""
     step = jax.jit(lambda p, x, t, dt: x + dt * expert_apply(p, x, t, None), donate_argnums=1)
@@ -248,7 +261,9 @@ def bench_case(case: Case, gpu: bool) -> list[list[str]]:
         return run
 
     noise = jax.random.normal(jax.random.key(0, impl="threefry2x32"), (n, *case.image_shape), jnp.float32)
-    fns = {"plain loop": plain_loop(expert_apply, params[0], noise, steps)} if case.plain_loop else {}
+    fns = {BASE: one_expert(expert_apply, params[0], noise, steps)}
+    if case.plain_loop:
+        fns["plain loop"] = plain_loop(expert_apply, params[0], noise, steps)
     fns["single:0"] = sampler(single, "single:0", "single:0")
     runs = list(RUNS)
     if case.options:
@@ -273,7 +288,7 @@ def bench_case(case: Case, gpu: bool) -> list[list[str]]:
     router = time_fn(lambda: route(router_params, noise, t, None), repeats=max(5, case.repeats), warmup=2,
                      block=jax.block_until_ready)
 
-    base = timings["single:0"]
+    base = timings[BASE]
     rows = []
     for name, timing in timings.items():
         res = results.get(name)
@@ -293,7 +308,8 @@ def bench_case(case: Case, gpu: bool) -> list[list[str]]:
 
 
 def prior_rows(case: Case, expert_apply, params, gpu: bool) -> list[list[str]]:
-    """`single:0` and `prior` (K equal cluster sizes, no router) at n = 64*K, interleaved: two table rows."""
+    """One expert, `single:0` and `prior` (K equal cluster sizes, no router) at n = 64*K, interleaved: three table
+    rows."""
     n, steps = 64 * K, case.steps
     single = Ensemble(expert_apply, params[:1], None, None, image_shape=case.image_shape)
     prior = Ensemble(expert_apply, params, None, None, image_shape=case.image_shape, prior_counts=np.ones(K))
@@ -305,13 +321,20 @@ def prior_rows(case: Case, expert_apply, params, gpu: bool) -> list[list[str]]:
             return results[strategy].x
         return run
 
-    fns = {"single:0": sampler(single, "single:0"), "prior": sampler(prior, "prior")}
+    noise = jax.random.normal(jax.random.key(0, impl="threefry2x32"), (n, *case.image_shape), jnp.float32)
+    fns = {BASE: one_expert(expert_apply, params[0], noise, steps), "single:0": sampler(single, "single:0"),
+           "prior": sampler(prior, "prior")}
     interleaved(fns, repeats=1, warmup=0, block=jax.block_until_ready)  # compilation
-    timings = interleaved(fns, repeats=case.repeats, warmup=0, block=jax.block_until_ready)
-    base = timings["single:0"]
+    timings = interleaved(fns, repeats=case.prior_repeats or case.repeats, warmup=0, block=jax.block_until_ready)
+    base = timings[BASE]
     rows = []
     for name, timing in timings.items():
-        res = results[name]
+        res = results.get(name)
+        if res is None:
+            cpu = "-" if gpu else "1.00"
+            rows.append([case.name, f"B={n}, {steps} steps", f"{name} (n=64K)", "-", fmt(n / timing.median), "1.00",
+                         cpu, "1.00", "-", "-", f"{timing.spread:.0%}"])
+            continue
         used = "-"
         if name == "prior":
             drawn = np.bincount(res.experts, minlength=K) / n
