@@ -68,3 +68,28 @@ def test_bitwise_identical_in_another_process_with_other_devices_and_threads(tra
     record = json.loads(rec.read_text())
     assert record["request"] == REQUEST.to_json()
     assert record["sha256"] == images_sha256(reference.images)
+
+
+@pytest.mark.parametrize("strategy,solver", [("prior", "euler"), ("top1", "euler"), ("sample", "heun"),
+                                             ("threshold:0.2", "euler")])
+def test_merged_requests_keep_their_own_draws(ensemble, strategy, solver):
+    """Two requests in one merged device call (`generate_many`) get each its lone call's noise and routing
+    draws: the same experts at every step and values within 1e-5 (bitwise where the backend's rounding allows:
+    docs/serving.md)."""
+    from ddm.sampling.request import generate_many
+
+    labels = (3, 1, 4) if ensemble.num_classes else None
+    requests = [Request(seed=5, n=3, strategy=strategy, steps=2, solver=solver, labels=labels),
+                Request(seed=9, n=5, strategy=strategy, steps=2, solver=solver)]
+    merged = generate_many(ensemble, requests, pad_to=16 if strategy == "sample" else None)  # padding: same
+    for request, result in zip(requests, merged):
+        alone = generate(ensemble, request)
+        assert result.seed == request.seed and result.x.shape == alone.x.shape
+        if alone.expert_ids is not None:
+            assert np.array_equal(result.expert_ids, alone.expert_ids)
+        if alone.experts is not None:
+            assert np.array_equal(result.experts, alone.experts)
+        np.testing.assert_allclose(result.weights, alone.weights, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(result.x, alone.x, rtol=0, atol=1e-5)
+    with pytest.raises(DDMError, match="one \\(strategy"):
+        generate_many(ensemble, [requests[0], Request(seed=1, n=1, strategy=strategy, steps=3, solver=solver)])

@@ -332,7 +332,7 @@ def cmd_sample(args) -> int:
     request = check_limits(_request(args, run.config), run.config.sample)
     sample_command(run, request, out, record=Path(args.record) if args.record else None,
                    png_dir=Path(args.png_dir) if args.png_dir else None, key=Path(args.key) if args.key else None,
-                   model=args.model)
+                   model=args.model, server=args.server)
     return 0
 
 
@@ -401,6 +401,37 @@ def cmd_verify(args) -> int:
                             limits=limits, overrides=args.set)
     print(format_verdict(verdict))
     return 0 if verdict.honest else 1
+
+
+def cmd_serve(args) -> int:
+    import signal
+
+    import uvicorn
+
+    if args.launcher == "k8s":
+        from ddm.serve.k8s import write_k8s_serve
+
+        if not args.image:
+            raise DDMError("--launcher k8s needs --image (a container image with ddm installed)")
+        path = write_k8s_serve(args.run_dir, args.set, image=args.image, replicas=args.replicas, gpus=args.gpus,
+                               port=args.port, key=args.key, max_batch=args.max_batch,
+                               max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+        print(f"wrote {path}\napply it with: kubectl apply -f {path}")
+        return 0
+
+    from ddm.serve.app import create_app
+
+    app = create_app(_run(args), key=Path(args.key) if args.key else None, max_batch=args.max_batch,
+                     max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    # uvicorn shuts down gracefully on SIGTERM / SIGINT and then re-raises the signal at its previous handler:
+    # a no-op one here, so a requested stop is a clean exit (0), not a death by signal.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
 
 
 def cmd_keygen(args) -> int:
@@ -565,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample.png); an .npz is written beside")
     p.add_argument("--record", default=None, help="also write a verification record (JSON) here")
     p.add_argument("--key", default=None, help="sign the record with this Ed25519 private key (ddm keygen)")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="generate on a running `ddm serve` of this run (e.g. http://127.0.0.1:8000); same outputs")
     _add_sample_outputs(p)
     p.set_defaults(func=cmd_sample)
 
@@ -596,6 +629,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-steps", type=int_arg(0), default=defaults.max_image_steps,
                    help=f"refuse records whose n * steps is larger (default {defaults.max_image_steps})")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("serve", help="serve the run's ensemble over HTTP: /v1/images/generations, /v1/verify, "
+                                     "/v1/models, /health, /metrics and a form at / (docs/serving.md)")
+    _add_common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int_arg(0, 65535, "a port"), default=8000, help="TCP port (default 8000)")
+    p.add_argument("--key", default=None, help="sign the records the server returns with this Ed25519 private key "
+                                               "(ddm keygen)")
+    p.add_argument("--max-batch", type=COUNT, default=64, help="images gathered into one batch (default 64)")
+    p.add_argument("--max-wait-ms", type=float_arg(0), default=10.0,
+                   help="how long a batch waits for compatible requests (default 10 ms)")
+    p.add_argument("--max-queue", type=COUNT, default=256,
+                   help="pending images beyond which requests get 429 (default 256)")
+    p.add_argument("--launcher", choices=("local", "k8s"), default="local",
+                   help="local: serve here (default); k8s: write RUN/k8s/serve.yaml (Deployment + Service), not apply it")
+    p.add_argument("--image", default=None, help="k8s: container image with ddm installed")
+    p.add_argument("--replicas", type=COUNT, default=1, help="k8s: server replicas (default 1)")
+    p.add_argument("--gpus", type=int_arg(0), default=0, help="k8s: GPUs per replica (default 0)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keygen", help="write a new Ed25519 key pair for signing records: KEY and KEY.pub")
     p.add_argument("--out", required=True, help="the private key's path; the public key goes to OUT.pub")

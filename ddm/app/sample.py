@@ -14,9 +14,8 @@ from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble, load_single
 from ddm.sampling.outputs import load_decoder, save_outputs, save_pngs, usage_summary
 from ddm.sampling.request import Request, check_clusters, check_condition, generate
-from ddm.verify.environment import environment
-from ddm.verify.records import make_record, write_record
-from ddm.verify.signing import key_id, load_private_key, sign_record
+from ddm.verify.records import sample_record, write_record
+from ddm.verify.signing import key_id, load_private_key
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +23,8 @@ MODELS = ("ensemble", *SINGLE_NAMES)  # what `ddm sample --model` draws from (`d
 
 
 def sample_command(run: Run, request: Request, out: Path, *, record: Path | None = None,
-                   png_dir: Path | None = None, key: Path | None = None, model: str = "ensemble") -> Path:
+                   png_dir: Path | None = None, key: Path | None = None, model: str = "ensemble",
+                   server: str | None = None) -> Path:
     """Generates `request` with the run's routed ensemble (or, `model` "monolith" / "student", that single
     model: the request's strategy must then be `single:0`); writes `out` (PNG grid) and its .npz (and one PNG
     per image into `png_dir`); returns the npz.
@@ -32,13 +32,17 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     record: also write a verification record there (ensemble only: records name a run's routed ensemble); key:
     sign it with this Ed25519 private key (`ddm keygen`). Every output path is checked before the models load,
     and the files are written together at the end (`ddm.core.files.Staged`): a command that fails leaves none
-    of them behind.
+    of them behind. server: a `ddm serve` URL of this run that generates the request instead
+    (`ddm.serve.client`); the outputs are the same, and a record is the server's (signed by its key, if any).
     """
     check_condition(request, run.num_classes)  # before loading anything: a bad class is the user's first error
     if request.clusters is not None:  # oracle's clusters: in range, with trained experts
         check_clusters(request, [run.finished(run.expert(k)) for k in run.cluster_ids])
     if model not in MODELS:
         raise DDMError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    if server is not None and (model != "ensemble" or key is not None):
+        raise DDMError("--server samples the server's routed ensemble, and its records are signed by the server's "
+                       "key (ddm serve --key): drop --model / --key")
     if model != "ensemble" and record is not None:
         raise DDMError(f"--record verifies the routed ensemble; it cannot record samples of the {model}")
     check_output_file(out, "--out", (".png",))
@@ -49,22 +53,28 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
         check_output_dir(png_dir, "--png-dir")
     private_key = None if key is None else load_private_key(key)  # a bad key fails before any work
     decoder = load_decoder(run.config.sample.decoder)  # a bad decoder too
-    if model == "ensemble":
-        ensemble = load_ensemble(run)
+    if server is not None:
+        from ddm.serve.client import remote_generate
+
+        t0 = time.perf_counter()
+        result, rec = remote_generate(server, request, manifest_sha=run.sha256, codec=run.codec,
+                                      record=record is not None)
+        seconds = time.perf_counter() - t0
     else:
-        ensemble = load_single(run, model)
-        if ensemble is None:
-            raise DDMError(f"the {model} of {run.root} is not trained: run `{component(model).command} "
-                           f"--run-dir {run.root}`")
-        request = dataclasses.replace(request, strategy="single:0")
-    t0 = time.perf_counter()
-    result = generate(ensemble, request)
-    seconds = time.perf_counter() - t0
-    rec = None
-    if record is not None:
-        rec = make_record(run.sha256, request, result.x, environment(), run.codec, experts=result.experts)
-        if private_key is not None:
-            rec = sign_record(rec, private_key)
+        if model == "ensemble":
+            ensemble = load_ensemble(run)
+        else:
+            ensemble = load_single(run, model)
+            if ensemble is None:
+                raise DDMError(f"the {model} of {run.root} is not trained: run `{component(model).command} "
+                               f"--run-dir {run.root}`")
+            request = dataclasses.replace(request, strategy="single:0")
+        t0 = time.perf_counter()
+        result = generate(ensemble, request)
+        seconds = time.perf_counter() - t0
+        rec = None
+        if record is not None:
+            rec = sample_record(run.sha256, request, result, run.codec, private_key)
     with Staged() as staged:
         npz = save_outputs(result, request, out, manifest_sha=run.sha256, decoder=decoder, stage=staged.stage)
         if png_dir is not None:

@@ -33,7 +33,9 @@ Determinism: for a (seed, request) the output is a pure function of the paramete
 `jax.random.normal(jax.random.key(seed, impl="threefry2x32"), (n, H, W, C))` for the whole request (batching
 does not change it); `prior` draws sample i's expert once, from key fold_in(fold_in(key(seed), 2), i), and the
 `sample` strategy draws it at evaluation e (= 2*step + stage, stage 1 being Heun's corrector) from key
-fold_in(fold_in(fold_in(key(seed), 1), e), i): both independent of batching.
+fold_in(fold_in(fold_in(key(seed), 1), e), i): both independent of batching. `Ensemble.sample_rows` solves
+several requests as one merged batch with exactly these draws per request (each row its own request's noise
+row, prior key and routing keys); it is a separate path, so `sample`'s programs and outputs are unchanged.
 Identical requests on the same hardware and software are bitwise identical (no dispatch adds velocities
 through a scatter with repeated indices, which GPUs make nondeterministic). Outputs are *not* bitwise invariant
 to batch composition: a sample shares its expert call with whichever other samples picked the same expert, and
@@ -105,14 +107,18 @@ def _route(router_apply, router_params, x, t, y, mask, key, offset, *, strategy:
     """Router forward + strategy: weights [B, K] float32. Missing experts get logit -inf (probability 0).
 
     key: the evaluation's key (only for "sample"); sample i of the batch draws with fold_in(key, offset + i).
+    Merged requests pass one key per row (key [B]) and each row's index in its request (offset uint32 [B]):
+    row i draws with fold_in(key[i], offset[i]).
     """
     logits = router_apply(router_params, x, t, y).astype(jnp.float32)
     logits = jnp.where(mask[None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     keys = None
-    if strategy.kind == "sample":
+    if strategy.kind == "sample" and key.ndim == 0:  # one request: row i is its sample offset + i
         index = offset + jnp.arange(x.shape[0], dtype=jnp.uint32)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
+    elif strategy.kind == "sample":  # merged requests (`Ensemble.sample_rows`): row i draws with its own key
+        keys = jax.vmap(jax.random.fold_in)(key, offset)
     return route_weights(probs, strategy, mask=mask, rng=keys, t=t)
 
 
@@ -186,11 +192,17 @@ def _device_solve(expert_apply, router_apply, experts, router_params, x1, y, lab
     """The whole routed ODE solve of one batch, from noise x1 [B, H, W, C] f32 at t=1 to x0 at t=0.
 
     route_base: the request's routing key (the `sample` strategy: evaluation e draws with fold_in(route_base,
-    e)); offset: the batch's first sample index in the request. Returns (x0 [B, ...] f32, weights [steps, B, K]
+    e)); offset: the batch's first sample index in the request. Merged requests (`Ensemble.sample_rows`) pass
+    route_base as one key per row [B] and offset as each row's index in its request, uint32 [B]. Returns (x0 [B, ...] f32, weights [steps, B, K]
     f32 of each step's first evaluation, real rows, padded rows summed over the solve).
     """
     def velocity(x, t, evaluation):
-        key = None if route_base is None else jax.random.fold_in(route_base, evaluation)
+        if route_base is None:
+            key = None
+        elif route_base.ndim == 0:
+            key = jax.random.fold_in(route_base, evaluation)
+        else:  # one routing key per row (merged requests)
+            key = jax.vmap(jax.random.fold_in, in_axes=(0, None))(route_base, evaluation)
         v, weights, real, padded = _device_velocity(expert_apply, router_apply, experts, router_params, x, t, y,
                                                     labels, key, offset, cfg_scale, plan=plan)
         return v, (weights, real, padded)
@@ -550,3 +562,110 @@ class Ensemble:
             latents=self.codec.decode(x_final) if self.codec.latents else None,
             experts=expert_ids[0].copy() if strategy.fixed else None,
         )
+
+    def sample_rows(
+        self,
+        groups: Sequence[tuple[int, int]],
+        strategy: str | Strategy = "top1",
+        *,
+        steps: int = 50,
+        solver: str = "euler",
+        labels: Sequence[Any] | None = None,
+        y: Sequence[Any] | None = None,
+        cfg_scale: float | None = None,
+        batch_size: int | None = None,
+        pad_to: int | None = None,
+    ) -> list[SampleResult]:
+        """Several requests solved as one merged batch: groups [(seed, n), ...], one per request, rows in group
+        order. Row j of group r gets exactly the draws `sample(n, seed=seed)` gives its row j: its initial noise
+        (row j of normal(key(seed), (n, H, W, C))), its `prior` expert (fold_in(fold_in(key(seed), 2), j)) and
+        its `sample`-strategy keys (fold_in(fold_in(fold_in(key(seed), 1), e), j)). What can differ from the lone
+        call is only the rounding of the expert calls it shares with other requests' rows (the module docstring,
+        determinism; docs/serving.md has what the tests' run measures).
+
+        labels, y: per group, what `sample` takes for that request (oracle clusters [n]; class labels [n],
+        scalar or None); None: None for every group. strategy, steps, solver and cfg_scale are shared by all
+        groups. pad_to: solve at least this many rows, the last row repeated and its copies dropped (a server
+        pads merged batches to a few sizes so that few programs compile). Returns one `SampleResult` per group, with its own rows of images, x, weights, expert_ids and
+        experts, and its own seed; expert_evals, padded_evals are the merged call's, shared by all groups.
+        """
+        groups = [(int(seed), int(n)) for seed, n in groups]
+        if not groups:
+            raise DDMError("sample_rows needs at least one (seed, n) group")
+        for name, per_group in (("labels", labels), ("y", y)):
+            if per_group is not None and len(per_group) != len(groups):
+                raise DDMError(f"sample_rows: {name} has {len(per_group)} entries for {len(groups)} groups")
+        strategy = self._check_strategy(strategy)
+        flow.step_function(solver)
+        flow.time_grid(steps)
+        clusters, classes, cfg = [], [], False
+        for r, (seed, n) in enumerate(groups):
+            if n < 1:
+                raise DDMError(f"n must be >= 1, got {n}")
+            clusters.append(self._check_labels(strategy, None if labels is None else labels[r], n))
+            y_r, cfg = self._check_condition(None if y is None else y[r], cfg_scale, n)
+            classes.append(y_r)
+            if strategy.kind == "prior":
+                clusters[-1] = self.prior_experts(n, seed=seed, y=y_r)
+        total = sum(n for _, n in groups)
+        y_all = None if classes[0] is None else np.concatenate(classes)
+        labels_all = None if clusters[0] is None else np.concatenate(clusters)
+        rows = max(total, 0 if pad_to is None else int(pad_to))
+        batch_size = rows if batch_size is None else int(batch_size)
+        if batch_size < 1:
+            raise DDMError(f"batch_size must be >= 1, got {batch_size}")
+
+        # The draws are made on the device with the same calls as `sample`'s, one request at a time, and merged
+        # and padded on the host, so that the merged batch's composition compiles no new program.
+        with jax.transfer_guard("allow"):
+            noise, route_data = [], []
+            for seed, n in groups:
+                base = jax.random.key(seed, impl="threefry2x32")
+                noise.append(np.asarray(jax.random.normal(base, (n, *self.image_shape), jnp.float32)))
+                if strategy.kind == "sample":
+                    route_data.append(np.repeat(np.asarray(jax.random.key_data(jax.random.fold_in(base, 1)))[None],
+                                                n, axis=0))
+            noise = np.concatenate(noise)
+            index = np.concatenate([np.arange(n, dtype=np.uint32) for _, n in groups])
+            route_data = np.concatenate(route_data) if route_data else None
+            if rows > total:  # padding: copies of the last row, solved and dropped
+                def pad(a):
+                    return None if a is None else np.concatenate([a, np.repeat(a[-1:], rows - total, axis=0)])
+                noise, index, route_data = pad(noise), pad(index), pad(route_data)
+                y_all, labels_all = pad(y_all), pad(labels_all)
+            scale = jnp.float32(0.0 if cfg_scale is None else cfg_scale)
+            inputs = []
+            for start in range(0, rows, batch_size):
+                stop = min(rows, start + batch_size)
+                route = offset = None
+                if route_data is not None:
+                    route = jax.random.wrap_key_data(jnp.asarray(route_data[start:stop]), impl="threefry2x32")
+                    offset = jnp.asarray(index[start:stop])
+                else:
+                    offset = jnp.uint32(0)
+                inputs.append((jnp.asarray(noise[start:stop]), None if y_all is None else jnp.asarray(y_all[start:stop]),
+                               None if labels_all is None else jnp.asarray(labels_all[start:stop]), route, offset))
+            experts = self._device_experts()
+        _, solve = self._device_fns
+        batches = [solve(experts, self.router_params, x1, yb, lb, route, offset, scale,
+                         plan=self._plan(strategy, x1.shape[0], cfg), steps=steps, solver=solver)
+                   for x1, yb, lb, route, offset in inputs]
+
+        fetched = jax.device_get(batches)
+        x_final = np.concatenate([b[0] for b in fetched]).astype(np.float32)
+        weights = np.concatenate([b[1] for b in fetched], axis=1).astype(np.float32)
+        expert_ids = np.argmax(weights, axis=-1).astype(np.int32) if strategy.one_hot else None
+        expert_evals, padded_evals = int(sum(b[2] for b in fetched)), int(sum(b[3] for b in fetched))
+        results, start = [], 0
+        for seed, n in groups:
+            part = slice(start, start + n)
+            start += n
+            x_r = x_final[part].copy()
+            ids = None if expert_ids is None else expert_ids[:, part]
+            results.append(SampleResult(
+                images=self.codec.preview(x_r), x=x_r, weights=weights[:, part], expert_ids=ids,
+                strategy=str(strategy), solver=solver, steps=steps, seed=seed, expert_evals=expert_evals,
+                padded_evals=padded_evals, dispatch=self.resolved_dispatch,
+                latents=self.codec.decode(x_r) if self.codec.latents else None,
+                experts=ids[0].copy() if strategy.fixed else None))
+        return results

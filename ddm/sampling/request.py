@@ -139,3 +139,29 @@ def generate(ensemble, request: Request, *, batch_size: int | None = None):
     return ensemble.sample(request.n, request.strategy, steps=request.steps, solver=request.solver,
                            seed=request.seed, labels=clusters, y=labels, cfg_scale=request.cfg_scale,
                            batch_size=batch_size)
+
+
+def merge_key(request: Request) -> tuple:
+    """What requests must share to run merged in one `generate_many` call: (strategy, steps, solver, cfg_scale)."""
+    return (request.strategy, request.steps, request.solver, request.cfg_scale)
+
+
+def generate_many(ensemble, requests: list[Request], *, batch_size: int | None = None,
+                  pad_to: int | None = None) -> list:
+    """Runs requests that share `merge_key` as one merged batch (`Ensemble.sample_rows`); one `SampleResult` per
+    request, in order. Each request gets its own noise and routing draws, exactly those of `generate(request)`;
+    its values may differ from the lone call's by rounding only (docs/serving.md, what batching does). pad_to:
+    solve at least this many rows (`Ensemble.sample_rows`)."""
+    if not requests:
+        return []
+    keys = {merge_key(r) for r in requests}
+    if len(keys) != 1:
+        raise DDMError(f"generate_many needs requests of one (strategy, steps, solver, cfg_scale), got {len(keys)}")
+    for request in requests:
+        check_condition(request, ensemble.num_classes)
+    first = requests[0]
+    labels = [None if r.labels is None else np.asarray(r.labels, np.int32) for r in requests]
+    clusters = [None if r.clusters is None else np.asarray(r.clusters, np.int32) for r in requests]
+    return ensemble.sample_rows([(r.seed, r.n) for r in requests], first.strategy, steps=first.steps,
+                                solver=first.solver, labels=clusters, y=labels, cfg_scale=first.cfg_scale,
+                                batch_size=batch_size, pad_to=pad_to)

@@ -45,8 +45,10 @@ from ddm.core.hashing import array_sha256, images_sha256
 from ddm.core.images import to_uint8
 from ddm.core.schema import Anything, Hex, Int, ListOf, MapOf, Named, Num, Obj, Str, check
 from ddm.sampling.request import Request
+from ddm.verify.environment import environment
 from ddm.verify.limits import DEFAULT_LIMITS, VerifyLimits
 from ddm.verify.phash import HASH_HEX_DIGITS, perceptual_hashes
+from ddm.verify.signing import sign_record
 
 RECORD_FORMAT = "ddm-record/v2"
 MAX_STRATEGY_CHARS = 64
@@ -126,6 +128,17 @@ def make_record(manifest_sha: str, request: Request, values: np.ndarray, environ
     if experts is not None:
         record["experts"] = [int(k) for k in np.asarray(experts)]
     return record
+
+
+def sample_record(manifest_sha: str, request: Request, result, codec: Codec = Codec(), private_key=None,
+                  emulation: str | None = None) -> dict:
+    """The record of a `SampleResult` of `request` (its final state `x` and, where the strategy fixes them, its
+    `experts`) made in this process's environment, signed with `private_key` (Ed25519, `ddm keygen`) when given:
+    what `ddm sample --record [--key]` writes and `ddm serve` returns. emulation: how the generation differed
+    from a lone `generate` (e.g. `ddm serve`'s merged batches), stated in the environment so that auto mode
+    verifies with tolerance."""
+    record = make_record(manifest_sha, request, result.x, environment(emulation), codec, experts=result.experts)
+    return record if private_key is None else sign_record(record, private_key)
 
 
 def write_record(path: str | Path, record: dict) -> None:

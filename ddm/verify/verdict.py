@@ -243,16 +243,17 @@ class Verifier:
 
     mode: auto | exact | tolerance | phash. public_key: an Ed25519 public key every record must be signed by
     (None: unsigned records pass). thresholds: None for `run_thresholds(run)`. limits: what a record may ask.
+    ensemble: the run's loaded ensemble to regenerate with (None: loaded on first use).
     """
 
     def __init__(self, run: Run, *, mode: str = "auto", public_key=None, thresholds: Thresholds | None = None,
-                 limits: VerifyLimits = DEFAULT_LIMITS, cache_size: int = 32):
+                 limits: VerifyLimits = DEFAULT_LIMITS, cache_size: int = 32, ensemble=None):
         if mode not in MODES:
             raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.run, self.mode, self.public_key, self.limits = run, mode, public_key, limits
         self.thresholds = thresholds or run_thresholds(run)
         self.environment = environment()
-        self._ensemble = None
+        self._ensemble = ensemble  # the run's `load_ensemble`, when the caller has it loaded already
         # per request: (final state float32 [n, H, W, C], each image's expert int32 [n] or None)
         self._regenerated: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
         self._cache_size = cache_size

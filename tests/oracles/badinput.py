@@ -366,6 +366,15 @@ def bad_input_cases(run_dir: str | Path, work: str | Path) -> list[Case]:
         add("verify", name, "verify", records["steps_1e9"], "--run-dir", r, *argv)
     add("verify", "manifest share NaN", "verify", records["steps_1e9"], "--run-dir", broken["share NaN"])
 
+    # `ddm serve`: refused before it listens (a case that reached uvicorn would hang the harness, not pass).
+    add("serve", "missing run", "serve", "--run-dir", str(work / "nowhere"))
+    add("serve", "--key missing", "serve", "--run-dir", r, "--key", str(work / "none.key"))
+    add("serve", "--key not a key", "serve", "--run-dir", r, "--key", f["garbage.key"])
+    for name, argv in [("--port 70000", ("--port", "70000")), ("--max-batch 0", ("--max-batch", "0")),
+                       ("--max-queue 0", ("--max-queue", "0")), ("--max-wait-ms -1", ("--max-wait-ms", "-1"))]:
+        add("serve", name, "serve", "--run-dir", r, *argv)
+    add("serve", "manifest expert sha256 'abc'", "serve", "--run-dir", broken["expert sha256 'abc'"])
+
     # Keys, exports, configs, consensus.
     add("keygen", "--out into a folder", "keygen", "--out", f["empty_dir"])
     add("keygen", "--out below a file", "keygen", "--out", below_file, outputs=(below_file + ".pub",))
