@@ -535,33 +535,37 @@ class Ensemble:
             for start in range(0, n, batch_size):
                 stop = min(n, start + batch_size)
                 inputs.append((noise[start:stop], None if y_all is None else jnp.asarray(y_all[start:stop]),
-                               None if labels is None else jnp.asarray(labels[start:stop]), jnp.uint32(start)))
+                               None if labels is None else jnp.asarray(labels[start:stop]), route_base,
+                               jnp.uint32(start)))
+        x_final, weights, expert_ids, expert_evals, padded_evals = self._solve(inputs, strategy, steps, solver,
+                                                                               cfg, scale)
+        return self._result(x_final, weights, expert_ids, strategy, solver, steps, seed, expert_evals, padded_evals)
+
+    def _solve(self, inputs, strategy: Strategy, steps: int, solver: str, cfg: bool, scale: jax.Array):
+        """Runs the one-program solve on each batch of `inputs` ((x1, y, labels, route key(s), offset) on the
+        device) and fetches them together, the one transfer to the host. Returns (x0 [n, ...] f32, weights
+        [steps, n, K] f32, expert ids [steps, n] int32 or None, real rows, padded rows) over all batches."""
+        with jax.transfer_guard("allow"):
             experts = self._device_experts()
         _, solve = self._device_fns
         batches = []  # per batch: (x0 [b, ...], weights [steps, b, K], real rows, padded rows), on device
-        for x1, yb, lb, offset in inputs:
-            batches.append(solve(experts, self.router_params, x1, yb, lb, route_base, offset, scale,
+        for x1, yb, lb, route, offset in inputs:
+            batches.append(solve(experts, self.router_params, x1, yb, lb, route, offset, scale,
                                  plan=self._plan(strategy, x1.shape[0], cfg), steps=steps, solver=solver))
-
         fetched = jax.device_get(batches)  # the one transfer to the host
         x_final = np.concatenate([b[0] for b in fetched]).astype(np.float32)
         weights = np.concatenate([b[1] for b in fetched], axis=1).astype(np.float32)
         expert_ids = np.argmax(weights, axis=-1).astype(np.int32) if strategy.one_hot else None
+        return x_final, weights, expert_ids, int(sum(b[2] for b in fetched)), int(sum(b[3] for b in fetched))
+
+    def _result(self, x, weights, expert_ids, strategy: Strategy, solver: str, steps: int, seed: int,
+                expert_evals: int, padded_evals: int) -> SampleResult:
+        """The SampleResult of one request's rows: x [n, ...] f32, weights [steps, n, K], expert ids or None."""
         return SampleResult(
-            images=self.codec.preview(x_final),
-            x=x_final,
-            weights=weights,
-            expert_ids=expert_ids,
-            strategy=str(strategy),
-            solver=solver,
-            steps=steps,
-            seed=seed,
-            expert_evals=int(sum(b[2] for b in fetched)),
-            padded_evals=int(sum(b[3] for b in fetched)),
-            dispatch=self.resolved_dispatch,
-            latents=self.codec.decode(x_final) if self.codec.latents else None,
-            experts=expert_ids[0].copy() if strategy.fixed else None,
-        )
+            images=self.codec.preview(x), x=x, weights=weights, expert_ids=expert_ids, strategy=str(strategy),
+            solver=solver, steps=steps, seed=seed, expert_evals=expert_evals, padded_evals=padded_evals,
+            dispatch=self.resolved_dispatch, latents=self.codec.decode(x) if self.codec.latents else None,
+            experts=expert_ids[0].copy() if strategy.fixed else None)
 
     def sample_rows(
         self,
@@ -645,27 +649,13 @@ class Ensemble:
                     offset = jnp.uint32(0)
                 inputs.append((jnp.asarray(noise[start:stop]), None if y_all is None else jnp.asarray(y_all[start:stop]),
                                None if labels_all is None else jnp.asarray(labels_all[start:stop]), route, offset))
-            experts = self._device_experts()
-        _, solve = self._device_fns
-        batches = [solve(experts, self.router_params, x1, yb, lb, route, offset, scale,
-                         plan=self._plan(strategy, x1.shape[0], cfg), steps=steps, solver=solver)
-                   for x1, yb, lb, route, offset in inputs]
-
-        fetched = jax.device_get(batches)
-        x_final = np.concatenate([b[0] for b in fetched]).astype(np.float32)
-        weights = np.concatenate([b[1] for b in fetched], axis=1).astype(np.float32)
-        expert_ids = np.argmax(weights, axis=-1).astype(np.int32) if strategy.one_hot else None
-        expert_evals, padded_evals = int(sum(b[2] for b in fetched)), int(sum(b[3] for b in fetched))
+        x_final, weights, expert_ids, expert_evals, padded_evals = self._solve(inputs, strategy, steps, solver,
+                                                                               cfg, scale)
         results, start = [], 0
         for seed, n in groups:
             part = slice(start, start + n)
             start += n
-            x_r = x_final[part].copy()
             ids = None if expert_ids is None else expert_ids[:, part]
-            results.append(SampleResult(
-                images=self.codec.preview(x_r), x=x_r, weights=weights[:, part], expert_ids=ids,
-                strategy=str(strategy), solver=solver, steps=steps, seed=seed, expert_evals=expert_evals,
-                padded_evals=padded_evals, dispatch=self.resolved_dispatch,
-                latents=self.codec.decode(x_r) if self.codec.latents else None,
-                experts=ids[0].copy() if strategy.fixed else None))
+            results.append(self._result(x_final[part].copy(), weights[:, part], ids, strategy, solver, steps, seed,
+                                        expert_evals, padded_evals))
         return results
