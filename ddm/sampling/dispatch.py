@@ -91,7 +91,8 @@ def expert_velocity(expert_apply: ExpertApply, params: Any, x: jax.Array, t: jax
     """One expert's velocity on rows x [b, H, W, C] f32, t [b], y [b] int32 | None -> [b, H, W, C] f32.
 
     cfg (static): classifier-free guidance, v = v_uncond + cfg_scale * (v_cond - v_uncond), both halves in one
-    expert call (the null label is `null_label`).
+    expert call (the null label is `null_label`). cfg_scale: f32 scalar, or one per row [b] (merged requests of
+    different scales, `Ensemble.sample_rows`).
     """
     if not cfg:
         return expert_apply(params, x, t, y).astype(jnp.float32)
@@ -99,6 +100,8 @@ def expert_velocity(expert_apply: ExpertApply, params: Any, x: jax.Array, t: jax
     v2 = expert_apply(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                       jnp.concatenate([y, jnp.full_like(y, null_label)])).astype(jnp.float32)
     v_cond, v_uncond = v2[:n], v2[n:]
+    if jnp.ndim(cfg_scale):
+        cfg_scale = _broadcast_rows(cfg_scale, v_cond)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
@@ -106,6 +109,11 @@ def _gather_rows(idx: jax.Array, x: jax.Array, t: jax.Array, y: jax.Array | None
     """Rows idx [b] of x, t, y; index B (padding) reads the last row (clipped), whose result is dropped."""
     return (x.at[idx].get(mode="clip"), t.at[idx].get(mode="clip"),
             None if y is None else y.at[idx].get(mode="clip"))
+
+
+def _scale_rows(cfg_scale: jax.Array, idx: jax.Array) -> jax.Array:
+    """A per-row CFG scale [B] at rows idx (clipped as `_gather_rows` clips); a scalar as it is."""
+    return cfg_scale.at[idx].get(mode="clip") if jnp.ndim(cfg_scale) else cfg_scale
 
 
 def _broadcast_rows(w: jax.Array, like: jax.Array) -> jax.Array:
@@ -159,7 +167,8 @@ def unrolled(expert_apply: ExpertApply, experts: Sequence[Any], present: tuple[i
             position = c * chunk + slots
             idx = jnp.where(position < counts[s], order[:, s].at[position].get(mode="clip"), batch)
             xb, tb, yb = _gather_rows(idx, x, t, y)
-            v = expert_velocity(expert_apply, params, xb, tb, yb, cfg_scale, cfg=cfg, null_label=null_label)
+            v = expert_velocity(expert_apply, params, xb, tb, yb, _scale_rows(cfg_scale, idx), cfg=cfg,
+                                null_label=null_label)
             w = cols[:, s].at[idx].get(mode="clip")
             return acc.at[idx].add(_broadcast_rows(w, v) * v, mode="drop")
 
@@ -190,7 +199,8 @@ def grouped(expert_apply: ExpertApply, stacked: Any, present: tuple[int, ...], x
                 params = take_expert(stacked, s)  # inside the branch: an unselected expert is never read
                 idx = jnp.where(jnp.arange(size) < count, rows[:size], batch)
                 xb, tb, yb = _gather_rows(idx, x, t, y)
-                v = expert_velocity(expert_apply, params, xb, tb, yb, cfg_scale, cfg=cfg, null_label=null_label)
+                v = expert_velocity(expert_apply, params, xb, tb, yb, _scale_rows(cfg_scale, idx), cfg=cfg,
+                                    null_label=null_label)
                 w = w_col.at[idx].get(mode="clip")
                 return acc.at[idx].add(_broadcast_rows(w, v) * v, mode="drop")
             return branch_fn
@@ -220,9 +230,8 @@ def capacity(expert_apply: ExpertApply, stacked: Any, present: tuple[int, ...], 
     rounds = (jnp.max(counts) + size - 1) // size
     slots = jnp.arange(size, dtype=jnp.int32)
     run = jax.vmap(
-        lambda p, xb, tb, yb: expert_velocity(expert_apply, p, xb, tb, yb, cfg_scale, cfg=cfg,
-                                              null_label=null_label),
-        in_axes=(0, 0, 0, None if y is None else 0),
+        lambda p, xb, tb, yb, sb: expert_velocity(expert_apply, p, xb, tb, yb, sb, cfg=cfg, null_label=null_label),
+        in_axes=(0, 0, 0, None if y is None else 0, 0 if jnp.ndim(cfg_scale) else None),
     )
 
     def body(state):
@@ -231,7 +240,7 @@ def capacity(expert_apply: ExpertApply, stacked: Any, present: tuple[int, ...], 
         live = position[None, :] < counts[:, None]  # [S, size]
         idx = jnp.where(live, order.T.at[:, position].get(mode="clip"), batch)  # [S, size]
         xb, tb, yb = _gather_rows(idx, x, t, y)
-        v = run(stacked, xb, tb, yb)  # [S, size, ...]
+        v = run(stacked, xb, tb, yb, _scale_rows(cfg_scale, idx))  # [S, size, ...]
         w = jnp.take_along_axis(cols.T, jnp.minimum(idx, batch - 1), axis=1) * live  # [S, size]
         contrib = _broadcast_rows(w, v) * v
         # Each expert's rows are distinct: scatter per expert into its own plane, then sum planes in order.

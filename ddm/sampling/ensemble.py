@@ -8,11 +8,15 @@ and, at every evaluation, runs the router, turns its posterior into weights (`ro
 the device (`ddm.sampling.dispatch`): each expert runs only on the rows routed to it, and the weighted velocities
 are added up. Nothing comes back to the host until the solve ends: one program launch per batch, no per-step
 synchronisation, and experts nobody selected cost nothing. `full` knows its selection without looking and runs
-every expert on the whole batch; `single:K` goes through the same row dispatch as `oracle`, so on CPU its expert
-sees chunks of a static size whatever the batch, as a routed sample's does. `prior` (ancestral sampling) draws each sample's expert from
-p(k | y) once, on the host before the solve (`Ensemble.prior_experts`, from the clusters' data counts given as
-`prior_counts`), and then runs exactly as `oracle` with those labels: the router is never evaluated and each
-sample costs one expert evaluation per step. `dispatch` chooses how the experts are run ("auto": the
+every expert on the whole batch.
+
+The fixed strategies know every sample's expert before the solve: `oracle` (given), `single:K`, and `prior`
+(ancestral sampling), which draws each sample's expert from p(k | y) once, on the host (`Ensemble.prior_experts`,
+from the clusters' data counts given as `prior_counts`). They skip the routed program: the rows are grouped by
+expert on the host and each group is that expert's plain solve, in chunks of exactly `min_bucket` rows
+(`Ensemble._solve_groups`, dispatch "groups"). The router is never evaluated, each sample costs one expert
+evaluation per step, and since every chunk has one shape, a sample's floats do not depend on the batch or the
+merged requests it was solved with. For the routed strategies, `dispatch` chooses how the experts are run ("auto": the
 backend's best; see `ddm.sampling.dispatch` for the options and docs/benchmarks.md for the measurements):
 "unrolled" on CPU (every expert its own code and its own parameters, rows in chunks of a static size),
 "grouped" on GPU/TPU (the experts' parameters stacked, one code for all of them, one bucket per expert whose
@@ -37,8 +41,8 @@ fold_in(fold_in(fold_in(key(seed), 1), e), i): both independent of batching. `En
 several requests as one merged batch with exactly these draws per request (each row its own request's noise
 row, prior key and routing keys); it is a separate path, so `sample`'s programs and outputs are unchanged.
 Identical requests on the same hardware and software are bitwise identical (no dispatch adds velocities
-through a scatter with repeated indices, which GPUs make nondeterministic). Outputs are *not* bitwise invariant
-to batch composition: a sample shares its expert call with whichever other samples picked the same expert, and
+through a scatter with repeated indices, which GPUs make nondeterministic). The fixed strategies are bitwise
+invariant to batch composition (chunks of one shape); the routed ones are *not*: a sample shares its expert call with whichever other samples picked the same expert, and
 a different bucket shape can change a matmul's last bits, so another batch size or another set of companions
 can move a sample's floats by rounding (within 1e-5 after a solve of the tests' digits run, with the same
 routing decisions and uint8 images within 1 level: tests/test_determinism.py; docs/verification.md).
@@ -212,9 +216,20 @@ def _device_solve(expert_apply, router_apply, experts, router_params, x1, y, lab
     return x0, weights[first], real.sum(), padded.sum()
 
 
+def _expert_solve(expert_apply, params, x1, y, cfg_scale, *, steps: int, solver: str, cfg: bool, null_label: int):
+    """One expert alone on its rows, from noise x1 [b, H, W, C] f32 at t=1 to x0 [b, ...] f32 at t=0: a fixed
+    strategy's group (oracle, prior, single), the same arithmetic as one model's plain solve. y [b] int32 |
+    None; cfg_scale f32 scalar or [b]."""
+    def velocity(x, t, evaluation):
+        return dispatch_lib.expert_velocity(expert_apply, params, x, t, y, cfg_scale, cfg=cfg,
+                                            null_label=null_label), None
+
+    return flow.integrate(velocity, x1, steps, solver)[0]
+
+
 @functools.lru_cache(maxsize=16)
-def _jitted_device(expert_apply: ExpertApply, router_apply: RouterApply | None) -> tuple[Callable, Callable]:
-    """(one jitted evaluation, the jitted whole solve) for one pair of apply functions.
+def _jitted_device(expert_apply: ExpertApply, router_apply: RouterApply | None) -> tuple[Callable, Callable, Callable]:
+    """(one jitted evaluation, the jitted whole solve, the jitted one-expert solve) for one pair of apply functions.
 
     Cached per pair so that ensembles built over the same architecture (e.g. one per strategy being evaluated)
     share compiled executables. Bounded, because a loader may build a fresh closure per call, which would
@@ -224,7 +239,9 @@ def _jitted_device(expert_apply: ExpertApply, router_apply: RouterApply | None) 
                        static_argnames=("plan",))
     solve = jax.jit(functools.partial(_device_solve, expert_apply, router_apply),
                     static_argnames=("plan", "steps", "solver"))
-    return evaluate, solve
+    expert_solve = jax.jit(functools.partial(_expert_solve, expert_apply),
+                           static_argnames=("steps", "solver", "cfg", "null_label"))
+    return evaluate, solve, expert_solve
 
 
 class Ensemble:
@@ -238,7 +255,9 @@ class Ensemble:
     available: which experts to use (default: those whose params are not None). Missing experts are masked
         out of routing (the posterior is renormalised over the rest) with a warning.
     min_bucket: the smallest dispatch bucket (bounds the bucket sizes compiled for tiny selections); batches
-        smaller than min_bucket * (available experts) use B / (available experts) instead.
+        smaller than min_bucket * (available experts) use B / (available experts) instead. Also the rows of
+        every chunk of the fixed strategies' group solves (padded; 1 avoids padding for a large model serving
+        small requests, a larger one suits accelerators), so their bits depend on it.
     dispatch: "auto" (the backend's best: "unrolled" on CPU, "grouped" on GPU/TPU; `resolved_dispatch`),
         "unrolled", "grouped" or "capacity"; see the module docstring and `ddm.sampling.dispatch`.
     expert_sharding: where the stacked expert parameters live, e.g. `NamedSharding(mesh, P("expert"))` to put
@@ -466,7 +485,7 @@ class Ensemble:
         y_host, cfg = self._check_condition(y, cfg_scale, batch)
         y_dev = None if y_host is None else jnp.asarray(y_host)
         scale = 0.0 if cfg_scale is None else float(cfg_scale)
-        evaluate, _ = self._device_fns
+        evaluate, _, _ = self._device_fns
         v, weights, _, _ = evaluate(self._device_experts(), self.router_params, x, t, y_dev,
                                     None if labels is None else jnp.asarray(labels), rng, jnp.uint32(0),
                                     jnp.float32(scale), plan=self._plan(strategy, batch, cfg))
@@ -526,6 +545,15 @@ class Ensemble:
         # The request goes to the device here (the only transfers, allowed explicitly); the solves below move
         # nothing between host and device until their results are fetched (a test holds the device path to
         # it with `jax.transfer_guard("disallow")`).
+        if strategy.fixed:  # every sample's expert is known before the solve: one plain solve per group
+            if strategy.kind == "single":
+                labels = np.full(n, strategy.expert, np.int32)
+            with jax.transfer_guard("allow"):
+                noise = jax.random.normal(jax.random.key(seed, impl="threefry2x32"), (n, *self.image_shape),
+                                          jnp.float32)
+            solved = self._solve_groups(noise, y_all, labels, batch_size, steps, solver, cfg,
+                                        jnp.float32(0.0 if cfg_scale is None else cfg_scale))
+            return self._result(*solved, strategy, solver, steps, seed)
         with jax.transfer_guard("allow"):
             base = jax.random.key(seed, impl="threefry2x32")
             noise = jax.random.normal(base, (n, *self.image_shape), jnp.float32)
@@ -537,20 +565,21 @@ class Ensemble:
                 inputs.append((noise[start:stop], None if y_all is None else jnp.asarray(y_all[start:stop]),
                                None if labels is None else jnp.asarray(labels[start:stop]), route_base,
                                jnp.uint32(start)))
-        x_final, weights, expert_ids, expert_evals, padded_evals = self._solve(inputs, strategy, steps, solver,
-                                                                               cfg, scale)
-        return self._result(x_final, weights, expert_ids, strategy, solver, steps, seed, expert_evals, padded_evals)
+        solved = self._solve(inputs, strategy, steps, solver, cfg, scale)
+        return self._result(*solved, strategy, solver, steps, seed)
 
     def _solve(self, inputs, strategy: Strategy, steps: int, solver: str, cfg: bool, scale: jax.Array):
         """Runs the one-program solve on each batch of `inputs` ((x1, y, labels, route key(s), offset) on the
-        device) and fetches them together, the one transfer to the host. Returns (x0 [n, ...] f32, weights
+        device) with `scale` (f32 scalar, or a list of per-row scales [b], one per batch) and fetches them
+        together, the one transfer to the host. Returns (x0 [n, ...] f32, weights
         [steps, n, K] f32, expert ids [steps, n] int32 or None, real rows, padded rows) over all batches."""
         with jax.transfer_guard("allow"):
             experts = self._device_experts()
-        _, solve = self._device_fns
+        _, solve, _ = self._device_fns
         batches = []  # per batch: (x0 [b, ...], weights [steps, b, K], real rows, padded rows), on device
-        for x1, yb, lb, route, offset in inputs:
-            batches.append(solve(experts, self.router_params, x1, yb, lb, route, offset, scale,
+        for i, (x1, yb, lb, route, offset) in enumerate(inputs):
+            batches.append(solve(experts, self.router_params, x1, yb, lb, route, offset,
+                                 scale[i] if isinstance(scale, list) else scale,
                                  plan=self._plan(strategy, x1.shape[0], cfg), steps=steps, solver=solver))
         fetched = jax.device_get(batches)  # the one transfer to the host
         x_final = np.concatenate([b[0] for b in fetched]).astype(np.float32)
@@ -558,13 +587,50 @@ class Ensemble:
         expert_ids = np.argmax(weights, axis=-1).astype(np.int32) if strategy.one_hot else None
         return x_final, weights, expert_ids, int(sum(b[2] for b in fetched)), int(sum(b[3] for b in fetched))
 
-    def _result(self, x, weights, expert_ids, strategy: Strategy, solver: str, steps: int, seed: int,
-                expert_evals: int, padded_evals: int) -> SampleResult:
+    def _solve_groups(self, noise, y, labels: np.ndarray, batch_size: int, steps: int, solver: str, cfg: bool,
+                      scale: jax.Array):
+        """The fixed strategies' solve (oracle, prior, single): within each batch of `batch_size` rows, the rows
+        are grouped by their expert on the host (labels [n] int32, available experts only), and each group is
+        solved by its expert alone (`_expert_solve`) in chunks of exactly `min_bucket` rows, the last one padded
+        with copies of its last row (dropped). The router is never evaluated and no row is gathered or scattered
+        per step. Every chunk has the same shape whatever the batch, so a row's floats depend on its own noise,
+        class and expert only: bitwise the same alone, in another batch size or merged with other requests
+        (a matmul's rounding can change with the number of rows it is given). noise [n, H, W, C] f32, y [n]
+        int32 | None, scale f32 scalar or [n]. Returns what `_solve` returns."""
+        n, chunk = len(labels), self.min_bucket
+        _, _, expert_solve = self._device_fns
+        evaluations = len(flow.evaluation_stages(solver, steps))
+        launches = []  # (rows of the request [<= chunk], x0 [chunk, ...] on the device)
+        with jax.transfer_guard("allow"):  # the chunks' row indices go down; nothing comes back until the end
+            noise = jnp.asarray(noise)
+            y = None if y is None else jnp.asarray(y)
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                for k in self._present:
+                    rows = start + np.flatnonzero(labels[start:stop] == k)
+                    for at in range(0, len(rows), chunk):
+                        real = rows[at:at + chunk]
+                        idx = jnp.asarray(np.concatenate([real, np.repeat(real[-1:], chunk - len(real))]))
+                        x0 = expert_solve(self.expert_params[k], noise[idx], None if y is None else y[idx],
+                                          scale if jnp.ndim(scale) == 0 else scale[idx], steps=steps,
+                                          solver=solver, cfg=cfg, null_label=self.num_classes)
+                        launches.append((real, x0))
+        fetched = jax.device_get([x0 for _, x0 in launches])  # the one transfer to the host
+        x_final = np.empty((n, *self.image_shape), np.float32)
+        for (real, _), x0 in zip(launches, fetched):
+            x_final[real] = x0[:len(real)]
+        ids = np.broadcast_to(np.asarray(labels, np.int32), (steps, n)).copy()
+        weights = np.eye(self.num_experts, dtype=np.float32)[ids]
+        return x_final, weights, ids, n * evaluations, len(launches) * chunk * evaluations
+
+    def _result(self, x, weights, expert_ids, expert_evals: int, padded_evals: int, strategy: Strategy,
+                solver: str, steps: int, seed: int) -> SampleResult:
         """The SampleResult of one request's rows: x [n, ...] f32, weights [steps, n, K], expert ids or None."""
         return SampleResult(
             images=self.codec.preview(x), x=x, weights=weights, expert_ids=expert_ids, strategy=str(strategy),
             solver=solver, steps=steps, seed=seed, expert_evals=expert_evals, padded_evals=padded_evals,
-            dispatch=self.resolved_dispatch, latents=self.codec.decode(x) if self.codec.latents else None,
+            dispatch="groups" if strategy.fixed else self.resolved_dispatch,
+            latents=self.codec.decode(x) if self.codec.latents else None,
             experts=expert_ids[0].copy() if strategy.fixed else None)
 
     def sample_rows(
@@ -576,7 +642,7 @@ class Ensemble:
         solver: str = "euler",
         labels: Sequence[Any] | None = None,
         y: Sequence[Any] | None = None,
-        cfg_scale: float | None = None,
+        cfg_scale: float | Sequence[float] | None = None,
         batch_size: int | None = None,
         pad_to: int | None = None,
     ) -> list[SampleResult]:
@@ -588,8 +654,9 @@ class Ensemble:
         determinism; docs/serving.md has what the tests' run measures).
 
         labels, y: per group, what `sample` takes for that request (oracle clusters [n]; class labels [n],
-        scalar or None); None: None for every group. strategy, steps, solver and cfg_scale are shared by all
-        groups. pad_to: solve at least this many rows, the last row repeated and its copies dropped (a server
+        scalar or None); None: None for every group. strategy, steps and solver are shared by all groups;
+        cfg_scale too when it is a number (or None), else it is one number per group, applied to that group's
+        rows (a per-row scale [rows] f32 on the device; a shared one stays a scalar). pad_to: solve at least this many rows, the last row repeated and its copies dropped (a server
         pads merged batches to a few sizes so that few programs compile). Returns one `SampleResult` per group, with its own rows of images, x, weights, expert_ids and
         experts, and its own seed; expert_evals, padded_evals are the merged call's, shared by all groups.
         """
@@ -599,6 +666,9 @@ class Ensemble:
         for name, per_group in (("labels", labels), ("y", y)):
             if per_group is not None and len(per_group) != len(groups):
                 raise DDMError(f"sample_rows: {name} has {len(per_group)} entries for {len(groups)} groups")
+        per_row = cfg_scale is not None and np.ndim(cfg_scale) > 0
+        if per_row and (len(cfg_scale) != len(groups) or any(s is None for s in cfg_scale)):
+            raise DDMError(f"sample_rows: cfg_scale needs a number for each of the {len(groups)} groups")
         strategy = self._check_strategy(strategy)
         flow.step_function(solver)
         flow.time_grid(steps)
@@ -607,7 +677,7 @@ class Ensemble:
             if n < 1:
                 raise DDMError(f"n must be >= 1, got {n}")
             clusters.append(self._check_labels(strategy, None if labels is None else labels[r], n))
-            y_r, cfg = self._check_condition(None if y is None else y[r], cfg_scale, n)
+            y_r, cfg = self._check_condition(None if y is None else y[r], cfg_scale[r] if per_row else cfg_scale, n)
             classes.append(y_r)
             if strategy.kind == "prior":
                 clusters[-1] = self.prior_experts(n, seed=seed, y=y_r)
@@ -632,12 +702,13 @@ class Ensemble:
             noise = np.concatenate(noise)
             index = np.concatenate([np.arange(n, dtype=np.uint32) for _, n in groups])
             route_data = np.concatenate(route_data) if route_data else None
+            row_scale = np.repeat(np.asarray(cfg_scale, np.float32), [n for _, n in groups]) if per_row else None
             if rows > total:  # padding: copies of the last row, solved and dropped
                 def pad(a):
                     return None if a is None else np.concatenate([a, np.repeat(a[-1:], rows - total, axis=0)])
                 noise, index, route_data = pad(noise), pad(index), pad(route_data)
-                y_all, labels_all = pad(y_all), pad(labels_all)
-            scale = jnp.float32(0.0 if cfg_scale is None else cfg_scale)
+                y_all, labels_all, row_scale = pad(y_all), pad(labels_all), pad(row_scale)
+            scale = jnp.float32(0.0 if cfg_scale is None else cfg_scale) if row_scale is None else []
             inputs = []
             for start in range(0, rows, batch_size):
                 stop = min(rows, start + batch_size)
@@ -647,15 +718,24 @@ class Ensemble:
                     offset = jnp.asarray(index[start:stop])
                 else:
                     offset = jnp.uint32(0)
+                if row_scale is not None:  # per-row scales: one slice per batch
+                    scale.append(jnp.asarray(row_scale[start:stop]))
                 inputs.append((jnp.asarray(noise[start:stop]), None if y_all is None else jnp.asarray(y_all[start:stop]),
                                None if labels_all is None else jnp.asarray(labels_all[start:stop]), route, offset))
-        x_final, weights, expert_ids, expert_evals, padded_evals = self._solve(inputs, strategy, steps, solver,
-                                                                               cfg, scale)
+        if strategy.fixed:  # grouped by expert on the host: no padding rows, and no program per merged size
+            if strategy.kind == "single":
+                labels_all = np.full(rows, strategy.expert, np.int32)
+            solved = self._solve_groups(noise[:total], None if y_all is None else y_all[:total], labels_all[:total],
+                                        min(batch_size, total), steps, solver, cfg,
+                                        scale if row_scale is None else jnp.asarray(row_scale[:total]))
+        else:
+            solved = self._solve(inputs, strategy, steps, solver, cfg, scale)
+        x_final, weights, expert_ids, expert_evals, padded_evals = solved
         results, start = [], 0
         for seed, n in groups:
             part = slice(start, start + n)
             start += n
             ids = None if expert_ids is None else expert_ids[:, part]
-            results.append(self._result(x_final[part].copy(), weights[:, part], ids, strategy, solver, steps, seed,
-                                        expert_evals, padded_evals))
+            results.append(self._result(x_final[part].copy(), weights[:, part], ids, expert_evals, padded_evals,
+                                        strategy, solver, steps, seed))
         return results
