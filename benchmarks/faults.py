@@ -1,7 +1,7 @@
 """Counted fault figures (issue 17): SIGKILLs during training, corrupted files, bad input, fuzzed records.
 
     python -m benchmarks.faults [--work /tmp/ddm-faults] [--kills 20] [--parallel 4] [--seed 0] [--steps 60]
-        [--parts kills,corrupt,badinput,fuzz,cost] [--records 1000] [--no-compile-cache]
+        [--parts kills,corrupt,badinput,fuzz,cost,trust] [--records 1000] [--no-compile-cache]
 
 Everything runs on digits (K=2, a micro expert of --steps steps, batch 32, a checkpoint every 5 steps), in
 `--work` (wiped first):
@@ -18,6 +18,10 @@ badinput  `tests/oracles/badinput.py`: every bad input of the catalogue against 
 fuzz      `tests/oracles/fuzz.py` `run_fuzz` (issue 18's 1,000 seeded mutants of an honest record, auto mode) ->
           tracebacks, exit codes, exit 0 on altered claims, the slowest record.
 cost      what the checkpoint digests cost: hashing a step of the micro expert, SHA-256 throughput.
+trust     issue 30's smaller cases, each once as the real command: unsafe launcher fields, a huge guidance
+          scale, `--islands-to` into a file, two run directories, a refused consensus-eval, SIGTERM to `ddm run`
+          (then a resume), `ddm sample` without --out, top-k beyond K, the Kubernetes Job of a half-trained run;
+          counts those refused in one line (exit 2) or behaving as fixed.
 
 Every command runs as a real `ddm` process (`python -m ddm.app.cli`), except badinput and fuzz (in-process, as
 the CLI calls them). Prints markdown tables; docs/reliability.md holds the results.
@@ -39,6 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 from benchmarks.common import machine_table, markdown_table  # noqa: E402
 
@@ -329,6 +334,107 @@ def cost(work: Path) -> None:
     print()
 
 
+def trust(base: Path, work: Path, steps: int) -> None:
+    """Issue 30's smaller cases on a copy of the prepared run (trained here: SIGTERM mid-way, then resumed)."""
+    root = work / "trust"
+    run = root / "run"
+    shutil.copytree(base, run)
+    rows = []
+
+    def row(case: str, command: str, before: str, now: str, fixed: bool) -> None:
+        now = now.replace(str(run), "RUN").replace(str(root), "WORK").replace("|", "/")[:170]
+        rows.append([case, f"`{command}`", before, now, "yes" if fixed else "**no**"])
+        print(f"trust: {rows[-1]}", file=sys.stderr, flush=True)
+
+    def refused(result: subprocess.CompletedProcess, *absent: Path) -> tuple[str, bool]:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        left = [str(p.relative_to(root)) for p in absent if p.exists()]
+        ok = result.returncode == 2 and len(lines) == 1 and lines[0].startswith("ddm: error: ") and not left
+        return f"exit {result.returncode}: {lines[-1] if lines else ''}" + (f"; left {left}" if left else ""), ok
+
+    now, ok = refused(ddm("train-islands", "--run-dir", str(run), "--launcher", "slurm", "--partition",
+                          "gpu\necho owned"), run / "slurm")
+    row("newline in `--partition`", "ddm train-islands --launcher slurm --partition $'gpu\\necho owned'",
+        "a shell line in islands.sbatch, exit 0", now, ok)
+    now, ok = refused(ddm("train-islands", "--run-dir", str(run), "--launcher", "k8s", "--image", "ghcr.io/x/ddm:1",
+                          "--experts", "s3://b/e\nspec: {}"), run / "k8s")
+    row("newline in a k8s field", "ddm train-islands --launcher k8s --experts $'s3://b/e\\nspec: {}'",
+        "a YAML line in islands.yaml's header, exit 0", now, ok)
+    (root / "file").write_text("x")
+    t0 = time.perf_counter()
+    result = ddm("prepare", "--config", str(REPO / "configs" / "digits.yaml"), "--run-dir", str(root / "new"),
+                 "--islands-to", str(root / "file" / "bundles"), *TRAIN)
+    now, ok = refused(result, root / "new")
+    row("`--islands-to` that cannot be written", "ddm prepare --islands-to FILE/bundles",
+        "refused after the whole prepare", f"{now} ({time.perf_counter() - t0:.1f} s)", ok)
+    (root / "other").mkdir()
+    now, ok = refused(ddm("info", str(run), "--run-dir", str(root / "other")))
+    row("two run directories", "ddm info RUN --run-dir OTHER", "one picked silently, exit 0", now, ok)
+    now, ok = refused(ddm("consensus-eval", "--run-dir", str(run), *TRAIN), run / "eval")
+    row("refused consensus-eval", "ddm consensus-eval (no expert trained)", "consensus_work/ left behind", now, ok)
+
+    # SIGTERM to `ddm run` while its islands train; then `ddm train-islands` resumes them.
+    budget = ["--set", f"expert.train.steps={steps}"]
+    proc = subprocess.Popen([sys.executable, "-m", "ddm.app.cli", "run", "--config", str(REPO / "configs" /
+                             "digits.yaml"), "--run-dir", str(run), "--parallel", "2", *TRAIN, *budget],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics = [run / "experts" / str(k) / "metrics.jsonl" for k in (0, 1)]
+    while proc.poll() is None and not any(p.exists() and p.read_text() for p in metrics):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    pids = [int(line.split("(pid ")[1].rstrip(")")) for line in out.splitlines() if "started (pid" in line]
+    alive = [p for p in pids if _alive(p)]
+    last = (err.strip().splitlines() or [""])[-1]
+    row("SIGTERM to `ddm run`", "kill -TERM <ddm run> (islands training)", "exit 143, islands orphaned (training on)",
+        f"exit {proc.returncode}, {len(alive)} of {len(pids)} islands alive: {last}",
+        proc.returncode == 75 and pids and not alive)
+    resumed = ddm("train-islands", "--run-dir", str(run), "--parallel", "2", *TRAIN, *budget)
+    logs = " ".join((run / "experts" / str(k) / "train.log").read_text() for k in (0, 1))
+    marks = sorted({line.split("resumed from ")[1] for line in logs.splitlines() if "resumed from step" in line})
+    row("... then a rerun", "ddm train-islands (same budget)", "-",
+        f"exit {resumed.returncode}, resumed from {', '.join(marks) or 'nothing'}", resumed.returncode == 0 and marks)
+    ddm("train-router", "--run-dir", str(run), *TRAIN, check=True)
+
+    now, ok = refused(ddm("sample", "--run-dir", str(run), "--class", "3", "--cfg-scale", "1e300", "--n", "2",
+                          "--steps", "2", "--out", str(root / "cfg.png")), root / "cfg.png")
+    row("`--cfg-scale 1e300`", "ddm sample --class 3 --cfg-scale 1e300", "a NaN image, exit 0", now, ok)
+    grid = run / "samples" / "sample.png"  # `ddm run`'s grid of the `sample` strategy
+    grid.parent.mkdir(exist_ok=True)
+    grid.write_bytes(b"the grid of ddm run")
+    results = [ddm("sample", "--run-dir", str(run), "--strategy", "sample", "--n", "2", "--steps", "2") for _ in (0, 1)]
+    made = sorted(p.name for p in grid.parent.glob("sample-*.png"))
+    kept = grid.read_bytes() == b"the grid of ddm run"
+    row("`ddm sample` without `--out`, twice", "ddm sample --strategy sample (x2)", "overwrote samples/sample.png",
+        f"exits {[r.returncode for r in results]}, wrote {made}, sample.png {'kept' if kept else 'overwritten'}",
+        all(r.returncode == 0 for r in results) and len(made) == 2 and kept)
+    result = ddm("sample", "--run-dir", str(run), "--strategy", "topk:9", "--n", "2", "--steps", "2", "--out",
+                 str(root / "topk.png"))
+    said = [line for line in result.stderr.splitlines() if "are available" in line]
+    row("`--strategy topk:9` on K = 2", "ddm sample --strategy topk:9", "ran without a word",
+        f"exit {result.returncode}: {said[0] if said else 'no warning'}", result.returncode == 0 and bool(said))
+    half = root / "half"
+    shutil.copytree(run, half, ignore=shutil.ignore_patterns("checkpoints", "final", "samples"))
+    manifest = json.loads((half / "manifest.json").read_text())
+    del manifest["experts"]["0"]
+    (half / "manifest.json").write_text(json.dumps(manifest))
+    result = ddm("train-islands", "--run-dir", str(half), "--launcher", "k8s", "--image", "ghcr.io/x/ddm:1", *budget)
+    spec = yaml.safe_load((half / "k8s" / "islands.yaml").read_text())["spec"] if result.returncode == 0 else {}
+    row("k8s Job of a run with island 1 assembled", "ddm train-islands --launcher k8s", "completions 2 (all islands)",
+        f"exit {result.returncode}, completions {spec.get('completions')}", spec.get("completions") == 1)
+
+    print(markdown_table(["case", "command", "before (the issue's report)", "now", "fixed"], rows))
+    print(f"\n**{sum(r[-1] == 'yes' for r in rows)}/{len(rows)} cases refused in one line or fixed**\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ddm-faults"))
@@ -337,7 +443,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--parallel", type=int, default=4, help="kill trials at a time")
-    parser.add_argument("--parts", default="kills,corrupt,badinput,fuzz,cost")
+    parser.add_argument("--parts", default="kills,corrupt,badinput,fuzz,cost,trust")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="every ddm process compiles afresh (default: one JAX compilation cache in --work)")
     args = parser.parse_args()
@@ -368,6 +474,9 @@ def main() -> None:
     if "cost" in parts:
         print("## Cost of the checkpoint digests\n")
         cost(work)
+    if "trust" in parts:
+        print("## Trust between strangers: the smaller cases\n")
+        trust(base, work, args.steps)
     print(f"total {time.perf_counter() - t0:.0f}s")
 
 

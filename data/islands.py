@@ -28,7 +28,7 @@ from ddm.core.config import Config, config_from_data, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.core.schema import Anything, Hex, Int, ListOf, Nullable, Obj, RelPath, Str
 from ddm.data import storage
-from ddm.data.manifest_schema import MAX_CLASSES, MAX_CLUSTERS, MAX_COUNT, MAX_SIDE
+from ddm.data.manifest_schema import CODEC, MAX_CLASSES, MAX_CLUSTERS, MAX_COUNT, MAX_SIDE
 from ddm.data.shards import NO_LABEL, read_labels, read_shard, verify_shard
 
 BUNDLE_FORMAT = "ddm-island/v1"
@@ -45,7 +45,7 @@ ISLAND_SCHEMA = Obj(
                                            name=f"a list of 3 integers in 1..{MAX_SIDE} ([H, W, C])")},
                     optional={"num_classes": Nullable(Int(min=0, max=MAX_CLASSES)),
                               "class_names": Nullable(ListOf(Str(), max_len=MAX_CLASSES)),
-                              "dtype": Str(), "codec": Nullable(Anything(dict, "an object"))}),
+                              "dtype": Str(), "codec": Nullable(CODEC)}),
      "shard": _SHARD,
      "config": Anything(dict, "an object")},  # checked by the config's own dataclasses
     optional={"holdout": Nullable(_SHARD)},

@@ -12,11 +12,14 @@ Schema (format "ddm-run/v2"; paths are relative to the run directory):
                                                         `labels`: their nearest centroid (.npy)
     config:     the resolved `Config` the run was prepared with
     experts:    {"k": {status, step, sha256, path, ...}}  filled in by `ddm assemble` (never by an island)
+    island_keys: {"k": {key_id, public_key}}            optional: the public key island k signs its expert.json
+                                                        with (`ddm prepare / assemble --island-key K=KEY.pub`)
     router, monolith, student: {status, step, sha256, path}
                 the components (`ddm.data.components`: the one list of them)
 
 Every read checks the manifest against its schema (`ddm.data.manifest_schema`: types, ranges, how fields
-relate), so a damaged or hand-edited manifest is a one-line error naming the field.
+relate), so a damaged or hand-edited manifest is a one-line error naming the field; every write checks it
+first, so an update that would not read back is a one-line error and the file is left as it was.
 
 Only coordinator commands (prepare, assemble, train-router, train-monolith, distill, the local launcher) update
 it.
@@ -24,7 +27,8 @@ Two of them may still run at once on one machine, so every update takes an exclu
 a temporary file + rename: a reader never sees a half-written manifest.
 
 A run has two names. `plan_sha256` (the *run id* islands carry) digests what was planned: dataset,
-clustering, each cluster's shard digest, the resolved config; no component section enters it. `manifest_sha256`
+clustering, each cluster's shard digest, the resolved config; no component section enters it, nor the island keys
+(who may hand back experts is not what the run computes, so keys can be listed after islands got their bundles). `manifest_sha256`
 (what verification records name) digests the plan plus the weight SHA-256 of each finished component the routed
 ensemble samples with (experts, router: `components.ENSEMBLE`); the monolith and the student are left out, so
 training them after records were made (or after `ddm export`) leaves every record valid. Neither sees volatile
@@ -50,6 +54,8 @@ OLD_FORMATS = {"ddm-run/v1": "its shards are bare image arrays without class lab
 MANIFEST = "manifest.json"
 # Keys that describe history rather than what the run computes; they do not enter the manifest hash.
 VOLATILE_KEYS = ("created",)
+# Who may hand back experts (`ddm.experts.assemble`): not part of the plan, so not of the run id.
+TRUST_KEYS = ("island_keys",)
 
 
 def manifest_path(run_dir: str | Path) -> Path:
@@ -75,8 +81,13 @@ def read_manifest(run_dir: str | Path) -> dict:
 
 
 def write_manifest(run_dir: str | Path, manifest: dict) -> None:
-    """Writes atomically (temp file + rename) so a crash never leaves a truncated manifest."""
-    documents.write(manifest_path(run_dir), manifest)
+    """Checks `manifest` against the schema (DDMError, nothing written, when it would not read back), then writes
+    it atomically (temp file + rename) so a crash never leaves a truncated manifest."""
+    path = manifest_path(run_dir)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DDMError(f"refusing to write {path}: not a {FORMAT} manifest")
+    validate_manifest(manifest, f"refusing to write {path}")
+    documents.write(path, manifest)
 
 
 @contextlib.contextmanager
@@ -121,7 +132,8 @@ COMPONENT_SECTIONS = components.SECTIONS
 def plan_sha256(manifest: dict) -> str:
     """The run id: SHA-256 of the canonical JSON of what was planned (everything but the components and the
     volatile or place-dependent fields). Island bundles and expert records carry it."""
-    plan = {k: v for k, v in manifest.items() if k not in VOLATILE_KEYS and k not in COMPONENT_SECTIONS}
+    plan = {k: v for k, v in manifest.items()
+            if k not in VOLATILE_KEYS and k not in COMPONENT_SECTIONS and k not in TRUST_KEYS}
     if isinstance(plan.get("clusters"), list):
         plan["clusters"] = [{k: v for k, v in c.items() if k not in _PLACE_KEYS} if isinstance(c, dict) else c
                             for c in plan["clusters"]]

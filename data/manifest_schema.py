@@ -9,9 +9,11 @@ dataclasses (`ddm.core.config.config_from_data`) when the run is opened.
 
 from __future__ import annotations
 
+import base64
 import math
 
 from ddm.core.schema import Anything, Hex, Int, ListOf, MapOf, Nullable, Num, Obj, RelPath, Str, check
+from ddm.core.signatures import key_id_of_raw
 from ddm.data.components import COMPONENTS
 
 MAX_COUNT = 2**40  # images; far beyond any dataset, small enough that sums stay exact
@@ -19,14 +21,30 @@ MAX_SIDE = 65_536  # pixels (or latent cells) per side, and channels
 MAX_CLUSTERS = 2**16
 MAX_CLASSES = 2**20  # class labels travel as int32; a million classes is far beyond any dataset here
 STATUSES = ("finished", "pending", "running", "failed")
+KEY_ID = r"ed25519:[0-9a-f]{16}"  # `ddm.core.signatures.key_id`
+CLUSTER_KEY = r"0|[1-9][0-9]{0,5}"  # a cluster id as an object key
 
 # A trained component (an expert, the router, the monolith, the student) as its job records it.
 COMPONENT = Obj(
     {"status": Str(choices=STATUSES)},
     optional={"step": Int(min=0), "sha256": Hex(64), "path": RelPath(), "seconds": Num(min=0),
               "num_clusters": Int(min=1, max=MAX_CLUSTERS), "model": Anything(dict, "an object"),
-              "train": Anything(dict, "an object"), "router": Anything(dict, "an object"), "teacher": Str()},
+              "train": Anything(dict, "an object"), "router": Anything(dict, "an object"), "teacher": Str(),
+              # experts (`ddm assemble`): the bundle it trained from, the key that signed its record
+              "bundle_sha256": Hex(64), "signer": Nullable(Str(pattern=KEY_ID, name="a key id (ed25519:16 hex)")),
+              "hardware": Anything()},
 )
+
+# How stored rows map to model space (`ddm.core.codec.Codec.from_dict`): images, or standardised latents.
+CODEC = Obj({"kind": Str(choices=("images", "latents"))},
+            optional={"mean": ListOf(Num(), max_len=MAX_SIDE, name="a list of finite numbers (one per channel)"),
+                      "std": ListOf(Num(min=0), max_len=MAX_SIDE,
+                                    name="a list of finite numbers >= 0 (one per channel)")})
+
+# The islands' public keys (`ddm prepare / assemble --island-key K=KEY.pub`): island k's expert.json must be
+# signed by its key. Who may hand back experts is not part of the plan: these stay out of the run id.
+ISLAND_KEY = Obj({"key_id": Str(pattern=KEY_ID, name="a key id (ed25519:16 hex)"),
+                  "public_key": Str(pattern=r"[A-Za-z0-9+/]{43}=", name="base64 of 32 bytes")}, closed=True)
 
 SCHEMA = Obj(
     {
@@ -38,7 +56,7 @@ SCHEMA = Obj(
                                               name=f"a list of 3 integers in 1..{MAX_SIDE} ([H, W, C])")},
                        optional={"num_classes": Int(min=0, max=MAX_CLASSES),
                                  "class_names": Nullable(ListOf(Str(), max_len=MAX_CLASSES)),
-                                 "labels_sha256": Nullable(Hex(64))}),
+                                 "labels_sha256": Nullable(Hex(64)), "dtype": Str(), "codec": Nullable(CODEC)}),
         "clustering": Obj({"method": Str(), "k": Int(min=1, max=MAX_CLUSTERS)},
                           optional={"centroids": RelPath(), "train_labels": RelPath(), "inertia": Num(min=0),
                                     "n_iter": Int(min=0), "seed": Int(min=0, max=2**32 - 1)}),
@@ -53,7 +71,8 @@ SCHEMA = Obj(
     optional={
         "created": Str(),
         "holdout": Obj({"count": Int(min=0, max=MAX_COUNT)}, optional={"shard": RelPath(), "labels": RelPath()}),
-        "experts": MapOf(Nullable(COMPONENT), key_pattern=r"0|[1-9][0-9]{0,5}", key_name="cluster ids"),
+        "experts": MapOf(Nullable(COMPONENT), key_pattern=CLUSTER_KEY, key_name="cluster ids"),
+        "island_keys": MapOf(ISLAND_KEY, key_pattern=CLUSTER_KEY, key_name="cluster ids"),
         # router, monolith, student: one entry per run (`ddm.data.components`)
         **{c.name: Nullable(COMPONENT) for c in COMPONENTS if not c.per_cluster},
     },
@@ -114,7 +133,17 @@ def class_counts_match(m: dict) -> str | None:
     return None
 
 
-RULES = [clusters_match_k, cluster_ids_in_order, one_shard_per_cluster, counts_add_up, class_counts_match]
+def island_keys_fit(m: dict) -> str | None:
+    for k, entry in (m.get("island_keys") or {}).items():
+        if int(k) >= len(m["clusters"]):
+            return f"island_keys names island {k}, but the run has clusters 0..{len(m['clusters']) - 1}"
+        if key_id_of_raw(base64.b64decode(entry["public_key"])) != entry["key_id"]:
+            return f"island_keys.{k}.key_id {entry['key_id']} is not the id of its public_key"
+    return None
+
+
+RULES = [clusters_match_k, cluster_ids_in_order, one_shard_per_cluster, counts_add_up, class_counts_match,
+         island_keys_fit]
 
 
 def validate_manifest(manifest, where: str) -> dict:

@@ -8,6 +8,7 @@ An existing run directory is never clobbered by accident: a different dataset or
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,9 +18,10 @@ import numpy as np
 from ddm.core.codec import Codec, latent_codec
 from ddm.core.config import Config, DataConfig, to_dict, with_num_classes
 from ddm.core.errors import DDMError
+from ddm.core.files import check_output_dir
 from ddm.core.hashing import dataset_fingerprint, labels_fingerprint
+from ddm.data import islands, storage
 from ddm.data import manifest as mf
-from ddm.data import islands
 from ddm.data.components import COMPONENTS
 from ddm.data.embed import fit_embedding, load_features
 from ddm.data.kmeans import assign, kmeans
@@ -167,6 +169,22 @@ def _ensure_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise DDMError(f"cannot write run directory {run_dir}: {err.strerror or err}") from None
+
+
+def check_islands_to(dest: str) -> str:
+    """`dest` (`ddm prepare --islands-to`) if the bundles can be copied there: a local folder that exists or can
+    be created and takes writes (`check_output_dir`), or a URL that takes a write (a probe object, deleted at
+    once); DDMError otherwise. Called before preparing, so a bad target costs no clustering."""
+    if not storage.is_url(dest):
+        check_output_dir(dest.removeprefix("file://"), "--islands-to")
+        return dest
+    probe = storage.join(dest, f".ddm-write-probe-{os.getpid()}")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except DDMError as err:
+        raise DDMError(f"--islands-to {dest} does not take writes: {err}") from None
+    return dest
 
 
 def split_holdout(n: int, fraction: float, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,19 +25,23 @@ from ddm.core.config import Config, ExpertConfig, ModelConfig, monolith_job, to_
 from ddm.core.dit import dit_from_config
 from ddm.core.errors import DDMError
 from ddm.core.flow import drop_labels, flow_matching_loss, integrate
+from ddm.core.signatures import key_id, load_private_key
 from ddm.data import storage
 from ddm.data.components import MONOLITH
 from ddm.data.islands import Bundle
 from ddm.data.mirror import Mirror
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, check_labelled, check_shard_holds
-from ddm.experts.assemble import assemble_experts
+from ddm.experts.assemble import assemble_experts, island_key, plan_bundle
 from ddm.experts.lease import LEASE, Lease
-from ddm.experts.records import EXPERT_JSON, expert_record, write_expert_json
+from ddm.experts.records import EXPERT_JSON, expert_record, sign_expert_record, write_expert_json
+from ddm.train.checkpoint import AuditPolicy
 from ddm.train.monitor import HeldOut
 from ddm.train.trainer import Task, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
+
+ISLAND_AUDIT = AuditPolicy()  # what an island records for audits of its training (`ddm.verify.audit`)
 
 
 
@@ -108,14 +112,19 @@ def _working_folder(out: str | Path):
 
 
 def train_island(bundle_dir: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
-                 progress: bool = False) -> TrainResult:
+                 progress: bool = False, audit: AuditPolicy | None = ISLAND_AUDIT,
+                 key: str | Path | None = None) -> TrainResult:
     """Trains (or resumes) the expert of an island bundle into `out`, reading nothing but the bundle and writing
-    nothing outside `out`: checkpoints, final/, metrics, and last `out/expert.json` (`EXPERT_FORMAT`).
+    nothing outside `out`: checkpoints, final/, metrics, the audit chain (`audit`, the policy; None: none) and
+    last `out/expert.json` (`EXPERT_FORMAT`).
 
     `out` is a folder or a URL (`s3://`, `gs://`): then training writes a local working copy that is pushed to
     the URL while it runs and on exit (`ddm.data.mirror`), and a resume starts from the URL's checkpoints.
     The shard is checked against its digest first; a second trainer of the same `out` is refused (`Lease`).
+    `key`: an Ed25519 private key file (`ddm keygen`) that signs expert.json (`ddm.experts.records`), read
+    before training starts.
     """
+    signing_key = None if key is None else load_private_key(key)
     bundle = Bundle.open(bundle_dir, overrides)
     out = str(out).rstrip("/") if storage.is_url(out) else Path(out).absolute()
     cfg, k = bundle.config, bundle.cluster
@@ -127,24 +136,43 @@ def train_island(bundle_dir: str | Path, out: str | Path, overrides: list[str] |
             task = _diffusion_task(f"expert {k}", cfg, cfg.expert, bundle.image_shape, reader, work,
                                    bundle.holdout_set(), bundle.codec)
             t0 = time.perf_counter()
-            result = Trainer(task, cfg.expert.train, progress=progress).run()
+            result = Trainer(task, cfg.expert.train, progress=progress, audit=audit).run()
         if jax.process_index() == 0:  # last, once final/ is in OUT
-            write_expert_json(out, expert_record(bundle, cfg, result.ema_sha256, result.step,
-                                                 time.perf_counter() - t0))
+            record = expert_record(bundle, cfg, result.ema_sha256, result.step, time.perf_counter() - t0,
+                                   audit=result.audit)
+            write_expert_json(out, record if signing_key is None else sign_expert_record(record, signing_key))
     logger.info(f"expert {k}: finished at step {result.step}, EMA sha256 {result.ema_sha256[:16]}")
     return result
 
 
+def island_trainer(bundle: Bundle, work_dir: Path) -> Trainer:
+    """The trainer `train_island` runs for `bundle` (same task, config, reader and compiled step), for replaying
+    stretches of an island's training (`Trainer.advance`); it writes nothing unless run. Close its reader
+    (`trainer.task.reader.close()`) when done."""
+    cfg, k = bundle.config, bundle.cluster
+    reader = _reader([bundle.shard_path], [k], cfg.expert, [bundle.shard_sha256])
+    task = _diffusion_task(f"expert {k}", cfg, cfg.expert, bundle.image_shape, reader, work_dir, None, bundle.codec)
+    return Trainer(task, cfg.expert.train)
+
+
 def train_expert(run_dir: str | Path, cluster: int, overrides: list[str] | tuple[str, ...] = (), *,
-                 progress: bool = False, assemble: bool = True) -> TrainResult:
+                 progress: bool = False, assemble: bool = True, key: str | Path | None = None) -> TrainResult:
     """Trains (or resumes) expert `cluster` of the run from its bundle (RUN/islands/k) into RUN/experts/k, then
-    (with `assemble`, process 0) checks it and registers it in the manifest (`ddm.experts.assemble`)."""
+    (with `assemble`, process 0) checks it and registers it in the manifest (`ddm.experts.assemble`).
+    `key`: signs expert.json (`train_island`); it must be island k's key when the manifest lists one."""
     run = Run.open(run_dir, overrides)
     run.cluster(cluster)  # a cluster outside the run is a clear error before anything starts
     # The island reads its bundle's shard, but it registers into this manifest: one that points cluster k at
     # another cluster's shard is refused before training, not assembled into.
     check_shard_holds(run.shard_path(cluster), cluster)
-    result = train_island(run.bundle_dir(cluster), run.expert_dir(cluster), overrides, progress=progress)
+    plan_bundle(run, cluster)  # an edited island.json is refused before training, not after
+    listed = island_key(run, cluster)
+    if key is not None and listed is not None:
+        signer = key_id(load_private_key(key).public_key())
+        if signer != key_id(listed):
+            raise DDMError(f"--key {key} is {signer}, but island {cluster}'s key in the plan is {key_id(listed)}: "
+                           "its expert would be refused")
+    result = train_island(run.bundle_dir(cluster), run.expert_dir(cluster), overrides, progress=progress, key=key)
     if assemble and jax.process_index() == 0:  # the digest was just computed from the state: no read-back
         assemble_experts(run, [run.expert_dir(cluster)], weights_sha256=result.ema_sha256)
     return result

@@ -2,6 +2,7 @@
 worker on its own, and one real server process stopped with SIGTERM."""
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -26,6 +27,7 @@ from ddm.core.errors import DDMError
 from ddm.sampling.request import Request, generate
 from ddm.serve.app import create_app
 from ddm.serve.batcher import Batcher, Merged, QueueFull, pad_size
+from ddm.serve.schemas import decode_array
 from ddm.verify.signing import generate_keypair, load_public_key
 from ddm.verify.verdict import Verifier
 
@@ -103,6 +105,7 @@ def test_a_served_record_verifies_and_a_tampered_one_does_not(client, keys, tmp_
     ({"response_format": "url"}, "response_format"),
     ({"prompt": "a cat"}, "prompt"),
     ({"strategy": "oracle"}, "oracle"),
+    ({"class": 1, "cfg_scale": 1e300}, "cfg_scale"),  # beyond what verify accepts: no NaN image signed
 ])
 def test_bad_requests_get_422_with_a_one_line_reason(client, body, reason):
     r = client.post("/v1/images/generations", json=body)
@@ -131,7 +134,7 @@ def test_models_health_metrics_and_page(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for field in ('id="strategy"', 'id="class"', 'id="cfg_scale"', 'id="steps"', 'id="seed"', 'id="n"',
-                  "Generate", "v1/images/generations"):
+                  'id="routing"', 'id="verify"', "Generate", "v1/images/generations", "v1/verify"):
         assert field in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no external assets
 
@@ -219,7 +222,7 @@ def test_batcher_merges_distinct_compatible_requests_and_retries_a_failed_merge_
         gate.set()
         values = [f.result(10) for f in futures]
         assert values[0] == values[2] == Merged(10, requests=2, images=3) and values[1] == Merged(20, 2, 3)
-        assert values[3] == 4  # alone in its merge group (another guidance scale): a plain `generate` value
+        assert values[3] == 4  # guidance on: alone in the next batch, a plain `generate` value
         assert merged_calls == [([1, 2], 4)]  # identical requests merged once; 3 rows padded to 4
 
         failing = [batcher.submit(Request(seed=s, n=1, steps=3, strategy="prior")) for s in (13, 6)]
@@ -231,25 +234,44 @@ def test_batcher_merges_distinct_compatible_requests_and_retries_a_failed_merge_
         batcher.close()
 
 
-def test_merged_generations_keep_their_draws_and_their_records_verify(trained_run, keys, tmp_path):
-    app = create_app(trained_run, key=keys[0], max_wait_ms=500, max_batch=16)
+def _concurrently(app, client, bodies: list[dict]) -> list:
+    """The replies to `bodies` posted at once while the worker is held, so that they queue together."""
+    gate = threading.Event()
+    blocker = app.state.batcher.call(lambda: gate.wait(30))  # holds the worker while the requests queue
+    replies = [None] * len(bodies)
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(
+        i, client.post("/v1/images/generations", json=bodies[i]))) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while app.state.batcher.pending_jobs < len(bodies) + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    blocker.result(30)
+    for t in threads:
+        t.join(120)
+    return replies
+
+
+def _calibrated(run_dir):
+    """`run_dir` with thresholds its verifier holds as its own, for merged-batch rounding (1e-5, the bound
+    docs/serving.md states), as if `ddm verify --calibrate` had measured it: /v1/verify accepts a merged
+    record's rounding only with a calibration of its own."""
+    from ddm.data.run import Run
+    from ddm.verify.thresholds import Thresholds, write_thresholds
+
+    run = Run.open(run_dir)
+    write_thresholds(run.eval_dir, run.sha256, Thresholds(phash=0, max_abs=1e-5, rms=1e-5, median_max_abs=1e-5,
+                                                          median_rms=1e-5), {"note": "merged-batch rounding"})
+    return run_dir
+
+
+def test_merged_generations_keep_their_draws_and_their_records_verify(trained_run_copy, keys, tmp_path):
+    app = create_app(_calibrated(trained_run_copy), key=keys[0], max_wait_ms=500, max_batch=16)
     bodies = [{"n": 3, "strategy": "prior", "seed": 21, "steps": 2, "record": True},
               {"n": 2, "strategy": "prior", "seed": 22, "steps": 2, "record": True}]
     with TestClient(app) as client:
-        gate = threading.Event()
-        blocker = app.state.batcher.call(lambda: gate.wait(30))  # holds the worker while both requests queue
-        replies = [None, None]
-        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(
-            i, client.post("/v1/images/generations", json=bodies[i]))) for i in range(2)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while app.state.batcher.pending_jobs < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        gate.set()
-        blocker.result(30)
-        for t in threads:
-            t.join(120)
+        replies = _concurrently(app, client, bodies)
         ensemble = app.state.ensemble
         for reply in replies:
             assert reply.status_code == 200, reply.text
@@ -262,7 +284,43 @@ def test_merged_generations_keep_their_draws_and_their_records_verify(trained_ru
             record = body["record"]
             assert "merged batch: 2 requests, 5 images" in record["environment"]["emulation"]
             verdict = client.post("/v1/verify", json=record).json()
-            assert verdict["honest"] is True and verdict["mode"] == "tolerance", verdict
+            assert verdict["honest"] is True and verdict["mode"] in ("exact", "tolerance"), verdict
+
+
+@pytest.mark.parametrize("strategy", ["prior", "top1"])  # the fixed strategies' group solve, the routed dispatch
+def test_requests_of_different_guidance_scales_merge_into_one_batch_with_their_own_scales(trained_run_copy, keys,
+                                                                                          strategy):
+    app = create_app(_calibrated(trained_run_copy), key=keys[0], max_wait_ms=500, max_batch=16)
+    batches = []
+    on_batch = app.state.batcher.on_batch
+    app.state.batcher.on_batch = lambda jobs, images: (batches.append((jobs, images)), on_batch(jobs, images))
+    common = {"strategy": strategy, "steps": 3, "record": True, "arrays": True}
+    bodies = [{"n": 3, "seed": 41, "class": 2, "cfg_scale": 1.5, **common},
+              {"n": 2, "seed": 42, "labels": [5, 7], "cfg_scale": 3.0, **common}]
+    with TestClient(app) as client:
+        replies = _concurrently(app, client, bodies)
+        assert batches == [(2, 5)]  # one batch of both requests, 5 images
+        ensemble = app.state.ensemble
+        merged_x = []
+        for reply in replies:
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            request = Request.from_json(body["request"])
+            alone = generate(ensemble, request)
+            x = decode_array(body["arrays"]["x"])
+            merged_x.append(x)
+            np.testing.assert_allclose(x, alone.x, rtol=0, atol=1e-5)  # docs/serving.md: rounding only
+            np.testing.assert_array_equal(decode_array(body["arrays"]["expert_ids"]), alone.expert_ids)
+            images = np.stack([_pixels(d["b64_json"]) for d in body["data"]])
+            assert np.abs(images.astype(int) - alone.images).max() <= 1
+            record = body["record"]
+            assert "merged batch: 2 requests, 5 images" in record["environment"]["emulation"]
+            verdict = client.post("/v1/verify", json=record).json()
+            assert verdict["honest"] is True, (verdict["mode"], verdict["mode_reason"], verdict["problems"])
+        # Each request was guided by its own scale: the first one's rows under the other's scale differ.
+        other = generate(ensemble, dataclasses.replace(Request.from_json(replies[0].json()["request"]),
+                                                       cfg_scale=3.0))
+        assert np.abs(other.x - merged_x[0]).max() > 1e-3
 
 
 def test_jobs_run_a_generation_asynchronously_and_stream_their_status(client):

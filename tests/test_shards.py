@@ -269,9 +269,13 @@ def test_manifest_round_trip_and_atomic_write(tmp_path, monkeypatch):
     assert seen["src"]["experts"] == {"0": {"status": "finished"}}
     monkeypatch.undo()
 
-    # A failed write (here: unserialisable content) leaves the old manifest intact.
-    with pytest.raises(DDMError, match="cannot write as JSON"):
+    # A refused write leaves the old manifest intact: content the schema refuses (checked before anything is
+    # written), and content that passes it but cannot be written as JSON.
+    with pytest.raises(DDMError, match="refusing to write .*experts.0 must be an object"):
         mf.write_manifest(tmp_path, _manifest(experts={"0": object()}))
+    assert mf.read_manifest(tmp_path)["experts"] == {"0": {"status": "finished"}}
+    with pytest.raises(DDMError, match="cannot write as JSON|refusing to write"):
+        mf.write_manifest(tmp_path, _manifest(experts={"0": {"status": "finished", "hardware": object()}}))
     assert mf.read_manifest(tmp_path)["experts"] == {"0": {"status": "finished"}}
 
 

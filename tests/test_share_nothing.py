@@ -103,20 +103,20 @@ def test_two_sites_train_from_bundles_alone_then_assemble_route_and_sample(tmp_p
             record = json.loads((out / "expert.json").read_text())
             record["run_id" if name == "other run" else "shard_sha256"] = "ab" * 32
             (out / "expert.json").write_text(json.dumps(record))
-        rc = cli.main(["assemble", "--run-dir", str(run), str(sites[1] / "out"), str(out)])
+        rc = cli.main(["assemble", "--run-dir", str(run), str(sites[1] / "out"), str(out), *SETS])
         assert rc == 2, name
         assert needle in _error(capsys), name
         assert (run / "manifest.json").read_bytes() == manifest_before, name
     assert not (run / "experts" / "1").exists()  # nothing copied for the good expert either
 
-    # Assemble both (copied into the run), train the router, sample.
-    assert cli.main(["assemble", "--run-dir", str(run), str(sites[0] / "out"), str(sites[1] / "out")]) == 0
+    # Assemble both (copied into the run; with the islands' --set: the plan they trained), train the router, sample.
+    assert cli.main(["assemble", "--run-dir", str(run), str(sites[0] / "out"), str(sites[1] / "out"), *SETS]) == 0
     assert "2 of 2 experts assembled" in capsys.readouterr().out
     experts = mf.read_manifest(run)["experts"]
     assert {k: (e["status"], e["step"], e["path"]) for k, e in experts.items()} == {
         "0": ("finished", 16, "experts/0/final"), "1": ("finished", 16, "experts/1/final")}
     identity = Run.open(run).sha256
-    assert cli.main(["assemble", "--run-dir", str(run), str(sites[0] / "out")]) == 0  # again: a no-op
+    assert cli.main(["assemble", "--run-dir", str(run), str(sites[0] / "out"), *SETS]) == 0  # again: a no-op
     assert "already assembled" in capsys.readouterr().out
     assert Run.open(run).sha256 == identity and mf.read_manifest(run)["experts"] == experts
 
@@ -448,12 +448,12 @@ def test_an_island_trains_from_a_bucket_into_the_bucket_resumes_there_and_assemb
     data = bytearray(storage.read_bytes(f"{out}/{weights}"))
     data[len(data) // 2] ^= 0x01
     storage.write_bytes(f"{out}/{weights}", bytes(data))
-    assert cli.main(["assemble", "--run-dir", str(run), out]) == 2
+    assert cli.main(["assemble", "--run-dir", str(run), out, *SETS]) == 2
     assert "expert 0 checkpoint" in _error(capsys) and (run / "manifest.json").read_bytes() == manifest_before
     assert not list(run.glob(".incoming-*")) and not (run / "experts" / "0").exists()
     data[len(data) // 2] ^= 0x01
     storage.write_bytes(f"{out}/{weights}", bytes(data))
-    assert cli.main(["assemble", "--run-dir", str(run), out]) == 0
+    assert cli.main(["assemble", "--run-dir", str(run), out, *SETS]) == 0
     assert Run.open(run).finished_experts() == [0] and not list(run.glob(".incoming-*"))
     assert (run / "experts" / "0" / "expert.json").read_bytes() == storage.read_bytes(f"{out}/expert.json")
 

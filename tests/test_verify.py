@@ -15,11 +15,17 @@ from ddm.core.images import to_model_range
 from ddm.sampling.request import Request
 from ddm.verify.phash import hash_hex, hex_to_hash, perceptual_hashes
 from ddm.verify.records import claimed_values, encode_values, make_record
-from ddm.verify.thresholds import Thresholds
+from ddm.verify.thresholds import OwnThresholds, Thresholds
 from ddm.verify.verdict import compare
 
 MANIFEST_SHA = "ab" * 32
 ENV = {"jax": "test"}
+
+
+def _own(phash=2, max_abs=1e-3, rms=1e-3, median_max_abs=1e-3, median_rms=1e-3) -> OwnThresholds:
+    """Thresholds a verifier holds as its own (values of the test's choosing, as if calibrated)."""
+    return OwnThresholds(Thresholds(phash=phash, max_abs=max_abs, rms=rms, median_max_abs=median_max_abs,
+                                    median_rms=median_rms, source="the test"), "the test's thresholds")
 
 
 def _one_error_line(capsys) -> str:
@@ -45,6 +51,14 @@ def verifier(trained_run):
     from ddm.verify.verdict import Verifier
 
     return Verifier(Run.open(trained_run))
+
+
+@pytest.fixture(scope="module")
+def calibrated(verifier):
+    """A verifier of the same run (and ensemble) that holds thresholds of its own (`_own`)."""
+    from ddm.verify.verdict import Verifier
+
+    return Verifier(verifier.run, own=_own(), ensemble=verifier.ensemble)
 
 
 def _write(path: Path, record) -> Path:
@@ -93,18 +107,18 @@ def test_compare_exact_within_threshold_and_beyond():
     drifted = values.copy()
     drifted[2] += np.float32(1e-4)
     assert not compare(record, drifted, mode="exact").honest
-    verdict = compare(record, drifted, mode="tolerance", thresholds=Thresholds(max_abs=2e-4, rms=2e-4))
+    verdict = compare(record, drifted, mode="tolerance", own=_own(max_abs=2e-4, rms=2e-4))
     assert verdict.honest and not verdict.exact and [c.identical for c in verdict.checks] == [True, True, False]
-    assert not compare(record, drifted, mode="tolerance", thresholds=Thresholds(max_abs=5e-5, rms=2e-4)).honest
+    assert not compare(record, drifted, mode="tolerance", own=_own(max_abs=5e-5, rms=2e-4)).honest
     # the old "cross-hardware" pass: 2 pHash bits and the batch digest altered. Now a contradiction in every mode
     near = json.loads(json.dumps(record))
     near["images"][2]["phash"] = hash_hex(hex_to_hash(near["images"][2]["phash"]) ^ 0b101)  # 2 bits off
     near["sha256"] = "0" * 64
     for mode in ("exact", "tolerance", "phash", "auto"):
-        verdict = compare(near, values, mode=mode, thresholds=Thresholds(phash=2), verifier_env=ENV)
+        verdict = compare(near, values, mode=mode, own=_own(phash=2))
         assert not verdict.honest and verdict.problems[0].startswith("contradictory record: the batch sha256")
     with pytest.raises(DDMError, match="shape"):
-        compare(record, values[:, :4], mode="phash")
+        compare(record, values[:, :4], mode="phash", own=_own())
 
 
 def test_compare_nan_regeneration_never_passes():
@@ -112,7 +126,7 @@ def test_compare_nan_regeneration_never_passes():
     record = make_record(MANIFEST_SHA, Request(seed=0, n=2, steps=2), values, ENV)
     broken = values.copy()
     broken[1, 0, 0, 0] = np.nan
-    verdict = compare(record, broken, mode="tolerance", thresholds=Thresholds(max_abs=10.0, rms=10.0))
+    verdict = compare(record, broken, mode="tolerance", own=_own(max_abs=10.0, rms=10.0))
     assert not verdict.honest and np.isinf(verdict.checks[1].max_abs) and verdict.checks[0].max_abs == 0
 
 
@@ -120,24 +134,36 @@ def test_tolerance_holds_the_median_of_a_claim_to_typical_drift():
     """One image may drift as far as max_abs (an honest outlier); all of them that far is a lazy claim."""
     values = np.zeros((6, 8, 8, 1), np.float32)
     record = make_record(MANIFEST_SHA, Request(seed=0, n=6, steps=2), values, ENV)
-    t = Thresholds(max_abs=1e-2, rms=1e-2, median_max_abs=1e-3, median_rms=1e-2)
+    t = _own(max_abs=1e-2, rms=1e-2, median_max_abs=1e-3, median_rms=1e-2)
     one = values.copy()
     one[2, 0, 0, 0] = 5e-3
-    assert compare(record, one, mode="tolerance", thresholds=t).honest
+    assert compare(record, one, mode="tolerance", own=t).honest
     every = values.copy()
     every[:, 0, 0, 0] = 5e-3
-    verdict = compare(record, every, mode="tolerance", thresholds=t)
+    verdict = compare(record, every, mode="tolerance", own=t)
     assert not verdict.honest and verdict.problems == ("the median max|dx| over the images, 5.0e-03, exceeds 0.001",)
     few = make_record(MANIFEST_SHA, Request(seed=0, n=4, steps=2), values[:4], ENV)
-    assert compare(few, every[:4], mode="tolerance", thresholds=t).honest  # 4 images: no median test
+    assert compare(few, every[:4], mode="tolerance", own=t).honest  # 4 images: no median test
 
 
-def test_auto_mode_follows_the_environment():
+def test_auto_mode_is_exact_unless_the_verifier_calibrated_itself():
+    """Bit for bit passes; anything else needs the verifier's own thresholds. The record's environment, equal to
+    the verifier's or not, changes nothing."""
+    from ddm.verify.verdict import NO_CALIBRATION
+
     values = np.zeros((1, 8, 8, 1), np.float32)
-    record = make_record(MANIFEST_SHA, Request(seed=0, n=1, steps=2), values, ENV)
-    assert compare(record, values, mode="auto", verifier_env=dict(ENV)).mode == "exact"
-    other = compare(record, values + np.float32(1e-5), mode="auto", verifier_env={"jax": "other"})
-    assert other.mode == "tolerance" and "jax" in other.mode_reason and other.honest
+    for env in (ENV, {"jax": "other", "xla_flags": "--xla_cpu_enable_fast_math=true"}, {}):
+        record = make_record(MANIFEST_SHA, Request(seed=0, n=1, steps=2), values, env)
+        same = compare(record, values, mode="auto")
+        assert same.honest and same.mode == "exact" and "bitwise identical" in same.mode_reason
+        drifted = compare(record, values + np.float32(1e-5), mode="auto", own=NO_CALIBRATION)
+        assert not drifted.honest and drifted.mode == "exact"
+        assert "needs ddm verify --calibrate --run-dir RUN first" in drifted.problems[0]
+        calibrated = compare(record, values + np.float32(1e-5), mode="auto", own=_own(max_abs=2e-5, rms=2e-5))
+        assert calibrated.honest and calibrated.mode == "tolerance"
+    for mode in ("tolerance", "phash"):
+        with pytest.raises(DDMError, match=f"{mode} mode needs thresholds this verifier calibrated itself"):
+            compare(record, values, mode=mode)
 
 
 # --- `ddm sample --record` + `ddm verify` -------------------------------------------------------------------
@@ -149,7 +175,7 @@ def test_verify_honest_record_exits_0(trained_run, honest_record, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("claim: an unsigned claimant claims 4 images [8, 8, 1] of run ")
     assert "seed=7 strategy=top1 steps=2 solver=euler" in out[0]
-    assert out[2].startswith("mode: exact (auto: the claimant's environment is this verifier's)")
+    assert out[2] == "mode: exact (auto: the regeneration is bitwise identical); passes when bit for bit"
     assert out[3].split()[:6] == ["image", "bitwise", "pHash", "max|dx|", "rms", "dx"]
     assert [line.split()[1:3] + line.split()[5:6] for line in out[4:8]] == [["yes", "0", "ok"]] * 4
     assert out[-1] == "overall: HONEST (exact mode: bitwise identical)"
@@ -162,7 +188,7 @@ def test_verify_dishonest_claim_exits_1(trained_run, honest_record, tmp_path, ca
     record["sha256"] = "f" * 64
     forged = _write(tmp_path / "forged.json", record)
     capsys.readouterr()
-    assert main(["verify", str(forged), "--run-dir", str(trained_run), "--threshold", "3"]) == 1
+    assert main(["verify", str(forged), "--run-dir", str(trained_run)]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     problems = [line for line in out if line.startswith("problem: ")]
     assert problems == ["problem: contradictory record: the batch sha256 is not the digest of the record's own pixels",
@@ -195,7 +221,7 @@ def test_fewer_steps_fail_in_the_default_mode(verifier, honest_record, tmp_path)
 
 @pytest.mark.parametrize("case", ["swap pHashes", "swap rows", "flip 32 pHash bits", "dHash", "image sha256",
                                   "batch sha256 only", "one value ulp"])
-def test_altered_digests_and_values_fail(case, trained_run, verifier, honest_record, tmp_path, capsys):
+def test_altered_digests_and_values_fail(case, trained_run, verifier, calibrated, honest_record, tmp_path, capsys):
     """Every digest must be the digest of the record's own values: no mode lets a contradiction through."""
     record = json.loads(honest_record.read_text())
     images = record["images"]
@@ -215,14 +241,16 @@ def test_altered_digests_and_values_fail(case, trained_run, verifier, honest_rec
         values = claimed_values(record)
         values.reshape(-1).view(np.uint32)[5] ^= 1
         record["values"] = encode_values(values)
+    path = _write(tmp_path / "altered.json", record)
     if case == "one value ulp":  # consistent (the pixels are the same), but not the bits: exact mode alone sees it
-        path = _write(tmp_path / "ulp.json", record)
         assert not verifier.verify(path).honest
-        assert verifier.verify(path, mode="tolerance").honest  # within cross-hardware drift, by design
+        assert calibrated.verify(path).honest  # within the drift this verifier calibrated (1e-3), by design
         return
+    code, lines = _verify(trained_run, record, tmp_path, capsys)
+    assert code == 1 and lines[-1].startswith("overall: NOT HONEST (contradictory record"), lines
     for mode in ("auto", "tolerance", "phash"):
-        code, lines = _verify(trained_run, record, tmp_path, capsys, "--mode", mode)
-        assert code == 1 and lines[-1].startswith("overall: NOT HONEST (contradictory record"), (mode, lines)
+        verdict = calibrated.verify(path, mode=mode)
+        assert not verdict.honest and verdict.problems[0].startswith("contradictory record"), (mode, verdict)
 
 
 def _set(key, value):
@@ -423,28 +451,42 @@ def test_sample_key_errors_exit_2(trained_run, keys, tmp_path, capsys):
 # --- thresholds file --------------------------------------------------------------------------------------------
 
 
-def test_verify_reads_calibrated_thresholds(trained_run_copy, verifier, honest_record, tmp_path, capsys):
+def test_verify_reads_its_own_calibrated_thresholds(trained_run_copy, verifier, honest_record, tmp_path, capsys):
+    """Tolerance needs a calibration file of this run written in this verifier's environment; --max-abs / --rms
+    replace its values; another run's file is refused (exit 2), another environment's is not this verifier's."""
     from ddm.data.run import Run
-    from ddm.verify.thresholds import DEFAULT_MAX_ABS, read_thresholds, write_thresholds
+    from ddm.verify.environment import environment
+    from ddm.verify.thresholds import own_thresholds, write_thresholds
     from ddm.verify.verdict import run_thresholds
 
     run = Run.open(trained_run_copy)
-    assert run_thresholds(run) == Thresholds()  # no calibration yet: the defaults
+    assert run_thresholds(run).thresholds is None  # not calibrated: no thresholds at all
     record = json.loads(honest_record.read_text())
     values = claimed_values(record)
     values[0, 0, 0, 0] += np.float32(3e-4)  # a claimant on other hardware: drift in one value, same pixels
     forged_env = dict(record["environment"], device="another GPU")
     drifted = make_record(record["manifest_sha256"], Request.from_json(record["request"]), values, forged_env)
     path = _write(tmp_path / "drift.json", drifted)
-    assert verifier.verify(path).honest and 3e-4 < DEFAULT_MAX_ABS  # auto -> tolerance, within the defaults
-    write_thresholds(run.eval_dir, run.sha256, Thresholds(phash=2, max_abs=1e-4, rms=1e-4), {"note": "test"})
-    assert read_thresholds(run.eval_dir, run.sha256).max_abs == 1e-4
-    assert run_thresholds(run, max_abs=1e-3).max_abs == 1e-3  # a flag replaces the stored value
     capsys.readouterr()
-    assert main(["verify", str(path), "--run-dir", str(trained_run_copy)]) == 1  # the calibrated 1e-4 is tighter
+    assert main(["verify", str(path), "--run-dir", str(trained_run_copy)]) == 1  # exact: the bits differ
+    assert "needs ddm verify --calibrate --run-dir RUN first" in capsys.readouterr().out.splitlines()[-1]
+    assert main(["verify", str(path), "--run-dir", str(trained_run_copy), "--max-abs", "1"]) == 2
+    assert "--max-abs replaces a threshold this verifier calibrated" in _one_error_line(capsys)
+
+    loose = Thresholds(phash=2, max_abs=1e-3, rms=1e-3, median_max_abs=1e-3, median_rms=1e-3)
+    write_thresholds(run.eval_dir, run.sha256, loose, {"note": "test"})
+    assert own_thresholds(run.eval_dir, run.sha256, environment()).thresholds.max_abs == 1e-3
+    assert main(["verify", str(path), "--run-dir", str(trained_run_copy)]) == 0  # within this verifier's 1e-3
     out = capsys.readouterr().out
-    assert "mode: tolerance (auto: environments differ in device)" in out and "verify_thresholds.json" in out
-    write_thresholds(run.eval_dir, "cd" * 32, Thresholds(), {})
+    assert "mode: tolerance (auto: not bitwise identical, and this verifier has calibrated the run)" in out
+    assert "verify_thresholds.json" in out
+    assert main(["verify", str(path), "--run-dir", str(trained_run_copy), "--max-abs", "1e-4"]) == 1  # tighter
+    assert "with --max-abs" in capsys.readouterr().out
+
+    write_thresholds(run.eval_dir, run.sha256, loose, {}, verifier_env=dict(environment(), jax="0.0.1"))
+    assert main(["verify", str(path), "--run-dir", str(trained_run_copy)]) == 1  # someone else's calibration
+    assert "calibrated in another environment (differs in jax)" in capsys.readouterr().out.splitlines()[-1]
+    write_thresholds(run.eval_dir, "cd" * 32, loose, {})
     assert main(["verify", str(path), "--run-dir", str(trained_run_copy)]) == 2
     assert "calibrated on another run" in _one_error_line(capsys)
 

@@ -2,7 +2,8 @@
 
 Exit codes mean one thing each:
 
-    0  done            1  `ddm verify`: the claim is not honest (and nothing else)
+    0  done            1  `ddm verify`: the claim is not honest; `ddm audit`: the island was caught (nothing
+                          else)
     2  bad input or a refused operation: one line `ddm: error: ...`; nothing was written half-way
     3  a bug: one line naming the exception and the log file that holds its traceback
     4  `ddm train-islands` (and `ddm run`): some islands failed (named in one line); the others are assembled, a
@@ -118,11 +119,17 @@ def _run(args) -> Run:
 
 def cmd_prepare(args) -> int:
     from ddm.data.islands import publish_bundles
-    from ddm.data.prepare import prepare
+    from ddm.data.prepare import check_islands_to, prepare
+    from ddm.experts.assemble import pin_island_keys, read_island_keys
 
     cfg, config_path = _load(args)
     run_dir = args.run_dir or cfg.run_dir
+    if args.islands_to:  # before the minutes of preparing, not after them
+        check_islands_to(args.islands_to)
+    read_island_keys(args.island_key, cfg.data.k)  # key files checked before preparing too
     manifest = prepare(cfg, run_dir, overwrite=args.overwrite, base_dir=_base_dir(config_path))
+    if args.island_key:
+        pin_island_keys(run_dir, args.island_key)
     if args.islands_to:
         targets = publish_bundles(run_dir, args.islands_to, [c["id"] for c in manifest["clusters"]])
         print(f"{len(targets)} island bundles copied to {args.islands_to}/<k>")
@@ -136,6 +143,10 @@ def cmd_info(args) -> int:
     run_dir = args.run_dir or args.run_dir_positional
     if run_dir is None:
         raise DDMError("ddm info needs a run directory: ddm info --run-dir RUN")
+    both = (args.run_dir, args.run_dir_positional)
+    if all(both) and Path(both[0]).resolve() != Path(both[1]).resolve():
+        raise DDMError(f"ddm info got two run directories, {args.run_dir_positional} and --run-dir {args.run_dir}: "
+                       "give one")
     print(describe(Run.open(run_dir)))
     return 0
 
@@ -150,20 +161,26 @@ def cmd_train_expert(args) -> int:
         if args.out is None or args.cluster is not None:
             raise DDMError("ddm train-expert --island BUNDLE needs --out OUT (and no --cluster: the bundle has it)")
         initialize()
-        train_island(args.island, args.out, args.set, progress=not args.no_progress)
+        train_island(args.island, args.out, args.set, progress=not args.no_progress, key=args.key)
         return 0
     if args.cluster is None or args.out is not None:
         raise DDMError("ddm train-expert --run-dir RUN needs --cluster K (and no --out: it trains into RUN/experts/K)")
     initialize()
-    train_expert(args.run_dir, args.cluster, args.set, progress=not args.no_progress, assemble=not args.no_assemble)
+    train_expert(args.run_dir, args.cluster, args.set, progress=not args.no_progress, assemble=not args.no_assemble,
+                 key=args.key)
     return 0
 
 
 def cmd_assemble(args) -> int:
-    from ddm.experts.assemble import assemble_experts
+    from ddm.experts.assemble import assemble_experts, pin_island_keys
 
-    run = assemble_experts(args.run_dir, args.outs, args.set)
-    print(f"{len(run.finished_experts())} of {run.num_clusters} experts assembled in {run.root}")
+    if not args.outs and not args.island_key:
+        raise DDMError("ddm assemble needs expert folders (OUT...), or --island-key K=KEY.pub to list island keys")
+    if args.island_key:
+        pin_island_keys(args.run_dir, args.island_key)
+    if args.outs:
+        run = assemble_experts(args.run_dir, args.outs, args.set, replace=args.replace)
+        print(f"{len(run.finished_experts())} of {run.num_clusters} experts assembled in {run.root}")
     return 0
 
 
@@ -320,7 +337,7 @@ def _clusters(args, n: int, labels: tuple[int, ...] | None) -> tuple[int, ...] |
 
 
 def cmd_sample(args) -> int:
-    from ddm.app.sample import sample_command
+    from ddm.app.sample import default_out, sample_command
     from ddm.sampling.request import check_limits
 
     if args.key and not args.record:
@@ -328,8 +345,8 @@ def cmd_sample(args) -> int:
     if args.model != "ensemble" and args.strategy is not None:
         raise DDMError(f"--strategy routes the ensemble; the {args.model} is one model (drop --strategy)")
     run = _run(args)
-    out = Path(args.out or run.samples_dir / "sample.png")
     request = check_limits(_request(args, run.config), run.config.sample)
+    out = Path(args.out) if args.out else default_out(run.samples_dir, request, args.model)
     sample_command(run, request, out, record=Path(args.record) if args.record else None,
                    png_dir=Path(args.png_dir) if args.png_dir else None, key=Path(args.key) if args.key else None,
                    model=args.model, server=args.server)
@@ -389,18 +406,62 @@ def cmd_hash(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    if args.calibrate:
+        return _calibrate_verifier(args)
+    if args.record is None:
+        raise DDMError("ddm verify needs a record (ddm verify RECORD --run-dir RUN), or --calibrate")
     from ddm.verify.signing import load_public_key
-    from ddm.verify.verdict import format_verdict, run_thresholds, verify_record
+    from ddm.verify.verdict import format_verdict, verify_record
 
     limits = VerifyLimits(max_n=args.max_n, max_steps=args.max_steps, max_image_steps=args.max_image_steps)
     public_key = load_public_key(args.public_key) if args.public_key else None
-    thresholds = None
-    if any(v is not None for v in (args.threshold, args.max_abs, args.rms)):
-        thresholds = run_thresholds(_run(args), phash=args.threshold, max_abs=args.max_abs, rms=args.rms)
-    verdict = verify_record(args.run_dir, args.record, mode=args.mode, public_key=public_key, thresholds=thresholds,
+    flags = {"phash": args.threshold, "max_abs": args.max_abs, "rms": args.rms}
+    verdict = verify_record(args.run_dir, args.record, mode=args.mode, public_key=public_key, flags=flags,
                             limits=limits, overrides=args.set)
     print(format_verdict(verdict))
     return 0 if verdict.honest else 1
+
+
+def _calibrate_verifier(args) -> int:
+    from ddm.verify.calibrate import CalibrationSettings, calibrate, format_calibration
+
+    if args.record is not None:
+        raise DDMError("ddm verify --calibrate measures this verifier's own drift and judges no record: drop "
+                       f"{args.record}")
+    try:
+        steps = tuple(COUNT(v) for v in args.calibrate_steps.split(",")) if args.calibrate_steps else ()
+    except argparse.ArgumentTypeError as err:
+        raise DDMError(f"--calibrate-steps must be comma-separated step counts: {err}") from None
+    settings = CalibrationSettings(steps=steps, other_xla_flags=args.calibrate_flags, margin=args.margin)
+    print(format_calibration(calibrate(args.run_dir, settings, overrides=args.set)))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    import json
+    import secrets
+
+    from ddm.core.files import atomic_write, check_output_file
+    from ddm.verify.audit import audit_island, format_report
+
+    if args.report:
+        check_output_file(args.report, "--report", (".json",))
+    seed = secrets.randbelow(SEED_MAX + 1) if args.seed is None else args.seed  # unknown to the island
+    report = audit_island(args.out, args.bundle, segments=args.segments, length=args.length, seed=seed,
+                          pin=args.chain, supply=args.supply)
+    print(format_report(report))
+    if args.report:
+        atomic_write(args.report, json.dumps(report.to_json(), indent=1) + "\n")
+    if report.inconclusive:
+        raise DDMError("a replay does not reproduce the chain, but this machine is not the island's environment "
+                       f"({'; '.join(report.foreign)}): inconclusive; audit where the island trained")
+    return 1 if report.caught else 0
+
+
+def _chain_head(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a chain head (64 lowercase hex digits)")
+    return text
 
 
 def cmd_serve(args) -> int:
@@ -460,7 +521,16 @@ def cmd_consensus_eval(args) -> int:
                             verifiers=tuple(specs[i % len(specs)] for i in range(args.verifiers)),
                             perturb_scales=scales, pixel_noise=args.pixel_noise, parallel=args.parallel,
                             copiers=copiers, margin=args.margin)
-    consensus_eval(args.run_dir, settings, args.out, overrides=args.set)
+    out = Path(args.out) if args.out is not None else _run(args).eval_dir
+    created = [p for p in (out, out / "consensus_work") if not p.exists()]
+    try:
+        consensus_eval(args.run_dir, settings, args.out, overrides=args.set)
+    except DDMError:  # a refused evaluation leaves none of the folders it made
+        import shutil
+
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     return 0
 
 
@@ -495,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a run directory prepared differently")
     p.add_argument("--islands-to", default=None, metavar="URL",
                    help="also copy each bundle RUN/islands/K to URL/K (a folder or an s3:// / gs:// URL)")
+    p.add_argument("--island-key", action="append", default=[], metavar="K=KEY.pub",
+                   help="island K's public key (ddm keygen): assemble then accepts expert K only signed by it "
+                        "(repeatable; docs/scale-out.md)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("info", help="summarise a run directory")
@@ -511,12 +584,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", type=int_arg(0, COUNT_MAX, "a cluster id"), default=None, help="with --run-dir: which island, the cluster id k (0..K-1)")
     p.add_argument("--no-assemble", action="store_true",
                    help="with --run-dir: train into RUN/experts/K but leave the manifest to `ddm assemble`")
+    p.add_argument("--key", default=None, metavar="KEY",
+                   help="sign OUT/expert.json with this Ed25519 private key (ddm keygen; the island's key the "
+                        "coordinator lists with --island-key)")
     p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     p.set_defaults(func=cmd_train_expert)
 
     p = sub.add_parser("assemble", help="check experts trained elsewhere against the run's plan and register them")
     _add_common(p)
-    p.add_argument("outs", nargs="+", metavar="OUT", help="expert folders (or s3:// / gs:// URLs) written by train-expert --out")
+    p.add_argument("outs", nargs="*", metavar="OUT", help="expert folders (or s3:// / gs:// URLs) written by train-expert --out")
+    p.add_argument("--replace", action="store_true",
+                   help="let an expert replace a finished one (invalidates the records made with the old one)")
+    p.add_argument("--island-key", action="append", default=[], metavar="K=KEY.pub",
+                   help="list island K's public key first (repeatable): expert K must then be signed by it")
     p.set_defaults(func=cmd_assemble)
 
     p = sub.add_parser("train-islands", help="train every unfinished expert, each in its own process")
@@ -588,12 +668,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None,
                    help="comma-separated class labels, one per image (their count is n)")
     p.add_argument("--cfg-scale", type=float_arg(0), default=None,
-                   help="classifier-free guidance scale with --class/--labels (default: sample.cfg_scale; 1: none)")
+                   help="classifier-free guidance scale with --class/--labels, at most "
+                        f"{VerifyLimits.max_cfg_scale:g} (default: sample.cfg_scale; 1: none)")
     p.add_argument("--clusters", default=None,
                    help="comma-separated cluster ids, one per image: the oracle strategy's experts (their count is n)")
     p.add_argument("--model", choices=("ensemble", *SINGLE_NAMES), default="ensemble",
                    help="what to sample: the routed ensemble (default), the monolith, or the distilled student")
-    p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample.png); an .npz is written beside")
+    p.add_argument("--out", default=None, help="PNG path (default RUN/samples/sample-STRATEGY-seedS-nN.png, numbered "
+                                               "-2, -3, ... rather than overwrite); an .npz is written beside")
     p.add_argument("--record", default=None, help="also write a verification record (JSON) here")
     p.add_argument("--key", default=None, help="sign the record with this Ed25519 private key (ddm keygen)")
     p.add_argument("--server", default=None, metavar="URL",
@@ -611,16 +693,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE", help="PNG files or .npz files with an images array")
     p.set_defaults(func=cmd_hash, compiles=False)  # loads no jax
 
-    p = sub.add_parser("verify", help="regenerate a verification record and judge it (exit 0 honest, 1 not)")
-    p.add_argument("record", help="the verification record (JSON) written by ddm sample --record")
+    p = sub.add_parser("verify", help="regenerate a verification record and judge it (exit 0 honest, 1 not); "
+                                      "--calibrate: measure this verifier's honest drift into its thresholds")
+    p.add_argument("record", nargs="?", default=None, help="the verification record (JSON) written by ddm sample "
+                                                           "--record")
     _add_common(p)
     p.add_argument("--mode", choices=MODES, default="auto",
-                   help="exact (bit for bit), tolerance (calibrated value drift), phash, or auto (default: exact "
-                        "when the record's environment is this verifier's, else tolerance)")
+                   help="exact (bit for bit), tolerance (within thresholds this verifier calibrated: refused "
+                        "without them), phash, or auto (default: bit for bit passes; otherwise tolerance when this "
+                        "verifier has calibrated the run, else not honest). The record's environment never decides")
     p.add_argument("--public-key", default=None, help="require a signature by this Ed25519 public key (KEY.pub)")
-    p.add_argument("--threshold", type=int_arg(0, 64, "a Hamming distance"), default=None, help="phash mode: max pHash Hamming distance per image")
-    p.add_argument("--max-abs", type=float_arg(0), default=None, help="tolerance mode: max |dx| per image")
-    p.add_argument("--rms", type=float_arg(0), default=None, help="tolerance mode: max RMS dx per image")
+    p.add_argument("--threshold", type=int_arg(0, 64, "a Hamming distance"), default=None,
+                   help="phash mode: max pHash Hamming distance per image (replaces the calibrated one)")
+    p.add_argument("--max-abs", type=float_arg(0), default=None,
+                   help="tolerance mode: max |dx| per image (replaces the calibrated one)")
+    p.add_argument("--rms", type=float_arg(0), default=None,
+                   help="tolerance mode: max RMS dx per image (replaces the calibrated one)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="judge no record: regenerate calibration requests here and in a process with "
+                        "--calibrate-flags, and write thresholds = --margin x the honest drift measured to "
+                        "RUN/eval/verify_thresholds.json (docs/verification.md)")
+    p.add_argument("--calibrate-flags", default="--xla_cpu_enable_fast_math=true",
+                   help="--calibrate: XLA flags of the second setup (default --xla_cpu_enable_fast_math=true; '' "
+                        "for merged batches alone)")
+    p.add_argument("--calibrate-steps", default=None,
+                   help="--calibrate: comma-separated solver step counts (default: the run's sample.steps)")
+    p.add_argument("--margin", type=float_arg(1), default=4.0,
+                   help="--calibrate: thresholds = margin x the largest honest drift (default 4)")
     defaults = VerifyLimits()
     p.add_argument("--max-n", type=int_arg(0), default=defaults.max_n, help=f"refuse records of more images "
                                                                    f"(default {defaults.max_n})")
@@ -629,6 +728,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-steps", type=int_arg(0), default=defaults.max_image_steps,
                    help=f"refuse records whose n * steps is larger (default {defaults.max_image_steps})")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("audit", help="replay random segments of an island's training against the chain of state "
+                                     "digests its expert.json commits to (exit 0 passed, 1 caught)")
+    p.add_argument("out", metavar="OUT", help="the island's output folder (expert.json, audit/, final/)")
+    p.add_argument("--bundle", required=True, help="the island's bundle (RUN/islands/<k>), whose data is replayed")
+    p.add_argument("--segments", type=COUNT, default=29,  # ddm.verify.audit.DEFAULT_SEGMENTS (a test ties them)
+                   help="random segments to replay (default 29: a lazy 10%% of training is caught with "
+                        "probability >= 95%%)")
+    p.add_argument("--length", type=COUNT, default=1, help="chain intervals per segment (default 1)")
+    p.add_argument("--seed", type=SEED, default=None,
+                   help="the challenge's seed (default: drawn at random and printed); the island must not know it "
+                        "before it has committed to its chain")
+    p.add_argument("--chain", type=_chain_head, default=None, metavar="HEAD",
+                   help="the chain head expert.json committed to when the challenge was issued: caught if it "
+                        "commits to another now")
+    p.add_argument("--supply", action="store_true",
+                   help="the island's side: write the starting states this challenge (--seed, --segments, --length) "
+                        "needs into OUT/audit/states, regenerated from the kept ones; judges nothing")
+    p.add_argument("--report", default=None, metavar="FILE", help="also write the report as JSON (.json)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("serve", help="serve the run's ensemble over HTTP: /v1/images/generations, /v1/verify, "
                                      "/v1/models, /health, /metrics and a form at / (docs/serving.md)")
@@ -649,7 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int_arg(0), default=0, help="k8s: GPUs per replica (default 0)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("keygen", help="write a new Ed25519 key pair for signing records: KEY and KEY.pub")
+    p = sub.add_parser("keygen", help="write a new Ed25519 key pair for signing records or an island's "
+                                      "expert.json: KEY and KEY.pub")
     p.add_argument("--out", required=True, help="the private key's path; the public key goes to OUT.pub")
     p.set_defaults(func=cmd_keygen, compiles=False)  # loads no jax
 

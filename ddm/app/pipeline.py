@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddm.app.sample import check_cfg_scale
 from ddm.core.config import Config
 from ddm.core.errors import DDMError
 from ddm.data.prepare import prepare
@@ -40,8 +41,10 @@ def guided_labels(num_classes: int) -> tuple[int, ...]:
 
 def run_all(cfg: Config, run_dir: str | Path, overrides: list[str], *, base_dir: Path | None = None,
             overwrite: bool = False, parallel: int | None = None) -> dict:
-    """Runs every stage; returns {stage: output path}. Finished stages are skipped on a rerun."""
+    """Runs every stage; returns {stage: output path}. Finished stages are skipped on a rerun. SIGTERM / SIGINT
+    while the islands train stop them at a checkpoint (`ddm.experts.islands.IslandsPreempted`)."""
     run_dir = Path(run_dir)
+    check_cfg_scale(cfg.sample.cfg_scale, "sample.cfg_scale")  # the guided grids' scale, refused before any work
     t0 = time.perf_counter()
     logger.info("== 1/4 prepare")
     prepare(cfg, run_dir, overwrite=overwrite, base_dir=base_dir)

@@ -14,12 +14,35 @@ from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble, load_single
 from ddm.sampling.outputs import load_decoder, save_outputs, save_pngs, usage_summary
 from ddm.sampling.request import Request, check_clusters, check_condition, generate
+from ddm.verify.limits import VerifyLimits
 from ddm.verify.records import sample_record, write_record
 from ddm.verify.signing import key_id, load_private_key
 
 logger = logging.getLogger(__name__)
 
 MODELS = ("ensemble", *SINGLE_NAMES)  # what `ddm sample --model` draws from (`ddm.data.components`)
+
+
+def check_cfg_scale(scale: float | None, what: str = "cfg_scale") -> None:
+    """DDMError unless a guidance scale is within what `ddm verify` accepts (`VerifyLimits.max_cfg_scale`): one
+    bound for making and checking images, so no command makes what no verifier reads (and a huge scale
+    overflows float32 into NaN images)."""
+    bound = VerifyLimits.max_cfg_scale
+    if scale is not None and abs(scale) > bound:
+        raise DDMError(f"{what}={scale:g} is beyond {bound:g}, the largest guidance scale ddm verify accepts")
+
+
+def default_out(samples_dir: Path, request: Request, model: str = "ensemble") -> Path:
+    """Where `ddm sample` writes without --out: SAMPLES/sample-<strategy or model>-seed<S>-n<N>[-guided].png, or
+    the first of ...-2.png, -3.png, ... whose .png and .npz are both free. No other command writes `sample-*`
+    names (`ddm run` writes <strategy>.png), and no existing file is ever taken, so nothing is overwritten."""
+    what = (request.strategy if model == "ensemble" else model).replace(":", "_")
+    stem = f"sample-{what}-seed{request.seed}-n{request.n}" + ("" if request.labels is None else "-guided")
+    out, i = samples_dir / f"{stem}.png", 1
+    while out.exists() or out.with_suffix(".npz").exists():
+        i += 1
+        out = samples_dir / f"{stem}-{i}.png"
+    return out
 
 
 def sample_command(run: Run, request: Request, out: Path, *, record: Path | None = None,
@@ -36,6 +59,7 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     (`ddm.serve.client`); the outputs are the same, and a record is the server's (signed by its key, if any).
     """
     check_condition(request, run.num_classes)  # before loading anything: a bad class is the user's first error
+    check_cfg_scale(request.cfg_scale)
     if request.clusters is not None:  # oracle's clusters: in range, with trained experts
         check_clusters(request, [run.finished(run.expert(k)) for k in run.cluster_ids])
     if model not in MODELS:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import numpy as np
@@ -14,6 +15,8 @@ from ddm.core.config import SEED_MAX, SampleConfig
 from ddm.core.errors import DDMError
 from ddm.core.flow import SOLVERS
 from ddm.sampling.routing import parse_strategy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,17 @@ def check_limits(request: Request, sample: SampleConfig) -> Request:
     return request
 
 
+def warn_topk(strategy: str, available: int) -> bool:
+    """Logs a warning (and returns True) when a top-k strategy keeps more experts than the `available` ones: it
+    then keeps them all, which is the full posterior at K times top-1's cost, probably not what was asked."""
+    parsed = parse_strategy(strategy)
+    if parsed.kind != "topk" or parsed.k <= available:
+        return False
+    logger.warning(f"warning: strategy {strategy} keeps {parsed.k} experts, but only {available} are available: "
+                   "it routes with all of them (the full posterior)")
+    return True
+
+
 def generate(ensemble, request: Request, *, batch_size: int | None = None):
     """Runs `request` on `ensemble`; returns its `SampleResult` (images uint8 [n, H, W, C]).
 
@@ -134,6 +148,7 @@ def generate(ensemble, request: Request, *, batch_size: int | None = None):
     and speed, not the noise or routing draws (docs/verification.md says what it does to the bits).
     """
     check_condition(request, ensemble.num_classes)
+    warn_topk(request.strategy, sum(ensemble.available))
     labels = None if request.labels is None else np.asarray(request.labels, np.int32)
     clusters = None if request.clusters is None else np.asarray(request.clusters, np.int32)
     return ensemble.sample(request.n, request.strategy, steps=request.steps, solver=request.solver,
@@ -142,26 +157,32 @@ def generate(ensemble, request: Request, *, batch_size: int | None = None):
 
 
 def merge_key(request: Request) -> tuple:
-    """What requests must share to run merged in one `generate_many` call: (strategy, steps, solver, cfg_scale)."""
-    return (request.strategy, request.steps, request.solver, request.cfg_scale)
+    """What requests must share to run merged in one `generate_many` call: (strategy, steps, solver, guidance on
+    or off). Guidance scales may differ: each request's rows get its own."""
+    return (request.strategy, request.steps, request.solver, request.cfg_scale is not None)
 
 
 def generate_many(ensemble, requests: list[Request], *, batch_size: int | None = None,
                   pad_to: int | None = None) -> list:
     """Runs requests that share `merge_key` as one merged batch (`Ensemble.sample_rows`); one `SampleResult` per
     request, in order. Each request gets its own noise and routing draws, exactly those of `generate(request)`;
-    its values may differ from the lone call's by rounding only (docs/serving.md, what batching does). pad_to:
-    solve at least this many rows (`Ensemble.sample_rows`)."""
+    its values may differ from the lone call's by rounding only (docs/serving.md, what batching does). Requests
+    of different guidance scales run with a per-row scale, those of one scale with that scale as a scalar (the
+    program a merge of one scale always ran). pad_to: solve at least this many rows (`Ensemble.sample_rows`)."""
     if not requests:
         return []
     keys = {merge_key(r) for r in requests}
     if len(keys) != 1:
-        raise DDMError(f"generate_many needs requests of one (strategy, steps, solver, cfg_scale), got {len(keys)}")
+        raise DDMError(f"generate_many needs requests of one (strategy, steps, solver, guidance on/off), got "
+                       f"{len(keys)}")
     for request in requests:
         check_condition(request, ensemble.num_classes)
     first = requests[0]
+    warn_topk(first.strategy, sum(ensemble.available))
     labels = [None if r.labels is None else np.asarray(r.labels, np.int32) for r in requests]
     clusters = [None if r.clusters is None else np.asarray(r.clusters, np.int32) for r in requests]
+    scales = [r.cfg_scale for r in requests]
     return ensemble.sample_rows([(r.seed, r.n) for r in requests], first.strategy, steps=first.steps,
-                                solver=first.solver, labels=clusters, y=labels, cfg_scale=first.cfg_scale,
+                                solver=first.solver, labels=clusters, y=labels,
+                                cfg_scale=first.cfg_scale if len(set(scales)) == 1 else scales,
                                 batch_size=batch_size, pad_to=pad_to)

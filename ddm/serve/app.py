@@ -15,8 +15,9 @@ Errors answer one line in `detail`: 422 for a request the run cannot serve (Fast
 limits, classes, strategy, size), 429 with Retry-After when the queue is full, 500 for a bug (logged with its
 traceback). Every generation runs on the `Batcher`'s worker thread, so a failing request never takes the server
 down. A request served alone is bit for bit `ddm sample`'s; one merged with others into one device call keeps its
-own noise and routing draws, and its values may differ by rounding: its record names the merged batch in its
-environment (`emulation`), so `ddm verify` in auto mode checks it with tolerance.
+own noise, routing draws and guidance scale, and its values may differ by rounding: its record names the merged
+batch in its environment (`emulation`, information only), and a verifier accepts it within the thresholds it calibrated
+itself (`ddm verify --calibrate` measures merged-batch drift).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
     ensemble = load_ensemble(run, with_router=with_router)
     verifier = Verifier(run, ensemble=ensemble)
     card = model_card(run, with_router)
-    page = index_page(run.run_id, run.image_shape, run.num_classes)
+    page = index_page(card)
     holder: dict[str, Any] = {}
     batcher = Batcher(functools.partial(generate, ensemble), max_batch=max_batch, max_wait_ms=max_wait_ms,
                       max_queue=max_queue, on_batch=lambda jobs, images: holder["metrics"].batch(jobs, images),

@@ -4,11 +4,11 @@ Requests are queued as jobs; the worker takes the oldest job and, for up to `max
 behind it that are *compatible* with it (the same strategy, steps, solver and guidance on/off: the same compiled
 device program) until they hold `max_batch` images, then runs that batch and resolves each job's future.
 
-What a batch does: identical requests in it are computed once; the distinct requests that also share a
-`merge_key` (the same guidance scale, not only guidance on/off) run as one merged device call through
-`generate_many` when one is given (`ddm.sampling.request.generate_many`: every request keeps its own noise and
-routing draws), and their futures resolve to `Merged(value, requests, images)`; a request alone in its merge
-group runs as its own `generate` call and resolves to its plain value, bit for bit what `ddm sample` gives. A
+What a batch does: identical requests in it are computed once; the distinct requests (they share a `merge_key`,
+which is `batch_key`: guidance scales may differ) run as one merged device call through `generate_many` when one
+is given (`ddm.sampling.request.generate_many`: every request keeps its own noise, routing draws and guidance
+scale), and their futures resolve to `Merged(value, requests, images)`; a request alone in its batch runs as its
+own `generate` call and resolves to its plain value, bit for bit what `ddm sample` gives. A
 merged call's values may differ from the lone call's by rounding (docs/serving.md), which is why `Merged` says
 so. A merged call that fails is retried one request at a time, so a failing request still fails alone.
 
@@ -43,8 +43,9 @@ class QueueFull(Exception):
 
 
 def batch_key(request: Request) -> tuple:
-    """What requests must share to run as one device program: (strategy, steps, solver, guidance on)."""
-    return (request.strategy, request.steps, request.solver, request.cfg_scale is not None)
+    """What requests must share to run as one device program: (strategy, steps, solver, guidance on), the
+    `merge_key` of `generate_many` (a merged batch of several guidance scales gives each row its own)."""
+    return merge_key(request)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ddm.core.config import SEED_MAX, SampleConfig
 from ddm.core.errors import DDMError
 from ddm.sampling.request import Request
+from ddm.verify.limits import VerifyLimits
 
 INT_MAX = 2**31 - 1
 
@@ -36,7 +37,7 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     labels: list[int] | None = Field(None, max_length=100_000)
     class_: int | None = Field(None, alias="class", ge=0, le=INT_MAX)
-    cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    cfg_scale: float | None = Field(None, ge=0, le=VerifyLimits.max_cfg_scale, allow_inf_nan=False)  # as verify
     record: bool = False
     arrays: bool = Field(False, description="also return x, weights and expert_ids (`encode_array`)")
 

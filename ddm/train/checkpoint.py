@@ -13,24 +13,36 @@ bytes, and a half-written step never gets one. Resuming verifies the latest step
 that does not match (a flipped bit, a truncated or missing file) or has no digest is set aside with a warning
 and the previous intact step is used; when no step is intact the resume is a one-line error naming the step.
 A changed byte is never trained on silently.
+
+The audit chain (an island's proof of work, checked by `ddm.verify.audit`): the digest of the whole training
+state (`pytree_sha256` of params, EMA, optimizer state, buffers, step, RNG) at steps 0, d, 2d, ..., S, folded into
+one hash chain whose head the island commits to in expert.json, and the states of every `keep`-th entry (and the
+last) kept as `audit/states/<step>.safetensors`, each pinned by its chain digest. The trainer records it
+(`AuditPolicy`); this module holds its format.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ddm.core import documents
 from ddm.core.errors import DDMError
-from ddm.core.files import atomic_write
+from ddm.core.files import atomic_write, temporary_name
 from ddm.core.hashing import file_sha256, pytree_sha256
-from ddm.core.weights import load_safetensors
+from ddm.core.schema import Hex, Int, ListOf, Obj, Str
+from ddm.core.weights import load_safetensors, tensor_name
 
 logger = logging.getLogger(__name__)
 
@@ -300,3 +312,128 @@ def load_pinned(path: str | Path, sha256: str | None, make_model: Callable[[nnx.
     """The EMA model saved at `path` by the trainer (or exported), checked against its pin (`load_pinned_tree`)."""
     graphdef, tree = load_pinned_tree(path, sha256, make_model, what)
     return nnx.merge(graphdef, tree["ema"], tree["rest"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The audit chain: a digest of the whole state every few steps, and the states an audit starts from.
+# ---------------------------------------------------------------------------------------------------------
+
+AUDIT_DIR = "audit"  # in a job's output folder: CHAIN_FILE and STATES_DIR
+CHAIN_FILE = "chain.json"
+STATES_DIR = "states"  # <step>.safetensors: the full training state at a chain entry
+CHAIN_FORMAT = "ddm-audit-chain/v1"
+STATE_FORMAT = "ddm-train-state/v1"  # a kept state's safetensors metadata
+MAX_CHAIN_ENTRIES = 1_000_000  # far beyond any policy; bounds what a reader accepts
+
+CHAIN_SCHEMA = Obj(
+    {"format": Str(),
+     "steps": Int(min=1),  # S: the steps the chain covers
+     "every": Int(min=1),  # d: steps between entries
+     "keep": Int(min=1),  # every keep-th entry's state is kept (and the last)
+     "digests": ListOf(Hex(64), min_len=2, max_len=MAX_CHAIN_ENTRIES)},  # one per step of `chain_steps`
+    closed=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditPolicy:
+    """What an island records for audits. `entries`: about how many intervals the chain cuts training into (a
+    digest every max(1, S // entries) steps); an audit of m one-interval segments replays m / entries of the
+    training and misses a lazy stretch of fraction f with probability about (1 - f)^m. `keep`: every keep-th
+    entry's state is kept on disk (and the first and last); the others are regenerated from the nearest kept
+    one when a challenge names them."""
+
+    entries: int = 320
+    keep: int = 16
+
+    def __post_init__(self) -> None:
+        if self.entries < 1 or self.keep < 1:
+            raise DDMError(f"audit policy entries and keep must be >= 1, got {self.entries}, {self.keep}")
+
+    def every(self, steps: int) -> int:
+        return max(1, steps // self.entries)
+
+
+def chain_steps(steps: int, every: int) -> list[int]:
+    """The steps whose state the chain digests: 0, every, 2 every, ..., and `steps` itself (also when `every`
+    does not divide it). Entry i is the state before step chain_steps[i]; interval i runs to entry i + 1."""
+    return [*range(0, steps, every), steps]
+
+
+def chain_head(steps: int, every: int, digests: list[str]) -> str:
+    """SHA-256 (hex) of the hash chain h_0 = H("ddm-audit-chain:v1:{steps}:{every}"), h_{i+1} = H(h_i ||
+    "{step_i}:{digest_i}"): what expert.json commits to. Any changed, missing, added or reordered digest
+    changes it; the prefix heads are commitments to the chain so far."""
+    at = chain_steps(steps, every)
+    if len(digests) != len(at):
+        raise DDMError(f"an audit chain of {steps} steps, one entry every {every}, has {len(at)} digests, not "
+                       f"{len(digests)}")
+    head = hashlib.sha256(f"{CHAIN_FORMAT}:{steps}:{every}".encode("ascii")).digest()
+    for step, digest in zip(at, digests):
+        head = hashlib.sha256(head + f"{step}:{digest}".encode("ascii")).digest()
+    return head.hex()
+
+
+def kept_entries(count: int, keep: int) -> list[int]:
+    """The entries (of `count`) whose states an island keeps: every keep-th one and the last."""
+    return sorted({*range(0, count, keep), count - 1})
+
+
+def chain_document(steps: int, every: int, keep: int, digests: list[str]) -> dict:
+    return {"format": CHAIN_FORMAT, "steps": steps, "every": every, "keep": keep, "digests": list(digests)}
+
+
+def write_chain(out_dir: Path, steps: int, every: int, keep: int, digests: list[str]) -> dict:
+    """Writes OUT/audit/chain.json; returns the summary expert.json carries: every, entries, keep, head and the
+    `replay_environment` it was recorded in."""
+    documents.write(out_dir / AUDIT_DIR / CHAIN_FILE, chain_document(steps, every, keep, digests))
+    return {"every": every, "entries": len(digests), "keep": keep, "head": chain_head(steps, every, digests),
+            "environment": replay_environment()}
+
+
+def replay_environment() -> dict:
+    """What decides the bits of a training step besides its inputs, as far as this process can tell: backend,
+    device kind and count, processes, the CPU cores it may use (XLA:CPU partitions its work by them: a replay
+    on 1 core of a run trained on 2 differs), jax / jaxlib versions and XLA flags. A replay is bitwise only where
+    it matches."""
+    import jaxlib
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device = jax.devices()[0]
+    return {"backend": device.platform, "device_kind": device.device_kind, "devices": jax.device_count(),
+            "processes": jax.process_count(), "cpu_cores": cores, "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def state_path(out_dir: Path, step: int) -> Path:
+    return out_dir / AUDIT_DIR / STATES_DIR / f"{step}.safetensors"
+
+
+def save_state(path: Path, host_state) -> None:
+    """Writes a host copy of a training state as one safetensors file (tensors named by key path, as
+    `ddm.core.weights` names them; scalars such as the step keep their shape []), through a temporary name +
+    rename. `load_state` reads it back into the trainer's tree."""
+    from safetensors.numpy import save_file
+
+    flat = {}
+    for key, leaf in jax.tree_util.tree_flatten_with_path(host_state)[0]:
+        name = tensor_name(key)
+        if name in flat:
+            raise DDMError(f"two state leaves share the tensor name {name!r}")
+        flat[name] = np.asarray(leaf)
+    tmp = temporary_name(path)
+    try:
+        save_file(flat, str(tmp), metadata={"format": STATE_FORMAT})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_state(path: Path, abstract_state, digest: str) -> tuple[object, str | None]:
+    """(state, None) when the file at `path` holds a state whose `pytree_sha256` is `digest`, placed onto the
+    shardings of `abstract_state`; (None, why not) when it holds another state. DDMError when it is not a
+    state of this model at all (unreadable, other tensors)."""
+    state = load_safetensors(path, abstract_state)
+    actual = pytree_sha256(jax.device_get(state))
+    if actual != digest:
+        return None, f"its digest is {actual[:16]}, the chain's {digest[:16]}"
+    return state, None

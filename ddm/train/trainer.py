@@ -11,7 +11,10 @@ A job is a `Task` (which model, which loss, which data, where to write) plus a `
 
 Everything random is a pure function of (seed, step): `fold_in(key, step)` for noise, the reader's
 permutation for data. So a run killed at any moment and resumed from its last checkpoint reproduces, bitwise
-on the same devices, the run that was never interrupted.
+on the same devices, the run that was never interrupted, and `advance` replays any stretch of a run from its
+state at the stretch's first step. With an `AuditPolicy` the loop also records the audit chain (the state's
+digest every few steps, some of the states themselves: `ddm.train.checkpoint`), carried in checkpoint metadata
+across resumes and written to `audit/` at the end.
 """
 
 from __future__ import annotations
@@ -37,7 +40,17 @@ from ddm.core.codec import Codec
 from ddm.core.config import TrainConfig
 from ddm.core.errors import DDMError
 from ddm.core.hashing import pytree_sha256
-from ddm.train.checkpoint import Checkpointer, abstract_with_shardings, save_params
+from ddm.train.checkpoint import (
+    AuditPolicy,
+    Checkpointer,
+    abstract_with_shardings,
+    chain_steps,
+    kept_entries,
+    save_params,
+    save_state,
+    state_path,
+    write_chain,
+)
 from ddm.train.monitor import HeldOut, Monitor, Sampler
 from ddm.train.plots import plot_loss_curve
 from ddm.train.preemption import Preempted, StopRequest
@@ -222,13 +235,19 @@ class TrainResult:
     final_path: Path
     metrics_path: Path
     resumed_from: int | None
+    audit: dict | None = None  # the audit chain's summary for expert.json (`write_chain`); None without one
 
 
 class Trainer:
     """Builds the sharded state for a `Task` and runs it to `cfg.steps`, resuming if a checkpoint exists."""
 
-    def __init__(self, task: Task, cfg: TrainConfig, *, progress: bool = False):
-        self.task, self.cfg, self.progress = task, cfg, progress
+    def __init__(self, task: Task, cfg: TrainConfig, *, progress: bool = False, audit: AuditPolicy | None = None):
+        self.task, self.cfg, self.progress, self.audit = task, cfg, progress, audit
+        self._chain: list[str] | None = None  # the audit chain's digests so far (None: not recorded)
+        if audit is not None:
+            self._every = audit.every(cfg.steps)
+            self._chain_at = {step: i for i, step in enumerate(chain_steps(cfg.steps, self._every))}
+            self._kept = set(kept_entries(len(self._chain_at), audit.keep))
         self.mesh = mesh_lib.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
         mesh_lib.check_batch(cfg.batch_size, self.mesh)
         self.tx = make_optimizer(cfg)
@@ -263,8 +282,51 @@ class Trainer:
 
     def _meta(self, step: int) -> dict:
         pos = self.task.reader.position(step)
-        return {**self.task.meta, "step": step, "reader": {"epoch": pos.epoch, "offset": pos.offset,
+        meta = {**self.task.meta, "step": step, "reader": {"epoch": pos.epoch, "offset": pos.offset,
                                                           "seed": self.task.reader.seed}}
+        if self._chain is not None:
+            meta["audit_chain"] = {"every": self._every, "digests": list(self._chain)}
+        return meta
+
+    def _resume_chain(self, meta: dict | None, start: int) -> list[str] | None:
+        """The chain's digests up to step `start` from the restored checkpoint's metadata ([] for a fresh run);
+        None (with a warning) when the checkpoint has no chain that fits this run."""
+        if meta is None:
+            return []
+        chain = meta.get("audit_chain")
+        expected = sum(1 for step in self._chain_at if step <= start)
+        if (not isinstance(chain, dict) or chain.get("every") != self._every
+                or not isinstance(chain.get("digests"), list) or len(chain["digests"]) != expected):
+            logger.warning(f"{self.task.name}: the checkpoint of step {start} carries no audit chain for this run: "
+                           "training goes on without one (expert.json will have no audit field)")
+            return None
+        return list(chain["digests"])
+
+    def _record_chain(self, step: int, state: dict) -> None:
+        """Appends the digest of the state at chain step `step`; at a kept entry also writes the state itself."""
+        host = _to_host(state)
+        self._chain.append(pytree_sha256(host))
+        if len(self._chain) - 1 in self._kept and jax.process_index() == 0:
+            path = state_path(self.task.out_dir, step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_state(path, host)
+
+    def initial_state(self) -> dict:
+        """The state at step 0, created in its shards (what a fresh run starts from)."""
+        with jax.set_mesh(self.mesh):
+            return self._init()
+
+    def advance(self, state: dict, start: int, stop: int) -> dict:
+        """The state at step `stop`, from `state` at step `start`: steps start..stop-1 as the loop runs them (the
+        same batches and compiled step), without logs, checkpoints or the chain. `state` is donated."""
+        previous = None
+        with jax.set_mesh(self.mesh):
+            for step in range(start, stop):
+                state, metrics = self._step(state, *self._global_batch(step))
+                if previous is not None:  # the loop's bounded dispatch queue
+                    previous.block_until_ready()
+                previous = metrics["loss"]
+        return state
 
     def _check_finite(self, state: dict) -> None:
         bad = np.asarray(jax.device_get(state["bad"]))
@@ -296,6 +358,10 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 state = self._init()
         start = int(jax.device_get(state["step"]))
+        if self.audit is not None:
+            self._chain = self._resume_chain(None if restored is None else restored[1], start)
+            if restored is None:
+                self._record_chain(0, state)
         if jax.process_index() == 0:
             _truncate_metrics(metrics_path, start)
         logger.info(f"{task.name}: {self.num_params:,} parameters, {task.reader.num_images} images, "
@@ -320,9 +386,12 @@ class Trainer:
         final = final_params(state)
         save_params(final_path, final)
         ema_sha = pytree_sha256(_to_host(final))
+        audit = None
+        if self._chain is not None and jax.process_index() == 0:
+            audit = write_chain(task.out_dir, cfg.steps, self._every, self.audit.keep, self._chain)
         if jax.process_index() == 0:
             plot_loss_curve(read_metrics(metrics_path), task.out_dir / "loss.png", title=task.name)
-        return TrainResult(cfg.steps, ema_sha, final_path, metrics_path, resumed_from)
+        return TrainResult(cfg.steps, ema_sha, final_path, metrics_path, resumed_from, audit)
 
     def _loop(self, state: dict, start: int, checkpointer: Checkpointer, metrics_path: Path,
               stop: StopRequest) -> tuple[dict, int]:
@@ -342,6 +411,8 @@ class Trainer:
                     previous_loss.block_until_ready()
                 previous_loss = metrics["loss"]
                 done = step + 1
+                if self._chain is not None and done in self._chain_at:  # before a checkpoint of `done` saves it
+                    self._record_chain(done, state)
                 if bar is not None:
                     bar.update(1)
                 if done % cfg.log_every == 0 or done == cfg.steps:

@@ -3,11 +3,12 @@
 Only verifiers whose reveal matched their commitment vote (`ddm.verify.commit`). Distances are pooled per claim
 kind. The pHash threshold is picked by `pick_threshold` and scored at every value 0..64; the tolerance
 thresholds by `pick_tolerance` from honest drift alone (the attacks are measured, never used to tune). Every
-mode (exact, tolerance, phash, and auto: exact for a verifier whose environment is the claimant's, else
-tolerance) is scored with one verifier (mean over verifiers), the majority of N (a claim fails when more than
-half reject it), and the majority with one Byzantine verifier that votes the wrong way on every claim (worst
-case over which verifier it is). A verifier's verdict on a claim is `ddm verify`'s: the record is consistent
-and every image passes the mode (`ddm.verify.verdict.ImageCheck.passes`).
+mode (exact, tolerance, phash, and auto: bit for bit passes, anything else is judged within the thresholds
+calibrated here, i.e. tolerance; the record's environment has no say) is scored with one verifier (mean over
+verifiers), the majority of N (a claim fails when more than half reject it), and the majority with one
+Byzantine verifier that votes the wrong way on every claim (worst case over which verifier it is). A verifier's
+verdict on a claim is `ddm verify`'s: the record is consistent and every image passes the mode
+(`ddm.verify.verdict.ImageCheck.passes`).
 """
 
 from __future__ import annotations

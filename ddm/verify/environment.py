@@ -1,10 +1,12 @@
-"""The software and hardware that decide the bits of a generation, as a record states them.
+"""The software and hardware that decide the bits of a generation.
 
-`ddm verify --mode auto` compares the claimant's environment (stored in its record) with its own: equal means
-the regeneration must be bitwise identical (exact mode), anything else is compared within calibrated
-tolerances. What is in it follows the measurements in docs/verification.md: the jax / jaxlib versions, the
-backend and device kind, the CPU, XLA flags and the numerics switches. Left out because they were measured not
-to change a bit: the device count (`--xla_force_host_platform_device_count`), thread counts and CPU affinity.
+A record carries its claimant's environment as information: who made it, on what. It is a claim like any other
+and never chooses how a verifier compares (`ddm.verify.verdict`: bit for bit, unless the verifier holds
+thresholds it calibrated itself). A verifier's own environment names its calibrations
+(`ddm.verify.thresholds`): thresholds measured in another environment are not its own. What is in it follows
+the measurements in docs/verification.md: the jax / jaxlib versions, the backend and device kind, the CPU, XLA
+flags and the numerics switches. Left out because they were measured not to change a bit: the device count
+(`--xla_force_host_platform_device_count`), thread counts and CPU affinity.
 """
 
 from __future__ import annotations
@@ -55,3 +57,8 @@ def environment(emulation: str | None = None) -> dict[str, str]:
     if emulation:
         env["emulation"] = emulation
     return env
+
+
+def environment_differences(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    """The keys whose values differ between two environments (a key one of them lacks differs), sorted."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -135,8 +135,8 @@ def sample_record(manifest_sha: str, request: Request, result, codec: Codec = Co
     """The record of a `SampleResult` of `request` (its final state `x` and, where the strategy fixes them, its
     `experts`) made in this process's environment, signed with `private_key` (Ed25519, `ddm keygen`) when given:
     what `ddm sample --record [--key]` writes and `ddm serve` returns. emulation: how the generation differed
-    from a lone `generate` (e.g. `ddm serve`'s merged batches), stated in the environment so that auto mode
-    verifies with tolerance."""
+    from a lone `generate` (e.g. `ddm serve`'s merged batches), stated in the environment (information for
+    the verifier, which never lets it choose the comparison)."""
     record = make_record(manifest_sha, request, result.x, environment(emulation), codec, experts=result.experts)
     return record if private_key is None else sign_record(record, private_key)
 

@@ -143,9 +143,10 @@ def consensus_eval(run_dir: str, settings: EvalSettings = EvalSettings(), out_di
     claims = build_claims(ensemble, manifest_sha, settings)
     t_claims = time.perf_counter() - t0
     claims_path = work / "claims.json"
-    in_use = run_thresholds(run)  # what the verifiers' committed verdicts use; the analysis recalibrates
+    in_use = run_thresholds(run).thresholds  # what the verifiers' committed verdicts use (None before the first
+    # calibration); the analysis recalibrates
     claims_path.write_text(json.dumps({"run_dir": str(run_dir), "claims": claims,
-                                       "thresholds": in_use.to_json()}) + "\n")
+                                       "thresholds": None if in_use is None else in_use.to_json()}) + "\n")
     specs = settings.all_verifiers()
     logger.info(f"{len(claims)} claims ({settings.requests} requests x {settings.images} images) -> {claims_path}; "
                 f"starting {len(specs)} verifier processes ({len(settings.copiers)} of them copiers)")

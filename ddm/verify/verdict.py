@@ -8,11 +8,17 @@ is consistent: its batch digest and every per-image sha256 / pHash / dHash are t
   every hash). For a verifier on the claimant's software and hardware;
 - tolerance: per image, max |dx| <= max_abs and RMS dx <= rms between regenerated and claimed values (float32,
   model range), and for claims of 5 or more images the medians over images of both within median_max_abs and
-  median_rms (`ddm.verify.thresholds`), all calibrated from honest cross-hardware drift (`ddm consensus-eval`);
+  median_rms (`ddm.verify.thresholds`);
 - phash: per image, pHash Hamming distance <= phash bits (the old perceptual check, blind to small changes on
   8x8 images: docs/verification.md);
-- auto (the default): exact when the claimant's environment (in the record) equals this verifier's
-  (`ddm.verify.environment`), else tolerance.
+- auto (the default): a bitwise identical regeneration is exact; any other is judged in tolerance mode when
+  this verifier holds thresholds it calibrated itself (`ddm verify --calibrate`, `ddm consensus-eval`), else
+  in exact mode (not honest, saying that a claim from another platform needs a calibration).
+
+The verifier, not the claimant, chooses the comparison: the record's `environment` is information only, and
+tolerance and phash thresholds come only from the verifier's own calibration in its present environment
+(`ddm.verify.thresholds.own_thresholds`), replaced value by value by the verifier's flags. Tolerance or phash
+mode without them is refused (DDMError, exit 2): there are no built-in thresholds.
 
 A record that names each image's expert (`experts`: prior, oracle, single) must name the regeneration's: a
 prior record whose draws were edited is not honest even when its images are.
@@ -40,11 +46,11 @@ from ddm.verify.limits import DEFAULT_LIMITS, MODES, VerifyLimits
 from ddm.verify.phash import hamming, hex_to_hash, perceptual_hashes
 from ddm.verify.records import claimed_values, contradictions, read_record, record_codec
 from ddm.verify.signing import SignatureCheck, check_signature
-from ddm.verify.thresholds import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, MEDIAN_MIN_IMAGES, Thresholds, read_thresholds
+from ddm.verify.thresholds import CALIBRATE_COMMAND, MEDIAN_MIN_IMAGES, OwnThresholds, Thresholds, own_thresholds
 
-__all__ = ["DEFAULT_THRESHOLD", "MODES", "ImageCheck", "Verdict", "Verifier", "compare", "format_verdict",
-           "verify_record"]
+__all__ = ["MODES", "ImageCheck", "Verdict", "Verifier", "compare", "format_verdict", "verify_record"]
 
+NO_CALIBRATION = OwnThresholds(None, "no thresholds given")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +65,8 @@ class ImageCheck:
     max_abs: float
     rms: float
 
-    def passes(self, mode: str, thresholds: Thresholds) -> bool:
+    def passes(self, mode: str, thresholds: Thresholds | None) -> bool:
+        """Whether this image passes a resolved mode (thresholds: None only in exact mode)."""
         if mode == "exact":
             return self.identical
         if mode == "tolerance":
@@ -98,17 +105,25 @@ def image_checks(claimed: np.ndarray, regenerated: np.ndarray, codec: Codec = Co
                        max_abs=float(max_abs[i]), rms=float(rms[i])) for i in range(n)]
 
 
-def resolve_mode(mode: str, claimant_env: dict | None, verifier_env: dict | None) -> tuple[str, str]:
-    """(exact | tolerance | phash, why): auto is exact when both environments are known and equal."""
+def check_mode(mode: str, own: OwnThresholds) -> None:
+    """DDMError unless `mode` is known and, for tolerance and phash, the verifier holds thresholds of its own."""
     if mode not in MODES:
         raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode in ("tolerance", "phash") and own.thresholds is None:
+        raise DDMError(f"{mode} mode needs thresholds this verifier calibrated itself, and {own.note}: run "
+                       f"{CALIBRATE_COMMAND} first")
+
+
+def resolve_mode(mode: str, identical: bool | None, own: OwnThresholds) -> tuple[str, str]:
+    """(exact | tolerance | phash, why) for `mode` (`check_mode` passed). identical: whether the regeneration
+    is bitwise the claimed values (None: not regenerated). The record has no say."""
     if mode != "auto":
         return mode, "chosen"
-    if verifier_env is not None and claimant_env == verifier_env:
-        return "exact", "auto: the claimant's environment is this verifier's"
-    differ = sorted(k for k in set(claimant_env or {}) | set(verifier_env or {})
-                    if (claimant_env or {}).get(k) != (verifier_env or {}).get(k))
-    return "tolerance", f"auto: environments differ in {', '.join(differ) or 'unknown fields'}"
+    if identical:
+        return "exact", "auto: the regeneration is bitwise identical"
+    if own.thresholds is not None:
+        return "tolerance", "auto: not bitwise identical, and this verifier has calibrated the run"
+    return "exact", f"auto: {own.note}, so only bit for bit passes"
 
 
 def describe_claim(record: dict, signer: str | None) -> str:
@@ -129,7 +144,7 @@ class Verdict:
     honest: bool
     mode: str
     mode_reason: str
-    thresholds: Thresholds
+    thresholds: Thresholds | None
     checks: tuple[ImageCheck, ...]
     problems: tuple[str, ...]
     claim: str
@@ -141,14 +156,15 @@ class Verdict:
 
     def to_json(self) -> dict:
         return {"honest": self.honest, "mode": self.mode, "mode_reason": self.mode_reason,
-                "thresholds": self.thresholds.to_json(), "exact": self.exact,
+                "thresholds": None if self.thresholds is None else self.thresholds.to_json(), "exact": self.exact,
                 "images": [dataclasses.asdict(c) for c in self.checks], "problems": list(self.problems),
                 "claim": self.claim, "signature": self.signature}
 
 
-def claim_failures(checks: list[ImageCheck], mode: str, thresholds: Thresholds) -> list[str]:
+def claim_failures(checks: list[ImageCheck], mode: str, thresholds: Thresholds | None) -> list[str]:
     """Why a claim's regeneration fails a resolved mode (empty: it passes): images that fail on their own, and in
-    tolerance mode, for 5 or more images, medians over the images beyond their thresholds."""
+    tolerance mode, for 5 or more images, medians over the images beyond their thresholds. thresholds: None
+    only in exact mode."""
     failures = []
     failed = [i for i, c in enumerate(checks) if not c.passes(mode, thresholds)]
     if failed:
@@ -164,7 +180,7 @@ def claim_failures(checks: list[ImageCheck], mode: str, thresholds: Thresholds) 
 
 
 def decide(checks: list[ImageCheck] | None, problems: list[str], mode: str,
-           thresholds: Thresholds) -> tuple[bool, list[str]]:
+           thresholds: Thresholds | None) -> tuple[bool, list[str]]:
     """(honest, problems) of a record under a resolved mode: any earlier problem, or `claim_failures`."""
     problems = list(problems)
     if checks is None:
@@ -194,19 +210,27 @@ def expert_problems(record: dict, experts: np.ndarray | None, strategy: str) -> 
     return []
 
 
-def compare(record: dict, regenerated: np.ndarray | None, *, mode: str = "exact",
-            thresholds: Thresholds = DEFAULT_THRESHOLDS, verifier_env: dict | None = None,
-            signature: SignatureCheck | None = None, extra_problems: tuple[str, ...] = ()) -> Verdict:
+def compare(record: dict, regenerated: np.ndarray | None, *, mode: str = "auto",
+            own: OwnThresholds = NO_CALIBRATION, signature: SignatureCheck | None = None,
+            extra_problems: tuple[str, ...] = ()) -> Verdict:
     """Judges a validated record against regenerated values (float32 [n, H, W, C], the final ODE state; None
-    when the verifier did not regenerate) under `mode` (auto needs `verifier_env`). extra_problems: what else
-    the verifier found (`expert_problems`), each enough to make the record not honest."""
+    when the verifier did not regenerate) under `mode`, with the thresholds the verifier calibrated itself
+    (`own`; DDMError for tolerance or phash without them). extra_problems: what else the verifier found
+    (`expert_problems`), each enough to make the record not honest."""
+    check_mode(mode, own)
     problems = record_problems(record, signature) + list(extra_problems)
     claimed = claimed_values(record)
-    resolved, reason = resolve_mode(mode, record.get("environment"), verifier_env)
     checks = None if regenerated is None else image_checks(claimed, regenerated, record_codec(record))
+    resolved, reason = resolve_mode(mode, None if checks is None else all(c.identical for c in checks), own)
+    thresholds = None if resolved == "exact" else own.thresholds
     honest, problems = decide(checks, problems, resolved, thresholds)
+    if mode == "auto" and own.thresholds is None:
+        # the claimant may be honest on another platform: say in the failure's own line what would settle it
+        hint = (f"; only bit for bit passes, as {own.note}: a claim made on another platform needs "
+                f"{CALIBRATE_COMMAND} first")
+        problems = [p + hint if " images fail exact mode" in p else p for p in problems]
     signer = None if signature is None else signature.signer
-    return Verdict(honest=honest, mode=resolved, mode_reason=reason, thresholds=thresholds,
+    return Verdict(honest=honest, mode=resolved, mode_reason=reason, thresholds=own.thresholds,
                    checks=tuple(checks or ()), problems=tuple(problems), claim=describe_claim(record, signer),
                    signature="not checked" if signature is None else signature.message)
 
@@ -226,15 +250,20 @@ def check_record_fits_run(record: dict, run: Run) -> None:
                        f"{run_dir}'s {run.codec.kind}")
 
 
-def run_thresholds(run: Run, **flags) -> Thresholds:
-    """The thresholds for verifying on `run`: its calibration file (else the defaults), with any of phash /
-    max_abs / rms given in `flags` (not None) replacing the stored value."""
-    base = read_thresholds(run.eval_dir, run.sha256) or Thresholds()
+def run_thresholds(run: Run, verifier_env: dict | None = None, **flags) -> OwnThresholds:
+    """The thresholds this verifier (environment `verifier_env`, default this process's) calibrated itself for
+    `run` (`own_thresholds`), with any of phash / max_abs / rms given in `flags` (not None) replacing the
+    calibrated value. Flags alone are not a calibration: DDMError for flags without one."""
+    own = own_thresholds(run.eval_dir, run.sha256, environment() if verifier_env is None else verifier_env)
     given = {k: v for k, v in flags.items() if v is not None}
     if not given:
-        return base
-    names = ", ".join("--" + name.replace("_", "-") for name in given)
-    return dataclasses.replace(base, **given, source=f"{base.source}, with {names}")
+        return own
+    names = ", ".join({"phash": "--threshold"}.get(name, "--" + name.replace("_", "-")) for name in given)
+    if own.thresholds is None:
+        raise DDMError(f"{names} replace{'s' if len(given) == 1 else ''} a threshold this verifier calibrated, and "
+                       f"{own.note}: run {CALIBRATE_COMMAND} first")
+    return OwnThresholds(dataclasses.replace(own.thresholds, **given, source=f"{own.thresholds.source}, with {names}"),
+                         f"{own.note}, with {names}")
 
 
 class Verifier:
@@ -242,21 +271,29 @@ class Verifier:
     loads on first use, and the last `cache_size` distinct requests' regenerations are kept.
 
     mode: auto | exact | tolerance | phash. public_key: an Ed25519 public key every record must be signed by
-    (None: unsigned records pass). thresholds: None for `run_thresholds(run)`. limits: what a record may ask.
-    ensemble: the run's loaded ensemble to regenerate with (None: loaded on first use).
+    (None: unsigned records pass). own: the thresholds this verifier calibrated itself (None: `run_thresholds`
+    of the run, in this process's environment); DDMError for tolerance or phash mode without them. limits: what
+    a record may ask. ensemble: the run's loaded ensemble to regenerate with (None: loaded on first use). The
+    thresholds are read once, here: a verifier calibrated later judges with them once it is made anew.
     """
 
-    def __init__(self, run: Run, *, mode: str = "auto", public_key=None, thresholds: Thresholds | None = None,
+    def __init__(self, run: Run, *, mode: str = "auto", public_key=None, own: OwnThresholds | None = None,
                  limits: VerifyLimits = DEFAULT_LIMITS, cache_size: int = 32, ensemble=None):
-        if mode not in MODES:
-            raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-        self.run, self.mode, self.public_key, self.limits = run, mode, public_key, limits
-        self.thresholds = thresholds or run_thresholds(run)
         self.environment = environment()
+        self.own = run_thresholds(run, self.environment) if own is None else own
+        check_mode(mode, self.own)
+        self.run, self.mode, self.public_key, self.limits = run, mode, public_key, limits
         self._ensemble = ensemble  # the run's `load_ensemble`, when the caller has it loaded already
         # per request: (final state float32 [n, H, W, C], each image's expert int32 [n] or None)
         self._regenerated: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
         self._cache_size = cache_size
+
+    @property
+    def ensemble(self):
+        """The run's ensemble (`load_ensemble`), loaded on first use."""
+        if self._ensemble is None:
+            self._ensemble = load_ensemble(self.run)
+        return self._ensemble
 
     def regenerate(self, request: Request) -> np.ndarray:
         """The run's output for `request`: float32 [n, H, W, C] final ODE state (cached per request)."""
@@ -269,9 +306,7 @@ class Verifier:
     def _regeneration(self, request: Request) -> tuple[np.ndarray, np.ndarray | None]:
         key = canonical_bytes(request.to_json())
         if key not in self._regenerated:
-            if self._ensemble is None:
-                self._ensemble = load_ensemble(self.run)
-            result = generate(self._ensemble, request)
+            result = generate(self.ensemble, request)
             self._regenerated[key] = (result.x, result.experts)
             while len(self._regenerated) > self._cache_size:
                 self._regenerated.popitem(last=False)
@@ -283,8 +318,7 @@ class Verifier:
         the verifier's). DDMError if the record is malformed or beyond the limits, or the run does not match it
         (manifest SHA-256, image shape, a checkpoint that fails its SHA-256 pin)."""
         mode = self.mode if mode is None else mode
-        if mode not in MODES:
-            raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        check_mode(mode, self.own)
         record, request = read_record(record_path, self.limits)
         signature = check_signature(record, self.public_key)
         check_record_fits_run(record, self.run)
@@ -292,19 +326,20 @@ class Verifier:
         regenerated = None if record_problems(record, signature) else self.regenerate(request)
         extra = () if regenerated is None else tuple(
             expert_problems(record, self.regenerated_experts(request), request.strategy))
-        return compare(record, regenerated, mode=mode, thresholds=self.thresholds,
-                       verifier_env=self.environment, signature=signature, extra_problems=extra)
+        return compare(record, regenerated, mode=mode, own=self.own, signature=signature, extra_problems=extra)
 
 
 def verify_record(run_dir: str, record_path: str | Path, *, mode: str = "auto", public_key=None,
-                  thresholds: Thresholds | None = None, limits: VerifyLimits = DEFAULT_LIMITS, overrides=()) -> Verdict:
-    """`ddm verify`: one record against `run_dir` (see `Verifier`)."""
+                  flags: dict | None = None, limits: VerifyLimits = DEFAULT_LIMITS, overrides=()) -> Verdict:
+    """`ddm verify`: one record against `run_dir` (see `Verifier`), with the thresholds this verifier
+    calibrated itself, `flags` (phash / max_abs / rms, None: unchanged) replacing calibrated values."""
     if mode not in MODES:
         raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     record_path = Path(record_path)
     read_record(record_path, limits)  # the cheap checks before the run is opened
     run = Run.open(run_dir, overrides)
-    return Verifier(run, mode=mode, public_key=public_key, thresholds=thresholds, limits=limits).verify(record_path)
+    own = run_thresholds(run, **(flags or {}))
+    return Verifier(run, mode=mode, public_key=public_key, own=own, limits=limits).verify(record_path)
 
 
 def _fmt(x: float) -> str:
@@ -313,16 +348,20 @@ def _fmt(x: float) -> str:
 
 def format_verdict(verdict: Verdict) -> str:
     t = verdict.thresholds
-    rule = {"exact": "bit for bit", "tolerance": f"max|dx| <= {t.max_abs:g} and rms <= {t.rms:g} per image, medians "
-                                                 f"<= {t.median_max_abs:g} and {t.median_rms:g}",
-            "phash": f"pHash distance <= {t.phash}"}[verdict.mode]
+    if verdict.mode == "exact":
+        rule = "bit for bit"
+    elif verdict.mode == "tolerance":
+        rule = (f"max|dx| <= {t.max_abs:g} and rms <= {t.rms:g} per image, medians <= {t.median_max_abs:g} and "
+                f"{t.median_rms:g}; thresholds from {t.source}")
+    else:
+        rule = f"pHash distance <= {t.phash}; thresholds from {t.source}"
     lines = [f"claim: {verdict.claim}", f"signature: {verdict.signature}",
-             f"mode: {verdict.mode} ({verdict.mode_reason}); passes when {rule}; thresholds from {t.source}"]
+             f"mode: {verdict.mode} ({verdict.mode_reason}); passes when {rule}"]
     if verdict.checks:
         lines.append(f"{'image':>5}  {'bitwise':>7}  {'pHash':>5}  {'max|dx|':>8}  {'rms dx':>8}  verdict "
                      f"(dHash distance, not judged)")
         for i, c in enumerate(verdict.checks):
-            ok = "ok" if c.passes(verdict.mode, t) else "MISMATCH"
+            ok = "ok" if c.passes(verdict.mode, t) else "MISMATCH"  # exact never reads the thresholds
             lines.append(f"{i:>5}  {'yes' if c.identical else 'no':>7}  {c.phash:>5}  {_fmt(c.max_abs):>8}  "
                          f"{_fmt(c.rms):>8}  {ok} ({c.dhash})")
     for p in verdict.problems:

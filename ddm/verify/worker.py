@@ -40,7 +40,7 @@ from ddm.verify.commit import check_reveals, commit
 from ddm.verify.environment import environment
 from ddm.verify.records import claimed_values, validate_record
 from ddm.verify.thresholds import Thresholds
-from ddm.verify.verdict import check_record_fits_run, decide, image_checks, record_problems, resolve_mode
+from ddm.verify.verdict import check_record_fits_run, decide, image_checks, record_problems
 
 JUDGED_MODES = ("exact", "tolerance", "phash")
 COPY_MODES = ("reveal", "commitment")
@@ -169,14 +169,18 @@ def _finite(values) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
-def judge_claim(record: dict, regenerated: np.ndarray, thresholds: Thresholds, verifier_env: dict) -> dict:
+def judge_claim(record: dict, regenerated: np.ndarray, thresholds: Thresholds | None) -> dict:
     """One claim as a verifier reports it: {"consistent", "auto_mode", "verdicts": {exact, tolerance, phash,
     auto}, "distances": {identical, phash, dhash, max_abs, rms} (lists over images)}. The verdicts are
-    `ddm verify`'s at `thresholds`; the distances let `ddm.verify.analysis` recompute them at any threshold."""
+    `ddm verify`'s at `thresholds` (None before the run's first calibration: tolerance, phash and auto
+    verdicts None); the distances let `ddm.verify.analysis` recompute them at any threshold."""
     problems = record_problems(record)
     checks = image_checks(claimed_values(record), regenerated)
-    auto_mode, _ = resolve_mode("auto", record["environment"], verifier_env)
-    verdicts = {m: decide(checks, problems, m, thresholds)[0] for m in JUDGED_MODES}
+    # auto as `ddm verify` runs it for a verifier that holds the calibration this evaluation makes: bit for bit
+    # passes, anything else is judged within the thresholds (the record's environment has no say)
+    auto_mode = "tolerance"
+    verdicts = {m: None if thresholds is None and m != "exact" else decide(checks, problems, m, thresholds)[0]
+                for m in JUDGED_MODES}
     verdicts["auto"] = verdicts[auto_mode]
     return {"consistent": not problems, "auto_mode": auto_mode, "verdicts": verdicts,
             "distances": {"identical": [c.identical for c in checks], "phash": [c.phash for c in checks],
@@ -184,10 +188,11 @@ def judge_claim(record: dict, regenerated: np.ndarray, thresholds: Thresholds, v
                           "rms": _finite(c.rms for c in checks)}}
 
 
-def _read_claims(claims_path: str | Path) -> tuple[list[dict], Thresholds]:
+def _read_claims(claims_path: str | Path) -> tuple[list[dict], Thresholds | None]:
     try:
         payload = json.loads(Path(claims_path).read_text())
-        return payload["claims"], Thresholds(**payload.get("thresholds", {}))
+        thresholds = payload.get("thresholds")
+        return payload["claims"], None if thresholds is None else Thresholds(**thresholds)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DDMError(f"cannot read claims {claims_path}: {err}") from None
 
@@ -247,7 +252,7 @@ def verifier_worker(run_dir: str, claims_path: str | Path, work: str | Path, ind
         key = json.dumps(record["request"], sort_keys=True)
         if key not in cache:
             cache[key] = generate(ensemble, Request.from_json(record["request"]), batch_size=batch_size).x
-        results.append({"claim": claim["id"], "verifier": index, **judge_claim(record, cache[key], thresholds, env)})
+        results.append({"claim": claim["id"], "verifier": index, **judge_claim(record, cache[key], thresholds)})
     info = {"index": index, "pid": os.getpid(), "backend": jax.default_backend(), "devices": jax.device_count(),
             "cpus": len(os.sched_getaffinity(0)), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "batch_size": batch_size, "param_mantissa": param_mantissa, "jax": jax.__version__, "environment": env,
@@ -268,12 +273,14 @@ def copying_worker(claims_path: str | Path, work: str | Path, index: int, copy_o
                    reveal_timeout: float = 3600.0) -> dict:
     """A verifier that regenerates nothing and copies verifier `copy_of` (module docstring)."""
     work = Path(work)
-    claims, _ = _read_claims(claims_path)
+    claims, thresholds = _read_claims(claims_path)
     info = {"index": index, "pid": os.getpid(), "copy_of": copy_of, "copy_mode": mode, "regenerations": 0}
     if mode == "reveal":
         n = {c["id"]: len(c["record"]["images"]) for c in claims}
-        guess = [{"claim": c["id"], "verifier": index, "consistent": True, "auto_mode": "exact",
-                  "verdicts": {m: True for m in (*JUDGED_MODES, "auto")},
+        # what an honest verifier reports for an honest claim (`judge_claim`)
+        verdicts = {m: True if thresholds is not None or m == "exact" else None for m in JUDGED_MODES}
+        guess = [{"claim": c["id"], "verifier": index, "consistent": True, "auto_mode": "tolerance",
+                  "verdicts": {**verdicts, "auto": verdicts["tolerance"]},
                   "distances": {"identical": [True] * n[c["id"]], "phash": [0] * n[c["id"]],
                                 "dhash": [0] * n[c["id"]], "max_abs": [0.0] * n[c["id"]],
                                 "rms": [0.0] * n[c["id"]]}} for c in claims]

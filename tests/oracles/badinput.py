@@ -365,6 +365,19 @@ def bad_input_cases(run_dir: str | Path, work: str | Path) -> list[Case]:
                        ("--max-n 0", ("--max-n", "0")), ("--mode x", ("--mode", "x")), ("--rms nan", ("--rms", "nan"))]:
         add("verify", name, "verify", records["steps_1e9"], "--run-dir", r, *argv)
     add("verify", "manifest share NaN", "verify", records["steps_1e9"], "--run-dir", broken["share NaN"])
+    island, bundle, report = str(run / "experts" / "0"), str(run / "islands" / "0"), str(out / "audit.json")
+    for name, argv in [("OUT missing", (str(work / "nowhere"), "--bundle", bundle)),
+                       ("OUT holds no expert.json", (f["empty_dir"], "--bundle", bundle)),
+                       ("bundle missing", (island, "--bundle", str(work / "nowhere"))),
+                       ("another island's bundle", (island, "--bundle", str(run / "islands" / "1"))),
+                       ("--segments 0", (island, "--bundle", bundle, "--segments", "0")),
+                       ("--seed huge", (island, "--bundle", bundle, "--seed", HUGE_SEED)),
+                       ("--chain not a head", (island, "--bundle", bundle, "--chain", "xyz")),
+                       ("--report below a file", (island, "--bundle", bundle, "--report", below_file)),
+                       ("--report not .json", (island, "--bundle", bundle, "--report", str(out / "audit.txt")))]:
+        named = "--report" in argv  # else a report that must not be written
+        add("audit", name, "audit", *argv, *(() if named else ("--report", report)),
+            outputs=(argv[-1] if named else report,))
 
     # `ddm serve`: refused before it listens (a case that reached uvicorn would hang the harness, not pass).
     add("serve", "missing run", "serve", "--run-dir", str(work / "nowhere"))
