@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -61,3 +66,35 @@ def unwritable_folder(tmp_path: Path) -> Path:
     if folder is None:
         pytest.skip("no folder here refuses this user's writes (root, and no /sys)")
     return folder
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(run_dir: Path, *args: str, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """A `ddm serve` process of `run_dir` on a free 127.0.0.1 port (extra CLI `args`), once /health answers:
+    (the process, its base URL). The caller stops it."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ddm", "serve", "--run-dir", str(run_dir), "--port", str(port),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"ddm serve exited {proc.returncode}: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise AssertionError("ddm serve did not come up")
+        time.sleep(0.3)

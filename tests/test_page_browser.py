@@ -10,10 +10,7 @@ import base64
 import io
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +24,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
 pytest.importorskip("fastapi")
 
 import httpx
+from helpers import start_serve
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -35,12 +33,6 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from ddm.data.run import Run
 from ddm.verify.signing import generate_keypair
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(b64: str) -> np.ndarray:
@@ -59,22 +51,8 @@ def run_dir(request) -> Path:
 def server(run_dir, tmp_path_factory):
     """A `ddm serve` process on 127.0.0.1 (records signed with a fresh key): its base URL."""
     key, _ = generate_keypair(tmp_path_factory.mktemp("page-key") / "key")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ddm", "serve", "--run-dir", str(run_dir), "--port", str(port),
-                             "--max-wait-ms", "0", "--key", str(key)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_serve(run_dir, "--max-wait-ms", "0", "--key", str(key))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "ddm serve did not come up"
-            time.sleep(0.3)
         yield base
     finally:
         proc.terminate()

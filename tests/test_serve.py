@@ -5,11 +5,7 @@ import base64
 import dataclasses
 import io
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -21,6 +17,7 @@ pytest.importorskip("httpx")
 
 import httpx
 from fastapi.testclient import TestClient
+from helpers import free_port, start_serve
 from PIL import Image
 
 from ddm.core.errors import DDMError
@@ -398,18 +395,13 @@ def test_serve_launcher_k8s_writes_a_deployment_and_a_service(trained_run_copy, 
     assert main(["serve", "--run-dir", str(trained_run_copy), "--launcher", "k8s"]) == 2  # no --image
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_sample_with_server_writes_what_a_local_sample_writes(trained_run, tmp_path):
     import uvicorn
 
     from ddm.app.cli import main
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(trained_run, max_wait_ms=0), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -441,22 +433,8 @@ def test_sample_with_server_writes_what_a_local_sample_writes(trained_run, tmp_p
 
 @pytest.mark.slow
 def test_ddm_serve_answers_and_stops_cleanly_on_sigterm(trained_run):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ddm", "serve", "--run-dir", str(trained_run), "--port", str(port),
-                             "--max-wait-ms", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_serve(trained_run, "--max-wait-ms", "0")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "ddm serve did not come up"
-            time.sleep(0.5)
         r = httpx.post(f"{base}/v1/images/generations", json={"n": 2, "steps": 2}, timeout=120)
         assert r.status_code == 200 and len(r.json()["data"]) == 2
         proc.send_signal(signal.SIGTERM)
