@@ -98,3 +98,22 @@ def start_serve(run_dir: Path, *args: str, timeout: float = 180) -> tuple[subpro
             proc.terminate()
             raise AssertionError("ddm serve did not come up")
         time.sleep(0.3)
+
+
+def child_env(tmp_path_factory) -> dict:
+    """The environment for a `ddm` child process of a test: one CPU device, no inherited multi-process
+    settings, the session's compilation cache."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "DDM_NUM_CPU"))}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax-cache"))
+    return env
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import fresh_run
+from helpers import child_env, fresh_run, process_alive
 from oracles.badinput import refusing_folder
 
 from ddm.app import cli
@@ -232,22 +232,6 @@ LAUNCH = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _child_env(tmp_path_factory) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "DDM_NUM_CPU"))}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax-cache"))
-    return env
-
-
 def _stop_when(proc: subprocess.Popen, ready, sig: signal.Signals, timeout: float = 300) -> float:
     """Sends `sig` to `proc` once `ready()` holds; the seconds `proc` then took to exit."""
     deadline = time.monotonic() + timeout
@@ -264,7 +248,7 @@ def test_sigint_to_ddm_run_reaches_every_island_and_exits_75(run, tmp_path_facto
     """`ddm run` (prepared already, so straight to the islands) with stand-in islands that only wait."""
     pids = [run / "experts" / str(k) / "pid" for k in (0, 1)]
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, STAND_IN, "run", "--config", DIGITS, "--run-dir", str(run),
-                             "--set", "data.k=2", "--parallel", "2"], cwd=REPO, env=_child_env(tmp_path_factory),
+                             "--set", "data.k=2", "--parallel", "2"], cwd=REPO, env=child_env(tmp_path_factory),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _stop_when(proc, lambda: all(p.exists() and p.read_text() for p in pids), signal.SIGINT, timeout=120)
@@ -273,11 +257,11 @@ def test_sigint_to_ddm_run_reaches_every_island_and_exits_75(run, tmp_path_facto
         if proc.poll() is None:
             proc.kill()
         for p in pids:
-            if p.exists() and _alive(int(p.read_text())):
+            if p.exists() and process_alive(int(p.read_text())):
                 os.kill(int(p.read_text()), signal.SIGKILL)
     assert proc.returncode == PREEMPTED_EXIT, out[-2000:] + err[-2000:]
     assert [(run / "experts" / str(k) / "stopped").read_text() for k in (0, 1)] == ["SIGINT", "SIGINT"]
-    assert not any(_alive(int(p.read_text())) for p in pids)
+    assert not any(process_alive(int(p.read_text())) for p in pids)
     assert err.strip().splitlines()[-1] == ("ddm: train-islands: stopped by SIGINT; islands [0, 1] stopped too, at "
                                             "their last checkpoints; rerun to resume")
 
@@ -287,7 +271,7 @@ def test_sigterm_to_train_islands_checkpoints_every_island_exits_75_and_a_rerun_
     sets = [a for s in ("expert.train.steps=64", "expert.train.batch_size=16", "expert.train.checkpoint_every=4",
                         "expert.train.log_every=2", "expert.train.warmup_steps=4") for a in ("--set", s)]
     argv = [sys.executable, "-m", "ddm", "train-islands", "--run-dir", str(run), "--parallel", "2", *sets]
-    env = _child_env(tmp_path_factory)
+    env = child_env(tmp_path_factory)
     metrics = [run / "experts" / str(k) / "metrics.jsonl" for k in (0, 1)]
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:  # mid-training: an island has logged its first step
@@ -298,7 +282,7 @@ def test_sigterm_to_train_islands_checkpoints_every_island_exits_75_and_a_rerun_
             proc.kill()
     pids = [int(line.split("(pid ")[1].rstrip(")")) for line in out.splitlines() if "started (pid" in line]
     assert proc.returncode == PREEMPTED_EXIT, out[-3000:] + err[-3000:]
-    assert len(pids) == 2 and not any(_alive(p) for p in pids), pids  # no island outlives the launcher
+    assert len(pids) == 2 and not any(process_alive(p) for p in pids), pids  # no island outlives the launcher
     assert stopped_in < 90 and "ddm: train-islands: stopped by SIGTERM" in err
     saved = {k: sorted(int(p.name) for p in (run / "experts" / str(k) / "checkpoints").glob("[0-9]*"))
              for k in (0, 1) if (run / "experts" / str(k) / "checkpoints").is_dir()}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import fresh_run
+from helpers import child_env, fresh_run
 
 from ddm.app import cli
 from ddm.data import manifest as mf
@@ -63,7 +63,7 @@ def test_two_sites_train_from_bundles_alone_then_assemble_route_and_sample(tmp_p
 
     away = run.with_name("run.unreachable")
     run.rename(away)  # nothing of the run directory can be read while the islands train
-    env = _child_env(tmp_path_factory)  # one device each, the session's compilation cache
+    env = child_env(tmp_path_factory)  # one device each, the session's compilation cache
     islands = [subprocess.Popen([sys.executable, "-m", "ddm", "train-expert", "--island", "bundle", "--out", "out",
                                  "--no-progress", *SETS], cwd=site, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for site in sites.values()]
@@ -260,20 +260,12 @@ def test_run_identity_ignores_times_durations_paths_and_statuses():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _child_env(tmp_path_factory) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "DDM_NUM_CPU"))}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax-cache"))
-    return env
-
-
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(tmp_path_factory, tmp_path):
     from ddm.train.preemption import PREEMPTED_EXIT
 
     run = fresh_run(tmp_path_factory, "sigterm")
-    bundle, env = run / "islands" / "0", _child_env(tmp_path_factory)
+    bundle, env = run / "islands" / "0", child_env(tmp_path_factory)
 
     def cmd(out: Path) -> list[str]:
         return [sys.executable, "-m", "ddm", "train-expert", "--island", str(bundle), "--out", str(out),
@@ -419,7 +411,7 @@ def test_an_island_trains_from_a_bucket_into_the_bucket_resumes_there_and_assemb
     island_tmp.mkdir()
     proc = subprocess.run([sys.executable, "-m", "ddm", "train-expert", "--island", f"{islands}/0", "--out", out,
                            "--no-progress", *SETS], cwd=tmp_path, env={
-                               **_child_env(tmp_path_factory), "TMPDIR": str(island_tmp),
+                               **child_env(tmp_path_factory), "TMPDIR": str(island_tmp),
                                **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

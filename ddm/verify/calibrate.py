@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import itertools
 import logging
 import os
@@ -35,6 +36,7 @@ import numpy as np
 
 from ddm.core import documents
 from ddm.core.errors import DDMError
+from ddm.core.files import atomic_write
 from ddm.core.schema import Anything, ListOf, Obj, Str
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
@@ -269,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         values = regenerate(ensemble, requests)
         out = Path(args.out)
         documents.write(out.with_suffix(".json"), environment())
-        with open(out.with_suffix(".tmp"), "wb") as f:
-            np.savez(f, **{f"x{i}": v for i, v in enumerate(values)})
-        out.with_suffix(".tmp").replace(out)
+        buffer = io.BytesIO()
+        np.savez(buffer, **{f"x{i}": v for i, v in enumerate(values)})
+        atomic_write(out, buffer.getvalue())
     except DDMError as err:
         print(f"ddm verify --calibrate: error: {err}", file=sys.stderr)
         return 2
