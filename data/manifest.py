@@ -7,7 +7,13 @@ Schema (format "ddm-run/v2"; paths are relative to the run directory):
     clustering: method, k, embedding, parameters, inertia, n_iter, centroids (path of [K, D] .npy)
     clusters:   [{id, count, share, shard, sha256, bundle, class_counts}]
                 one shard folder (images [+ labels]) per cluster, inside its island bundle `islands/k/`
-                (`ddm.data.islands`); sha256: its content digest; class_counts [num_classes] (labelled data)
+                (`ddm.data.islands`); sha256: its content digest; class_counts [num_classes] (labelled data).
+                The first clustering.k are the plan's; a cluster that joined later (`ddm add-island`) follows
+                them, has no share and carries `joined` {source, fingerprint, num_images, holdout,
+                labels_sha256} (`ddm.data.membership`)
+    membership: {removed: [k...], history: [...]}      optional: the clusters that left (`ddm remove-island`)
+                                                        and one entry per membership the run has had
+                                                        (`ddm.data.membership`)
     holdout:    {shard, labels, count}                  held-out images (+ class labels in the shard), and
                                                         `labels`: their nearest centroid (.npy)
     config:     the resolved `Config` the run was prepared with
@@ -21,19 +27,24 @@ Every read checks the manifest against its schema (`ddm.data.manifest_schema`: t
 relate), so a damaged or hand-edited manifest is a one-line error naming the field; every write checks it
 first, so an update that would not read back is a one-line error and the file is left as it was.
 
-Only coordinator commands (prepare, assemble, train-router, train-monolith, distill, the local launcher) update
-it.
+Only coordinator commands (prepare, assemble, train-router, train-monolith, distill, the local launcher,
+add-island, remove-island) update it; those that change the membership id also append to its history
+(`ddm.data.membership.tracked`, through `Run.update`).
 Two of them may still run at once on one machine, so every update takes an exclusive lock and writes through
 a temporary file + rename: a reader never sees a half-written manifest.
 
 A run has two names. `plan_sha256` (the *run id* islands carry) digests what was planned: dataset,
-clustering, each cluster's shard digest, the resolved config; no component section enters it, nor the island keys
-(who may hand back experts is not what the run computes, so keys can be listed after islands got their bundles). `manifest_sha256`
-(what verification records name) digests the plan plus the weight SHA-256 of each finished component the routed
-ensemble samples with (experts, router: `components.ENSEMBLE`); the monolith and the student are left out, so
-training them after records were made (or after `ddm export`) leaves every record valid. Neither sees volatile
-fields (times, durations, paths, statuses), so moving the run, re-running finished work or assembling the same
-experts again leaves every record valid.
+clustering, each planned cluster's shard digest, the resolved config; no component section enters it, nor the
+island keys (who may hand back experts is not what the run computes, so keys can be listed after islands got
+their bundles), nor the clusters that joined later or the `membership` section: joining and leaving never change
+it, so every bundle and expert of the run stays valid. `manifest_sha256`, the *membership id* (what
+verification records name), digests the plan plus the weight SHA-256 (and model config) of each finished
+component the routed ensemble samples with (experts, router: `components.ENSEMBLE`), the joined clusters'
+entries (counts, class counts, shard digests) and the removed set; the monolith and the student are left out,
+so training them after records were made (or after `ddm export`) leaves every record valid. A run that never
+had a cluster join or leave has the id it always had. Neither id sees volatile fields (times, durations, paths,
+statuses, the membership history), so moving the run, re-running finished work or assembling the same experts
+again leaves every record valid.
 """
 
 from __future__ import annotations
@@ -111,8 +122,8 @@ def update_manifest(run_dir: str | Path, change: Callable[[dict], None]) -> dict
     return manifest
 
 
-def record_component(run_dir: str | Path, section: str, key: str | None, entry: dict) -> dict:
-    """Sets `manifest[section][key] = entry` (or `manifest[section] = entry` when key is None)."""
+def component_change(section: str, key: str | int | None, entry: dict) -> Callable[[dict], None]:
+    """The manifest edit `manifest[section][key] = entry` (or `manifest[section] = entry` when key is None)."""
 
     def change(manifest: dict) -> None:
         if key is None:
@@ -120,23 +131,36 @@ def record_component(run_dir: str | Path, section: str, key: str | None, entry: 
         else:
             manifest.setdefault(section, {})[str(key)] = entry
 
-    return update_manifest(run_dir, change)
+    return change
+
+
+def record_component(run_dir: str | Path, section: str, key: str | None, entry: dict) -> dict:
+    """Sets `manifest[section][key] = entry` (or `manifest[section] = entry` when key is None)."""
+    return update_manifest(run_dir, component_change(section, key, entry))
 
 
 # Keys of a cluster entry / of the config that say where things are, not what they are.
 _PLACE_KEYS = ("shard", "bundle")
 _CONFIG_PLACE_KEYS = ("run_dir",)
 COMPONENT_SECTIONS = components.SECTIONS
+# Which clusters are members and how that changed (`ddm.data.membership`): not part of the plan.
+MEMBERSHIP = "membership"
+JOINED = "joined"  # the marker of a cluster entry that joined after the plan
+
+
+def _cluster_fields(cluster) -> dict:
+    return {k: v for k, v in cluster.items() if k not in _PLACE_KEYS} if isinstance(cluster, dict) else cluster
 
 
 def plan_sha256(manifest: dict) -> str:
-    """The run id: SHA-256 of the canonical JSON of what was planned (everything but the components and the
-    volatile or place-dependent fields). Island bundles and expert records carry it."""
+    """The run id: SHA-256 of the canonical JSON of what was planned (everything but the components, the
+    membership, the clusters that joined later and the volatile or place-dependent fields). Island bundles and
+    expert records carry it."""
     plan = {k: v for k, v in manifest.items()
-            if k not in VOLATILE_KEYS and k not in COMPONENT_SECTIONS and k not in TRUST_KEYS}
+            if k not in VOLATILE_KEYS and k not in COMPONENT_SECTIONS and k not in TRUST_KEYS and k != MEMBERSHIP}
     if isinstance(plan.get("clusters"), list):
-        plan["clusters"] = [{k: v for k, v in c.items() if k not in _PLACE_KEYS} if isinstance(c, dict) else c
-                            for c in plan["clusters"]]
+        plan["clusters"] = [_cluster_fields(c) for c in plan["clusters"]
+                            if not (isinstance(c, dict) and JOINED in c)]
     if isinstance(plan.get("config"), dict):
         plan["config"] = {k: v for k, v in plan["config"].items() if k not in _CONFIG_PLACE_KEYS}
     return documents.digest(plan)
@@ -150,8 +174,9 @@ def _weights(entry) -> dict | None:
 
 
 def manifest_sha256(manifest: dict) -> str:
-    """The run's identity in verification records: SHA-256 of the plan's digest and the weights of every
-    finished component the routed ensemble uses (`components.ENSEMBLE`; see the module docstring)."""
+    """The membership id, the run's identity in verification records: SHA-256 of the plan's digest, the weights of
+    every finished component the routed ensemble uses (`components.ENSEMBLE`), the joined clusters' entries and
+    the removed set (see the module docstring)."""
     identity: dict = {"plan": plan_sha256(manifest)}
     for c in components.ENSEMBLE:
         section = manifest.get(c.name)
@@ -159,6 +184,13 @@ def manifest_sha256(manifest: dict) -> str:
             identity[c.name] = {k: _weights(e) for k, e in sorted((section or {}).items()) if _weights(e)}
         elif _weights(section):
             identity[c.name] = _weights(section)
+    # Only when there are any: a run that never changed members keeps the id its records name.
+    joined = [_cluster_fields(c) for c in manifest.get("clusters") or [] if isinstance(c, dict) and JOINED in c]
+    if joined:
+        identity["joined"] = joined
+    removed = (manifest.get(MEMBERSHIP) or {}).get("removed") or []
+    if removed:
+        identity["removed"] = sorted(removed)
     return documents.digest(identity)
 
 

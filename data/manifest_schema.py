@@ -32,7 +32,9 @@ COMPONENT = Obj(
               "train": Anything(dict, "an object"), "router": Anything(dict, "an object"), "teacher": Str(),
               # experts (`ddm assemble`): the bundle it trained from, the key that signed its record
               "bundle_sha256": Hex(64), "signer": Nullable(Str(pattern=KEY_ID, name="a key id (ed25519:16 hex)")),
-              "hardware": Anything()},
+              "hardware": Anything(),
+              # the router: what it trained on (`router.source`), and the drawn set's digest and sizes
+              "source": Str(choices=("data", "experts")), "training_set": Anything(dict, "an object")},
 )
 
 # How stored rows map to model space (`ddm.core.codec.Codec.from_dict`): images, or standardised latents.
@@ -45,6 +47,24 @@ CODEC = Obj({"kind": Str(choices=("images", "latents"))},
 # signed by its key. Who may hand back experts is not part of the plan: these stay out of the run id.
 ISLAND_KEY = Obj({"key_id": Str(pattern=KEY_ID, name="a key id (ed25519:16 hex)"),
                   "public_key": Str(pattern=r"[A-Za-z0-9+/]{43}=", name="base64 of 32 bytes")}, closed=True)
+
+# A cluster that joined after the plan (`ddm add-island`): where its data came from.
+JOINED = Obj({"source": Str(), "fingerprint": Hex(64), "num_images": Int(min=1, max=MAX_COUNT),
+              "holdout": Int(min=0, max=MAX_COUNT)},
+             optional={"labels_sha256": Nullable(Hex(64))}, closed=True)
+
+# Which clusters left, and every membership the run has had (`ddm.data.membership`; volatile, in no id).
+_CLUSTER_IDS = ListOf(Int(min=0, max=MAX_CLUSTERS - 1), max_len=MAX_CLUSTERS)
+HISTORY_ENTRY = Obj(
+    {"id": Hex(64), "change": Str(), "clusters": _CLUSTER_IDS, "removed": _CLUSTER_IDS,
+     "experts": MapOf(Obj({"sha256": Hex(64), "path": RelPath()}, optional={"step": Int(min=0),
+                                                                            "model": Anything(dict, "an object")}),
+                      key_pattern=CLUSTER_KEY, key_name="cluster ids"),
+     "router": Nullable(Obj({"sha256": Hex(64), "path": RelPath()},
+                            optional={"num_clusters": Int(min=1, max=MAX_CLUSTERS),
+                                      "num_classes": Int(min=0, max=MAX_CLASSES), "clusters": _CLUSTER_IDS}))},
+    optional={"created": Str()})
+MEMBERSHIP = Obj({}, optional={"removed": _CLUSTER_IDS, "history": ListOf(HISTORY_ENTRY)}, closed=True)
 
 SCHEMA = Obj(
     {
@@ -62,9 +82,10 @@ SCHEMA = Obj(
                                     "n_iter": Int(min=0), "seed": Int(min=0, max=2**32 - 1)}),
         "clusters": ListOf(Obj({"id": Int(min=0, max=MAX_CLUSTERS - 1),
                                 "count": Int(min=0, max=MAX_COUNT),
-                                "share": Num(min=0, max=1),
                                 "shard": RelPath()},
-                               optional={"class_counts": ListOf(Int(min=0, max=MAX_COUNT), max_len=MAX_CLASSES)}),
+                               optional={"share": Num(min=0, max=1),  # planned clusters (rule `shares_fit`)
+                                         "class_counts": ListOf(Int(min=0, max=MAX_COUNT), max_len=MAX_CLASSES),
+                                         "joined": JOINED}),
                            min_len=1, max_len=MAX_CLUSTERS),
         "config": Anything(dict, "an object"),
     },
@@ -73,6 +94,7 @@ SCHEMA = Obj(
         "holdout": Obj({"count": Int(min=0, max=MAX_COUNT)}, optional={"shard": RelPath(), "labels": RelPath()}),
         "experts": MapOf(Nullable(COMPONENT), key_pattern=CLUSTER_KEY, key_name="cluster ids"),
         "island_keys": MapOf(ISLAND_KEY, key_pattern=CLUSTER_KEY, key_name="cluster ids"),
+        "membership": MEMBERSHIP,
         # router, monolith, student: one entry per run (`ddm.data.components`)
         **{c.name: Nullable(COMPONENT) for c in COMPONENTS if not c.per_cluster},
     },
@@ -84,9 +106,25 @@ SCHEMA = Obj(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _planned(m: dict) -> list[dict]:
+    """The clusters of the plan (the first clustering.k; the joined ones follow them)."""
+    return [c for c in m["clusters"] if "joined" not in c]
+
+
 def clusters_match_k(m: dict) -> str | None:
-    if len(m["clusters"]) != m["clustering"]["k"]:
-        return f"clustering.k is {m['clustering']['k']} but clusters lists {len(m['clusters'])}"
+    planned = _planned(m)
+    if len(planned) != m["clustering"]["k"]:
+        return f"clustering.k is {m['clustering']['k']} but clusters lists {len(planned)} planned clusters"
+    if any("joined" in c for c in m["clusters"][:len(planned)]):
+        return "clusters that joined later must follow the planned ones"
+    return None
+
+
+def shares_fit(m: dict) -> str | None:
+    for c in m["clusters"]:
+        if ("share" in c) == ("joined" in c):
+            return (f"clusters[{c['id']}] " + ("joined later and has no share" if "joined" in c else
+                                                "is planned and needs its share"))
     return None
 
 
@@ -107,7 +145,7 @@ def one_shard_per_cluster(m: dict) -> str | None:
 
 
 def counts_add_up(m: dict) -> str | None:
-    train = sum(c["count"] for c in m["clusters"])
+    train = sum(c["count"] for c in _planned(m))
     held = (m.get("holdout") or {}).get("count", 0)
     if train + held != m["dataset"]["num_images"]:
         return (f"cluster counts ({train}) plus holdout.count ({held}) must equal dataset.num_images "
@@ -115,6 +153,11 @@ def counts_add_up(m: dict) -> str | None:
     if train == 0:
         return "every cluster is empty"
     for c in m["clusters"]:
+        if "joined" in c:
+            if c["count"] + c["joined"]["holdout"] != c["joined"]["num_images"]:
+                return (f"clusters[{c['id']}].count plus joined.holdout must equal joined.num_images "
+                        f"({c['joined']['num_images']})")
+            continue
         if not math.isclose(c["share"], c["count"] / train, rel_tol=1e-9, abs_tol=1e-12):
             return f"clusters[{c['id']}].share must be its count / {train} = {c['count'] / train:.6g}, got {c['share']}"
     return None
@@ -142,8 +185,22 @@ def island_keys_fit(m: dict) -> str | None:
     return None
 
 
-RULES = [clusters_match_k, cluster_ids_in_order, one_shard_per_cluster, counts_add_up, class_counts_match,
-         island_keys_fit]
+def membership_fits(m: dict) -> str | None:
+    removed = (m.get("membership") or {}).get("removed") or []
+    if len(set(removed)) != len(removed):
+        return "membership.removed names a cluster twice"
+    for k in removed:
+        if k >= len(m["clusters"]):
+            return f"membership.removed names cluster {k}, but the run has clusters 0..{len(m['clusters']) - 1}"
+        if str(k) in (m.get("experts") or {}):
+            return f"cluster {k} was removed but experts still lists it"
+    if len(removed) == len(m["clusters"]):
+        return "membership.removed names every cluster"
+    return None
+
+
+RULES = [clusters_match_k, shares_fit, cluster_ids_in_order, one_shard_per_cluster, counts_add_up,
+         class_counts_match, island_keys_fit, membership_fits]
 
 
 def validate_manifest(manifest, where: str) -> dict:

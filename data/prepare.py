@@ -20,7 +20,7 @@ from ddm.core.config import Config, DataConfig, to_dict, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.core.files import check_output_dir
 from ddm.core.hashing import dataset_fingerprint, labels_fingerprint
-from ddm.data import islands, storage
+from ddm.data import islands, membership, storage
 from ddm.data import manifest as mf
 from ddm.data.components import COMPONENTS
 from ddm.data.embed import fit_embedding, load_features
@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 BLOCK_ROWS = 4_096  # rows per block when streaming features, assignments and shard writes
 STATS_BLOCK_BYTES = 32 << 20  # float64 working set of one block of the latent statistics
 
+RETIRED_ROUTERS = "routers"  # routers of earlier memberships (`ddm.data.join`)
 # Everything ddm writes in a run directory; `--overwrite` removes only these.
 RUN_CONTENTS = ("manifest.json", "shards", "islands", "clusters", *(c.folder for c in COMPONENTS), "samples", "eval",
-                "slurm", "k8s")
+                "slurm", "k8s", RETIRED_ROUTERS)
 
 
 def fit_sample(n: int, fit_samples: int, seed: int) -> np.ndarray:
@@ -279,22 +280,10 @@ def _write_run(run_dir: Path, cfg: Config, dataset, codec: Codec, data_fp: str, 
     images, labels, n = dataset.images, dataset.labels, len(dataset.images)
     clusters, island_holdouts = [], []
     for k in range(cfg.data.k):
-        # The cluster's shard lives in its island bundle: the one copy, which the manifest points at.
-        bundle = f"islands/{k}"
-        rel = f"{bundle}/{islands.SHARD}"
-        members = train_idx[train_labels == k]
-        sha = _write_rows(mf.resolve(run_dir, rel), images, labels, members, cfg.data.chunk_images, block_rows,
-                          cluster=k)
-        entry = {"id": k, "count": int(len(members)), "share": len(members) / len(train_idx), "shard": rel,
-                 "sha256": sha, "bundle": bundle}
-        if labels is not None:  # the cluster's images per class: p(k | y) is count / the class total
-            entry["class_counts"] = np.bincount(labels[members], minlength=dataset.num_classes).tolist()
-        clusters.append(entry)
-        near = hold_labels == k  # the island's own held-out images, for its held-out loss
-        island_holdouts.append(None if not near.any() else {
-            "path": islands.HOLDOUT, "count": int(near.sum()),
-            "sha256": _write_rows(mf.resolve(run_dir, f"{bundle}/{islands.HOLDOUT}"), images, labels,
-                                  hold_idx[near], cfg.data.chunk_images, block_rows, cluster="holdout")})
+        entry, held = write_cluster(run_dir, k, images, labels, dataset.num_classes, train_idx[train_labels == k],
+                                    hold_idx[hold_labels == k], cfg.data.chunk_images, block_rows)
+        clusters.append({**entry, "share": entry["count"] / len(train_idx)})
+        island_holdouts.append(held)
     holdout = {"count": int(len(hold_idx))}
     if len(hold_idx):
         holdout["sha256"] = _write_rows(mf.resolve(run_dir, "shards/holdout"), images, labels, hold_idx,
@@ -318,13 +307,38 @@ def _write_run(run_dir: Path, cfg: Config, dataset, codec: Codec, data_fp: str, 
     }
     run_id = mf.plan_sha256(manifest)
     for c, held in zip(clusters, island_holdouts):
-        shard = {"path": islands.SHARD, "sha256": c["sha256"], "count": c["count"]}
-        islands.write_island_json(run_dir / c["bundle"], islands.island_record(
-            run_id, c["id"], manifest["dataset"], shard, held, manifest["config"]))
+        write_island(run_dir, c, held, run_id, manifest)
+    membership.start(manifest)
     mf.write_manifest(run_dir, manifest)
     logger.info(f"prepared {run_dir} in {time.perf_counter() - t0:.1f}s")
     logger.info(cluster_table(clusters, dataset.class_names))
     return manifest
+
+
+def write_cluster(run_dir: Path, k: int, images, labels: np.ndarray | None, num_classes: int, rows: np.ndarray,
+                  held_rows: np.ndarray, chunk: int, block_rows: int = BLOCK_ROWS) -> tuple[dict, dict | None]:
+    """Writes cluster k's shard (images[rows] [+ labels]) and its island's held-out images (images[held_rows])
+    into its bundle RUN/islands/k; returns (its manifest entry {id, count, shard, sha256, bundle[, class_counts]},
+    the bundle's holdout {path, count, sha256} or None when held_rows is empty)."""
+    # The cluster's shard lives in its island bundle: the one copy, which the manifest points at.
+    bundle = f"islands/{k}"
+    rel = f"{bundle}/{islands.SHARD}"
+    sha = _write_rows(mf.resolve(run_dir, rel), images, labels, rows, chunk, block_rows, cluster=k)
+    entry = {"id": k, "count": int(len(rows)), "shard": rel, "sha256": sha, "bundle": bundle}
+    if labels is not None:  # the cluster's images per class: p(k | y) is count / the class total
+        entry["class_counts"] = np.bincount(labels[rows], minlength=num_classes).tolist()
+    held = None if not len(held_rows) else {  # the island's own held-out images, for its held-out loss
+        "path": islands.HOLDOUT, "count": int(len(held_rows)),
+        "sha256": _write_rows(mf.resolve(run_dir, f"{bundle}/{islands.HOLDOUT}"), images, labels, held_rows, chunk,
+                              block_rows, cluster="holdout")}
+    return entry, held
+
+
+def write_island(run_dir: Path, cluster: dict, held: dict | None, run_id: str, manifest: dict) -> None:
+    """The island.json of `cluster` (its manifest entry) in its bundle: the run id, the run's dataset and config."""
+    shard = {"path": islands.SHARD, "sha256": cluster["sha256"], "count": cluster["count"]}
+    islands.write_island_json(Path(run_dir) / cluster["bundle"], islands.island_record(
+        run_id, cluster["id"], manifest["dataset"], shard, held, manifest["config"]))
 
 
 def _top_classes(counts: list[int], names: list[str] | None, top: int = 3) -> str:

@@ -22,6 +22,7 @@ from ddm.core.codec import Codec
 from ddm.core.config import Config, config_from_data, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.data import manifest as mf
+from ddm.data import membership
 from ddm.data.components import EXPERTS, Component, component
 from ddm.data.shards import NO_LABEL, read_labels, read_shard
 from ddm.data.sums import check_sums
@@ -62,10 +63,23 @@ class Run:
 
     @property
     def sha256(self) -> str:
-        """The run's identity in verification records: its plan and the weight digests of the finished experts
-        and router (what an ensemble sample uses; not the monolith or student), no times, durations or paths
-        (`ddm.data.manifest.manifest_sha256`)."""
+        """The membership id, the run's identity in verification records: its plan, the weight digests of the
+        finished experts and router (what an ensemble sample uses; not the monolith or student), the joined
+        clusters and the removed set; no times, durations or paths (`ddm.data.manifest.manifest_sha256`)."""
         return mf.manifest_sha256(self.manifest)
+
+    @property
+    def membership_id(self) -> str:
+        """The id of the run's current membership (`ddm.data.membership`): the same value as `sha256`."""
+        return self.sha256
+
+    def at(self, membership_id: str) -> Run:
+        """The run as it was when `membership_id` was its membership (`ddm.data.membership.manifest_at`: its
+        clusters, experts and router from the history); `self` when that is the current one. DDMError (one line)
+        when the id is not in the history or a model of that membership is gone."""
+        if membership_id == self.sha256:
+            return self
+        return dataclasses.replace(self, manifest=membership.manifest_at(self.manifest, membership_id, self.root))
 
     @property
     def run_id(self) -> str:
@@ -101,11 +115,11 @@ class Run:
         return self.dataset.get("class_names")
 
     def class_shares(self) -> np.ndarray:
-        """[K, num_classes] float64: p(cluster k | class y), each class's training images over the clusters
-        (the router's posterior at pure noise given y). DDMError for unlabelled data."""
+        """[K, num_classes] float64: p(cluster k | class y), each class's training images over the member clusters
+        (the router's posterior at pure noise given y; 0 for a removed cluster). DDMError for unlabelled data."""
         if not self.num_classes:
             raise DDMError(f"run {self.root} has no class labels")
-        counts = np.array([c["class_counts"] for c in self.clusters], np.float64)
+        counts = self._member_rows(np.array([c["class_counts"] for c in self.clusters], np.float64))
         return counts / np.maximum(counts.sum(0, keepdims=True), 1.0)
 
     def resolve(self, relative: str) -> str:
@@ -122,29 +136,41 @@ class Run:
 
     @property
     def num_clusters(self) -> int:
+        """Cluster slots: the planned clusters and those that joined later, removed ones included (ids are
+        never reused), so K of the experts list and the router's outputs."""
         return len(self.clusters)
 
     @property
+    def removed_clusters(self) -> list[int]:
+        """Clusters that left the membership (`ddm remove-island`)."""
+        return membership.removed(self.manifest)
+
+    @property
     def cluster_ids(self) -> list[int]:
-        return [c["id"] for c in self.clusters]
+        """The member clusters' ids, in order (every slot but the removed ones)."""
+        return membership.member_ids(self.manifest)
 
     def cluster(self, k: int) -> dict:
-        """The manifest entry of cluster k; DDMError naming the valid range if there is none."""
+        """The manifest entry of member cluster k; DDMError naming the valid range if there is none, or saying
+        that k left."""
         if not 0 <= k < self.num_clusters:
             raise DDMError(f"cluster {k} does not exist: the run has clusters 0..{self.num_clusters - 1}")
+        if k in self.removed_clusters:
+            raise DDMError(f"cluster {k} was removed from run {self.root} (ddm remove-island); its data joins "
+                           "again only as a new cluster (ddm add-island)")
         return self.clusters[k]
 
     def shard_path(self, k: int) -> str:
         return self.resolve(self.cluster(k)["shard"])
 
     def shard_paths(self) -> list[str]:
-        """Every cluster's shard, in cluster order."""
-        return [self.resolve(c["shard"]) for c in self.clusters]
+        """Every member cluster's shard, in `cluster_ids` order."""
+        return [self.shard_path(k) for k in self.cluster_ids]
 
     def shard_digests(self) -> list[str] | None:
-        """Every cluster's shard digest (`ddm.data.shards.shard_sha256`), in cluster order; None for a run
-        prepared before shards had digests (readers then skip the check)."""
-        digests = [c.get("sha256") for c in self.clusters]
+        """Every member cluster's shard digest (`ddm.data.shards.shard_sha256`), in `cluster_ids` order; None for
+        a run prepared before shards had digests (readers then skip the check)."""
+        digests = [self.clusters[k].get("sha256") for k in self.cluster_ids]
         return None if None in digests else digests
 
     def bundle_dir(self, k: int) -> Path:
@@ -155,9 +181,16 @@ class Run:
                            "with --overwrite")
         return Path(self.resolve(bundle)).absolute()
 
+    def _member_rows(self, rows: np.ndarray) -> np.ndarray:
+        """`rows` [K, ...] with the removed clusters' rows zeroed."""
+        rows[self.removed_clusters] = 0
+        return rows
+
     def cluster_shares(self) -> np.ndarray:
-        """[K] float64: each cluster's share of the training images (the router's prior)."""
-        return np.array([c["share"] for c in self.clusters], np.float64)
+        """[K] float64: each cluster's share of the member clusters' training images (the router's prior; 0 for a
+        removed cluster)."""
+        counts = self._member_rows(np.array([c["count"] for c in self.clusters], np.float64))
+        return counts / counts.sum()
 
     @property
     def holdout(self) -> dict:
@@ -174,7 +207,7 @@ class Run:
         return np.load(self.resolve(self.holdout["labels"]))
 
     def holdout_set(self, clusters: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Held-out images whose nearest centroid is one of `clusters` (default: all), with that cluster id and
+        """Held-out images whose nearest centroid is one of `clusters` (default: the members), with that cluster id and
         their class label (-1 for unlabelled data), as a reader gives them: (uint8 [N, H, W, C], int32 [N],
         int32 [N]). None when the run has no held-out images or none in these clusters."""
         if self.holdout_path() is None:
@@ -182,7 +215,7 @@ class Run:
         images, labels = read_shard(self.holdout_path()), self.holdout_labels().astype(np.int32)
         classes = read_labels(self.holdout_path())
         classes = np.full(len(labels), NO_LABEL, np.int32) if classes is None else classes
-        keep = np.ones(len(labels), bool) if clusters is None else np.isin(labels, clusters)
+        keep = np.isin(labels, self.cluster_ids if clusters is None else clusters)
         return (images[keep], labels[keep], classes[keep]) if keep.any() else None
 
     # -----------------------------------------------------------------------------------------------------
@@ -248,10 +281,10 @@ class Run:
 
     def record(self, section: str, key: int | str | None, entry: dict) -> Run:
         """Sets a component's manifest entry (under the manifest lock); returns the run re-read."""
-        mf.record_component(self.root, section, key, entry)
-        return self.reload()
+        return self.update(mf.component_change(section, key, entry))
 
     def update(self, change: Callable[[dict], None]) -> Run:
-        """Read-modify-write of the manifest under its lock; returns the run re-read."""
-        mf.update_manifest(self.root, change)
+        """Read-modify-write of the manifest under its lock, with a membership history entry when it changes the
+        membership id (`ddm.data.membership.tracked`); returns the run re-read."""
+        mf.update_manifest(self.root, membership.tracked(change))
         return self.reload()

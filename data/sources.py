@@ -140,6 +140,9 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
         labels, class_names = class_labels(labels, names, len(images), f"{source} labels")
     else:
         labels = None
+    if cfg.exclude_classes:
+        keep = kept_rows(labels, class_names, cfg.exclude_classes, source)
+        images, labels = images[keep], labels[keep]
     if cfg.limit is not None:
         images = images[: cfg.limit]
         labels = None if labels is None else labels[: cfg.limit]
@@ -148,6 +151,19 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
     if len(images) == 0:
         raise DDMError(f"data source {source} holds no images")
     return Dataset(images=np.ascontiguousarray(images), source=source, labels=labels, class_names=class_names)
+
+
+def kept_rows(labels: np.ndarray | None, class_names: list[str] | None, exclude: tuple[int, ...],
+              source: str) -> np.ndarray:
+    """int64 [M] sorted indices of the rows whose class is not in `exclude` (`data.exclude_classes`); DDMError for
+    unlabelled data or a class index the source does not have. The classes themselves stay in `class_names`."""
+    if labels is None:
+        raise DDMError(f"data.exclude_classes={list(exclude)} needs class labels, and {source} is read without any")
+    missing = [c for c in exclude if c >= len(class_names)]
+    if missing:
+        raise DDMError(f"data.exclude_classes names class {missing[0]}, but {source} has classes "
+                       f"0..{len(class_names) - 1}")
+    return np.flatnonzero(~np.isin(labels, np.asarray(exclude, np.int64)))
 
 
 def class_labels(values, names: list[str] | None, n: int, what: str) -> tuple[np.ndarray, list[str]]:
@@ -472,7 +488,10 @@ def _load_latents(cfg: DataConfig, base_dir: Path | None) -> Dataset:
     class_names = None
     if labels is not None:
         labels, class_names = class_labels(labels, names, len(latents), f"{path} labels")
-    if cfg.limit is not None:
+    if cfg.exclude_classes:  # the kept rows are read into memory
+        keep = kept_rows(labels, class_names, cfg.exclude_classes, str(path))[: cfg.limit]
+        latents, labels = check_latents(latents[keep], str(path)), labels[keep]
+    elif cfg.limit is not None:
         latents = NpyRows(path, cfg.limit) if isinstance(latents, NpyRows) else latents[: cfg.limit]
         labels = None if labels is None else labels[: cfg.limit]
     return Dataset(images=latents, source=str(path), labels=labels, class_names=class_names)

@@ -10,9 +10,14 @@ before anything is registered or copied:
 - the run id, the cluster, the shard digest, and the bundle: RUN/islands/k must still be the plan's
   (`plan_bundle`: an edited island.json is refused) and the record must name its digest.
 - what it trained: `step` must be the plan's `expert.train.steps`, its `train` block the plan's (but for
-  `ISLAND_CHOICES`), its `model` block and `model_digest` the plan's, and `config_digest` the digest of the two
+  `ISLAND_CHOICES`), `model_digest` the digest of its `model` block and `config_digest` the digest of the two
   blocks it names (a block edited after training). "The plan" is the manifest's config with this command's
   `--set` overrides, so an island told to train with `--set expert.train.steps=N` is assembled with the same.
+- its model: an island chooses its own `expert.model` (preset, patch_size, dtype, remat: `train-expert --set
+  expert.model.preset=small`), a complete `ModelConfig` whose patch size divides the run's image sides; the
+  plan fixes what the ensemble combines its velocity with (`PLAN_MODEL_FIELDS`: the classes it is conditioned
+  on) and, through the bundle, the image shape and the flow convention (`ddm.core.flow`). The manifest entry
+  keeps the expert's own model block, which loads it (and is part of the run identity).
 - the weights' SHA-256, recomputed from the files.
 
 Any mismatch is a one-line DDMError and nothing is written. A finished expert is replaced only with `replace`
@@ -42,8 +47,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ddm.core import documents, signatures
-from ddm.core.config import to_dict
-from ddm.core.dit import dit_from_config
+from ddm.core.config import ModelConfig, from_dict, to_dict
+from ddm.core.dit import check_image_shape, dit_from_config
 from ddm.core.errors import DDMError
 from ddm.data import storage
 from ddm.data.islands import Bundle
@@ -55,10 +60,13 @@ from ddm.train.checkpoint import load_pinned_tree
 logger = logging.getLogger(__name__)
 
 # expert.train fields an island may set for its own hardware and monitoring: how it lays out and logs the work,
-# not what the expert learns. Every other train field, and the whole model config, must be the plan's.
+# not what the expert learns. Every other train field must be the plan's.
 ISLAND_CHOICES = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "holdout_loss", "tensorboard",
                             "wandb_project", "sample_every", "sample_images", "sample_steps", "mesh_data",
                             "mesh_fsdp", "grad_accum", "prefetch"})
+# expert.model fields the plan fixes: the ensemble adds the experts' velocities row by row, so they must take the
+# same inputs. Every other model field (the architecture's size, patches, compute dtype, remat) is the island's.
+PLAN_MODEL_FIELDS = ("num_classes",)
 _SET_HINT = "an island trained with --set is assembled with the same --set"
 
 
@@ -180,8 +188,8 @@ def _check_signature(run: Run, out: str | Path, record: dict, own: bool) -> str 
     return result.signer
 
 
-def _check_training(run: Run, out: str | Path, record: dict) -> None:
-    """What the expert trained must be what the plan says (module docstring)."""
+def _check_training(run: Run, out: str | Path, record: dict) -> ModelConfig:
+    """What the expert trained must be what the plan says (module docstring); returns its own model config."""
     k = record["cluster"]
     expert = run.config.expert
     plan_train, plan_model = to_dict(expert.train), to_dict(expert.model)
@@ -202,16 +210,34 @@ def _check_training(run: Run, out: str | Path, record: dict) -> None:
     def chosen(train: dict) -> dict:
         return {key: v for key, v in train.items() if key not in ISLAND_CHOICES}
 
+    fixed = {key: plan_model[key] for key in PLAN_MODEL_FIELDS}
     for ours, plan, path in ((chosen(record["train"]), chosen(plan_train), "expert.train"),
-                             (record["model"], plan_model, "expert.model")):
+                             ({key: record["model"].get(key, _ABSENT) for key in fixed}, fixed, "expert.model")):
         found = _first_difference(ours, plan, path)
         if found is not None:
             name, got, wanted = found
             raise DDMError(f"expert {k} in {out} was trained with {name}={_show(got)}, the plan has {_show(wanted)}: "
                            f"refusing to assemble it ({_SET_HINT})")
-    if record["model_digest"] != model_digest(expert.model):  # the same as the block's, checked above
-        raise DDMError(f"expert {k} in {out} has a different model config than the run (expert.model): "
-                       "refusing to assemble it")
+    return _island_model(run, out, record)
+
+
+def _island_model(run: Run, out: str | Path, record: dict) -> ModelConfig:
+    """The island's own model config out of its record: a complete `ModelConfig` (every field, valid values)
+    that builds a DiT for the run's image shape; DDMError otherwise."""
+    k = record["cluster"]
+    try:
+        model = from_dict(ModelConfig, record["model"])
+        check_image_shape(run.image_shape, model.patch_size)
+    except DDMError as err:
+        raise DDMError(f"expert {k} in {out}: its model block is not a model for this run ({err}): refusing to "
+                       "assemble it") from None
+    found = _first_difference(record["model"], to_dict(model), "expert.model")
+    if found is not None:  # a partial block would let defaults of another version decide the architecture
+        raise DDMError(f"expert {k} in {out}: its model block gives {found[0]}={_show(found[1])}, a complete model "
+                       f"config has {_show(found[2])}: refusing to assemble it")
+    if record["model_digest"] != model_digest(model):  # the same as the block's, checked above
+        raise DDMError(f"expert {k} in {out}: model_digest is not its model config's: refusing to assemble it")
+    return model
 
 
 def check_expert(run: Run, out: str | Path, weights_sha256: str | None = None, *,
@@ -238,7 +264,7 @@ def check_expert(run: Run, out: str | Path, weights_sha256: str | None = None, *
     if record["bundle_sha256"] != bundle.sha256:
         raise DDMError(f"expert {k} in {out} was trained from a different bundle (digest "
                        f"{str(record['bundle_sha256'])[:16]}, the run's {bundle.sha256[:16]})")
-    _check_training(run, out, record)
+    model = _check_training(run, out, record)
     if weights_sha256 is not None:
         if record["ema_sha256"] != weights_sha256:
             raise DDMError(f"expert {k} in {out}: expert.json names weights {str(record['ema_sha256'])[:16]}, the "
@@ -249,7 +275,7 @@ def check_expert(run: Run, out: str | Path, weights_sha256: str | None = None, *
         files = fetch_to
         storage.copy_tree(storage.join(out, record["final"]), str(files / record["final"]))
         write_expert_json(files, record)  # the record just checked, not a second read of the bucket
-    make = functools.partial(dit_from_config, run.config.expert.model, run.image_shape)
+    make = functools.partial(dit_from_config, model, run.image_shape)  # the island's own architecture
     try:
         load_pinned_tree(files / record["final"], record["ema_sha256"], make, f"expert {k}")
     except DDMError as err:

@@ -279,7 +279,7 @@ def write_k8s_job(run_dir: str | Path, overrides: list[str], *, image: str, bund
     bundles = (bundles or str(run_dir / "islands")).rstrip("/")
     experts = (experts or str(run_dir / "experts")).rstrip("/")
     sets = [arg for o in overrides for arg in ("--set", o)]
-    if todo == run.cluster_ids:  # index i is island i
+    if todo == list(range(run.num_clusters)):  # index i is island i
         command = ["ddm", "train-expert", "--island", f"{bundles}/$(JOB_COMPLETION_INDEX)",
                    "--out", f"{experts}/$(JOB_COMPLETION_INDEX)", "--no-progress", *sets]
     else:  # index i is the i-th unfinished island

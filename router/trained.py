@@ -10,6 +10,7 @@ from flax import nnx
 from ddm.core.config import RouterConfig
 from ddm.core.errors import DDMError
 from ddm.core.functional import model_apply
+from ddm.data.membership import router_problem
 from ddm.data.run import Run
 from ddm.router.model import router_from_config
 from ddm.train.checkpoint import load_pinned
@@ -34,6 +35,9 @@ def load_router(run: Run) -> tuple[Callable, object]:
     """
     entry = run.trained("router", what=f"the router of {run.root}",
                         hint=f"run `ddm train-router --run-dir {run.root}`")
+    stale = router_problem(run.manifest)  # trained with clusters that left, or before one joined
+    if stale is not None:
+        raise DDMError(stale)
     if entry.get("num_clusters") != run.num_clusters:
         raise DDMError(f"router was trained for {entry.get('num_clusters')} clusters but the manifest has "
                        f"{run.num_clusters}")

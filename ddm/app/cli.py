@@ -184,6 +184,24 @@ def cmd_assemble(args) -> int:
     return 0
 
 
+def cmd_add_island(args) -> int:
+    from ddm.data.join import add_island
+
+    entry = add_island(args.run_dir, args.set, island_key=args.island_key)
+    print(f"cluster {entry['id']} joined {args.run_dir} ({entry['count']} images); train it with ddm train-expert "
+          f"--run-dir {args.run_dir} --cluster {entry['id']}, then ddm assemble")
+    return 0
+
+
+def cmd_remove_island(args) -> int:
+    from ddm.data.join import remove_island
+
+    run = remove_island(args.run_dir, args.cluster, delete=args.delete)
+    print(f"cluster {args.cluster} removed from {run.root}: membership {run.membership_id[:16]}, clusters "
+          f"{','.join(map(str, run.cluster_ids))}" + (" (its files deleted)" if args.delete else ""))
+    return 0
+
+
 def cmd_train_monolith(args) -> int:
     from ddm.core.distributed import initialize
     from ddm.experts.train import train_monolith
@@ -240,11 +258,13 @@ def _islands_outcome(failed: list[int], what: str = "failed") -> int:
 
 
 def cmd_train_router(args) -> int:
+    from ddm.app.router import train_router_command
     from ddm.core.distributed import initialize
-    from ddm.router.train import train_router
 
     initialize()
-    train_router(args.run_dir, args.set, progress=not args.no_progress)
+    # --source is `--set router.source=...` (last, so it wins): the config checks it, as any other value
+    overrides = [*args.set, *([f"router.source={args.source}"] if args.source is not None else [])]
+    train_router_command(args.run_dir, overrides, progress=not args.no_progress)
     return 0
 
 
@@ -599,6 +619,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list island K's public key first (repeatable): expert K must then be signed by it")
     p.set_defaults(func=cmd_assemble)
 
+    p = sub.add_parser("add-island", help="join new data to a finished run as its next cluster: its shard and "
+                                          "island bundle (docs/membership.md)")
+    p.add_argument("--run-dir", required=True, help="the run directory")
+    p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
+                   help="the new data's settings over the run's (repeatable): data.source, data.limit, "
+                        "data.exclude_classes, data.labels, ...")
+    p.add_argument("--island-key", default=None, metavar="KEY.pub",
+                   help="the new island's public key (ddm keygen): its expert must then be signed by it")
+    p.set_defaults(func=cmd_add_island, compiles=False)  # loads no jax
+
+    p = sub.add_parser("remove-island", help="take a cluster out of the run's membership: its expert leaves the "
+                                             "ensemble, prior counts and router training (docs/membership.md)")
+    p.add_argument("--run-dir", required=True, help="the run directory")
+    p.add_argument("--cluster", type=int_arg(0, COUNT_MAX, "a cluster id"), required=True, help="the cluster id k")
+    p.add_argument("--delete", action="store_true",
+                   help="also delete its bundle (shard, held-out images) and expert folder, once the manifest "
+                        "names the new membership")
+    p.set_defaults(func=cmd_remove_island, compiles=False)
+
     p = sub.add_parser("train-islands", help="train every unfinished expert, each in its own process")
     _add_common(p)
     p.add_argument("--parallel", type=COUNT, default=None, help="islands at a time (local: default 1)")
@@ -625,7 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", choices=("cluster", "full"), default=None,
                    help="cluster: each sample's own cluster expert (the paper's); full: the router-weighted "
                         "ensemble (default: distill.teacher, cluster)")
-    _add_training_job(sub, "train-router", "train the router p(cluster | x_t, t) on all shards", cmd_train_router)
+    p = _add_training_job(sub, "train-router", "train the router p(cluster | x_t, t) on all shards (or on images the "
+                          "experts draw)", cmd_train_router)
+    p.add_argument("--source", default=None, metavar="data|experts",
+                   help="data: the islands' shards; experts: images each expert draws for its cluster, in the "
+                        "manifest's proportions (no shard is read; router.expert_samples / expert_steps / "
+                        "expert_solver) (default: router.source, data)")
 
     p = sub.add_parser("eval-router", help="router accuracy / calibration on held-out data (JSON + PNG)")
     _add_common(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ddm.data import membership
 from ddm.data.prepare import cluster_table
 from ddm.data.run import Run
 
@@ -12,6 +13,25 @@ def _component(entry: dict | None) -> str:
     if entry.get("status") != "finished":
         return entry.get("status", "?")
     return f"finished, step {entry.get('step')}, sha256 {entry.get('sha256', '')[:12]}"
+
+
+def _router_source(entry: dict | None) -> str:
+    """", trained on the shards" or ", trained on 2048 expert samples (set sha256 ...)"; "" before it finished."""
+    if not entry or entry.get("status") != "finished":
+        return ""
+    if entry.get("source", "data") == "data":  # routers recorded before sources existed read the shards
+        return ", trained on the shards"
+    made = entry.get("training_set") or {}
+    return (f", trained on {made.get('num_images', '?')} expert samples (set sha256 "
+            f"{str(made.get('sha256', ''))[:12]})")
+
+
+def _member(run: Run, cluster: dict) -> str:
+    """A cluster's expert, or that it left (or joined later)."""
+    if cluster["id"] in run.removed_clusters:
+        return "removed"
+    joined = cluster.get("joined")
+    return _component(run.expert(cluster["id"])) + (f" (joined: {joined['source']})" if joined else "")
 
 
 def _names(names: list[str], shown: int = 10) -> str:
@@ -52,11 +72,17 @@ def describe(run: Run) -> str:
         f"holdout    {run.holdout.get('count', 0)} {rows}",
         "",
     ]
-    table = cluster_table(run.clusters, run.class_names).splitlines()
+    # shares of the membership's training images (a joined cluster has no planned share; a removed one has 0)
+    shared = [{**c, "share": float(share)} for c, share in zip(run.clusters, run.cluster_shares())]
+    table = cluster_table(shared, run.class_names).splitlines()
     lines.append(table[0] + "  expert")
-    lines += [row + f"  {_component(run.expert(c['id']))}" for row, c in zip(table[1:], run.clusters)]
-    lines += ["", f"experts    {len(run.finished_experts())}/{run.num_clusters} finished",
-              f"router     {_component(run.component('router'))}",
+    lines += [row + f"  {_member(run, c)}" for row, c in zip(table[1:], run.clusters)]
+    removed = run.removed_clusters
+    lines += ["", f"membership id {run.membership_id[:16]}: {len(run.cluster_ids)} member clusters"
+              + (f", removed {', '.join(map(str, removed))}" if removed else "")
+              + f", {len(membership.history(manifest))} memberships in its history",
+              f"experts    {len(run.finished_experts())}/{len(run.cluster_ids)} finished",
+              f"router     {_component(run.component('router'))}{_router_source(run.component('router'))}",
               f"monolith   {_component(run.component('monolith'))}",
               f"student    {_component(run.component('student'))}"]
     return "\n".join(lines)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ddm.app.router import train_router_command
 from ddm.app.sample import check_cfg_scale
 from ddm.core.config import Config
 from ddm.core.errors import DDMError
 from ddm.data.prepare import prepare
 from ddm.data.run import Run
 from ddm.experts.islands import launch_local
-from ddm.router.train import train_router
 from ddm.sampling.ensemble import Ensemble
 from ddm.sampling.load import load_ensemble
 from ddm.sampling.outputs import load_decoder, save_outputs, usage_summary
@@ -59,7 +59,7 @@ def run_all(cfg: Config, run_dir: str | Path, overrides: list[str], *, base_dir:
     if run.finished(run.component("router"), cfg.router.train.steps):
         logger.info("router already trained")
     else:
-        train_router(run_dir, overrides)
+        train_router_command(run_dir, overrides)  # from the shards or the experts (router.source)
         run = run.reload()
     logger.info("== 4/4 sample")
     ensemble = load_ensemble(run)

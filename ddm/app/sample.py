@@ -61,7 +61,7 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     check_condition(request, run.num_classes)  # before loading anything: a bad class is the user's first error
     check_cfg_scale(request.cfg_scale)
     if request.clusters is not None:  # oracle's clusters: in range, with trained experts
-        check_clusters(request, [run.finished(run.expert(k)) for k in run.cluster_ids])
+        check_clusters(request, [run.finished(run.expert(k)) for k in range(run.num_clusters)])
     if model not in MODELS:
         raise DDMError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     if server is not None and (model != "ensemble" or key is not None):

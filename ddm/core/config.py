@@ -32,6 +32,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT_MODES = ("none", "block")
 SCHEDULES = ("cosine", "constant")
 ROUTER_ARCHS = ("conv", "mlp", "dit")
+ROUTER_SOURCES = ("data", "experts")  # what the router trains on (`RouterConfig`)
 LABEL_MODES = ("auto", "none")
 MAX_CLASSES = 10_000  # more distinct labels than this is almost surely an id column, not classes
 SEED_MAX = 2**32 - 1  # seeds become 32-bit threefry keys and numpy seeds: 0..2^32-1
@@ -102,6 +103,9 @@ class DataConfig:
     fine_k: int = 256  # fine centroids of the two-stage mode
     balance_slack: float = 1.1  # balanced mode: no cluster larger than ceil(slack * N / K)
     holdout_fraction: float = 0.1  # kept out of every shard for router / quality evaluation
+    # Class indices whose images are dropped on loading (training and held-out alike); the classes stay in the
+    # run's class list with zero images, so an island that holds them can join later (docs/membership.md).
+    exclude_classes: tuple[int, ...] = ()
     seed: int = 0
     chunk_images: int = 256  # zarr chunk length along N
 
@@ -139,6 +143,8 @@ class DataConfig:
             _check_positive("data.image_size", self.image_size)
         if self.limit is not None:
             _check_positive("data.limit", self.limit)
+        if any(c < 0 for c in self.exclude_classes) or len(set(self.exclude_classes)) != len(self.exclude_classes):
+            raise DDMError(f"config data.exclude_classes={list(self.exclude_classes)} must be distinct class indices >= 0")
         if self.embedding == "file" and not self.features_path:
             raise DDMError("config data.embedding='file' needs data.features_path")
 
@@ -255,14 +261,31 @@ class MonolithConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
+    """The router network and what it trains on.
+
+    source "data": the islands' shards (the union, so each cluster appears in proportion to its size).
+    "experts": images the finished experts draw (`ddm.sampling.router_set`), so whoever trains the router needs
+    the experts and the manifest's counts but no raw data: expert_samples x K images in all, split over
+    (cluster, class) in proportion to the manifest's counts, each drawn by its cluster's expert alone with
+    expert_steps steps of expert_solver.
+    """
+
     arch: str = "conv"  # "conv" (small conv net), "mlp" (dense layers on pixels) or "dit" (DiT blocks + CLS)
     preset: str = "tiny"  # width preset for either arch
     patch_size: int = 2  # dit arch only
     train: TrainConfig = TrainConfig(steps=1000, ema_decay=0.99)
+    source: str = "data"
+    expert_samples: int = 512  # source experts: images per cluster on average
+    expert_steps: int = 20
+    expert_solver: str = "heun"
 
     def __post_init__(self) -> None:
         _check_choice("router.arch", self.arch, ROUTER_ARCHS)
         _check_choice("router.preset", self.preset, MODEL_PRESETS)
+        _check_choice("router.source", self.source, ROUTER_SOURCES)
+        _check_choice("router.expert_solver", self.expert_solver, SOLVERS)
+        _check_positive("router.expert_samples", self.expert_samples)
+        _check_positive("router.expert_steps", self.expert_steps)
 
 
 TEACHERS = ("cluster", "full")

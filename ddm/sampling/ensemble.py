@@ -28,6 +28,14 @@ the floor). Every dispatch agrees to float rounding, for every strategy, with a 
 weights to the host at every evaluation and runs one jitted call per selected expert (the tests' oracle,
 tests/oracles/host_dispatch.py; tests/test_ensemble_device.py).
 
+Experts of different architectures (an island may train its own model size, `ddm.experts.assemble`): the
+Ensemble then takes one apply function per expert, and experts sharing a function form a *structure group*
+(their parameters stack). The routed program computes the weights once per evaluation, runs each group's
+dispatch over its own experts (the weights of the others are simply not read), and adds the groups'
+velocities in group order (groups ordered by their first expert). The fixed strategies solve each expert with
+its own function. With one group (every homogeneous ensemble) the program is exactly the single-architecture
+one.
+
 Compilation: one program per (batch, strategy, steps, solver, CFG) shape, cached by jax and shared by
 ensembles with the same apply functions. Within it the expert function is traced once per expert ("unrolled";
 twice for `S+full:T`, whose full-posterior steps run each expert on the whole batch) or once per bucket size
@@ -133,6 +141,19 @@ def _fixed_route(mask, labels, batch, *, strategy: Strategy):
     return route_weights(uniform, strategy, mask=mask, labels=labels)
 
 
+def _expert_applies(expert_apply: Any, num: int, available: Sequence[bool]) -> list[Any]:
+    """Each of the `num` experts' apply function (None for a missing one) out of the Ensemble's `expert_apply`:
+    one function shared by all, or one per expert; DDMError naming what is wrong."""
+    if callable(expert_apply):
+        return [expert_apply] * num
+    if not isinstance(expert_apply, Sequence) or len(expert_apply) != num:
+        raise DDMError(f"expert_apply must be one function or a list of {num} (one per expert)")
+    for k, (a, apply) in enumerate(zip(available, expert_apply)):
+        if a and not callable(apply):
+            raise DDMError(f"expert {k} is available but its apply function is {type(apply).__name__}")
+    return list(expert_apply)
+
+
 # The prior strategy's draws (`prior_choice`), jitted: one compile per request size, not one per eager op.
 _prior_choice_jit = jax.jit(prior_choice)
 
@@ -146,7 +167,8 @@ class _Plan:
 
     present: the K-indices of the available experts, in the order they are passed (a tuple of trees for
     "unrolled", one stack otherwise). chunk: the "unrolled" chunk; buckets: the "grouped" bucket sizes;
-    capacity: the "capacity" bucket (all for this batch size).
+    capacity: the "capacity" bucket (all for this batch size). groups: None for experts of one architecture;
+    else the K-indices of each structure group (the experts are then passed per group, one apply each).
     """
 
     strategy: Strategy
@@ -158,12 +180,14 @@ class _Plan:
     chunk: int
     buckets: tuple[int, ...]
     capacity: int
+    groups: tuple[tuple[int, ...], ...] | None = None
 
 
 def _device_velocity(expert_apply, router_apply, experts, router_params, x, t, y, labels, key, offset,
                      cfg_scale, *, plan: _Plan):
     """One routed velocity evaluation on the device: (v [B, ...] f32, weights [B, K] f32, real rows, padded
-    rows). experts: the available experts' params (a tuple of trees for "unrolled", their stack otherwise).
+    rows). experts: the available experts' params (a tuple of trees for "unrolled", their stack otherwise);
+    with `plan.groups`, a tuple of those per structure group, and expert_apply a tuple of one apply per group.
     x [B, H, W, C] f32, t [B] f32, y [B] int32 | None, labels [B] int32 | None (oracle)."""
     strategy, batch = plan.strategy, x.shape[0]
     mask = jnp.asarray([k in plan.present for k in range(plan.num_experts)])
@@ -171,9 +195,23 @@ def _device_velocity(expert_apply, router_apply, experts, router_params, x, t, y
         weights = _route(router_apply, router_params, x, t, y, mask, key, offset, strategy=strategy)
     else:
         weights = _fixed_route(mask, labels, batch, strategy=strategy)
+    if plan.groups is None:
+        v, real, padded = _dispatch(expert_apply, experts, plan.present, x, t, y, weights, cfg_scale, plan=plan)
+        return v, weights, real, padded
+    v = real = padded = None
+    for apply, group_experts, present in zip(expert_apply, experts, plan.groups):
+        parts = _dispatch(apply, group_experts, present, x, t, y, weights, cfg_scale, plan=plan)
+        v, real, padded = parts if v is None else (v + parts[0], real + parts[1], padded + parts[2])
+    return v, weights, real, padded
+
+
+def _dispatch(expert_apply, experts, present, x, t, y, weights, cfg_scale, *, plan: _Plan):
+    """sum over the experts `present` (K-indices; their params `experts` as `_device_velocity` takes them) of
+    weights[:, k] * v_k, by the plan's dispatch: (v [B, ...] f32, real rows, padded rows)."""
+    strategy = plan.strategy
     common = {"cfg": plan.cfg, "null_label": plan.null_label}
-    args = (expert_apply, experts, plan.present, x, t, y, weights, cfg_scale)
-    everyone = tuple(range(len(plan.present)))
+    args = (expert_apply, experts, present, x, t, y, weights, cfg_scale)
+    everyone = tuple(range(len(present)))
     if strategy.kind == "full":
         v, real, padded = dispatch_lib.dense(*args, slots=everyone, **common)
     elif plan.dispatch == "unrolled":
@@ -188,7 +226,7 @@ def _device_velocity(expert_apply, router_apply, experts, router_params, x, t, y
         v, real, padded = dispatch_lib.grouped(*args, buckets=plan.buckets, **common)
     else:
         v, real, padded = dispatch_lib.capacity(*args, size=plan.capacity, **common)
-    return v, weights, real, padded
+    return v, real, padded
 
 
 def _device_solve(expert_apply, router_apply, experts, router_params, x1, y, labels, route_base, offset,
@@ -228,8 +266,11 @@ def _expert_solve(expert_apply, params, x1, y, cfg_scale, *, steps: int, solver:
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_device(expert_apply: ExpertApply, router_apply: RouterApply | None) -> tuple[Callable, Callable, Callable]:
-    """(one jitted evaluation, the jitted whole solve, the jitted one-expert solve) for one pair of apply functions.
+def _jitted_device(expert_apply: ExpertApply | tuple[ExpertApply, ...],
+                   router_apply: RouterApply | None) -> tuple[Callable, Callable, Callable]:
+    """(one jitted evaluation, the jitted whole solve, the jitted one-expert solve) for one pair of apply functions
+    (expert_apply: one per structure group, a tuple, for an ensemble of several architectures; its one-expert
+    solve is then unused: each group's own pair gives it).
 
     Cached per pair so that ensembles built over the same architecture (e.g. one per strategy being evaluated)
     share compiled executables. Bounded, because a loader may build a fresh closure per call, which would
@@ -245,9 +286,15 @@ def _jitted_device(expert_apply: ExpertApply, router_apply: RouterApply | None) 
 
 
 class Ensemble:
-    """K experts sharing one architecture (one `expert_apply`, K param trees) and a router.
+    """K experts (one architecture, or several: one apply function per expert) and a router.
 
-    expert_apply(params, x [b, H, W, C] f32, t [b] f32, y [b] int32 | None) -> v [b, H, W, C].
+    router_note: why the ensemble has no router although the run has one (set by `load_ensemble`: the router
+    was trained for another membership); router strategies refuse with it.
+
+    expert_apply(params, x [b, H, W, C] f32, t [b] f32, y [b] int32 | None) -> v [b, H, W, C], shared by every
+        expert; or a list of K such functions (None for a missing expert), for experts of different
+        architectures: experts given the same function object form one structure group whose parameters stack
+        (the module docstring). Every expert takes the same x, t and y and returns v in the flow convention.
     expert_params: list of K param trees; None for a missing expert.
     router_apply(router_params, x, t, y) -> logits [b, K]. May be None (then only oracle/prior/single work).
     image_shape: (H, W, C). num_classes: 0 for unconditional models; otherwise labels are 0..num_classes-1 and
@@ -273,7 +320,7 @@ class Ensemble:
 
     def __init__(
         self,
-        expert_apply: ExpertApply,
+        expert_apply: ExpertApply | Sequence[ExpertApply | None],
         expert_params: Sequence[Any],
         router_apply: RouterApply | None,
         router_params: Any,
@@ -286,7 +333,9 @@ class Ensemble:
         expert_sharding: jax.sharding.Sharding | None = None,
         codec: Codec = Codec(),
         prior_counts: Any = None,
+        router_note: str | None = None,
     ):
+        self.router_note = router_note
         expert_params = list(expert_params)
         num = len(expert_params)
         if num == 0:
@@ -328,6 +377,7 @@ class Ensemble:
             if prior_counts.ndim == 2 and prior_counts.shape[1] != num_classes:
                 raise DDMError(f"prior_counts has {prior_counts.shape[1]} classes, the ensemble {num_classes}")
 
+        applies = _expert_applies(expert_apply, num, available)
         self.expert_apply = expert_apply
         self.expert_params = expert_params
         self.router_apply = router_apply
@@ -344,7 +394,25 @@ class Ensemble:
         self.prior_counts = prior_counts
         self._mask = jnp.asarray(available, bool)
         self._stacked = None
-        self._device_fns = _jitted_device(expert_apply, router_apply)
+        # Structure groups, ordered by their first expert: (apply, K-indices). One group: the program of one
+        # architecture, unchanged; several: one apply per group in the routed program (module docstring).
+        groups: dict[Callable, list[int]] = {}
+        for k in present:
+            groups.setdefault(applies[k], []).append(k)
+        self._groups = tuple((apply, tuple(ks)) for apply, ks in groups.items())
+        self._group_fns = tuple(_jitted_device(apply, router_apply) for apply, _ in self._groups)
+        self._group_of = {k: g for g, (_, ks) in enumerate(self._groups) for k in ks}
+        self._device_fns = (self._group_fns[0] if len(self._groups) == 1
+                            else _jitted_device(tuple(apply for apply, _ in self._groups), router_apply))
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Whether the available experts span several architectures (structure groups)."""
+        return len(self._groups) > 1
+
+    def apply_of(self, k: int) -> ExpertApply:
+        """Expert k's apply function (k available)."""
+        return self._groups[self._group_of[k]][0]
 
     def replace(self, **changes: Any) -> Ensemble:
         """A copy with some constructor arguments changed (e.g. `expert_params`, `router_params`, `dispatch`);
@@ -353,7 +421,8 @@ class Ensemble:
                    "router_apply": self.router_apply, "router_params": self.router_params,
                    "image_shape": self.image_shape, "num_classes": self.num_classes,
                    "available": self.available, "min_bucket": self.min_bucket, "dispatch": self.dispatch,
-                   "expert_sharding": self.expert_sharding, "codec": self.codec, "prior_counts": self.prior_counts}
+                   "expert_sharding": self.expert_sharding, "codec": self.codec, "prior_counts": self.prior_counts,
+                   "router_note": self.router_note}
         unknown = sorted(set(changes) - set(current))
         if unknown:
             raise DDMError(f"Ensemble.replace: unknown field {unknown[0]!r} (known: {', '.join(current)})")
@@ -371,15 +440,24 @@ class Ensemble:
 
     def _device_experts(self) -> Any:
         """The available experts' params as the resolved dispatch takes them: a tuple of trees ("unrolled") or
-        their stack."""
-        if self.resolved_dispatch == "unrolled":
-            return tuple(self.expert_params[k] for k in self._present)
-        return self.stacked_params
+        their stack; for several architectures, a tuple of those, one per structure group."""
+        unrolled = self.resolved_dispatch == "unrolled"
+        if not self.heterogeneous:
+            return tuple(self.expert_params[k] for k in self._present) if unrolled else self.stacked_params
+        if unrolled:
+            return tuple(tuple(self.expert_params[k] for k in ks) for _, ks in self._groups)
+        if self._stacked is None:
+            self._stacked = tuple(dispatch_lib.stack_params([self.expert_params[k] for k in ks], self.expert_sharding)
+                                  for _, ks in self._groups)
+        return self._stacked
 
     @property
     def stacked_params(self) -> Any:
         """The available experts' parameters stacked into one tree with leaves [S, ...] (S = available experts,
-        in index order), placed with `expert_sharding`; built on first use and kept."""
+        in index order), placed with `expert_sharding`; built on first use and kept. DDMError for experts of
+        several architectures (they do not stack; the device path stacks each structure group)."""
+        if self.heterogeneous:
+            raise DDMError(f"the experts span {len(self._groups)} architectures: their parameters do not stack")
         if self._stacked is None:
             self._stacked = dispatch_lib.stack_params([self.expert_params[k] for k in self._present],
                                                       self.expert_sharding)
@@ -393,7 +471,8 @@ class Ensemble:
         return _Plan(strategy=strategy, dispatch=self.resolved_dispatch, present=self._present,
                      num_experts=self.num_experts, null_label=self.num_classes, cfg=cfg, chunk=floor,
                      buckets=dispatch_lib.bucket_sizes(batch, floor),
-                     capacity=dispatch_lib.capacity_for(batch, len(self._present), per_sample))
+                     capacity=dispatch_lib.capacity_for(batch, len(self._present), per_sample),
+                     groups=tuple(ks for _, ks in self._groups) if self.heterogeneous else None)
 
     # -----------------------------------------------------------------------------------------------------
     # Request validation (host side, before anything runs).
@@ -402,7 +481,7 @@ class Ensemble:
     def _check_strategy(self, strategy: str | Strategy) -> Strategy:
         strategy = parse_strategy(strategy)
         if strategy.needs_router and self.router_apply is None:
-            raise DDMError(f"routing strategy {strategy} needs a router, and this ensemble has none")
+            raise DDMError(self.router_note or f"routing strategy {strategy} needs a router, and this ensemble has none")
         if strategy.kind == "prior" and self.prior_counts is None:
             raise DDMError("routing strategy 'prior' needs the clusters' data counts: build the Ensemble with "
                            "prior_counts ([K, C] class counts or [K] cluster sizes; load_ensemble passes the run's)")
@@ -598,7 +677,6 @@ class Ensemble:
         (a matmul's rounding can change with the number of rows it is given). noise [n, H, W, C] f32, y [n]
         int32 | None, scale f32 scalar or [n]. Returns what `_solve` returns."""
         n, chunk = len(labels), self.min_bucket
-        _, _, expert_solve = self._device_fns
         evaluations = len(flow.evaluation_stages(solver, steps))
         launches = []  # (rows of the request [<= chunk], x0 [chunk, ...] on the device)
         with jax.transfer_guard("allow"):  # the chunks' row indices go down; nothing comes back until the end
@@ -611,6 +689,7 @@ class Ensemble:
                     for at in range(0, len(rows), chunk):
                         real = rows[at:at + chunk]
                         idx = jnp.asarray(np.concatenate([real, np.repeat(real[-1:], chunk - len(real))]))
+                        expert_solve = self._group_fns[self._group_of[k]][2]  # expert k's own function
                         x0 = expert_solve(self.expert_params[k], noise[idx], None if y is None else y[idx],
                                           scale if jnp.ndim(scale) == 0 else scale[idx], steps=steps,
                                           solver=solver, cfg=cfg, null_label=self.num_classes)

@@ -41,7 +41,7 @@ from ddm.data.manifest import MANIFEST
 from ddm.data.run import EXPORT_INFO, WEIGHTS_SUFFIX, Run
 from ddm.data.sums import SUMS, write_sums
 from ddm.router.trained import router_factory
-from ddm.sampling.load import expert_factory, open_run, single_factory
+from ddm.sampling.load import entry_model, expert_factory, open_run, single_factory
 from ddm.train.checkpoint import load_pinned_tree
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def pinned_components(run: Run) -> list[tuple[str, dict, Callable[[nnx.Rngs], nn
     found = []
     for c in COMPONENTS:
         if c.per_cluster:
-            found += [(f"expert {k}", run.expert(k), expert_factory(run)) for k in run.finished_experts()]
+            found += [(f"expert {k}", run.expert(k), expert_factory(run, k)) for k in run.finished_experts()]
             continue
         entry = run.component(c.name)
         if run.finished(entry):
@@ -150,6 +150,18 @@ def _eval_section(evals: dict) -> list[str]:
     return lines or ["No evaluation was run before the export (`ddm evaluate`, `ddm eval-router`).", ""]
 
 
+def _experts_line(run: Run, experts: dict, one: dict) -> str:
+    """The model card's line on the experts' architecture: the plan's, or each island's own when they differ."""
+    models = {k: entry_model(run, run.expert(k), f"expert {k}") for k, e in experts.items() if e}
+    if len(set(models.values())) == 1:
+        model = next(iter(models.values()))
+        return (f"- experts: DiT preset `{model.preset}`, patch {model.patch_size}, {one['parameters']:,} parameters "
+                "each, ")
+    each = ", ".join(f"{k}: `{m.preset}` patch {m.patch_size}, {experts[k]['parameters']:,} parameters"
+                     for k, m in models.items())
+    return f"- experts: DiTs of the islands' own sizes ({each}), "
+
+
 def model_card(run: Run, info: dict, evals: dict) -> str:
     """README.md of an export: what the models are, what they were trained on and how, and how to use them."""
     manifest, cfg = run.manifest, run.config
@@ -186,16 +198,15 @@ def model_card(run: Run, info: dict, evals: dict) -> str:
         "| cluster | images | share | expert steps | expert pin (SHA-256) |",
         "|---:|---:|---:|---:|---|",
     ]
-    for c in run.clusters:
+    for c, share in zip(run.clusters, run.cluster_shares()):  # shares of the membership (a removed cluster: 0)
         e = experts.get(c["id"])
-        lines.append(f"| {c['id']} | {c['count']} | {c['share']:.1%} | {e['step'] if e else 'not trained'} | "
+        lines.append(f"| {c['id']} | {c['count']} | {share:.1%} | {e['step'] if e else 'not trained'} | "
                      + (f"`{e['sha256'][:16]}`" if e else "-") + " |")
     lines += [
         "",
         "## Models and training budget",
         "",
-        f"- experts: DiT preset `{cfg.expert.model.preset}`, patch {cfg.expert.model.patch_size}, "
-        f"{one['parameters']:,} parameters each, "
+        _experts_line(run, experts, one)
         + ("unconditional" if not cfg.expert.model.num_classes else f"{cfg.expert.model.num_classes} classes (CFG)")
         + f"; {_train_line(run.expert(next(k for k, e in experts.items() if e)).get('train'))}",
         f"- all experts together: {expert_steps:,} optimisation steps, {_duration(expert_seconds)} of wall-clock "

@@ -36,7 +36,11 @@ def build_teacher(run: Run, kind: str) -> Teacher:
 
 def ensemble_teacher(ensemble: Ensemble, kind: str) -> Teacher:
     """The teacher of kind "cluster" or "full" from a loaded ensemble with every expert available (and, for
-    "full", its router); the cluster teacher runs the ensemble's `resolved_dispatch`."""
+    "full", its router); the cluster teacher runs the ensemble's `resolved_dispatch`. Experts of one
+    architecture only: DDMError for an ensemble of several (islands that chose their own model size)."""
+    if ensemble.heterogeneous:
+        raise DDMError("distillation needs experts of one architecture; this run's islands chose different "
+                       "expert.model configs")
     if kind == "cluster":
         return _cluster_teacher(ensemble)
     apply = ensemble.expert_apply

@@ -44,6 +44,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from ddm.core.errors import DDMError
+from ddm.data.membership import router_problem
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
 from ddm.sampling.request import Request, check_condition, check_limits, generate, generate_many
@@ -153,7 +154,8 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
     here (a bad run, key or checkpoint fails before the server listens); the worker stops with the app."""
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir, overrides)
     private_key = None if key is None else load_private_key(key)
-    with_router = run.finished(run.component("router"))
+    # a router trained for another membership is not served: router strategies wait for ddm train-router
+    with_router = run.finished(run.component("router")) and router_problem(run.manifest) is None
     ensemble = load_ensemble(run, with_router=with_router)
     verifier = Verifier(run, ensemble=ensemble)
     card = model_card(run, with_router)

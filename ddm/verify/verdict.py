@@ -38,6 +38,7 @@ import numpy as np
 from ddm.core.codec import Codec
 from ddm.core.documents import canonical_bytes
 from ddm.core.errors import DDMError
+from ddm.data.membership import find as find_membership
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
 from ddm.sampling.request import Request, generate
@@ -284,7 +285,8 @@ class Verifier:
         check_mode(mode, self.own)
         self.run, self.mode, self.public_key, self.limits = run, mode, public_key, limits
         self._ensemble = ensemble  # the run's `load_ensemble`, when the caller has it loaded already
-        # per request: (final state float32 [n, H, W, C], each image's expert int32 [n] or None)
+        self._earlier: dict[str, object] = {}  # earlier memberships' ensembles, by membership id
+        # per (membership, request): (final state float32 [n, H, W, C], each image's expert int32 [n] or None)
         self._regenerated: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
         self._cache_size = cache_size
 
@@ -295,18 +297,29 @@ class Verifier:
             self._ensemble = load_ensemble(self.run)
         return self._ensemble
 
-    def regenerate(self, request: Request) -> np.ndarray:
-        """The run's output for `request`: float32 [n, H, W, C] final ODE state (cached per request)."""
-        return self._regeneration(request)[0]
+    def ensemble_of(self, membership: str | None):
+        """The ensemble of membership `membership` of the run (None or the current id: `ensemble`; an earlier one
+        is rebuilt from the membership history, `load_ensemble(membership=...)`), loaded on first use."""
+        if membership is None or membership == self.run.sha256:
+            return self.ensemble
+        if membership not in self._earlier:
+            self._earlier[membership] = load_ensemble(self.run, membership=membership)
+        return self._earlier[membership]
 
-    def regenerated_experts(self, request: Request) -> np.ndarray | None:
+    def regenerate(self, request: Request, membership: str | None = None) -> np.ndarray:
+        """The run's output for `request`: float32 [n, H, W, C] final ODE state (cached per request), with the
+        current membership or the earlier one `membership` names."""
+        return self._regeneration(request, membership)[0]
+
+    def regenerated_experts(self, request: Request, membership: str | None = None) -> np.ndarray | None:
         """Each image's expert in the regeneration of `request` (`SampleResult.experts`), or None."""
-        return self._regeneration(request)[1]
+        return self._regeneration(request, membership)[1]
 
-    def _regeneration(self, request: Request) -> tuple[np.ndarray, np.ndarray | None]:
-        key = canonical_bytes(request.to_json())
+    def _regeneration(self, request: Request, membership: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        membership = None if membership == self.run.sha256 else membership
+        key = (membership or "").encode("ascii") + canonical_bytes(request.to_json())
         if key not in self._regenerated:
-            result = generate(self.ensemble, request)
+            result = generate(self.ensemble_of(membership), request)
             self._regenerated[key] = (result.x, result.experts)
             while len(self._regenerated) > self._cache_size:
                 self._regenerated.popitem(last=False)
@@ -316,16 +329,21 @@ class Verifier:
     def verify(self, record_path: str | Path, *, mode: str | None = None) -> Verdict:
         """Reads, checks and (when signature and consistency pass) regenerates one record, in `mode` (default:
         the verifier's). DDMError if the record is malformed or beyond the limits, or the run does not match it
-        (manifest SHA-256, image shape, a checkpoint that fails its SHA-256 pin)."""
+        (manifest SHA-256, image shape, a checkpoint that fails its SHA-256 pin). A record naming an earlier
+        membership of the run (in its history) is regenerated with that membership's experts and router, while
+        their weights exist (else a one-line DDMError naming the one that is gone)."""
         mode = self.mode if mode is None else mode
         check_mode(mode, self.own)
         record, request = read_record(record_path, self.limits)
         signature = check_signature(record, self.public_key)
-        check_record_fits_run(record, self.run)
+        membership = record["manifest_sha256"]
+        # a record of an earlier membership of the run is judged against that membership (its history entry)
+        earlier = membership != self.run.sha256 and find_membership(self.run.manifest, membership) is not None
+        check_record_fits_run(record, self.run.at(membership) if earlier else self.run)
         # a bad signature or a contradictory record is judged without regenerating anything
-        regenerated = None if record_problems(record, signature) else self.regenerate(request)
+        regenerated = None if record_problems(record, signature) else self.regenerate(request, membership)
         extra = () if regenerated is None else tuple(
-            expert_problems(record, self.regenerated_experts(request), request.strategy))
+            expert_problems(record, self.regenerated_experts(request, membership), request.strategy))
         return compare(record, regenerated, mode=mode, own=self.own, signature=signature, extra_problems=extra)
 
 

@@ -415,6 +415,23 @@ def bad_input_cases(run_dir: str | Path, work: str | Path) -> list[Case]:
     add("assemble", "OUT is a file", "assemble", "--run-dir", r, f["plain.txt"])
     add("assemble", "OUT holds no expert.json", "assemble", "--run-dir", r, f["empty_dir"])
     add("assemble", "no OUT", "assemble", "--run-dir", r)
+    joined = (run / "islands" / "3",)  # where a joined island would land (the trained run has clusters 0-2)
+    add("add-island", "missing run", "add-island", "--run-dir", str(work / "nowhere"), "--set",
+        f"data.source={f['rank2.npy']}")
+    add("add-island", "source missing", "add-island", "--run-dir", r, "--set", f"data.source={work / 'none.npz'}",
+        outputs=joined)
+    add("add-island", "source of rank 2", "add-island", "--run-dir", r, "--set", f"data.source={f['rank2.npy']}",
+        outputs=joined)
+    add("add-island", "source of NaNs", "add-island", "--run-dir", r, "--set", f"data.source={f['nan.npy']}",
+        outputs=joined)
+    add("add-island", "a non-data --set", "add-island", "--run-dir", r, "--set", "expert.train.steps=3",
+        outputs=joined)
+    add("add-island", "key not a key", "add-island", "--run-dir", r, "--island-key", f["garbage.key"],
+        outputs=joined)
+    add("remove-island", "missing run", "remove-island", "--run-dir", str(work / "nowhere"), "--cluster", "0")
+    add("remove-island", "--cluster 99", "remove-island", "--run-dir", r, "--cluster", "99")
+    add("remove-island", "--cluster -1", "remove-island", "--run-dir", r, "--cluster", "-1")
+    add("remove-island", "--cluster x", "remove-island", "--run-dir", r, "--cluster", "x")
     add("config", "--config and --run-dir", "config", "show", "--config", f["bad.yaml"], "--run-dir", r)
     add("config", "missing config", "config", "show", "--config", str(work / "none.yaml"))
     add("config", "bad override", "config", "show", "--run-dir", r, "--set", "sample.n=-4")
