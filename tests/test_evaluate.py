@@ -125,7 +125,7 @@ def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featur
     # Likewise a stand-in student (expert 1's weights in the manifest's `student` entry): its own row.
     mf.record_component(run, "student", None, dict(mf.read_manifest(run)["experts"]["1"]))
     code = main(["evaluate", "--run-dir", str(run), "--n", "12", "--steps", "2", "--cache-dir", str(cache),
-                 "--feature-steps", "10", "--cfg-scales", "1,3", "--class-n", "20"])
+                 "--feature-steps", "10", "--cfg-scales", "3", "--class-n", "20"])
     assert code == 0
     report = json.loads((run / "eval" / "report.json").read_text())
     expected = {"real (train)", "full", "top1", "top2", "threshold:0.1", "sample", "top1+full:0.5", "prior",
@@ -166,16 +166,16 @@ def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featur
     assert "report ->" in capsys.readouterr().out
     # The run is class-conditional: guided samples per model and scale, read by the class classifier.
     classifier = report["classifier"]
-    assert classifier["name"] == "cls10-cnn" and classifier["cfg_scales"] == [1.0, 3.0] and classifier["class_n"] == 20
+    assert classifier["name"] == "cls10-cnn" and classifier["cfg_scales"] == [3.0] and classifier["class_n"] == 20
     assert (run / "eval" / "classifier" / "info.json").is_file()
     assert 0 <= report["results"]["real (train)"]["class_accuracy"] <= 1
     for name in expected - {"real (train)"}:
         accuracy = report["results"][name]["class_accuracy"]
-        assert set(accuracy) == {"1", "3"}
+        assert set(accuracy) == {"3"}
         for cell in accuracy.values():
             assert 0 <= cell["accuracy"] <= 1 and len(cell["per_class"]) == 10
             assert cell["accuracy"] == pytest.approx(np.mean(cell["per_class"]))  # 2 of each class
-    assert "Class accuracy of guided samples" in md and "| cfg 1 | cfg 3 |" in md
+    assert "Class accuracy of guided samples" in md and "| cfg 3 |" in md
 
 
 def test_ddm_evaluate_with_a_user_feature_extractor(trained_run_copy, tmp_path, monkeypatch, capsys):

@@ -268,7 +268,7 @@ def test_sigint_to_ddm_run_reaches_every_island_and_exits_75(run, tmp_path_facto
 
 @pytest.mark.slow
 def test_sigterm_to_train_islands_checkpoints_every_island_exits_75_and_a_rerun_resumes(run, tmp_path_factory):
-    sets = [a for s in ("expert.train.steps=64", "expert.train.batch_size=16", "expert.train.checkpoint_every=4",
+    sets = [a for s in ("expert.train.steps=32", "expert.train.batch_size=16", "expert.train.checkpoint_every=8",
                         "expert.train.log_every=2", "expert.train.warmup_steps=4") for a in ("--set", s)]
     argv = [sys.executable, "-m", "ddm", "train-islands", "--run-dir", str(run), "--parallel", "2", *sets]
     env = child_env(tmp_path_factory)
@@ -292,9 +292,9 @@ def test_sigterm_to_train_islands_checkpoints_every_island_exits_75_and_a_rerun_
     rerun = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     experts = mf.read_manifest(run)["experts"]
-    assert all(experts[str(k)]["status"] == "finished" and experts[str(k)]["step"] == 64 for k in (0, 1))
+    assert all(experts[str(k)]["status"] == "finished" and experts[str(k)]["step"] == 32 for k in (0, 1))
     for k, steps in saved.items():
         if steps:
             log = (run / "experts" / str(k) / "train.log").read_text()
             assert f"resumed from step {steps[-1]}" in log, log[-2000:]
-    assert json.loads((run / "experts" / "0" / "expert.json").read_text())["step"] == 64
+    assert json.loads((run / "experts" / "0" / "expert.json").read_text())["step"] == 32
