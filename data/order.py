@@ -15,6 +15,7 @@ Two orders over the N rows of the union of shards (row r of shard k is global in
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,6 +23,19 @@ import numpy as np
 def global_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     """Epoch `epoch`'s order of all rows: [N] int64, uniform. (The reader's order since the first version.)"""
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def rows_of_span(start: int, count: int, num_rows: int, epoch_order: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Positions start .. start + count - 1 of the endless sequence of epochs, epoch e ordered by
+    `epoch_order(e)` (a permutation of the `num_rows` rows): [count] int64 row indices. A span (a batch) may
+    cross epoch boundaries."""
+    out, filled = np.empty(count, np.int64), 0
+    while filled < count:
+        epoch, offset = divmod(start + filled, num_rows)
+        take = min(count - filled, num_rows - offset)
+        out[filled:filled + take] = epoch_order(epoch)[offset:offset + take]
+        filled += take
+    return out
 
 
 def chunk_spans(sizes: np.ndarray, chunk_rows: list[int]) -> np.ndarray:

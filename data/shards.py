@@ -34,7 +34,7 @@ import tensorstore as ts
 from ddm.core.errors import DDMError
 from ddm.core.hashing import array_hasher, array_sha256
 from ddm.data import storage
-from ddm.data.order import chunk_shuffled_permutation, chunk_spans, global_permutation, window_chunks
+from ddm.data.order import chunk_shuffled_permutation, chunk_spans, global_permutation, rows_of_span, window_chunks
 from ddm.data.prefetch import Prefetcher
 
 logger = logging.getLogger(__name__)
@@ -418,14 +418,7 @@ class ShardReader:
 
     def global_indices(self, step: int) -> np.ndarray:
         """Indices into the union of shards for the global batch of `step`: [B] int64."""
-        start = step * self.batch_size
-        out, filled = np.empty(self.batch_size, np.int64), 0
-        while filled < self.batch_size:
-            epoch, offset = divmod(start + filled, self.num_images)
-            take = min(self.batch_size - filled, self.num_images - offset)
-            out[filled:filled + take] = self._epoch_permutation(epoch)[offset:offset + take]
-            filled += take
-        return out
+        return rows_of_span(step * self.batch_size, self.batch_size, self.num_images, self._epoch_permutation)
 
     def batch(self, step: int) -> Batch:
         """This process's rows of step's global batch (see `Batch`)."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from ddm.core.errors import DDMError
 from ddm.core.hashing import array_sha256
-from ddm.data.order import global_permutation
+from ddm.data.order import global_permutation, rows_of_span
 from ddm.data.shards import Batch, ReaderPosition
 
 SET_TAG = "ddm-router-set:v1"
@@ -112,11 +112,6 @@ class ArrayReader:
 
     def batch(self, step: int) -> Batch:
         local = self.batch_size // self.process_count
-        start = step * self.batch_size + self.process_index * local
-        indices, filled = np.empty(local, np.int64), 0
-        while filled < local:  # the rows may span epoch boundaries
-            epoch, offset = divmod(start + filled, self.num_images)
-            take = min(local - filled, self.num_images - offset)
-            indices[filled:filled + take] = self._epoch_permutation(epoch)[offset:offset + take]
-            filled += take
+        indices = rows_of_span(step * self.batch_size + self.process_index * local, local, self.num_images,
+                               self._epoch_permutation)
         return Batch(self.data.images[indices], self.data.clusters[indices], self.data.classes[indices])
