@@ -38,6 +38,23 @@ def rows_of_span(start: int, count: int, num_rows: int, epoch_order: Callable[[i
     return out
 
 
+class LatestEpoch:
+    """`order(epoch)` (an epoch's row order), computed once and kept until another epoch is asked for: one
+    epoch's order serves many steps. The held (epoch, order) is one tuple, replaced whole, so a prefetch thread
+    and the caller never see an epoch with another epoch's order."""
+
+    def __init__(self, order: Callable[[int], np.ndarray]):
+        self._order = order
+        self._held: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        held_epoch, perm = self._held
+        if held_epoch != epoch:
+            perm = self._order(epoch)
+            self._held = (epoch, perm)
+        return perm
+
+
 def chunk_spans(sizes: np.ndarray, chunk_rows: list[int]) -> np.ndarray:
     """[C, 2] int64 (start, end) global row ranges of every stored chunk: shard k (`sizes[k]` rows, chunks of
     `chunk_rows[k]` rows, the last one possibly shorter) after shards 0..k-1."""

@@ -34,7 +34,8 @@ import tensorstore as ts
 from ddm.core.errors import DDMError
 from ddm.core.hashing import array_hasher, array_sha256
 from ddm.data import storage
-from ddm.data.order import chunk_shuffled_permutation, chunk_spans, global_permutation, rows_of_span, window_chunks
+from ddm.data.order import (LatestEpoch, chunk_shuffled_permutation, chunk_spans, global_permutation, rows_of_span,
+                            window_chunks)
 from ddm.data.prefetch import Prefetcher
 
 logger = logging.getLogger(__name__)
@@ -318,6 +319,12 @@ class ReaderPosition:
     epoch: int
     offset: int
 
+    @classmethod
+    def at(cls, step: int, batch_size: int, num_rows: int) -> ReaderPosition:
+        """Where step `step` of batches of `batch_size` rows starts in the epochs of `num_rows` rows."""
+        start = step * batch_size
+        return cls(epoch=start // num_rows, offset=start % num_rows)
+
 
 class ShardReader:
     """Seeded batches from one or more shards: images, each row's cluster id (its shard's entry of
@@ -382,7 +389,7 @@ class ShardReader:
         if shuffle_buffer < 1 or prefetch < 0:
             raise DDMError(f"reader shuffle buffer must be >= 1 and prefetch >= 0, got {shuffle_buffer}, {prefetch}")
         self.paths, self.shuffle_buffer = list(paths), shuffle_buffer
-        self._perm = (-1, np.empty(0, np.int64))  # (epoch, its order): one tuple, replaced whole (threads)
+        self._epoch_permutation = LatestEpoch(self._permutation)
         self._cache = np.concatenate([s.read().result() for s in self.stores]) if in_memory else None
         self._spans = chunk_spans(self.sizes, [s.chunk_layout.read_chunk.shape[0] for s in self.stores])
         if self._cache is None:
@@ -404,17 +411,11 @@ class ShardReader:
         return self.batch_size // self.process_count
 
     def position(self, step: int) -> ReaderPosition:
-        start = step * self.batch_size
-        return ReaderPosition(epoch=start // self.num_images, offset=start % self.num_images)
+        return ReaderPosition.at(step, self.batch_size, self.num_images)
 
-    def _epoch_permutation(self, epoch: int) -> np.ndarray:
-        # One epoch's order serves many steps; keep the latest instead of redrawing it every batch.
-        held_epoch, perm = self._perm
-        if held_epoch != epoch:
-            perm = (global_permutation(self.num_images, self.seed, epoch) if self.shuffle == "global"
-                    else chunk_shuffled_permutation(self._spans, self.seed, epoch, self.shuffle_buffer))
-            self._perm = (epoch, perm)
-        return perm
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return (global_permutation(self.num_images, self.seed, epoch) if self.shuffle == "global"
+                else chunk_shuffled_permutation(self._spans, self.seed, epoch, self.shuffle_buffer))
 
     def global_indices(self, step: int) -> np.ndarray:
         """Indices into the union of shards for the global batch of `step`: [B] int64."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from ddm.core.errors import DDMError
 from ddm.core.hashing import array_sha256
-from ddm.data.order import global_permutation, rows_of_span
+from ddm.data.order import LatestEpoch, global_permutation, rows_of_span
 from ddm.data.shards import Batch, ReaderPosition
 
 SET_TAG = "ddm-router-set:v1"
@@ -97,18 +97,10 @@ class ArrayReader:
         self.batch_size, self.seed = batch_size, seed
         self.process_index, self.process_count = process_index, process_count
         self.labelled = data.labelled
-        self._perm = (-1, np.empty(0, np.int64))
+        self._epoch_permutation = LatestEpoch(lambda epoch: global_permutation(self.num_images, seed, epoch))
 
     def position(self, step: int) -> ReaderPosition:
-        start = step * self.batch_size
-        return ReaderPosition(epoch=start // self.num_images, offset=start % self.num_images)
-
-    def _epoch_permutation(self, epoch: int) -> np.ndarray:
-        held_epoch, perm = self._perm
-        if held_epoch != epoch:
-            perm = global_permutation(self.num_images, self.seed, epoch)
-            self._perm = (epoch, perm)
-        return perm
+        return ReaderPosition.at(step, self.batch_size, self.num_images)
 
     def batch(self, step: int) -> Batch:
         local = self.batch_size // self.process_count
