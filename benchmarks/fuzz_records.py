@@ -59,7 +59,7 @@ from ddm.verify.limits import VerifyLimits
 from ddm.verify.records import claimed_values, make_record
 from ddm.verify.signing import generate_keypair, load_private_key, load_public_key, sign_record
 from ddm.verify.verdict import NO_CALIBRATION, Verifier, run_thresholds, value_distances
-from tests.oracles.fuzz import Mutant, issue_cases, mutants
+from tests.oracles.fuzz import Mutant, issue_cases, mutants, verify_outcome
 
 FAST_MATH = "--xla_cpu_enable_fast_math=true"
 GENERIC_RECORD = Request(seed=0, n=4, strategy="top1", steps=8, solver="heun")  # the issue's fuzz record
@@ -178,13 +178,9 @@ def judge(verifier: Verifier, cases: list[Mutant], work: Path, original: dict | 
     details = {"false_accepts": [], "false_rejects": [], "tracebacks": [], "rounding_level": []}
     for m in cases:
         path.write_text(m.text)
-        try:
-            outcome = "exit0" if verifier.verify(path).honest else "exit1"
-        except DDMError:
-            outcome = "exit2"
-        except Exception as err:  # noqa: BLE001 -- counted: a traceback is what the fuzz looks for
-            outcome = "traceback"
-            details["tracebacks"].append(f"{m.category}: {m.detail}: {type(err).__name__}: {err}")
+        outcome, trace = verify_outcome(verifier, path, m)
+        if trace is not None:
+            details["tracebacks"].append(trace)
         altered = m.altered
         if altered is None:
             altered = not _generates(verifier, m.request, claimed_values(original))

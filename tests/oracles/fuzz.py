@@ -247,6 +247,17 @@ def run_fuzz(verifier, record: dict, count: int, seed: int, work: str | Path, *,
     return _judge(verifier, record, mutants(record, count, seed, categories), Path(work), list(categories))
 
 
+def verify_outcome(verifier, path, m: Mutant) -> tuple[str, str | None]:
+    """How `verifier` answers the record at `path` (mutant `m`): ("exit0" honest | "exit1" refuted | "exit2" a
+    one-line DDMError | "traceback", the traceback's line for a traceback, else None)."""
+    try:
+        return ("exit0" if verifier.verify(path).honest else "exit1"), None
+    except DDMError:
+        return "exit2", None
+    except Exception as err:  # noqa: BLE001 -- counted: a traceback is what the fuzz looks for
+        return "traceback", f"{m.category}: {m.detail}: {type(err).__name__}: {err}"
+
+
 def _judge(verifier, record: dict, cases: list[Mutant], work: Path, categories: list[str]) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     path = work / "mutant.json"
@@ -256,13 +267,9 @@ def _judge(verifier, record: dict, cases: list[Mutant], work: Path, categories: 
     for m in cases:
         path.write_text(m.text)
         t0 = time.perf_counter()
-        try:
-            outcome = "exit0" if verifier.verify(path).honest else "exit1"
-        except DDMError:
-            outcome = "exit2"
-        except Exception as err:  # noqa: BLE001 -- counted: a traceback is what the fuzz looks for
-            outcome = "traceback"
-            tracebacks.append(f"{m.category}: {m.detail}: {type(err).__name__}: {err}")
+        outcome, trace = verify_outcome(verifier, path, m)
+        if trace is not None:
+            tracebacks.append(trace)
         dt = time.perf_counter() - t0
         seconds.append(dt)
         altered = m.altered
