@@ -126,3 +126,49 @@ def test_calibrate_writes_thresholds_this_verifier_then_holds(trained_run_copy, 
     capsys.readouterr()
     assert main(["verify", "--calibrate", "--run-dir", str(trained_run_copy), "--margin", "0.5"]) == 2
     assert "--margin" in _one_error_line(capsys)
+
+
+def _checks(max_abs: list[float]):
+    from ddm.verify.verdict import ImageCheck
+
+    return [ImageCheck(identical=False, phash=0, dhash=0, max_abs=m, rms=m / 4) for m in max_abs]
+
+
+@pytest.mark.parametrize("n, outliers, size, passes", [
+    (16, 1, 2.4e-3, True),    # the honest fast-math outlier of docs/verification.md: one image of 16
+    (16, 1, 5e-3, False),     # beyond half an 8-bit level: an edit of a displayed pixel, not rounding
+    (16, 2, 2.4e-3, False),   # 5% of 16 is one image
+    (40, 2, 2.4e-3, True),    # 5% of 40 is two
+    (4, 1, 2.4e-3, False),    # below 5 images there are no medians to hold the bulk: no tail allowed
+])
+def test_tolerance_allows_a_few_tail_images_within_half_a_level(n, outliers, size, passes):
+    from ddm.verify.thresholds import HALF_LEVEL, Thresholds
+    from ddm.verify.verdict import claim_failures
+
+    t = Thresholds(phash=0, max_abs=2e-4, rms=3e-5, median_max_abs=1.5e-5, median_rms=3e-6,
+                   outlier_max_abs=HALF_LEVEL)
+    checks = _checks([size] * outliers + [1e-6] * (n - outliers))
+    assert (claim_failures(checks, "tolerance", t) == []) is passes
+    # thresholds without a tail bound (older files, latent runs) allow none
+    assert claim_failures(checks, "tolerance", dataclasses.replace(t, outlier_max_abs=None)) != []
+
+
+def test_calibration_sets_the_tail_bound_for_images_only_and_overrides_keep_it_above_max_abs(tmp_path):
+    import types
+
+    from ddm.core.errors import DDMError
+    from ddm.verify.calibrate import pick_thresholds
+    from ddm.verify.thresholds import HALF_LEVEL, Thresholds, write_thresholds
+    from ddm.verify.verdict import run_thresholds
+
+    rows = [{"max_abs": [1e-6, 5e-5], "rms": [1e-7, 5e-6], "phash": [0, 0]}]  # no claim of 5+: no medians
+    images, _ = pick_thresholds(rows, 4.0)
+    latents, _ = pick_thresholds(rows, 4.0, latents=True)
+    assert images.outlier_max_abs == HALF_LEVEL and latents.outlier_max_abs == latents.max_abs == 2e-4
+    with pytest.raises(DDMError, match="outlier_max_abs"):
+        Thresholds(phash=0, max_abs=1e-3, rms=1e-3, median_max_abs=1e-3, median_rms=1e-3, outlier_max_abs=1e-4)
+    run = types.SimpleNamespace(eval_dir=tmp_path, sha256="ab" * 32)
+    write_thresholds(run.eval_dir, run.sha256, images, {})
+    assert run_thresholds(run).thresholds.outlier_max_abs == HALF_LEVEL  # read back from the file
+    wide = run_thresholds(run, max_abs=0.01).thresholds
+    assert wide.max_abs == wide.outlier_max_abs == 0.01

@@ -43,7 +43,7 @@ from ddm.sampling.load import load_ensemble
 from ddm.sampling.request import Request, generate, generate_many
 from ddm.sampling.routing import parse_strategy
 from ddm.verify.environment import environment, environment_differences
-from ddm.verify.thresholds import MEDIAN_MIN_IMAGES, Thresholds, write_thresholds
+from ddm.verify.thresholds import HALF_LEVEL, MEDIAN_MIN_IMAGES, Thresholds, write_thresholds
 from ddm.verify.verdict import image_checks
 
 logger = logging.getLogger(__name__)
@@ -168,8 +168,9 @@ def drift(requests: list[Request], reference: list[np.ndarray], other: list[np.n
     return rows
 
 
-def pick_thresholds(rows: list[dict], margin: float) -> tuple[Thresholds, dict]:
-    """Thresholds from honest drift (module docstring), and the largest honest values they came from."""
+def pick_thresholds(rows: list[dict], margin: float, *, latents: bool = False) -> tuple[Thresholds, dict]:
+    """Thresholds from honest drift (module docstring), and the largest honest values they came from. The tail
+    outliers' bound (`ddm.verify.thresholds`) is half an 8-bit level for images, none for latents."""
     images = {k: [v for r in rows for v in r[k]] for k in ("max_abs", "rms", "phash")}
     if not all(np.isfinite(images["max_abs"])):
         raise DDMError("an honest regeneration was not finite: nothing to calibrate from")
@@ -179,7 +180,7 @@ def pick_thresholds(rows: list[dict], margin: float) -> tuple[Thresholds, dict]:
     # MEDIAN_QUANTILE only if 3 of 5 of its images are (binomial: < 1% for q = 0.9), so that quantile of all the
     # images measured bounds the median too, never below the largest claim median seen.
     largest = {"max_abs": max(images["max_abs"]), "rms": max(images["rms"]), "phash": max(images["phash"]),
-               **{f"median_{k}": max(float(np.quantile(images[k], MEDIAN_QUANTILE)), *medians[k])
+               **{f"median_{k}": max([float(np.quantile(images[k], MEDIAN_QUANTILE)), *medians[k]])
                   for k in ("max_abs", "rms")}}
 
     def bound(x: float) -> float:  # margin * x rounded up to 3 significant digits: never below the drift
@@ -188,6 +189,7 @@ def pick_thresholds(rows: list[dict], margin: float) -> tuple[Thresholds, dict]:
 
     thresholds = Thresholds(phash=int(largest["phash"]), max_abs=bound(largest["max_abs"]), rms=bound(largest["rms"]),
                             median_max_abs=bound(largest["median_max_abs"]), median_rms=bound(largest["median_rms"]),
+                            outlier_max_abs=None if latents else max(bound(largest["max_abs"]), HALF_LEVEL),
                             source="ddm verify --calibrate")
     return thresholds, largest
 
@@ -223,7 +225,7 @@ def calibrate(run_dir: str | Path, settings: CalibrationSettings = CalibrationSe
         setups["merged batch"] = {"rows": drift(requests, reference, regenerate_merged(ensemble, requests),
                                                 ensemble.codec)}
     rows = [r for s in setups.values() for r in s["rows"]]
-    thresholds, largest = pick_thresholds(rows, settings.margin)
+    thresholds, largest = pick_thresholds(rows, settings.margin, latents=ensemble.codec.latents)
     report = {"settings": settings.to_json(), "verifier_environment": own_env, "setups": setups,
               "largest": largest, "thresholds": thresholds.to_json(),
               "seconds": round(time.perf_counter() - t0, 1)}

@@ -8,7 +8,8 @@ is consistent: its batch digest and every per-image sha256 / pHash / dHash are t
   every hash). For a verifier on the claimant's software and hardware;
 - tolerance: per image, max |dx| <= max_abs and RMS dx <= rms between regenerated and claimed values (float32,
   model range), and for claims of 5 or more images the medians over images of both within median_max_abs and
-  median_rms (`ddm.verify.thresholds`);
+  median_rms, with 5% of the images (at least one) allowed up to outlier_max_abs: honest drift is heavy-tailed
+  (`ddm.verify.thresholds`);
 - phash: per image, pHash Hamming distance <= phash bits (the old perceptual check, blind to small changes on
   8x8 images: docs/verification.md);
 - auto (the default): a bitwise identical regeneration is exact; any other is judged in tolerance mode when
@@ -47,7 +48,8 @@ from ddm.verify.limits import DEFAULT_LIMITS, MODES, VerifyLimits
 from ddm.verify.phash import hamming, hex_to_hash, perceptual_hashes
 from ddm.verify.records import claimed_values, contradictions, read_record, record_codec
 from ddm.verify.signing import SignatureCheck, check_signature
-from ddm.verify.thresholds import CALIBRATE_COMMAND, MEDIAN_MIN_IMAGES, OwnThresholds, Thresholds, own_thresholds
+from ddm.verify.thresholds import (CALIBRATE_COMMAND, MEDIAN_MIN_IMAGES, OwnThresholds, Thresholds, outlier_allowance,
+                                   own_thresholds)
 
 __all__ = ["MODES", "ImageCheck", "Verdict", "Verifier", "compare", "format_verdict", "verify_record"]
 
@@ -164,10 +166,15 @@ class Verdict:
 
 def claim_failures(checks: list[ImageCheck], mode: str, thresholds: Thresholds | None) -> list[str]:
     """Why a claim's regeneration fails a resolved mode (empty: it passes): images that fail on their own, and in
-    tolerance mode, for 5 or more images, medians over the images beyond their thresholds. thresholds: None
-    only in exact mode."""
+    tolerance mode, for 5 or more images, medians over the images beyond their thresholds. In tolerance mode
+    up to `outlier_allowance(n)` images beyond the per-image bounds but within `outlier_max_abs` are the honest
+    tail, not failures. thresholds: None only in exact mode."""
     failures = []
     failed = [i for i, c in enumerate(checks) if not c.passes(mode, thresholds)]
+    if mode == "tolerance":
+        tail = [i for i in failed if checks[i].max_abs <= thresholds.outlier_max_abs]
+        if len(tail) <= outlier_allowance(len(checks)):
+            failed = [i for i in failed if i not in tail]
     if failed:
         failures.append(f"{len(failed)} of {len(checks)} images fail {mode} mode (images {failed[:8]}"
                         f"{' ...' if len(failed) > 8 else ''})")
@@ -263,7 +270,10 @@ def run_thresholds(run: Run, verifier_env: dict | None = None, **flags) -> OwnTh
     if own.thresholds is None:
         raise DDMError(f"{names} replace{'s' if len(given) == 1 else ''} a threshold this verifier calibrated, and "
                        f"{own.note}: run {CALIBRATE_COMMAND} first")
-    return OwnThresholds(dataclasses.replace(own.thresholds, **given, source=f"{own.thresholds.source}, with {names}"),
+    changes = dict(given)
+    if "max_abs" in given:  # the tail's bound is never below the per-image one
+        changes["outlier_max_abs"] = max(own.thresholds.outlier_max_abs, given["max_abs"])
+    return OwnThresholds(dataclasses.replace(own.thresholds, **changes, source=f"{own.thresholds.source}, with {names}"),
                          f"{own.note}, with {names}")
 
 
@@ -369,8 +379,10 @@ def format_verdict(verdict: Verdict) -> str:
     if verdict.mode == "exact":
         rule = "bit for bit"
     elif verdict.mode == "tolerance":
-        rule = (f"max|dx| <= {t.max_abs:g} and rms <= {t.rms:g} per image, medians <= {t.median_max_abs:g} and "
-                f"{t.median_rms:g}; thresholds from {t.source}")
+        tail = (f" (or max|dx| <= {t.outlier_max_abs:g} for 5% of 5+ images)"
+                if t.outlier_max_abs > t.max_abs else "")
+        rule = (f"max|dx| <= {t.max_abs:g} and rms <= {t.rms:g} per image{tail}, medians <= {t.median_max_abs:g} "
+                f"and {t.median_rms:g}; thresholds from {t.source}")
     else:
         rule = f"pHash distance <= {t.phash}; thresholds from {t.source}"
     lines = [f"claim: {verdict.claim}", f"signature: {verdict.signature}",
@@ -380,6 +392,8 @@ def format_verdict(verdict: Verdict) -> str:
                      f"(dHash distance, not judged)")
         for i, c in enumerate(verdict.checks):
             ok = "ok" if c.passes(verdict.mode, t) else "MISMATCH"  # exact never reads the thresholds
+            if ok != "ok" and verdict.mode == "tolerance" and c.max_abs <= t.outlier_max_abs:
+                ok = "tail"  # allowed as one of the claim's few outliers unless there are too many
             lines.append(f"{i:>5}  {'yes' if c.identical else 'no':>7}  {c.phash:>5}  {_fmt(c.max_abs):>8}  "
                          f"{_fmt(c.rms):>8}  {ok} ({c.dhash})")
     for p in verdict.problems:
