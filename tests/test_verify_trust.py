@@ -165,6 +165,8 @@ def test_calibration_sets_the_tail_bound_for_images_only_and_overrides_keep_it_a
     images, _ = pick_thresholds(rows, 4.0)
     latents, _ = pick_thresholds(rows, 4.0, latents=True)
     assert images.outlier_max_abs == HALF_LEVEL and latents.outlier_max_abs == latents.max_abs == 2e-4
+    bitwise, _ = pick_thresholds([{"max_abs": [0.0] * 5, "rms": [0.0] * 5, "phash": [0] * 5}], 4.0)
+    assert bitwise.max_abs == bitwise.outlier_max_abs == 0  # no drift seen: as strict as exact mode
     with pytest.raises(DDMError, match="outlier_max_abs"):
         Thresholds(phash=0, max_abs=1e-3, rms=1e-3, median_max_abs=1e-3, median_rms=1e-3, outlier_max_abs=1e-4)
     run = types.SimpleNamespace(eval_dir=tmp_path, sha256="ab" * 32)

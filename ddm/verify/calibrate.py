@@ -170,7 +170,8 @@ def drift(requests: list[Request], reference: list[np.ndarray], other: list[np.n
 
 def pick_thresholds(rows: list[dict], margin: float, *, latents: bool = False) -> tuple[Thresholds, dict]:
     """Thresholds from honest drift (module docstring), and the largest honest values they came from. The tail
-    outliers' bound (`ddm.verify.thresholds`) is half an 8-bit level for images, none for latents."""
+    outliers' bound (`ddm.verify.thresholds`) is half an 8-bit level for images, none for latents or when no
+    setup changed a bit (no drift seen, no tail allowed)."""
     images = {k: [v for r in rows for v in r[k]] for k in ("max_abs", "rms", "phash")}
     if not all(np.isfinite(images["max_abs"])):
         raise DDMError("an honest regeneration was not finite: nothing to calibrate from")
@@ -189,7 +190,8 @@ def pick_thresholds(rows: list[dict], margin: float, *, latents: bool = False) -
 
     thresholds = Thresholds(phash=int(largest["phash"]), max_abs=bound(largest["max_abs"]), rms=bound(largest["rms"]),
                             median_max_abs=bound(largest["median_max_abs"]), median_rms=bound(largest["median_rms"]),
-                            outlier_max_abs=None if latents else max(bound(largest["max_abs"]), HALF_LEVEL),
+                            outlier_max_abs=(None if latents or largest["max_abs"] == 0
+                                             else max(bound(largest["max_abs"]), HALF_LEVEL)),
                             source="ddm verify --calibrate")
     return thresholds, largest
 
@@ -248,7 +250,9 @@ def format_calibration(report: dict) -> str:
     t, m = report["thresholds"], report["settings"]["margin"]
     lines.append(f"thresholds ({m:g} x the largest honest drift): max|dx| <= {t['max_abs']:g}, rms <= {t['rms']:g} "
                  f"per image; claim medians <= {t['median_max_abs']:g} / {t['median_rms']:g} ({m:g} x the "
-                 f"{MEDIAN_QUANTILE:g} quantile per image); pHash <= {t['phash']}")
+                 f"{MEDIAN_QUANTILE:g} quantile per image); pHash <= {t['phash']}"
+                 + (f"; tail: 5% of a 5+ image claim up to max|dx| {t['outlier_max_abs']:.3g}"
+                    if t.get("outlier_max_abs", t["max_abs"]) > t["max_abs"] else ""))
     if report["largest"]["max_abs"] == 0:
         lines.append("no setup changed a bit: tolerance mode is as strict as exact mode")
     lines.append(f"wrote {report['path']} ({report['seconds']:.0f}s)")
