@@ -6,10 +6,14 @@ Starts the app (`ddm.serve.app.create_app`) under uvicorn in this process on 127
 `--run-dir`, or over a tiny digits run it trains itself in a temporary directory (the tests' settings: K=3,
 40 steps per expert and router). Then, for 1, 8 and 32 concurrent httpx clients and requests of 4 and 16
 images (distinct seeds, so no request is a duplicate), every client sends requests back to back until the
-cell's request count or its time limit is reached. Columns: images/s = images answered / wall time of the
-cell; p50 / p99: request latency (client side, PNG encoding and JSON included); mean batch: images per worker
-batch (`Batcher.on_batch`); direct: `Ensemble.sample` at the merged call's padded size (`pad_size` of the
-mean batch), warm, median of a few calls, images/s; ratio = served / direct. Every program is compiled before
+cell's request count or its time limit is reached. The clients run in a child process, so this process's CPU
+time over a cell is the server's alone (HTTP, validation, PNG and JSON, the worker, the device calls).
+Columns: images/s = images answered / wall time of the cell; p50 / p99: request latency (client side, PNG
+encoding and JSON included); mean batch: images per worker batch (`Batcher.on_batch`); direct: `Ensemble.sample`
+at the merged call's padded size (`pad_size` of the mean batch), warm, median of a few calls, images/s; ratio =
+served / direct (wall; the clients' own CPU competes for the same cores); CPU ratio = direct CPU seconds per
+image / the server's CPU seconds per image (what serving costs beyond the samples, whoever the clients are).
+Every program is compiled before
 the timed cells (lone sizes and the padded merged sizes), so no cell pays for a compile, and each cell starts
 with one untimed round of `clients` requests. --quick: 4 x clients requests per cell (at least 16), else 16 x
 (at least 64).
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import socket
 import statistics
 import sys
@@ -96,6 +101,13 @@ async def cell(base: str, clients: int, n: int, requests: int, limit_s: float, b
     return {"latencies": latencies, "wall": wall, "images": n * len(latencies)}
 
 
+def run_cell(base: str, clients: int, n: int, requests: int, limit_s: float, body: dict, first_seed: int) -> dict:
+    """`cell` in a process of its own (the clients' CPU is not the server's); seeds first_seed, first_seed + 1..."""
+    import itertools
+
+    return asyncio.run(cell(base, clients, n, requests, limit_s, body, itertools.count(first_seed)))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -134,41 +146,49 @@ def main(argv: list[str] | None = None) -> None:
     padded = sorted({pad_size(b, args.max_batch) for b in range(1, args.max_batch + 1)} | set(sizes))
     print(f"compiling {len(padded)} batch sizes {padded} ...", file=sys.stderr, flush=True)
     direct: dict[int, float] = {}
+    direct_cpu: dict[int, float] = {}  # CPU seconds per image
     for b in padded:  # the jit cache is the server's: these compile every program the cells will run
         ensemble.sample(b, args.strategy, steps=args.steps, solver=solver, seed=0)
         if b > 1:  # a merged call (the same program as a lone one, but for the `sample` strategy's keys)
             generate_many(ensemble, [Request(seed=s, n=m, strategy=args.strategy, steps=args.steps, solver=solver)
                                      for s, m in ((1, b // 2), (2, b - b // 2))])
-        times = []
+        times, cpu = [], []
         for r in range(3 if args.quick else 5):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ensemble.sample(b, args.strategy, steps=args.steps, solver=solver, seed=r + 1)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         direct[b] = b / statistics.median(times)
+        direct_cpu[b] = statistics.median(cpu) / b
 
     port = free_port()
     server, thread = start_server(app, port)
-    base, seeds = f"http://127.0.0.1:{port}", itertools.count(1000)
+    base, seeds = f"http://127.0.0.1:{port}", itertools.count(1000, 100_000)
+    headers = ["clients", "n", "requests", "images/s", "p50 ms", "p99 ms", "mean batch", "direct images/s", "ratio",
+               "server CPU ms / image", "direct CPU ms / image", "CPU ratio"]
     rows = []
+    pool = multiprocessing.get_context("spawn").Pool(1)
     try:
         for n in sizes:
             for clients in concurrency:
                 requests = max(4 * clients, 16) if args.quick else max(16 * clients, 64)
                 limit = 60.0 if args.quick else 180.0
-                asyncio.run(cell(base, clients, n, clients, limit, body, seeds))  # untimed: the loop settles
+                pool.apply(run_cell, (base, clients, n, clients, limit, body, next(seeds)))  # untimed: settles
                 batch_images.clear()
-                result = asyncio.run(cell(base, clients, n, requests, limit, body, seeds))
+                c0 = time.process_time()
+                result = pool.apply(run_cell, (base, clients, n, requests, limit, body, next(seeds)))
+                server_cpu = (time.process_time() - c0) / max(1, result["images"])
                 mean_batch = float(np.mean(batch_images)) if batch_images else float(n)
                 at = pad_size(round(mean_batch), args.max_batch)
                 served = result["images"] / result["wall"]
                 lat = result["latencies"]
                 rows.append([clients, n, len(lat), f"{served:.1f}", f"{percentile(lat, 0.5) * 1e3:.0f}",
                              f"{percentile(lat, 0.99) * 1e3:.0f}", f"{mean_batch:.1f}", f"{direct[at]:.1f} (B={at})",
-                             f"{served / direct[at]:.2f}"])
-                print(markdown_table(["clients", "n", "requests", "images/s", "p50 ms", "p99 ms", "mean batch",
-                                      "direct images/s", "ratio"], rows[-1:]).splitlines()[-1],
-                      file=sys.stderr, flush=True)
+                             f"{served / direct[at]:.2f}", f"{server_cpu * 1e3:.2f}", f"{direct_cpu[at] * 1e3:.2f}",
+                             f"{direct_cpu[at] / server_cpu:.2f}"])
+                print(markdown_table(headers, rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     finally:
+        pool.close()
         server.should_exit = True
         thread.join(60)
         batcher.close()
@@ -180,8 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                          "max_batch": args.max_batch,
                          "max_wait_ms": args.max_wait_ms}))
     print()
-    print(markdown_table(["clients", "n", "requests", "images/s", "p50 ms", "p99 ms", "mean batch",
-                          "direct images/s", "ratio"], rows))
+    print(markdown_table(headers, rows))
 
 
 if __name__ == "__main__":
