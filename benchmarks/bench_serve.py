@@ -1,6 +1,7 @@
 """Serving throughput of `ddm serve` over loopback, against `Ensemble.sample` called directly.
 
     python -m benchmarks.bench_serve [--run-dir RUN] [--quick] [--strategy prior] [--steps 4]
+        [--sizes 4,16] [--clients 1,8,32] [--http auto|h11|httptools]
 
 Starts the app (`ddm.serve.app.create_app`) under uvicorn in this process on 127.0.0.1 (a free port) over
 `--run-dir`, or over a tiny digits run it trains itself in a temporary directory (the tests' settings: K=3,
@@ -63,11 +64,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(app, port: int):
-    """uvicorn serving `app` on 127.0.0.1:port in a daemon thread; returns the server once it listens."""
+def start_server(app, port: int, http: str = "auto"):
+    """uvicorn serving `app` on 127.0.0.1:port in a daemon thread (HTTP parser `http`); returns the server once
+    it listens."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=http))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--sizes", default="4,16", help="images per request, comma-separated")
+    parser.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
+    parser.add_argument("--http", default="auto", choices=("auto", "h11", "httptools"),
+                        help="uvicorn's HTTP parser (auto: httptools when installed)")
     args = parser.parse_args(argv)
 
     import itertools
@@ -142,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
 
     solver = app.state.run.config.sample.solver
     body = {"strategy": args.strategy, "steps": args.steps, "solver": solver}
-    sizes, concurrency = (4, 16), (1, 8, 32)
+    sizes = tuple(int(v) for v in args.sizes.split(","))
+    concurrency = tuple(int(v) for v in args.clients.split(","))
     padded = sorted({pad_size(b, args.max_batch) for b in range(1, args.max_batch + 1)} | set(sizes))
     print(f"compiling {len(padded)} batch sizes {padded} ...", file=sys.stderr, flush=True)
     direct: dict[int, float] = {}
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         direct_cpu[b] = statistics.median(cpu) / b
 
     port = free_port()
-    server, thread = start_server(app, port)
+    server, thread = start_server(app, port, args.http)
     base, seeds = f"http://127.0.0.1:{port}", itertools.count(1000, 100_000)
     headers = ["clients", "n", "requests", "images/s", "p50 ms", "p99 ms", "mean batch", "direct images/s", "ratio",
                "server CPU ms / image", "direct CPU ms / image", "CPU ratio"]
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                         {"run": str(run_dir) if args.run_dir else "tiny digits (K=3, trained here)",
                          "strategy": args.strategy, "steps": args.steps, "solver": solver,
                          "max_batch": args.max_batch,
-                         "max_wait_ms": args.max_wait_ms}))
+                         "max_wait_ms": args.max_wait_ms, "http": args.http}))
     print()
     print(markdown_table(headers, rows))
 

@@ -51,7 +51,7 @@ from ddm.sampling.request import Request, check_condition, check_limits, generat
 from ddm.sampling.routing import ACCEPTED_FORMS
 from ddm.serve.batcher import Batcher, Merged, QueueFull
 from ddm.serve.jobs import JobStore
-from ddm.serve.metrics import Metrics
+from ddm.serve.metrics import Metrics, ObservedApp
 from ddm.serve.page import index_page
 from ddm.serve.schemas import GenerationRequest, encode_array
 from ddm.verify.limits import MODES
@@ -182,13 +182,7 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
     app.state.run, app.state.ensemble, app.state.batcher, app.state.metrics = run, ensemble, batcher, metrics
     app.state.jobs = jobs
 
-    @app.middleware("http")
-    async def observe(request: HTTPRequest, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        path = route_label(request.url.path)
-        metrics.observe(path, response.status_code, time.perf_counter() - t0)
-        return response
+    app.add_middleware(ObservedApp, metrics=metrics, label=route_label)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, err: RequestValidationError):

@@ -10,6 +10,7 @@ in tests, never share counters).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -45,3 +46,24 @@ class Metrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ObservedApp:
+    """ASGI middleware: counts every HTTP request of `app` in `metrics` by route label (`label(path)`) and status,
+    with its latency from request in to response headers out. A plain ASGI wrapper rather than Starlette's
+    `BaseHTTPMiddleware`, which copies every request and response body through extra tasks and streams."""
+
+    def __init__(self, app, metrics: Metrics, label: Callable[[str], str]):
+        self.app, self.metrics, self.label = app, metrics, label
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, path = time.perf_counter(), self.label(scope["path"])
+
+        async def observed_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.observe(path, message["status"], time.perf_counter() - t0)
+            await send(message)
+
+        await self.app(scope, receive, observed_send)
