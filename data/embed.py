@@ -1,4 +1,5 @@
-"""Features for clustering: raw pixels, PCA of pixels, or precomputed vectors from a file.
+"""Features for clustering: raw pixels, PCA of pixels, precomputed vectors from a file, or the images' condition
+embeddings (`data.embedding: conditions`, the text of a captioned dataset: `condition_features`).
 
 No pretrained Flax image encoder ships offline, so semantic clustering (e.g. DINOv2 features, as in the DDM
 paper) comes in through `embedding: file`: compute the vectors anywhere, one row per image, and point
@@ -60,6 +61,13 @@ def fit_embedding(sample: np.ndarray, encode: Encode, cfg: DataConfig) -> tuple[
         raise DDMError(f"embedding {cfg.embedding!r} is not fitted on images")
     features, model = fit_pca(pixels(sample), cfg.embed_dim, cfg.seed)
     return features, lambda rows: model.transform(pixels(rows)).astype(np.float32)
+
+
+def condition_features(conditions: np.ndarray) -> np.ndarray:
+    """Clustering features of condition embeddings: [n, D] pooled as they are, [n, L, D] tokens averaged over
+    L; float32 [n, D]."""
+    conditions = np.asarray(conditions, np.float32)
+    return conditions.mean(axis=1) if conditions.ndim == 3 else conditions
 
 
 def load_features(cfg: DataConfig, n: int, base_dir: Path | None = None) -> np.ndarray:

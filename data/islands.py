@@ -24,12 +24,12 @@ import numpy as np
 
 from ddm.core import documents
 from ddm.core.codec import Codec
-from ddm.core.config import Config, config_from_data, with_num_classes
+from ddm.core.config import Config, config_from_data, with_condition_shape, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.core.schema import Anything, Hex, Int, ListOf, Nullable, Obj, RelPath, Str
 from ddm.data import storage
-from ddm.data.manifest_schema import CODEC, MAX_CLASSES, MAX_CLUSTERS, MAX_COUNT, MAX_SIDE
-from ddm.data.shards import NO_LABEL, read_labels, read_shard, verify_shard
+from ddm.data.manifest_schema import CODEC, CONDITION_FIELDS, MAX_CLASSES, MAX_CLUSTERS, MAX_COUNT, MAX_SIDE
+from ddm.data.shards import NO_LABEL, read_conditions, read_labels, read_shard, verify_shard
 
 BUNDLE_FORMAT = "ddm-island/v1"
 ISLAND_JSON = "island.json"
@@ -45,7 +45,7 @@ ISLAND_SCHEMA = Obj(
                                            name=f"a list of 3 integers in 1..{MAX_SIDE} ([H, W, C])")},
                     optional={"num_classes": Nullable(Int(min=0, max=MAX_CLASSES)),
                               "class_names": Nullable(ListOf(Str(), max_len=MAX_CLASSES)),
-                              "dtype": Str(), "codec": Nullable(CODEC)}),
+                              "dtype": Str(), "codec": Nullable(CODEC), **CONDITION_FIELDS}),
      "shard": _SHARD,
      "config": Anything(dict, "an object")},  # checked by the config's own dataclasses
     optional={"holdout": Nullable(_SHARD)},
@@ -61,8 +61,10 @@ def island_record(run_id: str, cluster: int, dataset: dict, shard: dict, holdout
     """island.json's content (paths inside the bundle are relative to it)."""
     return {"format": BUNDLE_FORMAT, "run_id": run_id, "cluster": cluster,
             "dataset": {**{key: dataset.get(key) for key in ("fingerprint", "image_shape", "num_classes", "class_names")},
-                        # latent runs: how the model sees the stored rows (image runs have neither key)
-                        **{key: dataset[key] for key in ("dtype", "codec") if key in dataset}},
+                        # latent runs: how the model sees the stored rows (image runs have neither key); runs
+                        # with condition embeddings: their shape and stored dtype
+                        **{key: dataset[key] for key in ("dtype", "codec", "condition_shape", "condition_dtype")
+                           if key in dataset}},
             "shard": shard, "holdout": holdout, "config": config}
 
 
@@ -104,7 +106,9 @@ class Bundle:
                            "prepared run")
         record = documents.load(raw, ISLAND_SCHEMA, f"island bundle {path}", fmt=BUNDLE_FORMAT)
         num_classes = int(record["dataset"].get("num_classes") or 0)
-        config = with_num_classes(config_from_data(record["config"], overrides), num_classes)
+        condition_shape = tuple(record["dataset"].get("condition_shape") or ())
+        config = with_num_classes(with_condition_shape(config_from_data(record["config"], overrides), condition_shape),
+                                  num_classes)
         return cls(str(root) if storage.is_url(root) else Path(root), record, config)
 
     @property
@@ -129,6 +133,11 @@ class Bundle:
         return tuple(int(s) for s in self.record["dataset"]["image_shape"])
 
     @property
+    def condition_shape(self) -> tuple[int, ...]:
+        """One image's condition embedding: (D,), (L, D), or () when the run has none."""
+        return tuple(int(s) for s in self.record["dataset"].get("condition_shape") or ())
+
+    @property
     def shard_path(self) -> str:
         return storage.join(self.root, self.record["shard"]["path"])
 
@@ -137,13 +146,17 @@ class Bundle:
         return self.record["shard"]["sha256"]
 
     def holdout_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """The island's held-out images with their cluster id and class (-1 unlabelled), as a reader gives
-        them: (uint8 [N, H, W, C], int32 [N], int32 [N]); None when it has none. Checked against its digest."""
+        """The island's held-out images with their cluster id and class (-1 unlabelled), or their condition
+        embeddings, as a reader gives them: (uint8 [N, H, W, C], int32 [N], int32 [N] or float32
+        [N, *condition_shape]); None when it has none. Checked against its digest."""
         held = self.record.get("holdout")
         if not held or not held.get("count"):
             return None
         path = storage.join(self.root, held["path"])
-        images, classes = read_shard(path), read_labels(path)
-        verify_shard(path, held["sha256"], "holdout", images=images, labels=classes)
-        classes = np.full(len(images), NO_LABEL, np.int32) if classes is None else classes
+        images, classes, conditions = read_shard(path), read_labels(path), read_conditions(path)
+        verify_shard(path, held["sha256"], "holdout", images=images, labels=classes, conditions=conditions)
+        if conditions is not None:
+            classes = conditions.astype(np.float32)
+        elif classes is None:
+            classes = np.full(len(images), NO_LABEL, np.int32)
         return images, np.full(len(images), self.cluster, np.int32), classes

@@ -2,7 +2,8 @@
 
 add-island loads new data with the run's data settings and the given `data.*` overrides (any `data.source`),
 checks it against the plan (the image shape and kind, latents' dtype, labelled or not, and that every class it
-holds is one of the plan's classes, matched by name), and writes cluster K (the next id) exactly as
+holds is one of the plan's classes, matched by name; condition embeddings of the plan's shape and dtype, or none
+when the plan has none), and writes cluster K (the next id) exactly as
 `ddm prepare` writes a cluster: its shard and its island's held-out images inside its bundle RUN/islands/K
 (`ddm.data.prepare.write_cluster`) and the bundle's island.json, which names the unchanged run id. Then the
 manifest gets the cluster's entry, marked `joined`, which enters the membership id but not the run id: every
@@ -33,13 +34,14 @@ import numpy as np
 from ddm.core import signatures
 from ddm.core.config import config_from_data, parse_override
 from ddm.core.errors import DDMError
-from ddm.core.hashing import dataset_fingerprint, labels_fingerprint
+from ddm.core.hashing import array_sha256, dataset_fingerprint, labels_fingerprint
 from ddm.data import manifest as mf
 from ddm.data import membership
 from ddm.data.components import ROUTER
 from ddm.data.manifest_schema import MAX_CLUSTERS
 from ddm.data.prepare import BLOCK_ROWS, RETIRED_ROUTERS, split_holdout, write_cluster, write_island
 from ddm.data.run import Run
+from ddm.data.shards import CONDITIONS_TAG
 from ddm.data.sources import Dataset, load_dataset
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ logger = logging.getLogger(__name__)
 # data.* settings add-island takes: where the new data is and which of it to use. The rest of the config (the
 # experts' model and training, the clustering) is the plan's.
 JOIN_SETTINGS = ("source", "array_key", "image_column", "labels", "label_column", "split", "image_size", "limit",
-                 "exclude_classes", "holdout_fraction", "seed")
+                 "exclude_classes", "holdout_fraction", "seed", "conditions", "conditions_key")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -77,6 +79,7 @@ def plan_labels(run: Run, dataset: Dataset) -> np.ndarray | None:
     plan_dtype = run.dataset.get("dtype", "uint8")
     if dataset.images.dtype.name != plan_dtype:
         raise DDMError(f"{what} is {dataset.images.dtype.name}, the plan's data is {plan_dtype}: refusing to add it")
+    check_plan_conditions(run, dataset)
     if (dataset.labels is None) != (run.num_classes == 0):
         held = "no class labels" if dataset.labels is None else f"class labels ({dataset.num_classes} classes)"
         plan = f"{run.num_classes} classes" if run.num_classes else "unlabelled"
@@ -92,6 +95,18 @@ def plan_labels(run: Run, dataset: Dataset) -> np.ndarray | None:
                        "refusing to add it")
     to_plan = np.array([index.get(name, -1) for name in dataset.class_names], np.int32)
     return to_plan[dataset.labels]
+
+
+def check_plan_conditions(run: Run, dataset: Dataset) -> None:
+    """DDMError (one line) unless the new data's condition embeddings have the plan's shape and stored dtype, or
+    both have none."""
+    what = f"island data {dataset.source}"
+    plan = (run.condition_shape, run.dataset.get("condition_dtype"))
+    held = (dataset.condition_shape, None if dataset.conditions is None else dataset.conditions.dtype.name)
+    if held != plan:
+        def show(shape, dtype):
+            return f"condition embeddings {dtype} {list(shape)}" if shape else "no condition embeddings"
+        raise DDMError(f"{what} has {show(*held)}, the plan has {show(*plan)} (data.conditions): refusing to add it")
 
 
 @contextlib.contextmanager
@@ -131,6 +146,7 @@ def add_island(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
     images, n = dataset.images, len(dataset.images)
     fingerprint = dataset_fingerprint(images)
     labels_sha = None if labels is None else labels_fingerprint(labels, run.class_names)
+    conditions_sha = None if dataset.conditions is None else array_sha256(dataset.conditions, CONDITIONS_TAG)
     for c in run.clusters:
         if c["id"] in run.cluster_ids and (c.get("joined") or {}).get("fingerprint") == fingerprint:
             raise DDMError(f"island data {dataset.source} already joined the run as cluster {c['id']}")
@@ -144,9 +160,10 @@ def add_island(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
         if bundle.exists():  # a join that failed before registering it: nothing refers to it
             shutil.rmtree(bundle)
         entry, held = write_cluster(run_dir, k, images, labels, run.num_classes, train_idx, hold_idx,
-                                    cfg.chunk_images, block_rows)
+                                    cfg.chunk_images, block_rows, dataset.conditions)
         entry["joined"] = {"source": dataset.source, "fingerprint": fingerprint, "num_images": n,
-                           "holdout": len(hold_idx), **({"labels_sha256": labels_sha} if labels_sha else {})}
+                           "holdout": len(hold_idx), **({"labels_sha256": labels_sha} if labels_sha else {}),
+                           **({"conditions_sha256": conditions_sha} if conditions_sha else {})}
         write_island(run_dir, entry, held, run.run_id, run.manifest)
 
         def change(manifest: dict) -> None:

@@ -3,14 +3,16 @@
 Schema (format "ddm-run/v2"; paths are relative to the run directory):
 
     dataset:    source, fingerprint (SHA-256 of canonical uint8 data), num_images, image_shape [H, W, C],
-                num_classes (0: unlabelled), class_names (null: unlabelled), labels_sha256 (null: unlabelled)
+                num_classes (0: unlabelled), class_names (null: unlabelled), labels_sha256 (null: unlabelled);
+                with condition embeddings (`data.conditions`, then num_classes 0): condition_shape [D] or [L, D],
+                condition_dtype, conditions_sha256
     clustering: method, k, embedding, parameters, inertia, n_iter, centroids (path of [K, D] .npy)
     clusters:   [{id, count, share, shard, sha256, bundle, class_counts}]
-                one shard folder (images [+ labels]) per cluster, inside its island bundle `islands/k/`
+                one shard folder (images [+ labels or conditions]) per cluster, inside its island bundle `islands/k/`
                 (`ddm.data.islands`); sha256: its content digest; class_counts [num_classes] (labelled data).
                 The first clustering.k are the plan's; a cluster that joined later (`ddm add-island`) follows
                 them, has no share and carries `joined` {source, fingerprint, num_images, holdout,
-                labels_sha256} (`ddm.data.membership`)
+                labels_sha256 or conditions_sha256} (`ddm.data.membership`)
     membership: {removed: [k...], history: [...]}      optional: the clusters that left (`ddm remove-island`)
                                                         and one entry per membership the run has had
                                                         (`ddm.data.membership`)

@@ -20,6 +20,13 @@ MAX_COUNT = 2**40  # images; far beyond any dataset, small enough that sums stay
 MAX_SIDE = 65_536  # pixels (or latent cells) per side, and channels
 MAX_CLUSTERS = 2**16
 MAX_CLASSES = 2**20  # class labels travel as int32; a million classes is far beyond any dataset here
+MAX_CONDITION_SIDE = 2**20  # tokens or dimensions of one image's condition embedding
+
+# One image's condition embedding (`data.conditions`): its shape ((D,) or (L, D)) and stored dtype.
+CONDITION_FIELDS = {
+    "condition_shape": ListOf(Int(min=1, max=MAX_CONDITION_SIDE), min_len=1, max_len=2,
+                              name="a list of 1 or 2 integers >= 1 ([D] or [L, D])"),
+    "condition_dtype": Str(choices=("float16", "float32"))}
 STATUSES = ("finished", "pending", "running", "failed")
 KEY_ID = r"ed25519:[0-9a-f]{16}"  # `ddm.core.signatures.key_id`
 CLUSTER_KEY = r"0|[1-9][0-9]{0,5}"  # a cluster id as an object key
@@ -51,7 +58,7 @@ ISLAND_KEY = Obj({"key_id": Str(pattern=KEY_ID, name="a key id (ed25519:16 hex)"
 # A cluster that joined after the plan (`ddm add-island`): where its data came from.
 JOINED = Obj({"source": Str(), "fingerprint": Hex(64), "num_images": Int(min=1, max=MAX_COUNT),
               "holdout": Int(min=0, max=MAX_COUNT)},
-             optional={"labels_sha256": Nullable(Hex(64))}, closed=True)
+             optional={"labels_sha256": Nullable(Hex(64)), "conditions_sha256": Hex(64)}, closed=True)
 
 # Which clusters left, and every membership the run has had (`ddm.data.membership`; volatile, in no id).
 _CLUSTER_IDS = ListOf(Int(min=0, max=MAX_CLUSTERS - 1), max_len=MAX_CLUSTERS)
@@ -76,7 +83,8 @@ SCHEMA = Obj(
                                               name=f"a list of 3 integers in 1..{MAX_SIDE} ([H, W, C])")},
                        optional={"num_classes": Int(min=0, max=MAX_CLASSES),
                                  "class_names": Nullable(ListOf(Str(), max_len=MAX_CLASSES)),
-                                 "labels_sha256": Nullable(Hex(64)), "dtype": Str(), "codec": Nullable(CODEC)}),
+                                 "labels_sha256": Nullable(Hex(64)), "dtype": Str(), "codec": Nullable(CODEC),
+                                 **CONDITION_FIELDS, "conditions_sha256": Hex(64)}),
         "clustering": Obj({"method": Str(), "k": Int(min=1, max=MAX_CLUSTERS)},
                           optional={"centroids": RelPath(), "train_labels": RelPath(), "inertia": Num(min=0),
                                     "n_iter": Int(min=0), "seed": Int(min=0, max=2**32 - 1)}),
@@ -176,6 +184,15 @@ def class_counts_match(m: dict) -> str | None:
     return None
 
 
+def conditions_described(m: dict) -> str | None:
+    fields = [k for k in ("condition_shape", "condition_dtype", "conditions_sha256") if k in m["dataset"]]
+    if fields and len(fields) != 3:
+        return "dataset.condition_shape, condition_dtype and conditions_sha256 come together"
+    if fields and m["dataset"].get("num_classes"):
+        return "dataset has condition embeddings and class labels: a run is conditioned on one of them"
+    return None
+
+
 def island_keys_fit(m: dict) -> str | None:
     for k, entry in (m.get("island_keys") or {}).items():
         if int(k) >= len(m["clusters"]):
@@ -200,7 +217,7 @@ def membership_fits(m: dict) -> str | None:
 
 
 RULES = [clusters_match_k, shares_fit, cluster_ids_in_order, one_shard_per_cluster, counts_add_up,
-         class_counts_match, island_keys_fit, membership_fits]
+         class_counts_match, conditions_described, island_keys_fit, membership_fits]
 
 
 def validate_manifest(manifest, where: str) -> dict:

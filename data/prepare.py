@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from ddm.core.codec import Codec, latent_codec
-from ddm.core.config import Config, DataConfig, to_dict, with_num_classes
+from ddm.core.config import Config, DataConfig, to_dict, with_condition_shape, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.core.files import check_output_dir
-from ddm.core.hashing import dataset_fingerprint, labels_fingerprint
+from ddm.core.hashing import array_sha256, dataset_fingerprint, labels_fingerprint
 from ddm.data import islands, membership, storage
 from ddm.data import manifest as mf
 from ddm.data.components import COMPONENTS
-from ddm.data.embed import fit_embedding, load_features
+from ddm.data.embed import condition_features, fit_embedding, load_features
 from ddm.data.kmeans import assign, kmeans
-from ddm.data.shards import ShardWriter
+from ddm.data.shards import CONDITIONS_TAG, ShardWriter
 from ddm.data.sources import load_dataset
 
 logger = logging.getLogger(__name__)
@@ -71,12 +71,17 @@ def data_codec(images: np.ndarray, cfg: DataConfig, block_rows: int = BLOCK_ROWS
 
 
 def _feature_source(images: np.ndarray, fit_idx: np.ndarray, codec: Codec, cfg: Config, base_dir: Path | None,
-                    block_rows: int):
+                    block_rows: int, conditions=None):
     """A function: sorted row indices [m] -> their clustering features [m, D] float32. The embedding is fitted
-    once on the rows `fit_idx`, whose features are kept; any other row is embedded on demand."""
+    once on the rows `fit_idx`, whose features are kept; any other row is embedded on demand. conditions: the
+    images' condition embeddings (`data.embedding: conditions` clusters by them)."""
     if cfg.data.embedding == "file":
         features = load_features(cfg.data, len(images), base_dir)
         return lambda idx: features[idx]
+    if cfg.data.embedding == "conditions":
+        if conditions is None:
+            raise DDMError("data.embedding=conditions needs data.conditions")
+        return lambda idx: condition_features(conditions[idx])
     fitted, transform = fit_embedding(np.asarray(images[fit_idx]), codec.encode, cfg.data)
     position = np.full(len(images), -1, np.int64)
     position[fit_idx] = np.arange(len(fit_idx))
@@ -95,14 +100,18 @@ def _feature_source(images: np.ndarray, fit_idx: np.ndarray, codec: Codec, cfg: 
 
 
 def _write_rows(path: str, images: np.ndarray, labels: np.ndarray | None, rows: np.ndarray, chunk: int,
-                block_rows: int, cluster: int | str | None = None) -> str:
-    """Shard `path` holding images[rows] (and labels[rows]) in that order, written `block_rows` rows at a time
-    (rounded to whole zarr chunks), with `shard.json` naming `cluster`. Returns its `shard_sha256`."""
-    writer = ShardWriter(path, len(rows), images.shape[1:], images.dtype, labels is not None, chunk)
+                block_rows: int, cluster: int | str | None = None, conditions=None) -> str:
+    """Shard `path` holding images[rows] (and labels[rows], conditions[rows]) in that order, written `block_rows`
+    rows at a time (rounded to whole zarr chunks), with `shard.json` naming `cluster`. Returns its
+    `shard_sha256`."""
+    shape, dtype = ((), "float32") if conditions is None else (conditions.shape[1:], conditions.dtype)
+    writer = ShardWriter(path, len(rows), images.shape[1:], images.dtype, labels is not None, chunk,
+                         condition_shape=shape, condition_dtype=dtype)
     step = max(chunk, block_rows // chunk * chunk)
     for lo in range(0, len(rows), step):
         block = rows[lo:lo + step]
-        writer.write(lo, np.asarray(images[block]), None if labels is None else labels[block])
+        writer.write(lo, np.asarray(images[block]), None if labels is None else labels[block],
+                     None if conditions is None else np.asarray(conditions[block]))
     return writer.finish(cluster)
 
 
@@ -128,7 +137,7 @@ def _clustering_params(cfg: Config) -> dict:
 
 
 def _check_run_dir(run_dir: Path, data_fingerprint: str, labels_sha: str | None, params: dict,
-                   overwrite: bool) -> bool:
+                   overwrite: bool, conditions_sha: str | None = None) -> bool:
     """True if this exact preparation already exists; raises if a different one would be overwritten.
 
     Removes nothing: with `overwrite` the old contents are cleared by `_clear_run_dir` only once the new
@@ -144,6 +153,10 @@ def _check_run_dir(run_dir: Path, data_fingerprint: str, labels_sha: str | None,
         held = "different class labels" if old["dataset"].get("labels_sha256") else "no class labels"
         raise DDMError(f"run directory {run_dir} was prepared with {held} (data.labels, data.label_column); "
                        "use --overwrite or another --run-dir")
+    if old["dataset"].get("conditions_sha256") != conditions_sha:
+        held = "different condition embeddings" if old["dataset"].get("conditions_sha256") else "no condition embeddings"
+        raise DDMError(f"run directory {run_dir} was prepared with {held} (data.conditions); use --overwrite or "
+                       "another --run-dir")
     old_params = {k: v for k, v in old["clustering"].items() if k in params}
     if old_params != params:
         changed = sorted(k for k in params if old_params.get(k) != params[k])
@@ -209,14 +222,17 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
     images, labels, n = dataset.images, dataset.labels, len(dataset.images)
     data_fp = dataset_fingerprint(images)
     labels_sha = None if labels is None else labels_fingerprint(labels, dataset.class_names)
+    conditions_sha = None if dataset.conditions is None else array_sha256(dataset.conditions, CONDITIONS_TAG)
     logger.info(f"  {n} images of shape {dataset.image_shape}, fingerprint {data_fp[:16]}, "
-                + (f"{dataset.num_classes} classes" if labels is not None else "no class labels"))
-    cfg = with_num_classes(cfg, dataset.num_classes)
+                + (f"{dataset.num_classes} classes" if labels is not None else
+                   f"condition embeddings {dataset.conditions.dtype.name} {list(dataset.condition_shape)}"
+                   if dataset.conditions is not None else "no class labels"))
+    cfg = with_num_classes(with_condition_shape(cfg, dataset.condition_shape), dataset.num_classes)
     params = _clustering_params(cfg)
     if cfg.data.k > n:
         raise DDMError(f"data.k={cfg.data.k} is larger than the dataset ({n} images)")
     _ensure_writable(run_dir)
-    if _check_run_dir(run_dir, data_fp, labels_sha, params, overwrite):
+    if _check_run_dir(run_dir, data_fp, labels_sha, params, overwrite, conditions_sha):
         logger.info(f"{run_dir} is already prepared with this dataset and clustering; nothing to do")
         return mf.read_manifest(run_dir)
 
@@ -230,7 +246,7 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
         fitted = {"n_iter": 0}
     else:
         train_labels, hold_labels, fitted = _kmeans_labels(images, train_idx, hold_idx, codec, cfg, base_dir,
-                                                           block_rows)
+                                                           block_rows, dataset.conditions)
     if overwrite and mf.manifest_path(run_dir).exists():
         logger.info(f"--overwrite: removing the earlier preparation in {run_dir}")
         _clear_run_dir(run_dir)
@@ -241,17 +257,17 @@ def prepare(cfg: Config, run_dir: str | Path, *, overwrite: bool = False, base_d
         fitted["centroids"] = "clusters/centroids.npy"
     np.save(run_dir / "clusters" / "labels.npy", train_labels)
     return _write_run(run_dir, cfg, dataset, codec, data_fp, labels_sha, params, fitted, train_idx, hold_idx,
-                      train_labels, hold_labels, block_rows, t0)
+                      train_labels, hold_labels, block_rows, t0, conditions_sha)
 
 
 def _kmeans_labels(images, train_idx: np.ndarray, hold_idx: np.ndarray, codec: Codec, cfg: Config,
-                   base_dir: Path | None, block_rows: int) -> tuple[np.ndarray, np.ndarray, dict]:
+                   base_dir: Path | None, block_rows: int, conditions=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """k-means on the embedding: (train labels [N_train] int32, held-out labels [N_hold] int32: the nearest
     centroid, the manifest's clustering results {inertia, n_iter, centroids [K, D] float32})."""
     n = len(images)
     fit_idx = fit_sample(n, cfg.data.fit_samples, cfg.data.seed)
     logger.info(f"embedding with {cfg.data.embedding} (fitted on {len(fit_idx):,} of {n:,} images) ...")
-    features_of = _feature_source(images, fit_idx, codec, cfg, base_dir, block_rows)
+    features_of = _feature_source(images, fit_idx, codec, cfg, base_dir, block_rows, conditions)
     fit_train = np.isin(train_idx, fit_idx, assume_unique=True)
     fit_features = features_of(train_idx[fit_train])
     logger.info(f"  features {fit_features.shape}; k-means ({cfg.data.kmeans}) K={cfg.data.k} on "
@@ -275,19 +291,19 @@ def _kmeans_labels(images, train_idx: np.ndarray, hold_idx: np.ndarray, codec: C
 
 def _write_run(run_dir: Path, cfg: Config, dataset, codec: Codec, data_fp: str, labels_sha: str | None, params: dict,
                fitted: dict, train_idx: np.ndarray, hold_idx: np.ndarray, train_labels: np.ndarray,
-               hold_labels: np.ndarray, block_rows: int, t0: float) -> dict:
+               hold_labels: np.ndarray, block_rows: int, t0: float, conditions_sha: str | None = None) -> dict:
     """Writes every cluster's shard and island bundle, the holdout and (last) the manifest; returns it."""
-    images, labels, n = dataset.images, dataset.labels, len(dataset.images)
+    images, labels, conditions, n = dataset.images, dataset.labels, dataset.conditions, len(dataset.images)
     clusters, island_holdouts = [], []
     for k in range(cfg.data.k):
         entry, held = write_cluster(run_dir, k, images, labels, dataset.num_classes, train_idx[train_labels == k],
-                                    hold_idx[hold_labels == k], cfg.data.chunk_images, block_rows)
+                                    hold_idx[hold_labels == k], cfg.data.chunk_images, block_rows, conditions)
         clusters.append({**entry, "share": entry["count"] / len(train_idx)})
         island_holdouts.append(held)
     holdout = {"count": int(len(hold_idx))}
     if len(hold_idx):
         holdout["sha256"] = _write_rows(mf.resolve(run_dir, "shards/holdout"), images, labels, hold_idx,
-                                        cfg.data.chunk_images, block_rows, cluster="holdout")
+                                        cfg.data.chunk_images, block_rows, cluster="holdout", conditions=conditions)
         np.save(run_dir / "shards" / "holdout_labels.npy", hold_labels.astype(np.int32))
         holdout.update(shard="shards/holdout", labels="shards/holdout_labels.npy")
 
@@ -298,7 +314,11 @@ def _write_run(run_dir: Path, cfg: Config, dataset, codec: Codec, data_fp: str, 
                     "image_shape": list(dataset.image_shape), "num_classes": dataset.num_classes,
                     "class_names": dataset.class_names, "labels_sha256": labels_sha,
                     # latents only: image runs keep the manifest they always had (no codec means images)
-                    **({"dtype": images.dtype.name, "codec": codec.to_dict()} if codec.latents else {})},
+                    **({"dtype": images.dtype.name, "codec": codec.to_dict()} if codec.latents else {}),
+                    # condition embeddings only (data.conditions): their row shape, stored dtype and digest
+                    **({} if conditions is None else {"condition_shape": list(dataset.condition_shape),
+                                                      "condition_dtype": conditions.dtype.name,
+                                                      "conditions_sha256": conditions_sha})},
         "clustering": {**params, **fitted, "train_labels": "clusters/labels.npy"},
         "clusters": clusters,
         "holdout": holdout,
@@ -316,21 +336,23 @@ def _write_run(run_dir: Path, cfg: Config, dataset, codec: Codec, data_fp: str, 
 
 
 def write_cluster(run_dir: Path, k: int, images, labels: np.ndarray | None, num_classes: int, rows: np.ndarray,
-                  held_rows: np.ndarray, chunk: int, block_rows: int = BLOCK_ROWS) -> tuple[dict, dict | None]:
-    """Writes cluster k's shard (images[rows] [+ labels]) and its island's held-out images (images[held_rows])
-    into its bundle RUN/islands/k; returns (its manifest entry {id, count, shard, sha256, bundle[, class_counts]},
-    the bundle's holdout {path, count, sha256} or None when held_rows is empty)."""
+                  held_rows: np.ndarray, chunk: int, block_rows: int = BLOCK_ROWS,
+                  conditions=None) -> tuple[dict, dict | None]:
+    """Writes cluster k's shard (images[rows] [+ labels or conditions]) and its island's held-out images
+    (images[held_rows], likewise) into its bundle RUN/islands/k; returns (its manifest entry {id, count, shard,
+    sha256, bundle[, class_counts]}, the bundle's holdout {path, count, sha256} or None when held_rows is empty)."""
     # The cluster's shard lives in its island bundle: the one copy, which the manifest points at.
     bundle = f"islands/{k}"
     rel = f"{bundle}/{islands.SHARD}"
-    sha = _write_rows(mf.resolve(run_dir, rel), images, labels, rows, chunk, block_rows, cluster=k)
+    sha = _write_rows(mf.resolve(run_dir, rel), images, labels, rows, chunk, block_rows, cluster=k,
+                      conditions=conditions)
     entry = {"id": k, "count": int(len(rows)), "shard": rel, "sha256": sha, "bundle": bundle}
     if labels is not None:  # the cluster's images per class: p(k | y) is count / the class total
         entry["class_counts"] = np.bincount(labels[rows], minlength=num_classes).tolist()
     held = None if not len(held_rows) else {  # the island's own held-out images, for its held-out loss
         "path": islands.HOLDOUT, "count": int(len(held_rows)),
         "sha256": _write_rows(mf.resolve(run_dir, f"{bundle}/{islands.HOLDOUT}"), images, labels, held_rows, chunk,
-                              block_rows, cluster="holdout")}
+                              block_rows, cluster="holdout", conditions=conditions)}
     return entry, held
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from ddm.core.codec import Codec
-from ddm.core.config import Config, config_from_data, with_num_classes
+from ddm.core.config import Config, config_from_data, with_condition_shape, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.data import manifest as mf
 from ddm.data import membership
 from ddm.data.components import EXPERTS, Component, component
-from ddm.data.shards import NO_LABEL, read_labels, read_shard
+from ddm.data.shards import NO_LABEL, read_conditions, read_labels, read_shard
 from ddm.data.sums import check_sums
 
 EXPORT_INFO = "export.json"  # marks an exported run folder
@@ -44,13 +44,15 @@ class Run:
     def open(cls, root: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
         """Reads and checks `root/manifest.json` and resolves its config with `overrides` (`--set` values).
         An export's files are first checked against its SHA256SUMS. The resolved `expert.model.num_classes` must
-        be the data's (an override cannot make a conditional run unconditional, or the other way round).
+        be the data's (an override cannot make a conditional run unconditional, or the other way round), and so
+        must `condition_shape`.
         """
         if (Path(root) / EXPORT_INFO).is_file():
             check_sums(Path(root))
         manifest = mf.read_manifest(root)
-        config = with_num_classes(config_from_data(manifest["config"], overrides),
-                                  int(manifest["dataset"].get("num_classes", 0)))
+        config = with_condition_shape(config_from_data(manifest["config"], overrides),
+                                      tuple(manifest["dataset"].get("condition_shape") or ()))
+        config = with_num_classes(config, int(manifest["dataset"].get("num_classes", 0)))
         return cls(Path(root), manifest, config, tuple(overrides))
 
     def reload(self) -> Run:
@@ -108,6 +110,11 @@ class Run:
     def num_classes(self) -> int:
         """Number of class labels of the data (0: unlabelled, the models are unconditional)."""
         return int(self.dataset.get("num_classes", 0))
+
+    @property
+    def condition_shape(self) -> tuple[int, ...]:
+        """One image's condition embedding: (D,) pooled, (L, D) tokens, or () when the run has none."""
+        return tuple(int(s) for s in self.dataset.get("condition_shape") or ())
 
     @property
     def class_names(self) -> list[str] | None:
@@ -208,13 +215,17 @@ class Run:
 
     def holdout_set(self, clusters: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Held-out images whose nearest centroid is one of `clusters` (default: the members), with that cluster id and
-        their class label (-1 for unlabelled data), as a reader gives them: (uint8 [N, H, W, C], int32 [N],
-        int32 [N]). None when the run has no held-out images or none in these clusters."""
+        their class label (-1 for unlabelled data) or condition embedding, as a reader gives them: (uint8
+        [N, H, W, C], int32 [N], int32 [N] or float32 [N, *condition_shape]). None when the run has no held-out
+        images or none in these clusters."""
         if self.holdout_path() is None:
             return None
         images, labels = read_shard(self.holdout_path()), self.holdout_labels().astype(np.int32)
-        classes = read_labels(self.holdout_path())
-        classes = np.full(len(labels), NO_LABEL, np.int32) if classes is None else classes
+        classes, conditions = read_labels(self.holdout_path()), read_conditions(self.holdout_path())
+        if conditions is not None:
+            classes = conditions.astype(np.float32)
+        elif classes is None:
+            classes = np.full(len(labels), NO_LABEL, np.int32)
         keep = np.isin(labels, self.cluster_ids if clusters is None else clusters)
         return (images[keep], labels[keep], classes[keep]) if keep.any() else None
 

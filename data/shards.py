@@ -4,6 +4,8 @@ A shard is a folder of zarr arrays with one row per image, all in the same order
 
     SHARD/images/   uint8 [N_k, H, W, C], chunked along N so an island reads only the chunks it needs
     SHARD/labels/   int32 [N_k] class labels (only when the dataset has them)
+    SHARD/conditions/  float16 / float32 [N_k, D] or [N_k, L, D] condition embeddings, as given (only when the
+                    dataset has them: `data.conditions`), chunked along N like the images
     SHARD/shard.json  which cluster the shard holds, its row count and its content digest (`shard_sha256`)
 
 Paths may be local or any kvstore URL tensorstore understands (gs://, s3://, file://). Further per-row arrays
@@ -42,11 +44,13 @@ logger = logging.getLogger(__name__)
 
 # Above this many bytes a reader streams rows from the store instead of caching the whole shard in memory.
 IN_MEMORY_LIMIT_BYTES = 2 << 30
-IMAGES, LABELS = "images", "labels"  # the arrays inside a shard folder
+IMAGES, LABELS, CONDITIONS = "images", "labels", "conditions"  # the arrays inside a shard folder
 SHARD_INFO = "shard.json"  # beside the arrays: {"format", "cluster", "count", "sha256"}
 SHARD_FORMAT = "ddm-shard/v1"
-IMAGES_TAG, LABELS_TAG = "ddm-images:v1", "ddm-labels:v1"  # the digests a shard's content digest combines
-_VERIFY_ROWS = 4096  # rows per read while a streamed shard is digested
+# The digests a shard's content digest combines (the conditions' only when it has them).
+IMAGES_TAG, LABELS_TAG, CONDITIONS_TAG = "ddm-images:v1", "ddm-labels:v1", "ddm-conditions:v1"
+CONDITION_DTYPES = ("float16", "float32")
+_VERIFY_ROWS, _VERIFY_BYTES = 4096, 64 << 20  # at most this many rows / bytes per read while a shard is digested
 NO_LABEL = -1  # the class a reader gives rows of unlabelled shards
 SHUFFLES = ("global", "chunks")  # a reader's epoch orders (`ddm.data.order`)
 
@@ -93,17 +97,24 @@ def _checked_labels(path: str, labels, n: int) -> np.ndarray:
 
 class ShardWriter:
     """Writes shard folder `path` (replacing any shard there) a block of rows at a time: images [N, H, W, C]
-    (uint8, or float16 / float32 latents, stored exactly) and, for labelled data, labels [N] int32.
+    (uint8, or float16 / float32 latents, stored exactly), for labelled data labels [N] int32, and with a
+    non-empty `condition_shape` condition embeddings [N, *condition_shape] of `condition_dtype` (float16 /
+    float32, stored exactly, chunked along N like the images).
 
     Blocks that start at multiples of `chunk` rows write whole chunks: no chunk is read back and rewritten.
     """
 
     def __init__(self, path: str, num_rows: int, row_shape: tuple[int, ...], dtype, labelled: bool,
-                 chunk: int = 256):
+                 chunk: int = 256, condition_shape: tuple[int, ...] = (), condition_dtype="float32"):
         dtype = np.dtype(dtype)
         if dtype.name not in STORED_DTYPES or len(row_shape) != 3:
             raise DDMError(f"shard {path}: expected [N, H, W, C] of {', '.join(STORED_DTYPES)}, got {dtype} "
                            f"[{num_rows}, {', '.join(map(str, row_shape))}]")
+        condition_shape = tuple(int(d) for d in condition_shape)
+        if condition_shape and (np.dtype(condition_dtype).name not in CONDITION_DTYPES
+                                or len(condition_shape) not in (1, 2) or min(condition_shape) < 1):
+            raise DDMError(f"shard {path}: conditions must be float16 / float32 [N, D] or [N, L, D], got "
+                           f"{np.dtype(condition_dtype).name} [N, {', '.join(map(str, condition_shape))}]")
         self.path, self.num_rows, self.dtype = path, num_rows, dtype
         self.images = _create_array(path, IMAGES, (num_rows, *row_shape), dtype, chunk)
         if labelled:
@@ -112,13 +123,23 @@ class ShardWriter:
         else:
             self.labels = None
             _delete_array(path, LABELS)
+        self.condition_dtype = np.dtype(condition_dtype) if condition_shape else None
+        if condition_shape:
+            self.conditions = _create_array(path, CONDITIONS, (num_rows, *condition_shape), self.condition_dtype,
+                                            chunk)
+        else:
+            self.conditions = None
+            _delete_array(path, CONDITIONS)
         # The content digest is taken as the rows arrive (in order), so a streamed write never reads back.
         self._next = 0
         self._images_hash = array_hasher(IMAGES_TAG, (num_rows, *row_shape))
         self._labels_hash = array_hasher(LABELS_TAG, (num_rows,)) if labelled else None
+        self._conditions_hash = array_hasher(CONDITIONS_TAG, (num_rows, *condition_shape)) if condition_shape else None
 
-    def write(self, start: int, images: np.ndarray, labels: np.ndarray | None = None) -> None:
-        """Rows [start, start + len(images)): images of the shard's dtype and shape, labels [n] integers >= 0."""
+    def write(self, start: int, images: np.ndarray, labels: np.ndarray | None = None,
+              conditions: np.ndarray | None = None) -> None:
+        """Rows [start, start + len(images)): images of the shard's dtype and shape, labels [n] integers >= 0,
+        conditions [n, *condition_shape] of the shard's condition dtype."""
         if images.dtype != self.dtype or tuple(images.shape[1:]) != tuple(self.images.shape[1:]):
             raise DDMError(f"shard {self.path}: expected {self.dtype} [n, {', '.join(map(str, self.images.shape[1:]))}]"
                            f", got {images.dtype} {images.shape}")
@@ -127,6 +148,15 @@ class ShardWriter:
                            f"{'labelled' if self.labels is not None else 'unlabelled'} shard")
         if labels is not None:
             labels = _checked_labels(self.path, labels, len(images))
+        if conditions is not None:
+            conditions = np.asarray(conditions)
+        if (conditions is None) != (self.conditions is None) or (conditions is not None and (
+                conditions.dtype != self.condition_dtype or conditions.shape[1:] != tuple(self.conditions.shape[1:])
+                or len(conditions) != len(images))):
+            want = "none" if self.conditions is None else \
+                f"{self.condition_dtype} [{len(images)}, {', '.join(map(str, self.conditions.shape[1:]))}]"
+            got = "none" if conditions is None else f"{conditions.dtype} {list(conditions.shape)}"
+            raise DDMError(f"shard {self.path}: conditions must be {want}, got {got}")
         if start != self._next:
             raise DDMError(f"shard {self.path}: rows must be written in order (next {self._next}, got {start})")
         end = start + len(images)
@@ -134,11 +164,15 @@ class ShardWriter:
             self.images[start:end].write(images).result()
             if labels is not None:
                 self.labels[start:end].write(labels.astype(np.int32)).result()
+            if conditions is not None:
+                self.conditions[start:end].write(conditions).result()
         except ValueError as err:
             raise DDMError(f"cannot write shard {self.path}: {str(err).splitlines()[0]}") from None
         self._images_hash.update(np.ascontiguousarray(images).tobytes())
         if labels is not None:
             self._labels_hash.update(np.ascontiguousarray(labels, "<i4").tobytes())
+        if conditions is not None:
+            self._conditions_hash.update(np.ascontiguousarray(conditions).tobytes())
         self._next = end
 
     def finish(self, cluster: int | str | None = None) -> str:
@@ -147,7 +181,8 @@ class ShardWriter:
         if self._next != self.num_rows:
             raise DDMError(f"shard {self.path}: {self._next} of {self.num_rows} rows written")
         labels_part = "-" if self._labels_hash is None else self._labels_hash.hexdigest()
-        digest = _combine(self._images_hash.hexdigest(), labels_part)
+        digest = _combine(self._images_hash.hexdigest(), labels_part,
+                          None if self._conditions_hash is None else self._conditions_hash.hexdigest())
         if cluster is not None:
             info = {"format": SHARD_FORMAT, "cluster": cluster, "count": int(self.num_rows), "sha256": digest}
             _kv_write(self.path, SHARD_INFO, json.dumps(info, indent=2).encode())
@@ -155,16 +190,19 @@ class ShardWriter:
 
 
 def write_shard(path: str, images: np.ndarray, labels: np.ndarray | None = None, chunk: int = 256,
-                cluster: int | str | None = None) -> str:
+                cluster: int | str | None = None, conditions: np.ndarray | None = None) -> str:
     """Writes shard folder `path` (replacing any shard there) in one go: images [N, H, W, C] uint8 (or float16 /
-    float32 latents) and, for labelled data, labels [N] integer class labels in the same row order (stored
-    int32). With `cluster` (an id, or "holdout") it also writes `shard.json`. Returns the `shard_sha256`."""
+    float32 latents), for labelled data labels [N] integer class labels in the same row order (stored int32), and
+    condition embeddings [N, D] / [N, L, D] float16 / float32 (stored as given). With `cluster` (an id, or
+    "holdout") it also writes `shard.json`. Returns the `shard_sha256`."""
     if images.ndim != 4:
         raise DDMError(f"shard {path}: expected [N, H, W, C], got {images.dtype} {images.shape}")
     if labels is not None:
         labels = _checked_labels(path, labels, len(images))
-    writer = ShardWriter(path, len(images), images.shape[1:], images.dtype, labels is not None, chunk)
-    writer.write(0, images, labels)
+    shape, dtype = ((), "float32") if conditions is None else (np.shape(conditions)[1:], np.asarray(conditions).dtype)
+    writer = ShardWriter(path, len(images), images.shape[1:], images.dtype, labels is not None, chunk,
+                         condition_shape=shape, condition_dtype=dtype)
+    writer.write(0, images, labels, conditions)
     return writer.finish(cluster)
 
 
@@ -189,22 +227,28 @@ def _kv_read(path: str, key: str) -> bytes | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def shard_sha256(images: np.ndarray, labels: np.ndarray | None) -> str:
+def shard_sha256(images: np.ndarray, labels: np.ndarray | None, conditions: np.ndarray | None = None) -> str:
     """SHA-256 of a shard's content: ``"ddm-shard:v1\n"``, the `ddm-images:v1` digest of its images uint8
-    [N, H, W, C], a newline, and the `ddm-labels:v1` digest of its int32 [N] labels (``-`` when unlabelled)."""
+    [N, H, W, C], a newline, and the `ddm-labels:v1` digest of its int32 [N] labels (``-`` when unlabelled); with
+    condition embeddings, then a newline and the `ddm-conditions:v1` digest of their stored bytes (a shard
+    without them keeps the digest it always had)."""
     labels_part = "-" if labels is None else array_sha256(np.asarray(labels, "<i4"), LABELS_TAG)
-    return _combine(array_sha256(images, IMAGES_TAG), labels_part)
+    conditions_sha = None if conditions is None else array_sha256(conditions, CONDITIONS_TAG)
+    return _combine(array_sha256(images, IMAGES_TAG), labels_part, conditions_sha)
 
 
-def _combine(images_sha: str, labels_part: str) -> str:
-    return hashlib.sha256(f"ddm-shard:v1\n{images_sha}\n{labels_part}".encode("ascii")).hexdigest()
+def _combine(images_sha: str, labels_part: str, conditions_sha: str | None = None) -> str:
+    text = f"ddm-shard:v1\n{images_sha}\n{labels_part}" + ("" if conditions_sha is None else f"\n{conditions_sha}")
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def _streamed_images_sha256(store: ts.TensorStore) -> str:
-    """`array_sha256(images, IMAGES_TAG)` of a stored shard, read a block of rows at a time."""
-    digest = array_hasher(IMAGES_TAG, tuple(store.shape))
-    for lo in range(0, store.shape[0], _VERIFY_ROWS):
-        digest.update(np.ascontiguousarray(store[lo:min(lo + _VERIFY_ROWS, store.shape[0])].read().result()).tobytes())
+def _streamed_sha256(store: ts.TensorStore, tag: str) -> str:
+    """`array_sha256(array, tag)` of a stored array (images, conditions), read a block of rows at a time."""
+    digest = array_hasher(tag, tuple(store.shape))
+    row_bytes = int(np.prod(store.shape[1:])) * store.dtype.numpy_dtype.itemsize
+    rows = max(1, min(_VERIFY_ROWS, _VERIFY_BYTES // max(1, row_bytes)))
+    for lo in range(0, store.shape[0], rows):
+        digest.update(np.ascontiguousarray(store[lo:min(lo + rows, store.shape[0])].read().result()).tobytes())
     return digest.hexdigest()
 
 
@@ -245,10 +289,10 @@ def check_shard_holds(path: str, cluster: int | str) -> None:
 
 
 def verify_shard(path: str, sha256: str, cluster: int | str | None, *, images: np.ndarray | None = None,
-                 labels: np.ndarray | None = None) -> None:
+                 labels: np.ndarray | None = None, conditions: np.ndarray | None = None) -> None:
     """DDMError unless the shard at `path` holds `cluster` (its shard.json says so) and its content digest is
-    `sha256`. `images`/`labels`: the shard's rows when the caller already holds them (no second read).
-    Checked once per process and (path, digest)."""
+    `sha256`. `images`/`labels`/`conditions`: the shard's rows when the caller already holds them (no second
+    read). Checked once per process and (path, digest)."""
     key = (path, sha256, cluster, _files_signature(path))
     if key in _VERIFIED:
         return
@@ -256,12 +300,18 @@ def verify_shard(path: str, sha256: str, cluster: int | str | None, *, images: n
         check_shard_holds(path, cluster)
     try:
         images_sha = (array_sha256(images, IMAGES_TAG) if images is not None
-                      else _streamed_images_sha256(open_shard(path)))
+                      else _streamed_sha256(open_shard(path), IMAGES_TAG))
         if labels is None:
             labels = read_labels(path)
+        if conditions is not None:
+            conditions_sha = array_sha256(conditions, CONDITIONS_TAG)
+        else:
+            store = open_conditions(path)
+            conditions_sha = None if store is None else _streamed_sha256(store, CONDITIONS_TAG)
     except ValueError as err:  # a damaged chunk fails to decode
         raise DDMError(f"shard {path} is damaged: {str(err).splitlines()[0][:200]}") from None
-    actual = _combine(images_sha, "-" if labels is None else array_sha256(np.asarray(labels, "<i4"), LABELS_TAG))
+    actual = _combine(images_sha, "-" if labels is None else array_sha256(np.asarray(labels, "<i4"), LABELS_TAG),
+                      conditions_sha)
     if actual != sha256:
         raise DDMError(f"shard {path} does not match its digest (expected {sha256[:16]}, got {actual[:16]}): "
                        "refusing to train on it")
@@ -304,12 +354,37 @@ def read_labels(path: str) -> np.ndarray | None:
     return store.read().result()
 
 
+def open_conditions(path: str) -> ts.TensorStore | None:
+    """Opens a shard's condition embeddings for reading; None for a shard without them. DDMError unless they are
+    float16 / float32 [N, D] or [N, L, D] with one row per image."""
+    try:
+        store = ts.open(_spec(path, CONDITIONS), open=True, read=True).result()
+    except ValueError as err:
+        if "NOT_FOUND" in str(err):
+            return None
+        raise DDMError(f"cannot open the conditions of shard {path}: {str(err).splitlines()[0]}") from None
+    count = open_shard(path).shape[0]
+    if store.dtype.name not in CONDITION_DTYPES or store.rank not in (2, 3) or store.shape[0] != count:
+        raise DDMError(f"shard {path} has conditions {store.dtype.name} {list(store.shape)} for {count} images; "
+                       f"expected float16 / float32 [{count}, D] or [{count}, L, D]")
+    return store
+
+
+def read_conditions(path: str) -> np.ndarray | None:
+    """The shard's condition embeddings as stored (float16 / float32 [N, D] or [N, L, D], same rows as its
+    images), or None for a shard without them."""
+    store = open_conditions(path)
+    return None if store is None else store.read().result()
+
+
 class Batch(NamedTuple):
     """This process's rows of one step's global batch."""
 
     images: np.ndarray  # [B/P, H, W, C] uint8 (or the shards' float latents)
     clusters: np.ndarray  # [B/P] int32: the cluster id of each row's shard (the router's target)
-    classes: np.ndarray  # [B/P] int32: each row's class label; NO_LABEL (-1) for unlabelled shards
+    # What the model is conditioned on: [B/P] int32 class labels (NO_LABEL, -1, for unlabelled shards), or for
+    # shards with condition embeddings float32 [B/P, *condition_shape] (the one conditioning slot).
+    classes: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -328,11 +403,13 @@ class ReaderPosition:
 
 class ShardReader:
     """Seeded batches from one or more shards: images, each row's cluster id (its shard's entry of
-    `cluster_ids`, default the shard's index) and its class label.
+    `cluster_ids`, default the shard's index) and its class label, or its condition embedding (float32) for
+    shards with conditions (`Batch`).
 
     With several shards (router, monolith) the union is shuffled as one dataset, so batches follow the natural
-    data distribution: each cluster appears in proportion to its size. Shards are all labelled or all not.
-    Class labels are always held in memory (4 bytes a row); images are, up to `IN_MEMORY_LIMIT_BYTES`.
+    data distribution: each cluster appears in proportion to its size. Shards are all labelled or all not, and
+    all have conditions of one shape and dtype or none. Class labels are always held in memory (4 bytes a row);
+    images and conditions are, up to `IN_MEMORY_LIMIT_BYTES` together, and are streamed alike above it.
 
     `digests`: each shard's expected `shard_sha256`; when given, a shard that does not hold its cluster id or
     whose content differs is refused before the first batch (`verify_shard`).
@@ -380,7 +457,14 @@ class ShardReader:
         self.labelled = not unlabelled
         self._classes = np.concatenate(labels) if self.labelled else None
         self._offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.condition_stores = _condition_stores(paths)
+        first = (self.condition_stores or [None])[0]
+        # (D,) or (L, D) of the shards' condition embeddings, () without; their stored dtype (None without)
+        self.condition_shape: tuple[int, ...] = () if first is None else tuple(first.shape[1:])
+        self.condition_dtype = None if first is None else np.dtype(first.dtype.name)
         nbytes = self.num_images * int(np.prod(self.image_shape)) * self.dtype.itemsize
+        if first is not None:
+            nbytes += self.num_images * int(np.prod(self.condition_shape)) * self.condition_dtype.itemsize
         if in_memory is None:
             in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES
         self.shuffle = shuffle or ("global" if nbytes <= IN_MEMORY_LIMIT_BYTES else "chunks")
@@ -391,20 +475,24 @@ class ShardReader:
         self.paths, self.shuffle_buffer = list(paths), shuffle_buffer
         self._epoch_permutation = LatestEpoch(self._permutation)
         self._cache = np.concatenate([s.read().result() for s in self.stores]) if in_memory else None
+        self._condition_cache = (np.concatenate([s.read().result() for s in self.condition_stores])
+                                 if in_memory and self.condition_stores else None)
         self._spans = chunk_spans(self.sizes, [s.chunk_layout.read_chunk.shape[0] for s in self.stores])
         if self._cache is None:
             # Room for the windows one batch can span (two when batch_size <= shuffle_buffer): the chunks of a
             # window stay until the batches have moved past it, so each chunk is decoded once per pass.
             windows = 1 + -(-batch_size // shuffle_buffer)
             self._chunk_capacity = window_chunks(self._spans, shuffle_buffer) * windows + 1
-            self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+            # chunk id -> (its images, its conditions or None)
+            self._chunks: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
         self._prefetcher = Prefetcher(self._read_batch, prefetch) if prefetch else None
         if digests is not None:  # each shard must hold its cluster and match its digest (`verify_shard`)
             for i, (path, sha) in enumerate(zip(paths, digests)):
                 rows = slice(self._offsets[i], self._offsets[i + 1])
                 verify_shard(path, sha, int(self.shard_clusters[i]),
                              images=None if self._cache is None else self._cache[rows],
-                             labels=None if self._classes is None else self._classes[rows])
+                             labels=None if self._classes is None else self._classes[rows],
+                             conditions=None if self._condition_cache is None else self._condition_cache[rows])
 
     @property
     def local_batch_size(self) -> int:
@@ -437,31 +525,48 @@ class ShardReader:
         clusters = self.shard_clusters[shard]
         classes = self._classes[indices] if self.labelled else np.full(len(indices), NO_LABEL, np.int32)
         if self._cache is not None:
-            return Batch(self._cache[indices], clusters, classes)
+            conditions = None if self._condition_cache is None else self._condition_cache[indices]
+            return self._batch(self._cache[indices], clusters, classes, conditions)
         if self.shuffle == "global":  # rows all over the data: read just them (each touched chunk decoded once)
-            return Batch(self._read_rows(indices, shard), clusters, classes)
+            images = self._read_rows(self.stores, indices, shard, self.image_shape, self.dtype)
+            conditions = None if not self.condition_stores else self._read_rows(
+                self.condition_stores, indices, shard, self.condition_shape, self.condition_dtype)
+            return self._batch(images, clusters, classes, conditions)
         chunk = np.searchsorted(self._spans[:, 0], indices, side="right") - 1
         needed = np.unique(chunk)
         self._load_chunks(needed)
         images = np.empty((len(indices),) + self.image_shape, self.dtype)
+        conditions = (np.empty((len(indices),) + self.condition_shape, self.condition_dtype)
+                      if self.condition_stores else None)
         order = np.argsort(chunk, kind="stable")
         cuts = np.searchsorted(chunk[order], needed)
         for c, rows in zip(needed, np.split(order, cuts[1:])):
-            images[rows] = self._chunks[c][indices[rows] - self._spans[c, 0]]
-        return Batch(images, clusters, classes)
+            held_images, held_conditions = self._chunks[c]
+            images[rows] = held_images[indices[rows] - self._spans[c, 0]]
+            if conditions is not None:
+                conditions[rows] = held_conditions[indices[rows] - self._spans[c, 0]]
+        return self._batch(images, clusters, classes, conditions)
 
-    def _read_rows(self, indices: np.ndarray, shard: np.ndarray) -> np.ndarray:
-        """Rows `indices` (of shards `shard`) read from the stores: [len(indices), H, W, C]."""
-        images = np.empty((len(indices),) + self.image_shape, self.dtype)
+    @staticmethod
+    def _batch(images: np.ndarray, clusters: np.ndarray, classes: np.ndarray,
+               conditions: np.ndarray | None) -> Batch:
+        """The batch; shards with conditions put them, as float32, where class labels go."""
+        return Batch(images, clusters, classes if conditions is None else conditions.astype(np.float32))
+
+    def _read_rows(self, stores: list[ts.TensorStore], indices: np.ndarray, shard: np.ndarray,
+                   row_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Rows `indices` (of shards `shard`) read from `stores` (the images', or the conditions'):
+        [len(indices), *row_shape] of `dtype`."""
+        out = np.empty((len(indices),) + tuple(row_shape), dtype)
         for k in np.unique(shard):
             rows = shard == k
             local = indices[rows] - self._offsets[k]
             order = np.argsort(local)  # sorted reads touch each chunk once
             try:
-                images[np.flatnonzero(rows)[order]] = self.stores[k][local[order]].read().result()
+                out[np.flatnonzero(rows)[order]] = stores[k][local[order]].read().result()
             except ValueError as err:  # a damaged or vanished chunk
                 raise DDMError(f"cannot read shard {self.paths[k]}: {str(err).splitlines()[0][:200]}") from None
-        return images
+        return out
 
     def _load_chunks(self, needed: np.ndarray) -> None:
         """Decodes the chunks of `needed` (chunk ids, rows of `_spans`) not yet held, all reads in flight at
@@ -474,14 +579,42 @@ class ShardReader:
         for c in missing:
             start, end = self._spans[c]
             k = int(np.searchsorted(self._offsets, start, side="right") - 1)
-            reads.append((k, self.stores[k][start - self._offsets[k]:end - self._offsets[k]].read()))
-        for c, (k, future) in zip(missing, reads):
+            rows = slice(start - self._offsets[k], end - self._offsets[k])
+            reads.append((k, self.stores[k][rows].read(),
+                          self.condition_stores[k][rows].read() if self.condition_stores else None))
+        for c, (k, images, conditions) in zip(missing, reads):
             try:
-                self._chunks[c] = future.result()
+                self._chunks[c] = (images.result(), None if conditions is None else conditions.result())
             except ValueError as err:  # a damaged or vanished chunk
                 raise DDMError(f"cannot read shard {self.paths[k]}: {str(err).splitlines()[0][:200]}") from None
         while len(self._chunks) > max(self._chunk_capacity, len(needed)):
             self._chunks.popitem(last=False)
+
+
+def _condition_stores(paths: list[str]) -> list[ts.TensorStore] | None:
+    """Each shard's condition store, or None when no shard has conditions; DDMError when some have them and some
+    do not, or their shapes or dtypes differ."""
+    stores = [open_conditions(p) for p in paths]
+    if all(s is None for s in stores):
+        return None
+    without = [p for p, s in zip(paths, stores) if s is None]
+    if without:
+        conditioned = next(p for p, s in zip(paths, stores) if s is not None)
+        raise DDMError(f"shard {without[0]} has no conditions but shard {conditioned} has")
+    kinds = {(tuple(s.shape[1:]), s.dtype.name) for s in stores}
+    if len(kinds) != 1:
+        raise DDMError(f"shards have conditions of different shapes or dtypes: {sorted(kinds)}")
+    return stores
+
+
+def check_conditioned(reader: ShardReader, condition_shape: tuple[int, ...]) -> None:
+    """DDMError unless the reader's shards carry condition embeddings of exactly `condition_shape` (() : none),
+    the shape the model is conditioned on."""
+    shape = tuple(condition_shape or ())
+    if shape != reader.condition_shape:
+        held = f"conditions of shape {list(reader.condition_shape)}" if reader.condition_shape else "no conditions"
+        model = f"conditions of shape {list(shape)}" if shape else "no condition embeddings"
+        raise DDMError(f"the model takes {model} but the shards have {held}")
 
 
 def check_labelled(reader: ShardReader, num_classes: int) -> None:

@@ -16,11 +16,19 @@ uint8 is the storage format (shards, fingerprints, hashes); models see float32 i
 Labels are integers (class i is label i, names "0", "1", ... unless the source names them) or strings (the
 sorted distinct strings become the class names). Anything else, a count that differs from the images', a
 negative label or more than `MAX_CLASSES` classes is a one-line DDMError.
+
+Condition embeddings (`data.conditions`, docs/conditioning.md) replace class labels: float16 / float32 [N, D]
+(pooled) or [N, L, D] (tokens), one row per image of the source (N before `limit` and `exclude_classes`, whose
+rows they then follow), from a .npy, a .npz array (`data.conditions_key`, default "conditions"), a parquet
+column of lists (the same key), or "captions" (the digits' generated captions, `ddm.data.captions`). A run with
+them reads no class labels. Another dtype or rank, another N, or a NaN / Inf value (a NaN row is the null
+condition) is a one-line DDMError.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +37,8 @@ import numpy as np
 
 from ddm.core.config import MAX_CLASSES, DataConfig
 from ddm.core.errors import DDMError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Files an image folder may hold besides images (Hugging Face imagefolder metadata, docs).
@@ -44,6 +54,8 @@ DEFAULT_LABEL_COLUMN = "label"
 NPZ_LATENT_KEYS = ("latents", "data")
 LATENT_DTYPES = ("float16", "float32")
 CHECK_CHUNK_BYTES = 64 << 20  # latents are checked for NaN / Inf a block of rows at a time
+CONDITION_DTYPES = ("float16", "float32")
+DEFAULT_CONDITIONS_KEY = "conditions"  # the .npz array / parquet column of condition embeddings
 
 
 class NpyRows:
@@ -95,10 +107,18 @@ class Dataset:
     source: str
     labels: np.ndarray | None = None  # [N] int32 in [0, num_classes), same order as images; None: unlabelled
     class_names: list[str] | None = None  # [num_classes]: class i is class_names[i]; None: unlabelled
+    # [N, D] or [N, L, D] float16 / float32 condition embeddings, same order as images (may be read a block of
+    # rows at a time: `NpyRows`); None: none. A dataset with them has no labels.
+    conditions: np.ndarray | NpyRows | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.images.shape[1:])
+
+    @property
+    def condition_shape(self) -> tuple[int, ...]:
+        """One image's condition embedding: (D,), (L, D), or () without conditions."""
+        return () if self.conditions is None else tuple(int(s) for s in self.conditions.shape[1:])
 
     @property
     def num_classes(self) -> int:
@@ -109,6 +129,8 @@ class Dataset:
 # What a loader returns: images [N, H, W, C] uint8, labels [N] (any dtype, checked by `class_labels`) or None,
 # class names the source declares (e.g. a `datasets.ClassLabel`) or None.
 Loaded = tuple[np.ndarray, np.ndarray | None, list[str] | None]
+# A loader that decodes only the first `data.limit` rows adds how many rows the source has.
+Decoded = tuple[np.ndarray, np.ndarray | None, list[str] | None, int]
 
 
 def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
@@ -120,10 +142,11 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
     if cfg.kind == "latents":
         return _load_latents(cfg, base_dir)
     source = cfg.source
+    source_rows = None  # rows of a source whose loader decoded only the first data.limit
     if source == "digits":
         images, labels, names = _load_digits(cfg)
     elif source.startswith("hf:"):
-        images, labels, names = _load_hf(source[3:], cfg, sized=cfg.image_size)
+        images, labels, names, source_rows = _load_hf(source[3:], cfg, sized=cfg.image_size)
     else:
         path = _resolve(source, base_dir)
         if path.is_dir():
@@ -131,26 +154,146 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
         elif path.suffix in (".npz", ".npy"):
             images, labels, names = _load_array_file(path, cfg)
         elif path.suffix == ".parquet":
-            images, labels, names = _load_parquet(path, cfg)
+            images, labels, names, source_rows = _load_parquet(path, cfg)
         else:
             raise DDMError(f"data source {path} is not a folder, .npz, .npy or .parquet file")
         source = str(path)
+    conditions = None
+    if cfg.conditions is not None:
+        conditions = load_conditions(cfg, len(images) if source_rows is None else source_rows, base_dir,
+                                     digits=(images, labels) if source == "digits" else None)
     class_names = None
-    if labels is not None and cfg.labels != "none":
+    labelled = labels is not None and cfg.labels != "none"
+    if labelled and (conditions is None or cfg.exclude_classes):  # with conditions, only to choose the rows
         labels, class_names = class_labels(labels, names, len(images), f"{source} labels")
     else:
         labels = None
+    rows = np.arange(len(images))  # the source rows kept, in order (the loader's first len(images))
     if cfg.exclude_classes:
         keep = kept_rows(labels, class_names, cfg.exclude_classes, source)
-        images, labels = images[keep], labels[keep]
+        images, labels, rows = images[keep], labels[keep], rows[keep]
     if cfg.limit is not None:
-        images = images[: cfg.limit]
+        images, rows = images[: cfg.limit], rows[: cfg.limit]
         labels = None if labels is None else labels[: cfg.limit]
     if cfg.image_size is not None and images.shape[1:3] != (cfg.image_size, cfg.image_size):
         images = np.stack([_resize_square(img, cfg.image_size) for img in images]) if len(images) else images
     if len(images) == 0:
         raise DDMError(f"data source {source} holds no images")
-    return Dataset(images=np.ascontiguousarray(images), source=source, labels=labels, class_names=class_names)
+    if conditions is not None:
+        conditions = _rows_of(conditions, rows)
+        labels, class_names = _without_labels(labelled, source)
+    return Dataset(images=np.ascontiguousarray(images), source=source, labels=labels, class_names=class_names,
+                   conditions=conditions)
+
+
+def _rows_of(conditions: np.ndarray | NpyRows, rows: np.ndarray) -> np.ndarray | NpyRows:
+    """conditions[rows] for sorted source rows; a leading run of every row keeps a `NpyRows` unread."""
+    if len(rows) == len(conditions) or (len(rows) and rows[-1] == len(rows) - 1):
+        if isinstance(conditions, NpyRows):
+            return NpyRows(conditions.path, len(rows))
+        return conditions[: len(rows)]
+    return np.ascontiguousarray(conditions[rows])
+
+
+def _without_labels(labelled: bool, source: str) -> tuple[None, None]:
+    """A run conditioned on embeddings reads no class labels (they may have chosen the rows: exclude_classes)."""
+    logger.info("data.conditions: the models are conditioned on condition embeddings"
+                + (f"; the class labels of {source} are not used" if labelled else ""))
+    return None, None
+
+
+def load_conditions(cfg: DataConfig, n: int, base_dir: Path | None = None,
+                    digits: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray | NpyRows:
+    """The condition embeddings `cfg.conditions` names for a source of `n` rows, checked (`check_conditions`):
+    float16 / float32 [n, D] or [n, L, D]. A .npy is read a block of rows at a time (`NpyRows`), anything else
+    whole. digits: the digits' (images, classes) when the source is `digits` (for "captions")."""
+    from ddm.data import captions
+
+    if cfg.conditions == captions.CAPTIONS:
+        if digits is None or cfg.kind != "images":
+            raise DDMError(f"data.conditions={captions.CAPTIONS!r} captions the built-in digits only "
+                           f"(data.source: digits), not {cfg.source}")
+        return check_conditions(captions.digit_conditions(*digits), n, "the digits' captions")
+    path = Path(cfg.conditions).expanduser()
+    if not path.is_absolute() and not path.exists() and base_dir is not None and (base_dir / path).exists():
+        path = base_dir / path
+    if not path.is_file():
+        raise DDMError(f"data.conditions file not found: {cfg.conditions}")
+    key = cfg.conditions_key or DEFAULT_CONDITIONS_KEY
+    what = f"condition embeddings {path}"
+    if path.suffix == ".npy":
+        try:
+            conditions = NpyRows(path)
+        except _UNREADABLE as err:
+            raise DDMError(f"cannot read {what}: {str(err).splitlines()[0]}") from None
+    elif path.suffix == ".npz":
+        what = f"condition embeddings {path}[{key}]"
+        try:
+            with np.load(path, allow_pickle=False) as loaded:
+                if key not in loaded.files:
+                    raise DDMError(f"{path} has no array {key!r} (arrays: {loaded.files}); set data.conditions_key")
+                conditions = loaded[key]
+        except _UNREADABLE as err:
+            raise DDMError(f"cannot read {what}: {str(err).splitlines()[0]}") from None
+    elif path.suffix == ".parquet":
+        what = f"condition embeddings {path} column {key!r}"
+        conditions = _parquet_conditions(path, key)
+    else:
+        raise DDMError(f"data.conditions={cfg.conditions!r} is not 'captions' or a .npy, .npz or .parquet file")
+    return check_conditions(conditions, n, what)
+
+
+def _parquet_conditions(path: Path, column: str) -> np.ndarray:
+    """A parquet column of equal-length lists (of lists) of floats -> [N, D] or [N, L, D] in the stored float
+    type (float16 for halffloat, float32 for float, float64 for double: refused by `check_conditions`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+        if column not in schema.names:
+            raise DDMError(f"{path} has no column {column!r} (columns: {schema.names}); set data.conditions_key")
+        values = pq.read_table(path, columns=[column]).column(column).combine_chunks()
+    except (OSError, pa.ArrowException) as err:
+        raise DDMError(f"cannot read parquet file {path}: {str(err).splitlines()[0]}") from None
+    shape = [len(values)]
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or \
+            pa.types.is_fixed_size_list(values.type):
+        if values.null_count:
+            raise DDMError(f"{path} column {column!r} has an empty cell")
+        lengths = np.asarray(values.value_lengths()) if len(values) else np.zeros(0, np.int64)
+        if len(lengths) and (lengths != lengths[0]).any():
+            bad = int(np.argmax(lengths != lengths[0]))
+            raise DDMError(f"{path} column {column!r} holds lists of different lengths ({lengths[0]} and "
+                           f"{lengths[bad]}): condition embeddings have one shape")
+        shape.append(int(lengths[0]) if len(lengths) else 0)
+        values = values.flatten()
+    if values.null_count:
+        raise DDMError(f"{path} column {column!r} has an empty value")
+    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+        raise DDMError(f"{path} column {column!r} holds {values.type}; condition embeddings are lists of floats")
+    return values.to_numpy(zero_copy_only=False).reshape(shape)
+
+
+def check_conditions(conditions: np.ndarray | NpyRows, n: int, what: str) -> np.ndarray | NpyRows:
+    """Condition embeddings must be float16 / float32 [n, D] or [n, L, D] with D, L >= 1 and only finite values
+    (a row of NaN is the null condition, so NaN in the data would be read as "no condition"); checked a block of
+    rows at a time. Returns them unchanged; DDMError (one line) otherwise."""
+    if conditions.ndim not in (2, 3) or 0 in conditions.shape[1:]:
+        raise DDMError(f"{what} have shape {list(conditions.shape)}; expected [N, D] (pooled) or [N, L, D] (tokens)")
+    if conditions.dtype.name not in CONDITION_DTYPES:
+        raise DDMError(f"{what} hold {conditions.dtype.name} values; condition embeddings must be float16 or float32")
+    if len(conditions) != n:
+        raise DDMError(f"{what} have {len(conditions)} rows but the data source has {n} images (one row per image, "
+                       "before data.limit / data.exclude_classes)")
+    rows = max(1, CHECK_CHUNK_BYTES // max(1, int(np.prod(conditions.shape[1:])) * conditions.dtype.itemsize))
+    for start in range(0, len(conditions), rows):
+        block = np.asarray(conditions[start:start + rows])
+        bad = ~np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if bad.any():
+            raise DDMError(f"{what} contain NaN or Inf (first at row {start + int(np.argmax(bad))}): NaN is reserved "
+                           "for the null condition")
+    return conditions
 
 
 def kept_rows(labels: np.ndarray | None, class_names: list[str] | None, exclude: tuple[int, ...],
@@ -426,7 +569,7 @@ def _decode_images(rows, n: int, column: str, source: str, sized: int | None) ->
     return _stack(arrays, names, sized, source)
 
 
-def _load_parquet(path: Path, cfg: DataConfig) -> Loaded:
+def _load_parquet(path: Path, cfg: DataConfig) -> Decoded:
     import datasets
 
     try:
@@ -435,7 +578,7 @@ def _load_parquet(path: Path, cfg: DataConfig) -> Loaded:
         raise DDMError(f"cannot read parquet file {path}: {str(err).splitlines()[0]}") from None
     if cfg.image_column in rows.column_names:
         rows = rows.cast_column(cfg.image_column, datasets.Image(decode=False)) if _is_image_column(rows, cfg) else rows
-    return _decode_rows(rows, cfg, str(path), cfg.image_size)
+    return (*_decode_rows(rows, cfg, str(path), cfg.image_size), len(rows))
 
 
 def _is_image_column(rows, cfg: DataConfig) -> bool:
@@ -445,14 +588,14 @@ def _is_image_column(rows, cfg: DataConfig) -> bool:
     return isinstance(feature, datasets.Image) or (isinstance(feature, dict) and "bytes" in feature)
 
 
-def _load_hf(name: str, cfg: DataConfig, sized: int | None) -> Loaded:
+def _load_hf(name: str, cfg: DataConfig, sized: int | None) -> Decoded:
     import datasets
 
     try:
         rows = datasets.load_dataset(name, split=cfg.split)
     except Exception as err:  # noqa: BLE001 - network, auth and missing-dataset errors all land here
         raise DDMError(f"cannot load Hugging Face dataset {name!r}: {str(err).splitlines()[0]}") from None
-    return _decode_rows(rows, cfg, f"hf:{name}", sized)
+    return (*_decode_rows(rows, cfg, f"hf:{name}", sized), len(rows))
 
 
 def _load_latents(cfg: DataConfig, base_dir: Path | None) -> Dataset:
@@ -485,16 +628,25 @@ def _load_latents(cfg: DataConfig, base_dir: Path | None) -> Dataset:
     except OSError as err:
         raise DDMError(f"cannot read latents from {path}: {err}") from None
     latents = check_latents(latents, str(path))
+    conditions = None if cfg.conditions is None else load_conditions(cfg, len(latents), base_dir)
+    labelled = labels is not None
+    if conditions is not None and not cfg.exclude_classes:
+        labels = None  # with conditions, class labels only choose the rows
     class_names = None
     if labels is not None:
         labels, class_names = class_labels(labels, names, len(latents), f"{path} labels")
+    rows = np.arange(len(latents))
     if cfg.exclude_classes:  # the kept rows are read into memory
-        keep = kept_rows(labels, class_names, cfg.exclude_classes, str(path))[: cfg.limit]
-        latents, labels = check_latents(latents[keep], str(path)), labels[keep]
+        rows = kept_rows(labels, class_names, cfg.exclude_classes, str(path))[: cfg.limit]
+        latents, labels = check_latents(latents[rows], str(path)), labels[rows]
     elif cfg.limit is not None:
         latents = NpyRows(path, cfg.limit) if isinstance(latents, NpyRows) else latents[: cfg.limit]
         labels = None if labels is None else labels[: cfg.limit]
-    return Dataset(images=latents, source=str(path), labels=labels, class_names=class_names)
+        rows = rows[: cfg.limit]
+    if conditions is not None:
+        conditions = _rows_of(conditions, rows)
+        labels, class_names = _without_labels(labelled, str(path))
+    return Dataset(images=latents, source=str(path), labels=labels, class_names=class_names, conditions=conditions)
 
 
 def check_latents(latents: np.ndarray | NpyRows, what: str) -> np.ndarray | NpyRows:

@@ -15,9 +15,10 @@ before anything is registered or copied:
   `--set` overrides, so an island told to train with `--set expert.train.steps=N` is assembled with the same.
 - its model: an island chooses its own `expert.model` (preset, patch_size, dtype, remat: `train-expert --set
   expert.model.preset=small`), a complete `ModelConfig` whose patch size divides the run's image sides; the
-  plan fixes what the ensemble combines its velocity with (`PLAN_MODEL_FIELDS`: the classes it is conditioned
-  on) and, through the bundle, the image shape and the flow convention (`ddm.core.flow`). The manifest entry
-  keeps the expert's own model block, which loads it (and is part of the run identity).
+  plan fixes what the ensemble combines its velocity with (`PLAN_MODEL_FIELDS`: the classes, or the shape of
+  the condition embeddings, it is conditioned on) and, through the bundle, the image shape and the flow
+  convention (`ddm.core.flow`). The manifest entry keeps the expert's own model block, which loads it (and is
+  part of the run identity).
 - the weights' SHA-256, recomputed from the files.
 
 Any mismatch is a one-line DDMError and nothing is written. A finished expert is replaced only with `replace`
@@ -66,7 +67,7 @@ ISLAND_CHOICES = frozenset({"checkpoint_every", "keep_checkpoints", "log_every",
                             "mesh_fsdp", "grad_accum", "prefetch"})
 # expert.model fields the plan fixes: the ensemble adds the experts' velocities row by row, so they must take the
 # same inputs. Every other model field (the architecture's size, patches, compute dtype, remat) is the island's.
-PLAN_MODEL_FIELDS = ("num_classes",)
+PLAN_MODEL_FIELDS = ("num_classes", "condition_shape")
 _SET_HINT = "an island trained with --set is assembled with the same --set"
 
 

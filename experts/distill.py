@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ddm.core.config import to_dict
-from ddm.core.flow import drop_labels, noisy_batch
+from ddm.core.flow import conditions_of, drop_conditions, noisy_batch
 from ddm.data.components import STUDENT
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, check_labelled
@@ -39,21 +39,26 @@ from ddm.train.trainer import Task, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
 
-# (x_t [B, H, W, C] float32, t [B] float32, clusters [B] int32, y [B] int32 | None) -> v [B, H, W, C] float32.
+# (x_t [B, H, W, C] float32, t [B] float32, clusters [B] int32, y [B] int32 | float32 [B, *condition_shape] |
+# None) -> v [B, H, W, C] float32.
 # Pure and jit-able; its parameters are closed over (constants of the compiled step).
 Teacher = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 
 def distill_loss(teacher: Teacher, t_sampling: str, class_dropout: float, num_classes: int, model: nnx.Module,
-                 x: jax.Array, clusters: jax.Array, classes: jax.Array, rng: jax.Array):
+                 x: jax.Array, clusters: jax.Array, classes: jax.Array, rng: jax.Array, *,
+                 condition_shape: tuple[int, ...] = ()):
     """MSE between the student's and the teacher's velocity at the same noisy points.
 
-    x: [B, H, W, C] float32 in [-1, 1]; clusters, classes: [B] int32. On labelled data both see the same label,
-    dropped to the null label with probability `class_dropout` (so the student also learns the teacher's
+    x: [B, H, W, C] float32 in [-1, 1]; clusters, classes: [B] int32 (classes: float [B, *condition_shape]
+    condition embeddings when `condition_shape` is non-empty). On conditioned data both see the same condition,
+    dropped to the null one with probability `class_dropout` (so the student also learns the teacher's
     unconditional flow, which guidance needs). Returns (loss float32 scalar, {}).
     """
     x_t, t, _ = noisy_batch(rng, x, t_sampling)
-    y = None if num_classes == 0 else drop_labels(jax.random.fold_in(rng, 1), classes, class_dropout, num_classes)
+    y = conditions_of(classes, num_classes, condition_shape)
+    if y is not None:
+        y = drop_conditions(jax.random.fold_in(rng, 1), y, class_dropout, num_classes)
     target = jax.lax.stop_gradient(teacher(x_t, t, clusters, y).astype(jnp.float32))
     v = (model(x_t, t) if y is None else model(x_t, t, y)).astype(jnp.float32)
     return jnp.mean(jnp.square(v - target)), {}
@@ -75,7 +80,8 @@ def train_student(run_dir: str | Path, teacher: Teacher, teacher_kind: str,
     task = Task(
         name=STUDENT.name,
         make_model=functools.partial(make_dit, model_cfg, run.image_shape),
-        loss=functools.partial(distill_loss, teacher, train.t_sampling, train.class_dropout, model_cfg.num_classes),
+        loss=functools.partial(distill_loss, teacher, train.t_sampling, train.class_dropout, model_cfg.num_classes,
+                               condition_shape=tuple(model_cfg.condition_shape or ())),
         reader=reader,
         out_dir=run.component_dir(STUDENT),
         meta={"config": to_dict(cfg), "image_shape": list(run.image_shape), "teacher": teacher_kind},

@@ -6,7 +6,8 @@ own (`train_island`), and writes `OUT/expert.json` for the coordinator's `ddm as
 on the run's shards into `RUN_DIR/monolith/` with its own settings (`monolith.*`, by default the expert's:
 `ddm.core.config.monolith_job`). On labelled data both are class-conditional: the DiT sees each image's class,
 replaced by the null label with probability `train.class_dropout`, so one network learns the conditional and the
-unconditional flow that classifier-free guidance combines.
+unconditional flow that classifier-free guidance combines. A run with condition embeddings (`data.conditions`)
+is the same with each image's embedding in the label's place and a NaN row as the null (`ddm.core.dit`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ddm.core.codec import Codec
 from ddm.core.config import Config, ExpertConfig, ModelConfig, monolith_job, to_dict
 from ddm.core.dit import dit_from_config
 from ddm.core.errors import DDMError
-from ddm.core.flow import drop_labels, flow_matching_loss, integrate
+from ddm.core.flow import conditions_of, drop_conditions, flow_matching_loss, integrate
 from ddm.core.signatures import key_id, load_private_key
 from ddm.data import storage
 from ddm.data.components import MONOLITH
@@ -46,22 +47,24 @@ ISLAND_AUDIT = AuditPolicy()  # what an island records for audits of its trainin
 
 
 def flow_loss(t_sampling: str, class_dropout: float, num_classes: int, model: nnx.Module, x: jax.Array,
-              clusters: jax.Array, classes: jax.Array, rng: jax.Array):
-    """Flow-matching loss of a DiT. x: [B, H, W, C] float32 in [-1, 1]; classes: [B] int32 class labels.
+              clusters: jax.Array, classes: jax.Array, rng: jax.Array, *, condition_shape: tuple[int, ...] = ()):
+    """Flow-matching loss of a DiT. x: [B, H, W, C] float32 in [-1, 1]; classes: [B] int32 class labels, or
+    for a model conditioned on embeddings (`condition_shape` non-empty) float [B, *condition_shape].
 
-    num_classes 0: unconditional (classes unused). Otherwise each label becomes the null label `num_classes`
-    with probability `class_dropout`, drawn from a key of its own, so the noise draws are those of an
-    unconditional run.
+    No classes and no condition_shape: unconditional (classes unused). Otherwise each row's condition becomes the
+    null condition (`ddm.core.flow.drop_conditions`: the null label `num_classes`, or a NaN row) with probability
+    `class_dropout`, drawn from a key of its own, so the noise draws are those of an unconditional run.
     """
-    if num_classes == 0:
+    y = conditions_of(classes, num_classes, condition_shape)
+    if y is None:
         return flow_matching_loss(lambda x_t, t: model(x_t, t), x, rng, t_sampling), {}
-    y = drop_labels(jax.random.fold_in(rng, 1), classes, class_dropout, num_classes)
+    y = drop_conditions(jax.random.fold_in(rng, 1), y, class_dropout, num_classes)
     return flow_matching_loss(lambda x_t, t: model(x_t, t, y), x, rng, t_sampling), {}
 
 
 def draw_grid(steps: int, model: nnx.Module, noise: jax.Array) -> jax.Array:
     """The grid drawn while training: `steps` Euler steps from noise [n, H, W, C] float32 -> [n, H, W, C]
-    (a class-conditional model draws unguided, with the null label)."""
+    (a conditional model draws unguided, with the null label or null condition)."""
     return integrate(lambda x_t, t, evaluation: (model(x_t, t), None), noise, steps, "euler")[0]
 
 
@@ -86,7 +89,8 @@ def _diffusion_task(name: str, cfg: Config, job: ExpertConfig, image_shape: tupl
     return Task(
         name=name,
         make_model=functools.partial(make_dit, job.model, image_shape),
-        loss=functools.partial(flow_loss, train.t_sampling, train.class_dropout, job.model.num_classes),
+        loss=functools.partial(flow_loss, train.t_sampling, train.class_dropout, job.model.num_classes,
+                               condition_shape=tuple(job.model.condition_shape or ())),
         reader=reader,
         out_dir=out_dir,
         meta={"config": to_dict(cfg), "image_shape": list(image_shape)},

@@ -1,5 +1,10 @@
 """The router: a classifier p(cluster k | x_t, t[, y]) over the K data clusters, returning K logits.
 
+y is what the experts are conditioned on: a class label, or a condition embedding (pooled [D] or tokens [L, D],
+averaged over the tokens) projected into the conditioning vector (`ddm.core.dit.ConditionEmbedder`, with its
+learned null for NaN rows), unless `RouterConfig.condition` is off: then the router ignores the embedding and
+models p(k | x_t, t), as Paris's router does.
+
 Three architectures (`RouterConfig.arch`):
 - "conv" (`ConvRouter`, default): a small strided conv net. Each stage is conv3x3 -> GroupNorm -> FiLM from
   the conditioning vector (timestep MLP [+ label embedding]) -> SiLU; then global average pool, LayerNorm and
@@ -28,6 +33,7 @@ from ddm.core.config import RouterConfig
 from ddm.core.dit import (
     ConditionEmbedder,
     PatchEmbed,
+    check_condition_shape,
     check_image_shape,
     check_inputs,
     check_width,
@@ -115,17 +121,19 @@ class _StagedRouter(nnx.Module):
     (`_stages`) and shape the input and the stages' output (`_inputs`, `_pool`)."""
 
     def __init__(self, *, image_shape: tuple[int, int, int], widths: tuple[int, ...], num_clusters: int,
-                 num_classes: int = 0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+                 num_classes: int = 0, condition_shape: tuple[int, ...] = (), dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
         self.image_shape = _check_router_args(image_shape, num_clusters, widths)
         self.dtype = dtype
         cond_dim = widths[-1]
-        self.cond = ConditionEmbedder(cond_dim, num_classes, freq_dim=CONV_FREQ_DIM, dtype=dtype, rngs=rngs)
+        self.cond = ConditionEmbedder(cond_dim, num_classes, condition_shape=condition_shape,
+                                      freq_dim=CONV_FREQ_DIM, dtype=dtype, rngs=rngs)
         self.stages = nnx.List(self._stages(widths, cond_dim, dtype, rngs))
         self.norm = nnx.LayerNorm(widths[-1], rngs=rngs)
         self.head = nnx.Linear(widths[-1], num_clusters, kernel_init=_zeros, rngs=rngs)
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
-        check_inputs(x, t, y, self.image_shape)
+        check_inputs(x, t, y, self.image_shape, self.cond.condition_shape)
         c = self.cond(t, y)
         h = self._inputs(x).astype(self.dtype)
         for stage in self.stages:
@@ -182,13 +190,13 @@ class DiTRouter(nnx.Module):
     """Transformer router (DiT blocks + CLS token): (x, t, y | None) -> logits [B, num_clusters] float32."""
 
     def __init__(self, *, image_shape: tuple[int, int, int], patch_size: int, depth: int, width: int,
-                 heads: int, num_clusters: int, num_classes: int = 0, dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs):
+                 heads: int, num_clusters: int, num_classes: int = 0, condition_shape: tuple[int, ...] = (),
+                 dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         self.image_shape = _check_router_args(image_shape, num_clusters)
         self.grid = check_image_shape(self.image_shape, patch_size)
         check_width(width, heads)
         self.width = width
-        self.cond = ConditionEmbedder(width, num_classes, dtype=dtype, rngs=rngs)
+        self.cond = ConditionEmbedder(width, num_classes, condition_shape=condition_shape, dtype=dtype, rngs=rngs)
         self.patch_embed = PatchEmbed(patch_size, self.image_shape[2], width, dtype=dtype, rngs=rngs)
         self.cls = nnx.Param(_normal(rngs.params(), (1, 1, width), jnp.float32))
         self.blocks = make_blocks(depth, width, heads, dtype=dtype, rngs=rngs)
@@ -196,7 +204,7 @@ class DiTRouter(nnx.Module):
         self.head = nnx.Linear(width, num_clusters, kernel_init=_zeros, rngs=rngs)
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
-        check_inputs(x, t, y, self.image_shape)
+        check_inputs(x, t, y, self.image_shape, self.cond.condition_shape)
         c = self.cond(t, y)
         h = self.patch_embed(x).astype(jnp.float32) + sincos_pos_embed(*self.grid, self.width)
         cls = jnp.broadcast_to(self.cls[...], (x.shape[0], 1, self.width))
@@ -206,39 +214,51 @@ class DiTRouter(nnx.Module):
         return self.head(self.norm(h[:, 0])).astype(jnp.float32)
 
 
+def router_condition_shape(router: RouterConfig, condition_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The condition embedding shape the router of `router` takes for data of `condition_shape`: that shape, or
+    () when `router.condition` is off (the router then ignores the embeddings)."""
+    return check_condition_shape(condition_shape) if router.condition else ()
+
+
 def router_from_config(router: RouterConfig, image_shape: tuple[int, int, int], num_clusters: int,
-                       num_classes: int = 0, rngs: nnx.Rngs | None = None,
-                       dtype: jnp.dtype = jnp.float32) -> ConvRouter | MLPRouter | DiTRouter:
+                       num_classes: int = 0, rngs: nnx.Rngs | None = None, dtype: jnp.dtype = jnp.float32,
+                       condition_shape: tuple[int, ...] | None = ()) -> ConvRouter | MLPRouter | DiTRouter:
     """The router described by `router` for images (H, W, C) and K = `num_clusters` clusters.
 
-    `num_classes > 0` adds a label input (null label `num_classes` when y is None). `rngs` defaults to
-    `nnx.Rngs(0)` (handy under `nnx.eval_shape`); pass your own for training.
+    `num_classes > 0` adds a label input (null label `num_classes` when y is None); a non-empty
+    `condition_shape` (the data's condition embeddings) an embedding input, unless `router.condition` is off
+    (`router_condition_shape`). `rngs` defaults to `nnx.Rngs(0)` (handy under `nnx.eval_shape`); pass your own
+    for training.
     """
     rngs = nnx.Rngs(0) if rngs is None else rngs
+    conditions = {"num_classes": num_classes, "condition_shape": router_condition_shape(router, condition_shape)}
     if router.arch == "conv":
         return ConvRouter(image_shape=image_shape, widths=conv_widths(router.preset), num_clusters=num_clusters,
-                          num_classes=num_classes, dtype=dtype, rngs=rngs)
+                          dtype=dtype, rngs=rngs, **conditions)
     if router.arch == "mlp":
         return MLPRouter(image_shape=image_shape, widths=mlp_widths(router.preset), num_clusters=num_clusters,
-                         num_classes=num_classes, dtype=dtype, rngs=rngs)
+                         dtype=dtype, rngs=rngs, **conditions)
     if router.arch == "dit":
         depth, width, heads = preset_dims(router.preset)
         return DiTRouter(image_shape=image_shape, patch_size=router.patch_size, depth=depth, width=width,
-                         heads=heads, num_clusters=num_clusters, num_classes=num_classes, dtype=dtype, rngs=rngs)
+                         heads=heads, num_clusters=num_clusters, dtype=dtype, rngs=rngs, **conditions)
     raise DDMError(f"unknown router arch {router.arch!r} (known: conv, mlp, dit)")
 
 
-def router_flops_per_image(router: RouterConfig, image_shape: tuple[int, int, int], num_clusters: int) -> float:
+def router_flops_per_image(router: RouterConfig, image_shape: tuple[int, int, int], num_clusters: int,
+                           condition_shape: tuple[int, ...] | None = ()) -> float:
     """Forward-pass FLOPs of one image (2 x multiply-accumulates of convs and matmuls; norms are not counted).
 
     conv: sum over stages of H_s W_s 9 Cin Cout + timestep MLP + FiLM (cond_dim 2 Cout per stage) + head.
     mlp:  sum over layers of Din Dout (Din = H W C for the first) + timestep MLP + FiLM + head.
     dit:  patch embed N p^2 C D + timestep MLP + blocks on N + 1 tokens (`ddm.core.dit.transformer_macs`) + head D K.
+    A condition embedding the router takes (`router_condition_shape`) adds its projection E cond_dim.
     """
     h, w, c = _check_router_args(image_shape, num_clusters)
+    shape = router_condition_shape(router, condition_shape)
     if router.arch == "conv":
         widths = conv_widths(router.preset)
-        macs = condition_macs(widths[-1], CONV_FREQ_DIM) + widths[-1] * num_clusters
+        macs = condition_macs(widths[-1], CONV_FREQ_DIM, shape) + widths[-1] * num_clusters
         in_ch = c
         for i, out_ch in enumerate(widths):
             if i > 0:
@@ -248,7 +268,7 @@ def router_flops_per_image(router: RouterConfig, image_shape: tuple[int, int, in
         return 2.0 * macs
     if router.arch == "mlp":
         widths = mlp_widths(router.preset)
-        macs = condition_macs(widths[-1], CONV_FREQ_DIM) + widths[-1] * num_clusters
+        macs = condition_macs(widths[-1], CONV_FREQ_DIM, shape) + widths[-1] * num_clusters
         in_dim = h * w * c
         for out_dim in widths:
             macs += in_dim * out_dim + widths[-1] * 2 * out_dim
@@ -258,7 +278,7 @@ def router_flops_per_image(router: RouterConfig, image_shape: tuple[int, int, in
         depth, width, _ = preset_dims(router.preset)
         gh, gw = check_image_shape((h, w, c), router.patch_size)
         n = gh * gw
-        macs = (n * router.patch_size**2 * c * width + condition_macs(width)
+        macs = (n * router.patch_size**2 * c * width + condition_macs(width, condition_shape=shape)
                 + transformer_macs(n + 1, depth, width) + width * num_clusters)
         return 2.0 * macs
     raise DDMError(f"unknown router arch {router.arch!r} (known: conv, mlp, dit)")

@@ -7,7 +7,9 @@ cluster proportions, not a uniform distribution).
 On labelled data the router also sees the class y of x0 (as the paper's router sees the condition), replaced
 by the null label with probability `router.train.class_dropout`. It then learns p(k | x_t, t, y), whose value
 at pure noise is p(k | y), the share of class y's images in cluster k, and under the null label the
-class-blind p(k | x_t, t) that unguided sampling uses.
+class-blind p(k | x_t, t) that unguided sampling uses. On a run with condition embeddings the embedding takes
+the class's place (a NaN row is the null), unless `router.condition` is off: then the router learns
+p(k | x_t, t) alone.
 
 With `router.source: experts` the rows come from a `TrainingSet` instead (`ddm.router.synthetic`: images the
 experts drew, each labelled with the expert that drew it and the class it was drawn for, in the proportions of
@@ -29,9 +31,10 @@ from flax import nnx
 from ddm.core import documents
 from ddm.core.config import to_dict
 from ddm.core.errors import DDMError
-from ddm.core.flow import drop_labels, noisy_batch
+from ddm.core.flow import conditions_of, drop_conditions, noisy_batch
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, check_labelled
+from ddm.router.model import router_condition_shape
 from ddm.router.synthetic import ArrayReader, TrainingSet
 from ddm.router.trained import router_factory
 from ddm.train.monitor import HeldOut
@@ -41,12 +44,15 @@ logger = logging.getLogger(__name__)
 
 
 def router_loss(t_sampling: str, class_dropout: float, num_classes: int, model: nnx.Module, x: jax.Array,
-                clusters: jax.Array, classes: jax.Array, rng: jax.Array):
+                clusters: jax.Array, classes: jax.Array, rng: jax.Array, *, condition_shape: tuple[int, ...] = ()):
     """Mean cross-entropy of the router on noisy x. x: [B, H, W, C] in [-1, 1], clusters: [B] cluster ids (the
-    target), classes: [B] class labels (an input when num_classes > 0, dropped to the null label with
-    probability class_dropout; unused otherwise)."""
+    target), classes: [B] class labels, or float [B, *condition_shape] condition embeddings for a router that
+    takes them (`condition_shape` non-empty): an input then, dropped to the null condition with probability
+    class_dropout; unused otherwise."""
     x_t, t, _ = noisy_batch(rng, x, t_sampling)
-    y = drop_labels(jax.random.fold_in(rng, 1), classes, class_dropout, num_classes) if num_classes else None
+    y = conditions_of(classes, num_classes, condition_shape)
+    if y is not None:
+        y = drop_conditions(jax.random.fold_in(rng, 1), y, class_dropout, num_classes)
     logits = model(x_t, t, y).astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, clusters).mean()
     return loss, {"accuracy": (jnp.argmax(logits, -1) == clusters).mean()}
@@ -120,7 +126,8 @@ def train_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
     task = Task(
         name="router",
         make_model=router_factory(run),
-        loss=functools.partial(router_loss, train.t_sampling, train.class_dropout, run.num_classes),
+        loss=functools.partial(router_loss, train.t_sampling, train.class_dropout, run.num_classes,
+                               condition_shape=router_condition_shape(run.config.router, run.condition_shape)),
         reader=reader,
         out_dir=out_dir,
         meta={"config": to_dict(run.config), "num_clusters": run.num_clusters, "num_classes": run.num_classes,

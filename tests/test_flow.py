@@ -9,7 +9,7 @@ from oracles.host_dispatch import solve
 from ddm.core import flow
 from ddm.core.errors import DDMError
 from ddm.core.flow import (
-    drop_labels,
+    drop_conditions,
     euler_step,
     flow_matching_loss,
     heun_step,
@@ -109,13 +109,13 @@ def test_loss_zero_for_perfect_predictor_and_positive_otherwise():
 
 def test_drop_labels_rate():
     y = jnp.arange(100_000, dtype=jnp.int32) % 10
-    dropped = drop_labels(jax.random.key(0), y, 0.1, 10)
+    dropped = drop_conditions(jax.random.key(0), y, 0.1, 10)
     mask = dropped == 10
     assert dropped.dtype == jnp.int32
     assert abs(float(mask.mean()) - 0.1) < 0.005
     np.testing.assert_array_equal(np.asarray(dropped[~mask]), np.asarray(y[~mask]))
-    np.testing.assert_array_equal(np.asarray(drop_labels(jax.random.key(0), y, 0.0, 10)), np.asarray(y))
-    assert bool(jnp.all(drop_labels(jax.random.key(1), y, 1.0, 10) == 10))
+    np.testing.assert_array_equal(np.asarray(drop_conditions(jax.random.key(0), y, 0.0, 10)), np.asarray(y))
+    assert bool(jnp.all(drop_conditions(jax.random.key(1), y, 1.0, 10) == 10))
 
 
 def test_time_grid():

@@ -19,7 +19,7 @@ from PIL import Image
 from ddm.app import cli
 from ddm.core.config import load_config
 from ddm.core.dit import dit_from_config
-from ddm.core.flow import drop_labels, flow_matching_loss
+from ddm.core.flow import drop_conditions, flow_matching_loss
 from ddm.core.images import to_model_range
 from ddm.data import manifest as mf
 from ddm.data.run import Run
@@ -109,7 +109,7 @@ def test_holdout_loss_is_the_loss_on_the_clusters_held_out_images_at_fixed_noise
                                                 meta))
     model = nnx.merge(graphdef, state["params"], state["rest"])
     rng = jax.random.fold_in(jax.random.key(config.expert.train.seed), HOLDOUT_KEY)
-    y = drop_labels(jax.random.fold_in(rng, 1), jnp.asarray(classes), config.expert.train.class_dropout, 10)
+    y = drop_conditions(jax.random.fold_in(rng, 1), jnp.asarray(classes), config.expert.train.class_dropout, 10)
     loss = flow_matching_loss(lambda x, t: model(x, t, y), to_model_range(rows), rng,
                               config.expert.train.t_sampling)
     logged = read_metrics(run / "experts/0/metrics.jsonl")[-1]["holdout_loss"]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import fresh_run, prepared_template
+from helpers import child_env, fresh_run, prepared_template
 
 from ddm.app import cli
 from ddm.core.config import TrainConfig
@@ -44,16 +44,6 @@ TRAIN = ["expert.train.steps=16", "expert.train.batch_size=16", "expert.train.ch
 # ---------------------------------------------------------------------------------------------------------
 # Helpers shared by the tests of this file.
 # ---------------------------------------------------------------------------------------------------------
-
-
-def child_env(tmp_path_factory, devices: int) -> dict:
-    """Environment of a CLI subprocess with `devices` fake CPU devices and the session's compilation cache."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "DDM_NUM_CPU"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax-cache"),
-               TF_CPP_MIN_LOG_LEVEL="2")
-    return env
 
 
 def train_cmd(run: Path, *sets: str) -> list[str]:
@@ -236,7 +226,7 @@ class PoisonedReader:
         return images, (np.full_like(clusters, -1) if step >= self.bad_from else clusters), classes
 
 
-def poisoned_loss(t_sampling, class_dropout, num_classes, model, x, clusters, classes, rng):
+def poisoned_loss(t_sampling, class_dropout, num_classes, model, x, clusters, classes, rng, **_):
     loss, aux = micro_loss(model, x, clusters, classes, rng)
     return jnp.where(jnp.any(clusters < 0), jnp.nan, loss), aux
 

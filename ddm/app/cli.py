@@ -326,21 +326,58 @@ def _index_list(text: str, flag: str, what: str) -> tuple[int, ...]:
         raise DDMError(f"{flag} must be comma-separated {what} indices: {err}") from None
 
 
-def _request(args, cfg: Config) -> Request:
-    from ddm.sampling.request import Request
+def _request(args, cfg: Config, conditions=None) -> Request:
+    """The request of `ddm sample`'s flags; conditions: the embeddings float32 [n, *condition_shape] of
+    --conditions / --prompt (`_sample_conditions`), named in the request by their digest."""
+    from ddm.sampling.request import Request, conditions_sha256
 
     n = cfg.sample.n if args.n is None else args.n
+    if conditions is not None:
+        n = len(conditions)
     labels = _class_labels(args, n)
     if labels is not None:
         n = len(labels)  # --labels without --n: one image per label
     clusters = _clusters(args, n, labels)
     if clusters is not None:
         n = len(clusters)  # --clusters without --n: one image per cluster id
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (cfg.sample.cfg_scale if labels else None)
+    guided = labels is not None or conditions is not None
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (cfg.sample.cfg_scale if guided else None)
     return Request(seed=cfg.sample.seed if args.seed is None else args.seed, n=n,
                    strategy=args.strategy or ("oracle" if clusters is not None else "top1"),
                    steps=cfg.sample.steps if args.steps is None else args.steps,
-                   solver=args.solver or cfg.sample.solver, labels=labels, cfg_scale=cfg_scale, clusters=clusters)
+                   solver=args.solver or cfg.sample.solver, labels=labels, cfg_scale=cfg_scale, clusters=clusters,
+                   conditions_sha256=None if conditions is None else conditions_sha256(conditions))
+
+
+def _sample_conditions(args, run):
+    """The condition embeddings of `ddm sample --conditions FILE` or `--prompt TEXT` (repeatable; one prompt for
+    all n), float32 [n, *condition_shape] for `run`; None without either. n comes from the file or the prompts
+    (or --n / sample.n for one prompt); a --n that disagrees is an error."""
+    from ddm.app.sample import encode_prompts, read_conditions_file
+    from ddm.sampling.request import condition_rows
+
+    if args.conditions is None and not args.prompt:
+        return None
+    if args.conditions is not None and args.prompt:
+        raise DDMError("give --conditions or --prompt, not both")
+    flag = "--conditions" if args.conditions is not None else "--prompt"
+    if not run.condition_shape:
+        raise DDMError(f"{flag} gives condition embeddings, but run {run.root} is not conditioned on embeddings"
+                       + (" (it takes class labels: --class / --labels)" if run.num_classes else ""))
+    if args.class_ is not None or args.labels is not None:
+        raise DDMError(f"{flag} and --class / --labels: a run is conditioned on embeddings or on classes, not both")
+    if args.prompt:
+        n = args.n if args.n is not None else (len(args.prompt) if len(args.prompt) > 1 else run.config.sample.n)
+        if args.n is not None and len(args.prompt) > 1 and len(args.prompt) != args.n:
+            raise DDMError(f"{len(args.prompt)} prompts for --n {args.n} images: give one prompt, or one per image")
+        if os.getcwd() not in sys.path and "" not in sys.path:  # the encoder's module, as for --features
+            sys.path.insert(0, os.getcwd())
+        return encode_prompts(run.config.sample.condition_encoder, args.prompt, n, run.condition_shape)
+    rows = read_conditions_file(args.conditions)
+    if args.n is not None and args.n != len(rows):
+        raise DDMError(f"--conditions {args.conditions} has {len(rows)} rows for --n {args.n} images (n is taken "
+                       "from the file: drop --n)")
+    return condition_rows(rows, len(rows), run.condition_shape, f"conditions file {args.conditions}")
 
 
 def _clusters(args, n: int, labels: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -365,11 +402,12 @@ def cmd_sample(args) -> int:
     if args.model != "ensemble" and args.strategy is not None:
         raise DDMError(f"--strategy routes the ensemble; the {args.model} is one model (drop --strategy)")
     run = _run(args)
-    request = check_limits(_request(args, run.config), run.config.sample)
+    conditions = _sample_conditions(args, run)
+    request = check_limits(_request(args, run.config, conditions), run.config.sample)
     out = Path(args.out) if args.out else default_out(run.samples_dir, request, args.model)
     sample_command(run, request, out, record=Path(args.record) if args.record else None,
                    png_dir=Path(args.png_dir) if args.png_dir else None, key=Path(args.key) if args.key else None,
-                   model=args.model, server=args.server)
+                   model=args.model, server=args.server, conditions=conditions)
     return 0
 
 
@@ -436,8 +474,13 @@ def cmd_verify(args) -> int:
     limits = VerifyLimits(max_n=args.max_n, max_steps=args.max_steps, max_image_steps=args.max_image_steps)
     public_key = load_public_key(args.public_key) if args.public_key else None
     flags = {"phash": args.threshold, "max_abs": args.max_abs, "rms": args.rms}
+    conditions = None
+    if args.conditions is not None:
+        from ddm.app.sample import read_conditions_file
+
+        conditions = read_conditions_file(args.conditions)
     verdict = verify_record(args.run_dir, args.record, mode=args.mode, public_key=public_key, flags=flags,
-                            limits=limits, overrides=args.set)
+                            limits=limits, overrides=args.set, conditions=conditions)
     print(format_verdict(verdict))
     return 0 if verdict.honest else 1
 
@@ -709,6 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=None, help="noise seed (default: sample.seed)")
     p.add_argument("--class", dest="class_", type=int, default=None, metavar="C",
                    help="sample n images of class C (class-conditional runs)")
+    p.add_argument("--conditions", default=None, metavar="FILE",
+                   help="runs conditioned on embeddings: one condition per image, a .npy or an .npz array "
+                        "'conditions' of float16/float32 [n, *condition_shape] (n from the file; --cfg-scale "
+                        "defaults to sample.cfg_scale)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="runs conditioned on embeddings: a prompt, embedded by sample.condition_encoder "
+                        "(module:function); one for all n images, or repeated once per image")
     p.add_argument("--labels", default=None,
                    help="comma-separated class labels, one per image (their count is n)")
     p.add_argument("--cfg-scale", type=float_arg(0), default=None,
@@ -747,6 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "without them), phash, or auto (default: bit for bit passes; otherwise tolerance when this "
                         "verifier has calibrated the run, else not honest). The record's environment never decides")
     p.add_argument("--public-key", default=None, help="require a signature by this Ed25519 public key (KEY.pub)")
+    p.add_argument("--conditions", default=None, metavar="FILE",
+                   help="the condition embeddings a record of a run conditioned on embeddings was made for (.npy, or "
+                        "the .npz ddm sample wrote); refused unless their digest is the record's")
     p.add_argument("--threshold", type=int_arg(0, 64, "a Hamming distance"), default=None,
                    help="phash mode: max pHash Hamming distance per image (replaces the calibrated one)")
     p.add_argument("--max-abs", type=float_arg(0), default=None,

@@ -1,19 +1,29 @@
-"""`ddm sample`: load a run, generate a request, write the grid + arrays (and a verification record)."""
+"""`ddm sample`: load a run, generate a request, write the grid + arrays (and a verification record).
+
+Runs conditioned on embeddings take them from a file (`--conditions FILE`: .npy, or .npz with an array
+`conditions`, float16 / float32 [n, *condition_shape], `read_conditions_file`) or from prompts through the
+user's encoder (`--prompt TEXT` with `sample.condition_encoder: module:function`, `encode_prompts`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import time
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from ddm.core.errors import DDMError
 from ddm.core.files import Staged, check_output_dir, check_output_file
 from ddm.data.components import SINGLE_NAMES, component
 from ddm.data.run import Run
+from ddm.data.sources import DEFAULT_CONDITIONS_KEY, check_conditions
 from ddm.sampling.load import load_ensemble, load_single
 from ddm.sampling.outputs import load_decoder, save_outputs, save_pngs, usage_summary
-from ddm.sampling.request import Request, check_clusters, check_condition, generate
+from ddm.sampling.request import Request, check_clusters, check_condition, condition_rows, generate
 from ddm.verify.limits import VerifyLimits
 from ddm.verify.records import sample_record, write_record
 from ddm.verify.signing import key_id, load_private_key
@@ -32,12 +42,65 @@ def check_cfg_scale(scale: float | None, what: str = "cfg_scale") -> None:
         raise DDMError(f"{what}={scale:g} is beyond {bound:g}, the largest guidance scale ddm verify accepts")
 
 
+def read_conditions_file(path: str | Path) -> np.ndarray:
+    """The condition embeddings in `path`: a .npy array, or the array `conditions` of an .npz (what `ddm sample`
+    writes beside its grid, so a grid's conditions can be reused), float16 / float32 [n, D] or [n, L, D] with
+    finite values (`ddm.data.sources.check_conditions`). Returned as stored; DDMError (one line) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DDMError(f"conditions file not found: {path}")
+    if path.suffix not in (".npy", ".npz"):
+        raise DDMError(f"conditions file {path} must be a .npy, or an .npz with an array {DEFAULT_CONDITIONS_KEY!r}")
+    try:
+        if path.suffix == ".npy":
+            rows = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as loaded:
+                if DEFAULT_CONDITIONS_KEY not in loaded.files:
+                    raise DDMError(f"{path} has no array {DEFAULT_CONDITIONS_KEY!r} (arrays: {loaded.files})")
+                rows = loaded[DEFAULT_CONDITIONS_KEY]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DDMError(f"cannot read conditions file {path}: {str(err).splitlines()[0]}") from None
+    return check_conditions(rows, len(rows) if rows.ndim else 0, f"conditions file {path}")
+
+
+def encode_prompts(spec: str | None, prompts: list[str], n: int, condition_shape: tuple[int, ...]) -> np.ndarray:
+    """float32 [n, *condition_shape]: `prompts` (n of them, or one for all n) through the user's encoder `spec`
+    (`sample.condition_encoder`, "module:function": list of n strings -> float [n, *condition_shape]), imported
+    only here. DDMError (one line) without an encoder, for one that does not import, or for output of another
+    shape or dtype, or with NaN / Inf."""
+    if not spec:
+        raise DDMError("--prompt needs a text encoder: set sample.condition_encoder: module:function (e.g. "
+                       "--set sample.condition_encoder=my_encoder:encode), or give --conditions FILE")
+    if len(prompts) not in (1, n):
+        raise DDMError(f"{len(prompts)} prompts for {n} images: give one prompt for all, or one per image")
+    module, _, name = spec.partition(":")
+    try:
+        encoder = getattr(importlib.import_module(module), name) if name else None
+    except (ImportError, AttributeError) as err:
+        raise DDMError(f"sample.condition_encoder={spec!r} cannot be loaded: {err}") from None
+    if not callable(encoder):
+        raise DDMError(f"sample.condition_encoder={spec!r} must name a function as module:function")
+    texts = list(prompts) * n if len(prompts) == 1 else list(prompts)
+    out = encoder(texts)
+    try:
+        out = np.asarray(out)
+    except (TypeError, ValueError):
+        raise DDMError(f"sample.condition_encoder={spec!r} returned {type(out).__name__}, not an array of "
+                       f"[{n}, {', '.join(map(str, condition_shape))}] floats") from None
+    if out.shape != (n, *condition_shape) or not np.issubdtype(out.dtype, np.floating):
+        raise DDMError(f"sample.condition_encoder={spec!r} returned {out.dtype} {list(out.shape)} for {n} prompts; "
+                       f"this run takes float [{n}, {', '.join(map(str, condition_shape))}]")
+    return condition_rows(out, n, condition_shape, f"the embeddings of sample.condition_encoder={spec!r}")
+
+
 def default_out(samples_dir: Path, request: Request, model: str = "ensemble") -> Path:
     """Where `ddm sample` writes without --out: SAMPLES/sample-<strategy or model>-seed<S>-n<N>[-guided].png, or
     the first of ...-2.png, -3.png, ... whose .png and .npz are both free. No other command writes `sample-*`
     names (`ddm run` writes <strategy>.png), and no existing file is ever taken, so nothing is overwritten."""
     what = (request.strategy if model == "ensemble" else model).replace(":", "_")
-    stem = f"sample-{what}-seed{request.seed}-n{request.n}" + ("" if request.labels is None else "-guided")
+    guided = request.labels is not None or request.conditions_sha256 is not None
+    stem = f"sample-{what}-seed{request.seed}-n{request.n}" + ("-guided" if guided else "")
     out, i = samples_dir / f"{stem}.png", 1
     while out.exists() or out.with_suffix(".npz").exists():
         i += 1
@@ -47,7 +110,7 @@ def default_out(samples_dir: Path, request: Request, model: str = "ensemble") ->
 
 def sample_command(run: Run, request: Request, out: Path, *, record: Path | None = None,
                    png_dir: Path | None = None, key: Path | None = None, model: str = "ensemble",
-                   server: str | None = None) -> Path:
+                   server: str | None = None, conditions: np.ndarray | None = None) -> Path:
     """Generates `request` with the run's routed ensemble (or, `model` "monolith" / "student", that single
     model: the request's strategy must then be `single:0`); writes `out` (PNG grid) and its .npz (and one PNG
     per image into `png_dir`); returns the npz.
@@ -57,8 +120,13 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     and the files are written together at the end (`ddm.core.files.Staged`): a command that fails leaves none
     of them behind. server: a `ddm serve` URL of this run that generates the request instead
     (`ddm.serve.client`); the outputs are the same, and a record is the server's (signed by its key, if any).
+    conditions: the condition embeddings float [n, *condition_shape] the request names by digest (runs
+    conditioned on embeddings), stored in the .npz as `conditions`.
     """
-    check_condition(request, run.num_classes)  # before loading anything: a bad class is the user's first error
+    # before loading anything: a bad class or condition is the user's first error
+    check_condition(request, run.num_classes, run.condition_shape)
+    if conditions is not None and server is not None:
+        raise DDMError("--server takes no condition embeddings (--conditions / --prompt): sample here instead")
     check_cfg_scale(request.cfg_scale)
     if request.clusters is not None:  # oracle's clusters: in range, with trained experts
         check_clusters(request, [run.finished(run.expert(k)) for k in range(run.num_clusters)])
@@ -94,18 +162,21 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
                                f"--run-dir {run.root}`")
             request = dataclasses.replace(request, strategy="single:0")
         t0 = time.perf_counter()
-        result = generate(ensemble, request)
+        result = generate(ensemble, request, conditions=conditions)
         seconds = time.perf_counter() - t0
         rec = None
         if record is not None:
             rec = sample_record(run.sha256, request, result, run.codec, private_key)
     with Staged() as staged:
-        npz = save_outputs(result, request, out, manifest_sha=run.sha256, decoder=decoder, stage=staged.stage)
+        npz = save_outputs(result, request, out, manifest_sha=run.sha256, decoder=decoder, stage=staged.stage,
+                           conditions=conditions)
         if png_dir is not None:
             save_pngs(result.images, png_dir, stage=staged.stage)
         if rec is not None:
             write_record(staged.stage(record), rec)
     guided = "" if request.labels is None else f", classes {_classes_text(request.labels)}, cfg scale {request.cfg_scale}"
+    if request.conditions_sha256 is not None:
+        guided = f", conditions {request.conditions_sha256[:16]}, cfg scale {request.cfg_scale}"
     what = request.strategy if model == "ensemble" else model
     logger.info(f"{request.n} samples ({what}, {request.steps} {request.solver} steps{guided}, "
                 f"{result.dispatch} dispatch) in {seconds:.1f}s -> {out} and {npz}")

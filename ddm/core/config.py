@@ -20,7 +20,7 @@ import yaml
 
 from ddm.core.errors import DDMError
 
-EMBEDDINGS = ("pixels", "pca", "file")
+EMBEDDINGS = ("pixels", "pca", "file", "conditions")  # "conditions": k-means on data.conditions
 # ddm.core.flow implements these (and imports them from here): the config is read without loading jax
 T_SAMPLINGS = ("uniform", "logit_normal")
 SOLVERS = ("euler", "heun")
@@ -106,6 +106,12 @@ class DataConfig:
     # Class indices whose images are dropped on loading (training and held-out alike); the classes stay in the
     # run's class list with zero images, so an island that holds them can join later (docs/membership.md).
     exclude_classes: tuple[int, ...] = ()
+    # Per-image condition embeddings (text or any vector) the models are conditioned on instead of class labels
+    # (a conditioned run reads no class labels): a .npy / .npz file of float16 / float32 [N, D] (pooled) or
+    # [N, L, D] (tokens) rows aligned with the images, a .parquet file's column, or "captions" (the built-in
+    # digits' generated captions, embedded by ddm.data.captions). None: no embeddings.
+    conditions: str | None = None
+    conditions_key: str | None = None  # the .npz array or parquet column holding them (default: "conditions")
     seed: int = 0
     chunk_images: int = 256  # zarr chunk length along N
 
@@ -147,6 +153,11 @@ class DataConfig:
             raise DDMError(f"config data.exclude_classes={list(self.exclude_classes)} must be distinct class indices >= 0")
         if self.embedding == "file" and not self.features_path:
             raise DDMError("config data.embedding='file' needs data.features_path")
+        if self.embedding == "conditions" and not self.conditions:
+            raise DDMError("config data.embedding='conditions' needs data.conditions")
+        if self.conditions is not None and self.label_column is not None:
+            raise DDMError(f"config data.conditions and data.label_column={self.label_column!r} both name what the "
+                           "models are conditioned on: a run uses class labels or condition embeddings, not both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +169,10 @@ class ModelConfig:
     # Class labels the model is conditioned on. None: whatever the data has (`ddm prepare` stores the resolved
     # value in the run's config: 0 for unlabelled data). A value that disagrees with the data is an error.
     num_classes: int | None = None
+    # Shape of one image's condition embedding: (D,) pooled (added to the timestep embedding, adaLN) or (L, D)
+    # tokens (cross-attention in every block); () none. None: whatever the data has (`ddm prepare` stores the
+    # resolved value in the run's config). A row of all NaN is the null condition (classifier-free guidance).
+    condition_shape: tuple[int, ...] | None = None
     dtype: str = "float32"  # compute dtype; parameters, optimizer state and the loss stay float32
     # "block": recompute each DiT block's activations in the backward pass (nnx.remat) instead of storing them:
     # same results, less activation memory, ~1/3 more compute.
@@ -275,6 +290,10 @@ class RouterConfig:
     patch_size: int = 2  # dit arch only
     train: TrainConfig = TrainConfig(steps=1000, ema_decay=0.99)
     source: str = "data"
+    # On a run conditioned on embeddings (data.conditions): true, the router also takes each image's embedding,
+    # p(k | x_t, t, c) (pooled, or tokens averaged, into its conditioning vector); false, it models p(k | x_t, t)
+    # only, as Paris's router does. A class-conditional router always takes the class.
+    condition: bool = True
     expert_samples: int = 512  # source experts: images per cluster on average
     expert_steps: int = 20
     expert_solver: str = "heun"
@@ -323,6 +342,10 @@ class SampleConfig:
     # Latent runs: "module:function" mapping de-normalised latents float32 [n, h, w, c] to uint8 images (your
     # VAE's decoder) for grids and PNGs; unset: a fixed visualisation of latent channels 0-2.
     decoder: str | None = None
+    # Runs conditioned on embeddings: "module:function" turning a list of n strings into float16 / float32
+    # embeddings [n, *condition_shape] (your text encoder, installed by you), for `ddm sample --prompt`;
+    # imported only when a prompt is given. Unset: prompts are refused (give --conditions FILE instead).
+    condition_encoder: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("sample.solver", self.solver, SOLVERS)
@@ -379,6 +402,34 @@ def with_num_classes(cfg: Config, num_classes: int) -> Config:
     return dataclasses.replace(cfg, expert=dataclasses.replace(cfg.expert, model=model),
                                distill=dataclasses.replace(cfg.distill, model=student_model),
                                monolith=dataclasses.replace(cfg.monolith, model=mono_model))
+
+
+def with_condition_shape(cfg: Config, shape: tuple[int, ...]) -> Config:
+    """`cfg` with `condition_shape` of the experts', the student's and the monolith's models set to the data's
+    `shape` (() for data without condition embeddings; (D,) pooled, (L, D) tokens).
+
+    An explicit value that disagrees is a DDMError, as is an explicit `num_classes > 0` on data with condition
+    embeddings: a run is conditioned on class labels or on embeddings, never both.
+    """
+    shape = tuple(int(d) for d in shape)
+    models = {"expert.model": cfg.expert.model, "distill.model": cfg.distill.model,
+              "monolith.model": cfg.monolith.model}
+    for name, model in models.items():
+        if model is None:
+            continue
+        explicit = model.condition_shape
+        if explicit is not None and tuple(explicit) != shape:
+            held = f"condition embeddings of shape {list(shape)}" if shape else "no condition embeddings"
+            raise DDMError(f"config {name}.condition_shape={list(explicit)}, but the data has {held} "
+                           "(leave it unset: it is read from data.conditions)")
+        if shape and model.num_classes:
+            raise DDMError(f"config {name}.num_classes={model.num_classes} and data.conditions both condition the "
+                           "model: a run uses class labels or condition embeddings, not both")
+    resolved = {name: None if model is None else dataclasses.replace(model, condition_shape=shape)
+                for name, model in models.items()}
+    return dataclasses.replace(cfg, expert=dataclasses.replace(cfg.expert, model=resolved["expert.model"]),
+                               distill=dataclasses.replace(cfg.distill, model=resolved["distill.model"]),
+                               monolith=dataclasses.replace(cfg.monolith, model=resolved["monolith.model"]))
 
 
 # ---------------------------------------------------------------------------------------------------------

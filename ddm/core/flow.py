@@ -80,17 +80,36 @@ def flow_matching_loss(predict: Velocity, x0: jax.Array, rng: jax.Array, t_sampl
     """Mean squared error between predict(x_t, t) and eps - x0, a float32 scalar.
 
     `predict(x_t [B, ...] float32, t [B] float32) -> v [B, ...]` (any float dtype; the error is taken in
-    float32). Labels, label dropout and the model's parameters are closed over by `predict`.
+    float32). Conditions, condition dropout and the model's parameters are closed over by `predict`.
     """
     x_t, t, eps = noisy_batch(rng, x0, t_sampling)
     v = predict(x_t, t).astype(jnp.float32)
     return jnp.mean(jnp.square(v - target_velocity(x0.astype(jnp.float32), eps)))
 
 
-def drop_labels(rng: jax.Array, y: jax.Array, p: float, null_label: int) -> jax.Array:
-    """Classifier-free guidance label dropout: each entry of y [B] int becomes `null_label` with prob. p."""
-    drop = jax.random.uniform(rng, y.shape) < p
-    return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)
+def conditions_of(classes: jax.Array, num_classes: int, condition_shape: tuple[int, ...]) -> jax.Array | None:
+    """What a model of `num_classes` / `condition_shape` is conditioned on, out of a batch's third element:
+    class labels [B] int32 as they are, condition embeddings as float32 [B, *condition_shape] (a reader gives
+    them as stored, float16 or float32), or None for a model without either (the element is ignored)."""
+    if condition_shape:
+        return classes.astype(jnp.float32)
+    return classes if num_classes else None
+
+
+def null_like(y: jax.Array, null_label: int) -> jax.Array:
+    """The null condition for every row of y: `null_label` for class labels y [B] int, a row of NaN for
+    condition embeddings y [B, ...] float (what the model replaces by its learned null embedding)."""
+    if jnp.issubdtype(y.dtype, jnp.floating):
+        return jnp.full_like(y, jnp.nan)
+    return jnp.full_like(y, null_label)
+
+
+def drop_conditions(rng: jax.Array, y: jax.Array, p: float, null_label: int) -> jax.Array:
+    """Classifier-free guidance condition dropout: each row of y becomes the null condition (`null_like`) with
+    probability p. y: class labels [B] int (-> `null_label`) or condition embeddings [B, ...] float (-> a row of
+    NaN); same shape and dtype out. One uniform draw per row, so both kinds drop the same rows for one key."""
+    drop = jax.random.uniform(rng, y.shape[:1]) < p
+    return jnp.where(_expand(drop, y), null_like(y, null_label), y)
 
 
 # ---------------------------------------------------------------------------------------------------------

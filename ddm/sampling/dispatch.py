@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddm.core.errors import DDMError
+from ddm.core.flow import null_like
 
 DISPATCHES = ("auto", "unrolled", "grouped", "capacity")
 
@@ -91,14 +92,14 @@ def expert_velocity(expert_apply: ExpertApply, params: Any, x: jax.Array, t: jax
     """One expert's velocity on rows x [b, H, W, C] f32, t [b], y [b] int32 | None -> [b, H, W, C] f32.
 
     cfg (static): classifier-free guidance, v = v_uncond + cfg_scale * (v_cond - v_uncond), both halves in one
-    expert call (the null label is `null_label`). cfg_scale: f32 scalar, or one per row [b] (merged requests of
-    different scales, `Ensemble.sample_rows`).
+    expert call (the null condition is `ddm.core.flow.null_like(y, null_label)`). cfg_scale: f32 scalar, or one
+    per row [b] (merged requests of different scales, `Ensemble.sample_rows`).
     """
     if not cfg:
         return expert_apply(params, x, t, y).astype(jnp.float32)
     n = x.shape[0]
     v2 = expert_apply(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                      jnp.concatenate([y, jnp.full_like(y, null_label)])).astype(jnp.float32)
+                      jnp.concatenate([y, null_like(y, null_label)])).astype(jnp.float32)
     v_cond, v_uncond = v2[:n], v2[n:]
     if jnp.ndim(cfg_scale):
         cfg_scale = _broadcast_rows(cfg_scale, v_cond)

@@ -36,6 +36,12 @@ velocities in group order (groups ordered by their first expert). The fixed stra
 its own function. With one group (every homogeneous ensemble) the program is exactly the single-architecture
 one.
 
+Conditions: the experts take one condition slot y, class labels int32 [n] (`num_classes`) or condition
+embeddings float32 [n, *condition_shape] (`condition_shape`: text or any vector per image); every gather, pad,
+chunk and merge of y works along its first axis, so both kinds take the same paths. The null condition, for
+unconditional rows and the unconditional half of classifier-free guidance, is the label `num_classes` or a row
+of NaN (`ddm.core.flow.null_like`), which the models replace by their learned null embedding.
+
 Compilation: one program per (batch, strategy, steps, solver, CFG) shape, cached by jax and shared by
 ensembles with the same apply functions. Within it the expert function is traced once per expert ("unrolled";
 twice for `S+full:T`, whose full-posterior steps run each expert on the whole batch) or once per bucket size
@@ -188,7 +194,8 @@ def _device_velocity(expert_apply, router_apply, experts, router_params, x, t, y
     """One routed velocity evaluation on the device: (v [B, ...] f32, weights [B, K] f32, real rows, padded
     rows). experts: the available experts' params (a tuple of trees for "unrolled", their stack otherwise);
     with `plan.groups`, a tuple of those per structure group, and expert_apply a tuple of one apply per group.
-    x [B, H, W, C] f32, t [B] f32, y [B] int32 | None, labels [B] int32 | None (oracle)."""
+    x [B, H, W, C] f32, t [B] f32, y [B] int32 | [B, *condition_shape] f32 | None, labels [B] int32 | None
+    (oracle)."""
     strategy, batch = plan.strategy, x.shape[0]
     mask = jnp.asarray([k in plan.present for k in range(plan.num_experts)])
     if strategy.needs_router:
@@ -257,7 +264,7 @@ def _device_solve(expert_apply, router_apply, experts, router_params, x1, y, lab
 def _expert_solve(expert_apply, params, x1, y, cfg_scale, *, steps: int, solver: str, cfg: bool, null_label: int):
     """One expert alone on its rows, from noise x1 [b, H, W, C] f32 at t=1 to x0 [b, ...] f32 at t=0: a fixed
     strategy's group (oracle, prior, single), the same arithmetic as one model's plain solve. y [b] int32 |
-    None; cfg_scale f32 scalar or [b]."""
+    [b, *condition_shape] f32 | None; cfg_scale f32 scalar or [b]."""
     def velocity(x, t, evaluation):
         return dispatch_lib.expert_velocity(expert_apply, params, x, t, y, cfg_scale, cfg=cfg,
                                             null_label=null_label), None
@@ -291,14 +298,20 @@ class Ensemble:
     router_note: why the ensemble has no router although the run has one (set by `load_ensemble`: the router
     was trained for another membership); router strategies refuse with it.
 
-    expert_apply(params, x [b, H, W, C] f32, t [b] f32, y [b] int32 | None) -> v [b, H, W, C], shared by every
-        expert; or a list of K such functions (None for a missing expert), for experts of different
-        architectures: experts given the same function object form one structure group whose parameters stack
-        (the module docstring). Every expert takes the same x, t and y and returns v in the flow convention.
+    expert_apply(params, x [b, H, W, C] f32, t [b] f32, y [b] int32 | [b, *condition_shape] f32 | None) -> v
+        [b, H, W, C], shared by every expert; or a list of K such functions (None for a missing expert), for
+        experts of different architectures: experts given the same function object form one structure group
+        whose parameters stack (the module docstring). Every expert takes the same x, t and y and returns v in the
+        flow convention.
     expert_params: list of K param trees; None for a missing expert.
     router_apply(router_params, x, t, y) -> logits [b, K]. May be None (then only oracle/prior/single work).
     image_shape: (H, W, C). num_classes: 0 for unconditional models; otherwise labels are 0..num_classes-1 and
         num_classes is the null label used for unconditional / CFG evaluations.
+    condition_shape: () (default), or the shape of one image's condition embedding, (D,) pooled or (L, D)
+        tokens, for experts conditioned on embeddings (exclusive with num_classes): y is then float
+        [n, *condition_shape], and the null condition (y=None, the CFG branch) is a row of NaN
+        (`ddm.core.flow.null_like`). Such ensembles route with the router strategies: `prior` needs class
+        counts, and p(k | c) has none.
     available: which experts to use (default: those whose params are not None). Missing experts are masked
         out of routing (the posterior is renormalised over the rest) with a warning.
     min_bucket: the smallest dispatch bucket (bounds the bucket sizes compiled for tiny selections); batches
@@ -327,6 +340,7 @@ class Ensemble:
         *,
         image_shape: tuple[int, int, int],
         num_classes: int = 0,
+        condition_shape: Sequence[int] = (),
         available: Sequence[bool] | None = None,
         min_bucket: int = 8,
         dispatch: str = "auto",
@@ -361,6 +375,14 @@ class Ensemble:
             raise DDMError(f"image_shape must be (H, W, C), got {image_shape}")
         if num_classes < 0:
             raise DDMError(f"num_classes must be >= 0, got {num_classes}")
+        condition_shape = tuple(condition_shape or ())
+        if len(condition_shape) > 2 or any(not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 1
+                                           for d in condition_shape):
+            raise DDMError(f"condition_shape must be () (none), (D,) or (L, D) of positive sizes, got "
+                           f"{condition_shape}")
+        if condition_shape and num_classes:
+            raise DDMError(f"an ensemble is conditioned on class labels (num_classes={num_classes}) or on condition "
+                           f"embeddings (condition_shape={condition_shape}), not both")
         if min_bucket < 1:
             raise DDMError(f"min_bucket must be >= 1, got {min_bucket}")
         if dispatch not in dispatch_lib.DISPATCHES:
@@ -384,6 +406,7 @@ class Ensemble:
         self.router_params = router_params
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = int(num_classes)
+        self.condition_shape = tuple(int(d) for d in condition_shape)
         self.num_experts = num
         self.available = available
         self.min_bucket = int(min_bucket)
@@ -420,7 +443,8 @@ class Ensemble:
         current = {"expert_apply": self.expert_apply, "expert_params": self.expert_params,
                    "router_apply": self.router_apply, "router_params": self.router_params,
                    "image_shape": self.image_shape, "num_classes": self.num_classes,
-                   "available": self.available, "min_bucket": self.min_bucket, "dispatch": self.dispatch,
+                   "condition_shape": self.condition_shape, "available": self.available,
+                   "min_bucket": self.min_bucket, "dispatch": self.dispatch,
                    "expert_sharding": self.expert_sharding, "codec": self.codec, "prior_counts": self.prior_counts,
                    "router_note": self.router_note}
         unknown = sorted(set(changes) - set(current))
@@ -482,6 +506,10 @@ class Ensemble:
         strategy = parse_strategy(strategy)
         if strategy.needs_router and self.router_apply is None:
             raise DDMError(self.router_note or f"routing strategy {strategy} needs a router, and this ensemble has none")
+        if strategy.kind == "prior" and self.condition_shape:
+            raise DDMError("routing strategy 'prior' draws from p(k | class) by the clusters' class counts, and "
+                           "condition embeddings have no counts: use a router strategy (top1, top2, full, "
+                           "threshold:TAU, sample)")
         if strategy.kind == "prior" and self.prior_counts is None:
             raise DDMError("routing strategy 'prior' needs the clusters' data counts: build the Ensemble with "
                            "prior_counts ([K, C] class counts or [K] cluster sizes; load_ensemble passes the run's)")
@@ -509,7 +537,10 @@ class Ensemble:
         return labels.astype(np.int32)
 
     def _check_condition(self, y: Any, cfg_scale: float | None, n: int) -> tuple[np.ndarray | None, bool]:
-        """Class labels [n] int32 (null label where the request is unconditional) and whether CFG is on."""
+        """Class labels [n] int32 (null label where the request is unconditional), or for an embedding ensemble
+        the conditions float32 [n, *condition_shape] (`_check_embeddings`), and whether CFG is on."""
+        if self.condition_shape:
+            return self._check_embeddings(y, cfg_scale, n)
         if self.num_classes == 0:
             if y is not None:
                 raise DDMError("this ensemble is unconditional; y (class labels) must be None")
@@ -529,6 +560,30 @@ class Ensemble:
             raise DDMError(f"class labels y must be in [0, {self.num_classes}] ({self.num_classes} = null)")
         return y.astype(np.int32), cfg_scale is not None
 
+    def _check_embeddings(self, y: Any, cfg_scale: float | None, n: int) -> tuple[np.ndarray, bool]:
+        """Condition embeddings float32 [n, *condition_shape] from y (float [n, *condition_shape], or one row
+        [*condition_shape] for all n), and whether CFG is on. y=None: every row the null condition, a row of
+        NaN (what `ddm.core.flow.null_like` makes on the device; built here with numpy, as nothing may move to the
+        device before the solve). A caller's NaN or Inf is refused: NaN means the null condition."""
+        shape = self.condition_shape
+        if y is None:
+            if cfg_scale is not None:
+                raise DDMError("classifier-free guidance needs conditions y (the embeddings to guide towards)")
+            return np.full((n, *shape), np.nan, np.float32), False
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.floating):
+            raise DDMError(f"conditions y must be float embeddings [{n}, {', '.join(map(str, shape))}], got {y.dtype}")
+        if y.shape == shape:  # one condition for every sample
+            y = np.broadcast_to(y, (n, *shape))
+        if y.shape != (n, *shape):
+            raise DDMError(f"conditions y must have shape [{n}, {', '.join(map(str, shape))}] (or "
+                           f"[{', '.join(map(str, shape))}] for all n), got {list(y.shape)}")
+        finite = np.isfinite(y).reshape(n, -1).all(axis=1)
+        if not finite.all():
+            raise DDMError(f"conditions y contain NaN or Inf (first at row {int(np.argmin(finite))}): NaN is the null "
+                           "condition, which y=None asks for")
+        return np.ascontiguousarray(y, np.float32), cfg_scale is not None
+
     # -----------------------------------------------------------------------------------------------------
     # One velocity evaluation.
     # -----------------------------------------------------------------------------------------------------
@@ -547,7 +602,8 @@ class Ensemble:
         """The routed velocity at x_t [B, H, W, C], t scalar or [B]: (v [B, H, W, C] f32, weights [B, K] f32).
 
         rng: key for the `sample` strategy (sample i draws with fold_in(rng, i)). labels [B]: oracle clusters.
-        y [B] (or scalar): class labels of a conditional ensemble (None: the null label). cfg_scale: guidance.
+        y [B] (or scalar): class labels of a conditional ensemble (None: the null label); for an embedding
+        ensemble float [B, *condition_shape] (or one row; None: the null condition). cfg_scale: guidance.
         """
         strategy = self._check_strategy(strategy)
         if strategy.kind == "prior":
@@ -603,7 +659,9 @@ class Ensemble:
         """Draws n samples by integrating the routed flow from t=1 to t=0 (see the module docstring).
 
         labels [n]: oracle clusters (`prior` draws its own: `prior_experts`). y [n] or scalar: class labels
-        (conditional ensembles; `prior` draws each sample's expert from p(k | y), CFG within it). batch_size: samples
+        (conditional ensembles; `prior` draws each sample's expert from p(k | y), CFG within it); for an
+        embedding ensemble (`condition_shape`) float [n, *condition_shape] or one row for all (None: the null
+        condition; cast to float32, NaN / Inf refused). batch_size: samples
         integrated together (default: all n); it changes memory and speed, not the noise or routing draws.
         Each batch is one program launch, and nothing moves between host and device from the first launch until
         the results come back (one explicit `jax.device_get`).
@@ -675,7 +733,7 @@ class Ensemble:
         per step. Every chunk has the same shape whatever the batch, so a row's floats depend on its own noise,
         class and expert only: bitwise the same alone, in another batch size or merged with other requests
         (a matmul's rounding can change with the number of rows it is given). noise [n, H, W, C] f32, y [n]
-        int32 | None, scale f32 scalar or [n]. Returns what `_solve` returns."""
+        int32 | [n, *condition_shape] f32 | None, scale f32 scalar or [n]. Returns what `_solve` returns."""
         n, chunk = len(labels), self.min_bucket
         evaluations = len(flow.evaluation_stages(solver, steps))
         launches = []  # (rows of the request [<= chunk], x0 [chunk, ...] on the device)
@@ -733,7 +791,8 @@ class Ensemble:
         determinism; docs/serving.md has what the tests' run measures).
 
         labels, y: per group, what `sample` takes for that request (oracle clusters [n]; class labels [n],
-        scalar or None); None: None for every group. strategy, steps and solver are shared by all groups;
+        scalar or None; condition embeddings [n, *condition_shape], one row or None); None: None for every group.
+        strategy, steps and solver are shared by all groups;
         cfg_scale too when it is a number (or None), else it is one number per group, applied to that group's
         rows (a per-row scale [rows] f32 on the device; a shared one stays a scalar). pad_to: solve at least this many rows, the last row repeated and its copies dropped (a server
         pads merged batches to a few sizes so that few programs compile). Returns one `SampleResult` per group, with its own rows of images, x, weights, expert_ids and

@@ -105,7 +105,8 @@ def load_ensemble(run: Run | str | Path, overrides: list[str] | tuple[str, ...] 
         router_apply, router_state = load_router(run)
     apply = next(iter(shared.values())) if len(shared) == 1 else applies  # one architecture: one function
     return Ensemble(apply, states, router_apply, router_state, image_shape=run.image_shape, codec=run.codec,
-                    num_classes=run.config.expert.model.num_classes, prior_counts=prior_counts(run),
+                    num_classes=run.config.expert.model.num_classes,
+                    condition_shape=run.config.expert.model.condition_shape or (), prior_counts=prior_counts(run),
                     router_note=stale)
 
 
@@ -119,4 +120,4 @@ def load_single(run: Run | str | Path, section: str = "monolith") -> Ensemble | 
     model_cfg, make = single_factory(run, entry)
     apply, state = model_apply(load_pinned(run.weights_path(entry), entry.get("sha256"), make, section))
     return Ensemble(apply, [state], None, None, image_shape=run.image_shape, num_classes=model_cfg.num_classes,
-                    codec=run.codec)
+                    condition_shape=model_cfg.condition_shape or (), codec=run.codec)

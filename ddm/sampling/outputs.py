@@ -52,14 +52,16 @@ def viewable(result: SampleResult, decoder: Callable | None = None) -> tuple[np.
 
 def save_outputs(result: SampleResult, request: Request, out_png: Path, *, manifest_sha: str,
                  ncols: int | None = None, decoder: Callable | None = None,
-                 stage: Callable[[Path], Path] = _in_place) -> Path:
+                 stage: Callable[[Path], Path] = _in_place, conditions: np.ndarray | None = None) -> Path:
     """Writes the grid PNG and, beside it, an .npz of images + routing decisions + request. Returns the npz.
 
     npz keys: images uint8 [n, H, W, C], weights float32 [steps, n, K], expert_ids int32 [steps, n] (one-hot
     strategies only), experts int32 [n] (each image's one expert, for the strategies that fix it before the
     solve: prior, oracle, single), request (JSON text), manifest_sha256 (text); for latent runs also latents float32
     [n, h, w, c] (de-normalised: the values the shards store), and `images` are what the grid shows (decoded
-    by `decoder`, or the channel visualisation, named in the PNG's Title).
+    by `decoder`, or the channel visualisation, named in the PNG's Title); for runs conditioned on embeddings
+    conditions float32 [n, *condition_shape], the `conditions` given (what the request's conditions_sha256
+    names: `ddm sample --conditions` and `ddm verify --conditions` read them back from this file).
     stage: where each file's bytes go first (`ddm.core.files.Staged.stage`: a temporary name renamed once every
     output is written); default: straight to the file.
     """
@@ -74,6 +76,8 @@ def save_outputs(result: SampleResult, request: Request, out_png: Path, *, manif
         arrays["expert_ids"] = result.expert_ids
     if result.experts is not None:
         arrays["experts"] = result.experts
+    if conditions is not None:
+        arrays["conditions"] = np.ascontiguousarray(conditions, np.float32)
     with open(stage(npz), "wb") as f:  # a file object: numpy would append .npz to a temporary name
         np.savez_compressed(f, **arrays)
     return npz

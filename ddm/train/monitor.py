@@ -45,20 +45,24 @@ class HeldOut:
 
     images: np.ndarray  # uint8 [N, H, W, C]
     clusters: np.ndarray  # int32 [N]: each image's cluster (the router's target)
-    classes: np.ndarray  # int32 [N]: each image's class label (-1 for unlabelled data)
+    # int32 [N]: each image's class label (-1 for unlabelled data); or float [N, *condition_shape]: its condition
+    # embedding, on a run conditioned on those
+    classes: np.ndarray
 
     def rows(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Exactly n rows, cycling through the set: (uint8 [n, H, W, C], int32 [n], int32 [n])."""
+        """Exactly n rows, cycling through the set: (uint8 [n, H, W, C], int32 [n], int32 [n] or float32
+        [n, *condition_shape])."""
         index = np.arange(n) % len(self.images)
-        return (self.images[index], np.asarray(self.clusters, np.int32)[index],
-                np.asarray(self.classes, np.int32)[index])
+        classes = np.asarray(self.classes)
+        classes = classes.astype(np.float32 if np.issubdtype(classes.dtype, np.floating) else np.int32)
+        return self.images[index], np.asarray(self.clusters, np.int32)[index], classes[index]
 
 
 def holdout_metrics(graphdef, loss, seed: int, params, rest, images, clusters, classes, *,
                     codec: Codec = Codec()) -> dict:
     """The task's loss and aux metrics on held-out rows (stored images or latents [B, H, W, C], seen through
-    `codec`; clusters and classes int32 [B]) at the fixed key fold_in(key(seed), HOLDOUT_KEY): the same t,
-    noise and label dropout at every step."""
+    `codec`; clusters int32 [B], classes as `HeldOut.rows` gives them) at the fixed key
+    fold_in(key(seed), HOLDOUT_KEY): the same t, noise and label dropout at every step."""
     rng = jax.random.fold_in(jax.random.key(seed), HOLDOUT_KEY)
     value, aux = loss(nnx.merge(graphdef, params, rest), codec.encode(images), clusters, classes, rng)
     return {"loss": value, **aux}

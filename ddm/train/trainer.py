@@ -57,9 +57,10 @@ from ddm.train.preemption import Preempted, StopRequest
 
 logger = logging.getLogger(__name__)
 
-# loss(model, images [B,H,W,C] float32 in [-1,1], clusters [B] int32, classes [B] int32, rng)
+# loss(model, images [B,H,W,C] float32 in [-1,1], clusters [B] int32, classes, rng)
 #   -> (scalar loss, dict of scalars). clusters: the row's cluster id (the router's target); classes: its class
-#   label (-1 for unlabelled data).
+#   label, int32 [B] (-1 for unlabelled data), or on a run with condition embeddings its embedding, float16 /
+#   float32 [B, *condition_shape]. The trainer treats every batch element alike: split along the batch axis.
 LossFn = Callable[[nnx.Module, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -74,7 +75,8 @@ class BatchReader(Protocol):
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This process's rows of step's global batch: (images [B/P, H, W, C] uint8, clusters [B/P] int32,
-        classes [B/P] int32). A pure function of (seed, step): that is what makes resume exact."""
+        classes [B/P] int32 or condition embeddings [B/P, *condition_shape] float). A pure function of (seed,
+        step): that is what makes resume exact."""
 
     def position(self, step: int) -> Any:
         """Where the stream is at `step` (an object with `epoch` and `offset`), stored in checkpoints."""
@@ -138,10 +140,11 @@ def init_state(make_model, tx: optax.GradientTransformation, seed: int) -> dict:
 def loss_and_grads(graphdef, loss: LossFn, params, rest, x, clusters, classes, rng, accum: int = 1):
     """(loss, aux), grads of `loss` on one batch, averaged over `accum` micro-batches.
 
-    x: [B, ...] float32, clusters, classes: [B] int32. With accum = N, micro-batch i is rows i, i + N, i + 2N,
-    ... (a strided view keeps each device's rows on that device: the batch axis stays sharded as it came),
-    its noise drawn from fold_in(rng, i), and the N gradients, losses and aux values are averaged: for a loss
-    that is a mean over rows this is the gradient of the whole batch, holding one micro-batch's activations.
+    x: [B, ...] float32, clusters: [B] int32, classes: [B, ...] (see `LossFn`). With accum = N, micro-batch i
+    is rows i, i + N, i + 2N, ... (a strided view keeps each device's rows on that device: the batch axis stays
+    sharded as it came), its noise drawn from fold_in(rng, i), and the N gradients, losses and aux values are
+    averaged: for a loss that is a mean over rows this is the gradient of the whole batch, holding one
+    micro-batch's activations.
     accum = 1 is the plain step, bit for bit.
     """
 
@@ -184,8 +187,8 @@ def ema_decay_at(decay: float, step: jax.Array, warmup: bool) -> jax.Array | flo
 def train_step(graphdef, loss: LossFn, tx, ema_decay: float, state: dict, images, clusters, classes, *,
                accum: int = 1, codec: Codec = Codec(), ema_warmup: bool = True):
     """One optimisation step. images: [B, H, W, C] stored rows (uint8 images or float latents, which `codec`
-    maps to model space), clusters, classes: [B] int32 (see `LossFn`); accum: micro-batches the batch is split
-    into (`loss_and_grads`); ema_warmup: the EMA decay follows `ema_decay_at`. Returns (state, metrics).
+    maps to model space), clusters [B] int32, classes [B, ...] (see `LossFn`); accum: micro-batches the batch is
+    split into (`loss_and_grads`); ema_warmup: the EMA decay follows `ema_decay_at`. Returns (state, metrics).
 
     A non-finite loss or gradient leaves params/optimizer untouched and records the step in `state["bad"]`,
     so the host can stop with the last good state still intact.

@@ -12,6 +12,10 @@ request, the claimed output itself, and digests of it:
 - `environment`: the claimant's software and hardware (`ddm.verify.environment`);
 - `experts` (strategies that fix each image's expert before the solve: prior, oracle, single): the expert each
   image was drawn to or given, n integers, which a verifier compares with its own draws;
+- `request.conditions_sha256` (runs conditioned on embeddings): the digest of the condition embeddings the
+  images were drawn for (`ddm.sampling.request.conditions_sha256`). The embeddings are not in the record: a
+  verifier regenerates with the file they came in (`ddm verify --conditions FILE`), refused unless its digest
+  is this one;
 - `signature` (optional): Ed25519 over everything else (`ddm.verify.signing`).
 
 Why the values and not a sketch: at our image sizes they cost 256 (8x8) to 3,136 (28x28) bytes per image, and
@@ -169,9 +173,10 @@ def record_rules(limits: VerifyLimits = DEFAULT_LIMITS) -> tuple[Callable[[dict]
         try:
             request = Request.from_json(record["request"])
             # every field spelled out: a signed claim must not lean on defaults that a later version may change
-            # (but `clusters`, which only oracle requests have: its absence is None, not a default)
+            # (but `clusters`, which only oracle requests have, and `conditions_sha256`, which only requests
+            # conditioned on embeddings have: their absence is None, not a default)
             missing = [f.name for f in dataclasses.fields(Request)
-                       if f.name not in record["request"] and f.name != "clusters"]
+                       if f.name not in record["request"] and f.name not in ("clusters", "conditions_sha256")]
             if missing:
                 return f"request has no {missing[0]!r} field"
             limits.check_request(request, "request")

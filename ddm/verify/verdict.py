@@ -24,6 +24,11 @@ mode without them is refused (DDMError, exit 2): there are no built-in threshold
 A record that names each image's expert (`experts`: prior, oracle, single) must name the regeneration's: a
 prior record whose draws were edited is not honest even when its images are.
 
+A record of a run conditioned on embeddings names them by digest (`request.conditions_sha256`); the verifier
+regenerates with the embeddings it is given (`ddm verify --conditions FILE`) and refuses, before regenerating,
+when none are given or their digest is not the record's (DDMError, exit 2). Images drawn for other conditions
+than the ones the record names regenerate differently: not honest.
+
 (1) and (2) need no model: a record that fails them is judged without regenerating anything. dHash is part of
 the verdict only through (2); the distances each mode does not use are printed for information, labelled so.
 """
@@ -42,7 +47,7 @@ from ddm.core.errors import DDMError
 from ddm.data.membership import find as find_membership
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
-from ddm.sampling.request import Request, generate
+from ddm.sampling.request import Request, condition_rows, conditions_sha256, generate
 from ddm.verify.environment import environment
 from ddm.verify.limits import DEFAULT_LIMITS, MODES, VerifyLimits
 from ddm.verify.phash import hamming, hex_to_hash, perceptual_hashes
@@ -133,6 +138,8 @@ def describe_claim(record: dict, signer: str | None) -> str:
     """Who claimed what, in one line."""
     r = record["request"]
     extra = "".join(f" {k}={r[k]}" for k in ("labels", "cfg_scale") if r.get(k) is not None)
+    if isinstance(r.get("conditions_sha256"), str):
+        extra += f" conditions={r['conditions_sha256'][:16]}"
     return (f"{signer or 'an unsigned claimant'} claims {r['n']} images {record['shape'][1:]} of run "
             f"{record['manifest_sha256'][:16]}: seed={r['seed']} strategy={r['strategy']} steps={r['steps']} "
             f"solver={r['solver']}{extra}")
@@ -258,6 +265,26 @@ def check_record_fits_run(record: dict, run: Run) -> None:
                        f"{run_dir}'s {run.codec.kind}")
 
 
+def check_record_conditions(request: Request, conditions, condition_shape: tuple[int, ...]) -> np.ndarray | None:
+    """The condition embeddings to regenerate a record's `request` with: float32 [n, *condition_shape] whose digest
+    is the record's `conditions_sha256`; None for a record that names none. DDMError (one line) when a record
+    that names conditions gets none or others, or one that names none gets some."""
+    if request.conditions_sha256 is None:
+        if conditions is not None:
+            raise DDMError("the record names no condition embeddings: drop --conditions")
+        return None
+    if conditions is None:
+        raise DDMError(f"the record was made for condition embeddings (sha256 {request.conditions_sha256[:16]}...): "
+                       "give the file it was sampled with, --conditions FILE")
+    if not condition_shape:
+        raise DDMError("the record names condition embeddings, but the run is not conditioned on embeddings")
+    rows = condition_rows(conditions, request.n, condition_shape, "the conditions file")
+    if conditions_sha256(rows) != request.conditions_sha256:
+        raise DDMError(f"the conditions file does not match the record (its sha256 is {conditions_sha256(rows)[:16]}"
+                       f"..., the record names {request.conditions_sha256[:16]}...)")
+    return rows
+
+
 def run_thresholds(run: Run, verifier_env: dict | None = None, **flags) -> OwnThresholds:
     """The thresholds this verifier (environment `verifier_env`, default this process's) calibrated itself for
     `run` (`own_thresholds`), with any of phash / max_abs / rms given in `flags` (not None) replacing the
@@ -316,32 +343,38 @@ class Verifier:
             self._earlier[membership] = load_ensemble(self.run, membership=membership)
         return self._earlier[membership]
 
-    def regenerate(self, request: Request, membership: str | None = None) -> np.ndarray:
+    def regenerate(self, request: Request, membership: str | None = None, conditions=None) -> np.ndarray:
         """The run's output for `request`: float32 [n, H, W, C] final ODE state (cached per request), with the
-        current membership or the earlier one `membership` names."""
-        return self._regeneration(request, membership)[0]
+        current membership or the earlier one `membership` names; conditions: the request's condition
+        embeddings (`ddm.sampling.request.generate` checks them against its digest)."""
+        return self._regeneration(request, membership, conditions)[0]
 
-    def regenerated_experts(self, request: Request, membership: str | None = None) -> np.ndarray | None:
+    def regenerated_experts(self, request: Request, membership: str | None = None,
+                            conditions=None) -> np.ndarray | None:
         """Each image's expert in the regeneration of `request` (`SampleResult.experts`), or None."""
-        return self._regeneration(request, membership)[1]
+        return self._regeneration(request, membership, conditions)[1]
 
-    def _regeneration(self, request: Request, membership: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _regeneration(self, request: Request, membership: str | None = None,
+                      conditions=None) -> tuple[np.ndarray, np.ndarray | None]:
         membership = None if membership == self.run.sha256 else membership
+        # the request names its conditions by digest, and `generate` refuses others: the key pins them too
         key = (membership or "").encode("ascii") + canonical_bytes(request.to_json())
         if key not in self._regenerated:
-            result = generate(self.ensemble_of(membership), request)
+            result = generate(self.ensemble_of(membership), request, conditions=conditions)
             self._regenerated[key] = (result.x, result.experts)
             while len(self._regenerated) > self._cache_size:
                 self._regenerated.popitem(last=False)
         self._regenerated.move_to_end(key)
         return self._regenerated[key]
 
-    def verify(self, record_path: str | Path, *, mode: str | None = None) -> Verdict:
+    def verify(self, record_path: str | Path, *, mode: str | None = None, conditions=None) -> Verdict:
         """Reads, checks and (when signature and consistency pass) regenerates one record, in `mode` (default:
         the verifier's). DDMError if the record is malformed or beyond the limits, or the run does not match it
         (manifest SHA-256, image shape, a checkpoint that fails its SHA-256 pin). A record naming an earlier
         membership of the run (in its history) is regenerated with that membership's experts and router, while
-        their weights exist (else a one-line DDMError naming the one that is gone)."""
+        their weights exist (else a one-line DDMError naming the one that is gone). conditions: the condition
+        embeddings float [n, *condition_shape] a record of a run conditioned on embeddings was made for
+        (`check_record_conditions`)."""
         mode = self.mode if mode is None else mode
         check_mode(mode, self.own)
         record, request = read_record(record_path, self.limits)
@@ -349,25 +382,31 @@ class Verifier:
         membership = record["manifest_sha256"]
         # a record of an earlier membership of the run is judged against that membership (its history entry)
         earlier = membership != self.run.sha256 and find_membership(self.run.manifest, membership) is not None
-        check_record_fits_run(record, self.run.at(membership) if earlier else self.run)
+        run = self.run.at(membership) if earlier else self.run
+        check_record_fits_run(record, run)
+        conditions = check_record_conditions(request, conditions, run.condition_shape)
         # a bad signature or a contradictory record is judged without regenerating anything
-        regenerated = None if record_problems(record, signature) else self.regenerate(request, membership)
+        regenerated = (None if record_problems(record, signature)
+                       else self.regenerate(request, membership, conditions))
         extra = () if regenerated is None else tuple(
-            expert_problems(record, self.regenerated_experts(request, membership), request.strategy))
+            expert_problems(record, self.regenerated_experts(request, membership, conditions), request.strategy))
         return compare(record, regenerated, mode=mode, own=self.own, signature=signature, extra_problems=extra)
 
 
 def verify_record(run_dir: str, record_path: str | Path, *, mode: str = "auto", public_key=None,
-                  flags: dict | None = None, limits: VerifyLimits = DEFAULT_LIMITS, overrides=()) -> Verdict:
+                  flags: dict | None = None, limits: VerifyLimits = DEFAULT_LIMITS, overrides=(),
+                  conditions=None) -> Verdict:
     """`ddm verify`: one record against `run_dir` (see `Verifier`), with the thresholds this verifier
-    calibrated itself, `flags` (phash / max_abs / rms, None: unchanged) replacing calibrated values."""
+    calibrated itself, `flags` (phash / max_abs / rms, None: unchanged) replacing calibrated values.
+    conditions: the condition embeddings the record names (`ddm verify --conditions FILE`), or None."""
     if mode not in MODES:
         raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     record_path = Path(record_path)
     read_record(record_path, limits)  # the cheap checks before the run is opened
     run = Run.open(run_dir, overrides)
     own = run_thresholds(run, **(flags or {}))
-    return Verifier(run, mode=mode, public_key=public_key, own=own, limits=limits).verify(record_path)
+    return Verifier(run, mode=mode, public_key=public_key, own=own, limits=limits).verify(record_path,
+                                                                                         conditions=conditions)
 
 
 def _fmt(x: float) -> str:

@@ -1,0 +1,255 @@
+"""Conditioning on per-image embeddings, the sampling side: `Ensemble` with `condition_shape` (pooled (D,) and tokens
+(L, D)), the NaN null condition, batching, refusals; requests and records that name their conditions by digest,
+`ddm sample --conditions / --prompt` and `ddm verify --conditions` end to end on a tiny captioned-digits run."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import REPO, perturb
+
+from ddm.app import cli
+from ddm.core.config import RouterConfig
+from ddm.core.dit import DiT
+from ddm.core.errors import DDMError
+from ddm.core.functional import model_apply
+from ddm.data import captions
+from ddm.router.model import router_from_config
+from ddm.sampling.ensemble import Ensemble
+from ddm.sampling.request import Request, conditions_sha256, generate
+from ddm.verify.records import read_record, validate_record
+
+SHAPE = (8, 8, 1)
+KINDS = {"pooled": (16,), "tokens": (3, 16)}
+N = 6
+
+
+def _ensemble(condition_shape, experts: int = 2) -> Ensemble:
+    """Randomly initialised tiny DiT experts and an MLP router, all taking `condition_shape` embeddings, their
+    zero-initialised layers randomised (`perturb`) so that the conditions reach the outputs."""
+    apply, states = None, []
+    for k in range(experts):
+        model = DiT(image_shape=SHAPE, patch_size=2, depth=1, width=32, heads=2, condition_shape=condition_shape,
+                    rngs=nnx.Rngs(k))
+        perturb(model, seed=k)
+        apply_k, state = model_apply(model)
+        apply = apply or apply_k
+        states.append(state)
+    router = router_from_config(RouterConfig(arch="mlp", preset="micro"), SHAPE, experts,
+                                condition_shape=condition_shape, rngs=nnx.Rngs(9))
+    perturb(router, seed=9)
+    router_apply, router_state = model_apply(router)
+    return Ensemble(apply, states, router_apply, router_state, image_shape=SHAPE, condition_shape=condition_shape,
+                    min_bucket=4, prior_counts=[3, 5])
+
+
+def _conditions(shape, n: int = N, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).view(np.uint32)
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def kind(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def ensembles():
+    return {name: _ensemble(shape) for name, shape in KINDS.items()}
+
+
+def test_conditions_change_samples_and_none_is_the_null_condition(ensembles, kind):
+    ens = ensembles[kind]
+    y = _conditions(KINDS[kind])
+    conditioned = ens.sample(N, "single:0", steps=2, seed=3, y=y)
+    null = ens.sample(N, "single:0", steps=2, seed=3)
+    other = ens.sample(N, "single:0", steps=2, seed=3, y=_conditions(KINDS[kind], seed=2))
+    assert np.abs(conditioned.x - null.x).max() > 1e-3 and np.abs(conditioned.x - other.x).max() > 1e-3
+    # the unconditional half of guidance is y=None's null: at scale 0 guidance is the unconditional flow
+    np.testing.assert_allclose(ens.sample(N, "single:0", steps=2, seed=3, y=y, cfg_scale=0.0).x, null.x, atol=1e-5)
+    # one row for all, and float16 rows, are the rows as float32
+    np.testing.assert_array_equal(_bits(ens.sample(N, "single:0", steps=2, seed=3, y=y[0]).x),
+                                  _bits(ens.sample(N, "single:0", steps=2, seed=3, y=np.repeat(y[:1], N, 0)).x))
+    half = y.astype(np.float16)
+    np.testing.assert_array_equal(_bits(ens.sample(N, "single:0", steps=2, seed=3, y=half).x),
+                                  _bits(ens.sample(N, "single:0", steps=2, seed=3, y=half.astype(np.float32)).x))
+    # the ensemble's null condition (NaN rows) is the model's own y=None
+    x = jax.random.normal(jax.random.key(0), (N, *SHAPE))
+    t = np.full((N,), 0.5, np.float32)
+    v, _ = ens.velocity(x, t, "single:0")
+    np.testing.assert_allclose(v, jax.jit(ens.expert_apply)(ens.expert_params[0], x, t, None), atol=1e-5)
+
+
+def test_batching_and_merging_change_no_bit_of_a_fixed_strategy(ensembles):
+    ens, y = ensembles["pooled"], _conditions(KINDS["pooled"])
+    one = ens.sample(N, "single:1", steps=2, seed=5, y=y, cfg_scale=2.0)
+    batched = ens.sample(N, "single:1", steps=2, seed=5, y=y, cfg_scale=2.0, batch_size=4)
+    merged = ens.sample_rows([(7, 3), (5, N)], "single:1", steps=2, y=[y[0], y], cfg_scale=2.0)[1]
+    assert np.array_equal(_bits(batched.x), _bits(one.x)) and np.array_equal(_bits(merged.x), _bits(one.x))
+
+
+def test_routed_strategies_take_conditions(ensembles, kind):
+    """Routed rows carry their conditions through the router, every dispatch's gathers and the batching: the
+    same routing and values within rounding (as for class labels, tests/test_determinism.py)."""
+    ens, y = ensembles[kind], _conditions(KINDS[kind])
+    one = ens.sample(N, "top1", steps=2, seed=4, y=y, cfg_scale=2.0)
+    batched = ens.sample(N, "top1", steps=2, seed=4, y=y, cfg_scale=2.0, batch_size=3)
+    np.testing.assert_array_equal(batched.expert_ids, one.expert_ids)
+    np.testing.assert_allclose(batched.x, one.x, atol=1e-5)
+    # merged requests pad with copies of the last row: [n, *shape] rows as [n] labels
+    merged = ens.sample_rows([(4, N), (8, 1)], "top1", steps=2, y=[y, y[0]], cfg_scale=2.0, pad_to=N + 2)[0]
+    np.testing.assert_array_equal(merged.expert_ids, one.expert_ids)
+    np.testing.assert_allclose(merged.x, one.x, atol=1e-5)
+    dispatch = {"pooled": "grouped", "tokens": "capacity"}[kind]  # the accelerators' gathers, one kind each
+    np.testing.assert_allclose(ens.replace(dispatch=dispatch).sample(N, "top1", steps=2, seed=4, y=y,
+                                                                     cfg_scale=2.0).x, one.x, atol=1e-5)
+    # the router sees the condition: other conditions, other weights
+    x = jax.random.normal(jax.random.key(1), (N, *SHAPE))
+    _, w = ens.velocity(x, 0.9, "full", y=y)
+    _, w_null = ens.velocity(x, 0.9, "full")
+    assert np.abs(np.asarray(w) - np.asarray(w_null)).max() > 1e-4
+
+
+def test_prior_and_bad_conditions_are_one_line_refusals(ensembles):
+    ens, y = ensembles["pooled"], _conditions(KINDS["pooled"])
+    cases = [
+        ({"strategy": "prior", "y": y}, "condition embeddings have no counts: use a router strategy"),
+        ({"y": y[:, :8]}, r"conditions y must have shape \[6, 16\]"),
+        ({"y": y[:4]}, r"conditions y must have shape \[6, 16\]"),
+        ({"y": np.where(np.arange(N)[:, None] == 2, np.nan, y)}, r"NaN or Inf \(first at row 2\)"),
+        ({"y": np.where(np.arange(N)[:, None] == 4, np.inf, y)}, r"NaN or Inf \(first at row 4\)"),
+        ({"y": np.ones((N, 16), np.int32)}, "must be float embeddings"),
+        ({"cfg_scale": 3.0}, "classifier-free guidance needs conditions y"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(DDMError, match=message) as err:
+            ens.sample(N, **{"strategy": "top1", **kwargs})
+        assert "\n" not in str(err.value)
+    with pytest.raises(DDMError, match="not both"):
+        ens.replace(num_classes=10)
+    with pytest.raises(DDMError, match="condition_shape must be"):
+        ens.replace(condition_shape=(0,))
+
+
+def test_requests_name_their_conditions_by_digest(ensembles):
+    ens, y = ensembles["pooled"], _conditions(KINDS["pooled"])
+    digest = conditions_sha256(y)
+    assert digest == conditions_sha256(y.astype(np.float64)) != conditions_sha256(y[:, ::-1].copy())
+    request = Request(seed=3, n=N, strategy="single:0", steps=2, solver="euler", cfg_scale=2.0,
+                      conditions_sha256=digest)
+    assert Request.from_json(json.loads(json.dumps(request.to_json()))) == request
+    assert "conditions_sha256" not in Request(n=2).to_json()  # requests without conditions read as they always did
+    result = generate(ens, request, conditions=y)
+    expected = ens.sample(N, "single:0", steps=2, seed=3, y=y, cfg_scale=2.0)
+    assert np.array_equal(_bits(result.x), _bits(expected.x))
+    for conditions, message in ((None, "give them"), (y[::-1].copy(), "do not match the request")):
+        with pytest.raises(DDMError, match=message):
+            generate(ens, request, conditions=conditions)
+    with pytest.raises(DDMError, match="names none"):
+        generate(ens, Request(n=N, strategy="single:0", steps=2), conditions=y)
+    with pytest.raises(DDMError, match="not conditioned on embeddings"):
+        generate(ens.replace(condition_shape=(), num_classes=0, router_apply=None), request, conditions=y)
+    for bad in ({"conditions_sha256": "ABC"}, {"conditions_sha256": digest, "labels": [1] * N}):
+        with pytest.raises(DDMError):
+            Request.from_json({**request.to_json(), **bad})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: a tiny captioned-digits run, `ddm sample` and `ddm verify`.
+# ---------------------------------------------------------------------------------------------------------
+
+TINY = ["data.k=1", "data.limit=120", "expert.train.steps=4", "expert.train.batch_size=16",
+        "expert.train.warmup_steps=1", "expert.train.checkpoint_every=4", "expert.train.log_every=4",
+        "sample.steps=2", "sample.n=4"]
+
+
+@pytest.fixture(scope="module")
+def captions_run(tmp_path_factory):
+    """The captions config with one expert trained 4 steps (no router: `single:0` samples)."""
+    from ddm.core.config import load_config
+    from ddm.data.prepare import prepare
+    from ddm.experts.train import train_expert
+
+    run_dir = tmp_path_factory.mktemp("captions") / "run"
+    prepare(load_config(REPO / "configs" / "digits-captions.yaml", TINY), run_dir)
+    train_expert(run_dir, 0, TINY)
+    return run_dir
+
+
+def _ddm(*args) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def _one_line_error(capsys, needle: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_sample_prompts_and_verify_with_the_conditions_file(captions_run, tmp_path, capsys, monkeypatch):
+    run, common = captions_run, ("--strategy", "single:0")
+    prompts = ["a thick 7 leaning right", "a thin 1 upright"]
+    assert _ddm("sample", "--run-dir", run, *common, "--prompt", prompts[0], "--prompt", prompts[1],
+                "--record", tmp_path / "rec.json", "--out", tmp_path / "a.png") == 0
+    with np.load(tmp_path / "a.npz") as a:
+        np.testing.assert_array_equal(a["conditions"], captions.encode(prompts))
+        request = json.loads(str(a["request"]))
+        images = a["images"]
+    assert request["n"] == 2 and request["cfg_scale"] == 3.0  # guided by sample.cfg_scale, as classes are
+    assert request["conditions_sha256"] == conditions_sha256(captions.encode(prompts))
+    record, _ = read_record(tmp_path / "rec.json")
+    assert record["request"]["conditions_sha256"] == request["conditions_sha256"]
+    # the npz's conditions reproduce the grid; one prompt is for all n
+    assert _ddm("sample", "--run-dir", run, *common, "--conditions", tmp_path / "a.npz",
+                "--out", tmp_path / "b.png") == 0
+    with np.load(tmp_path / "b.npz") as b:
+        np.testing.assert_array_equal(b["images"], images)
+    assert _ddm("sample", "--run-dir", run, *common, "--prompt", prompts[0], "--n", 3, "--out", tmp_path / "c.png") == 0
+    with np.load(tmp_path / "c.npz") as c:
+        np.testing.assert_array_equal(c["conditions"], captions.encode(prompts[:1] * 3))
+    capsys.readouterr()
+
+    assert _ddm("verify", tmp_path / "rec.json", "--run-dir", run, "--conditions", tmp_path / "a.npz") == 0
+    assert "overall: HONEST" in capsys.readouterr().out
+    assert _ddm("verify", tmp_path / "rec.json", "--run-dir", run) == 2
+    _one_line_error(capsys, "give the file it was sampled with, --conditions FILE")
+    np.save(tmp_path / "other.npy", captions.encode(["a thin 7 leaning right", prompts[1]]))
+    assert _ddm("verify", tmp_path / "rec.json", "--run-dir", run, "--conditions", tmp_path / "other.npy") == 2
+    _one_line_error(capsys, "the conditions file does not match the record")
+    # a claim that names other conditions than the images were drawn for: regenerated with those, not honest
+    forged = dict(record, request={**record["request"], "conditions_sha256": conditions_sha256(
+        np.load(tmp_path / "other.npy"))})
+    validate_record(forged)
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    assert _ddm("verify", tmp_path / "forged.json", "--run-dir", run, "--conditions", tmp_path / "other.npy") == 1
+    assert "NOT HONEST" in capsys.readouterr().out
+
+
+def test_sample_refusals_are_one_line(captions_run, tmp_path, capsys, monkeypatch):
+    run, out = captions_run, ("--out", tmp_path / "x.png")
+    np.save(tmp_path / "c4.npy", captions.encode(["a 1"] * 4))
+    np.save(tmp_path / "wide.npy", np.zeros((2, 8), np.float32))
+    (tmp_path / "badenc.py").write_text("import numpy as np\n\ndef encode(texts):\n"
+                                        "    return np.zeros((len(texts), 3), np.float32)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = [
+        (("--class", 3), "conditioned on condition embeddings of shape [64], not classes"),
+        (("--prompt", "a 7", "--strategy", "prior"), "condition embeddings have no counts"),
+        (("--conditions", tmp_path / "c4.npy", "--n", 3), "has 4 rows for --n 3 images"),
+        (("--conditions", tmp_path / "wide.npy"), "this run takes [n=2, 64]"),
+        (("--conditions", tmp_path / "c4.npy", "--prompt", "a 1"), "give --conditions or --prompt, not both"),
+        (("--prompt", "a 7", "--set", "sample.condition_encoder=no_such_module:encode"), "cannot be loaded"),
+        (("--prompt", "a 7", "--set", "sample.condition_encoder=badenc:encode"), "returned float32 [4, 3]"),
+        (("--prompt", "a", "--prompt", "b", "--n", 3), "2 prompts for --n 3 images"),
+        (("--strategy", "single:0", "--cfg-scale", 2), "needs conditions: give --conditions or --prompt"),
+    ]
+    for args, needle in cases:
+        assert _ddm("sample", "--run-dir", run, *args, *out) == 2, args
+        _one_line_error(capsys, needle)
+    assert not list(tmp_path.glob("x.*"))
