@@ -76,6 +76,7 @@ import numpy as np
 
 from ddm.core import flow
 from ddm.core.codec import Codec
+from ddm.core.dit import check_condition_shape
 from ddm.core.errors import DDMError
 from ddm.sampling import dispatch as dispatch_lib
 from ddm.sampling.routing import PRIOR_TAG, Strategy, parse_strategy, prior_choice, prior_probs, route_weights
@@ -375,11 +376,7 @@ class Ensemble:
             raise DDMError(f"image_shape must be (H, W, C), got {image_shape}")
         if num_classes < 0:
             raise DDMError(f"num_classes must be >= 0, got {num_classes}")
-        condition_shape = tuple(condition_shape or ())
-        if len(condition_shape) > 2 or any(not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 1
-                                           for d in condition_shape):
-            raise DDMError(f"condition_shape must be () (none), (D,) or (L, D) of positive sizes, got "
-                           f"{condition_shape}")
+        condition_shape = check_condition_shape(condition_shape)
         if condition_shape and num_classes:
             raise DDMError(f"an ensemble is conditioned on class labels (num_classes={num_classes}) or on condition "
                            f"embeddings (condition_shape={condition_shape}), not both")
