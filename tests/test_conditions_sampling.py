@@ -121,11 +121,11 @@ def test_prior_and_bad_conditions_are_one_line_refusals(ensembles):
     ens, y = ensembles["pooled"], _conditions(KINDS["pooled"])
     cases = [
         ({"strategy": "prior", "y": y}, "condition embeddings have no counts: use a router strategy"),
-        ({"y": y[:, :8]}, r"conditions y must have shape \[6, 16\]"),
-        ({"y": y[:4]}, r"conditions y must have shape \[6, 16\]"),
+        ({"y": y[:, :8]}, r"conditions y have shape \[6, 8\]; this run takes \[n=6, 16\]"),
+        ({"y": y[:4]}, r"conditions y have shape \[4, 16\]; this run takes \[n=6, 16\]"),
         ({"y": np.where(np.arange(N)[:, None] == 2, np.nan, y)}, r"NaN or Inf \(first at row 2\)"),
         ({"y": np.where(np.arange(N)[:, None] == 4, np.inf, y)}, r"NaN or Inf \(first at row 4\)"),
-        ({"y": np.ones((N, 16), np.int32)}, "must be float embeddings"),
+        ({"y": np.ones((N, 16), np.int32)}, "condition embeddings are floats"),
         ({"cfg_scale": 3.0}, "classifier-free guidance needs conditions y"),
     ]
     for kwargs, message in cases:
@@ -149,10 +149,11 @@ def test_requests_name_their_conditions_by_digest(ensembles):
     result = generate(ens, request, conditions=y)
     expected = ens.sample(N, "single:0", steps=2, seed=3, y=y, cfg_scale=2.0)
     assert np.array_equal(_bits(result.x), _bits(expected.x))
-    for conditions, message in ((None, "give them"), (y[::-1].copy(), "do not match the request")):
+    for conditions, message in ((None, "give the file it was sampled with"),
+                                (y[::-1].copy(), "do not match the request")):
         with pytest.raises(DDMError, match=message):
             generate(ens, request, conditions=conditions)
-    with pytest.raises(DDMError, match="names none"):
+    with pytest.raises(DDMError, match="names no condition embeddings"):
         generate(ens, Request(n=N, strategy="single:0", steps=2), conditions=y)
     with pytest.raises(DDMError, match="not conditioned on embeddings"):
         generate(ens.replace(condition_shape=(), num_classes=0, router_apply=None), request, conditions=y)
@@ -221,7 +222,7 @@ def test_sample_prompts_and_verify_with_the_conditions_file(captions_run, tmp_pa
     _one_line_error(capsys, "give the file it was sampled with, --conditions FILE")
     np.save(tmp_path / "other.npy", captions.encode(["a thin 7 leaning right", prompts[1]]))
     assert _ddm("verify", tmp_path / "rec.json", "--run-dir", run, "--conditions", tmp_path / "other.npy") == 2
-    _one_line_error(capsys, "the conditions file does not match the record")
+    _one_line_error(capsys, "the conditions of --conditions do not match the record")
     # a claim that names other conditions than the images were drawn for: regenerated with those, not honest
     forged = dict(record, request={**record["request"], "conditions_sha256": conditions_sha256(
         np.load(tmp_path / "other.npy"))})
@@ -244,7 +245,7 @@ def test_sample_refusals_are_one_line(captions_run, tmp_path, capsys, monkeypatc
         (("--conditions", tmp_path / "c4.npy", "--n", 3), "has 4 rows for --n 3 images"),
         (("--conditions", tmp_path / "wide.npy"), "this run takes [n=2, 64]"),
         (("--conditions", tmp_path / "c4.npy", "--prompt", "a 1"), "give --conditions or --prompt, not both"),
-        (("--prompt", "a 7", "--set", "sample.condition_encoder=no_such_module:encode"), "cannot be loaded"),
+        (("--prompt", "a 7", "--set", "sample.condition_encoder=no_such_module:encode"), "cannot import 'no_such_module'"),
         (("--prompt", "a 7", "--set", "sample.condition_encoder=badenc:encode"), "returned float32 [4, 3]"),
         (("--prompt", "a", "--prompt", "b", "--n", 3), "2 prompts for --n 3 images"),
         (("--strategy", "single:0", "--cfg-scale", 2), "needs conditions: give --conditions or --prompt"),
@@ -253,3 +254,126 @@ def test_sample_refusals_are_one_line(captions_run, tmp_path, capsys, monkeypatc
         assert _ddm("sample", "--run-dir", run, *args, *out) == 2, args
         _one_line_error(capsys, needle)
     assert not list(tmp_path.glob("x.*"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rest of the product on a run with embeddings: `ddm run`'s guided grids, the router from expert samples,
+# the trainer's and the assembler's checks, `ddm info`, the model card, the audit's replay config.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_run_guided_grids_show_captions_or_holdout_conditions(captions_run, tmp_path):
+    from ddm.app import pipeline
+    from ddm.data.run import Run
+    from ddm.sampling.load import load_ensemble
+
+    run = Run.open(captions_run)
+    conditions, what = pipeline.guided_conditions(run)
+    per = pipeline.GUIDED_PER_CLASS
+    np.testing.assert_array_equal(conditions, np.repeat(captions.encode(list(pipeline.GUIDED_CAPTIONS)), per, 0))
+    assert "a thin 0 leaning left" in what and len(set(pipeline.GUIDED_CAPTIONS)) == 10
+    # other embeddings: the first hold-out conditions, one row each
+    other = Run.open(captions_run, ["data.conditions=elsewhere.npy"])
+    conditions, what = pipeline.guided_conditions(other)
+    held = run.holdout_set()[2]
+    np.testing.assert_array_equal(conditions, np.repeat(held[:pipeline.GUIDED_MAX_CLASSES], per, 0))
+    assert f"the first {min(len(held), pipeline.GUIDED_MAX_CLASSES)} of the run's held-out" in what
+    # the grid is sampled with them, guided, and its npz holds them (so ddm sample / verify --conditions reuse it)
+    rows = conditions[:2 * per]
+    request = pipeline.guided_request(run.config, "single:0", None, rows)
+    assert request.cfg_scale == run.config.sample.cfg_scale and request.conditions_sha256 == conditions_sha256(rows)
+    images, png = pipeline._sample(run, load_ensemble(run, with_router=False), request, tmp_path / "g.png",
+                                   ncols=per, conditions=rows)
+    with np.load(tmp_path / "g.npz") as saved:
+        np.testing.assert_array_equal(saved["conditions"], rows)
+    assert images.shape[0] == 2 * per and png.exists()
+
+
+def test_router_from_experts_refuses_a_router_that_takes_the_condition(captions_run):
+    from ddm.data.run import Run
+    from ddm.data.shards import NO_LABEL
+    from ddm.sampling.router_set import draw_router_set
+
+    with pytest.raises(DDMError, match="router.source=experts cannot train a router that takes the condition") as e:
+        draw_router_set(Run.open(captions_run))
+    assert "\n" not in str(e.value)
+    # without the condition: each expert's null-condition samples, no conditions in the set
+    run = Run.open(captions_run, ["router.condition=false", "router.expert_samples=4", "router.expert_steps=2"])
+    data = draw_router_set(run)
+    assert len(data.images) == 4 and (data.classes == NO_LABEL).all()
+
+
+def test_trainer_and_assembler_check_the_conditions(captions_run, tmp_path):
+    import dataclasses
+    import shutil
+
+    from ddm.data.run import Run
+    from ddm.experts.assemble import plan_bundle
+    from ddm.experts.train import _reader
+
+    run = Run.open(captions_run)
+    job = run.config.expert
+    for shape, held in (((3,), "the model takes conditions of shape [3] but the shards have conditions of shape [64]"),
+                        ((), "the model takes no condition embeddings but the shards have conditions of shape [64]")):
+        other = dataclasses.replace(job, model=dataclasses.replace(job.model, condition_shape=shape))
+        with pytest.raises(DDMError, match=__import__("re").escape(held)):
+            _reader(run.shard_paths(), run.cluster_ids, other, run.shard_digests())
+    # an island.json that drops the plan's condition dtype is not the plan's
+    copy = tmp_path / "run"
+    shutil.copytree(captions_run, copy)
+    island = copy / "islands" / "0" / "island.json"
+    record = json.loads(island.read_text())
+    del record["dataset"]["condition_dtype"]
+    island.write_text(json.dumps(record))
+    with pytest.raises(DDMError, match="dataset.condition_dtype is None, the plan's is 'float32': island.json was edited"):
+        plan_bundle(Run.open(copy), 0)
+
+
+def test_info_and_model_card_name_the_conditioning(captions_run):
+    from ddm.app.info import describe
+    from ddm.core.config import ModelConfig
+    from ddm.data.run import Run
+    from ddm.sampling.export import _conditioning
+
+    run = Run.open(captions_run)
+    text = describe(run)
+    assert "conditions [64] float32 embeddings per image (data.conditions captions)" in text
+    assert "unconditional" not in text and "the router takes them too" in text
+    assert "router.condition false" in describe(Run.open(captions_run, ["router.condition=false"]))
+    assert _conditioning(run.config.expert.model) == "condition embeddings [64] per image (CFG)"
+    assert _conditioning(ModelConfig(num_classes=0, condition_shape=())) == "unconditional"
+    assert _conditioning(ModelConfig(num_classes=10, condition_shape=())) == "10 classes (CFG)"
+
+
+def test_audit_replays_with_the_bundles_condition_shape(captions_run):
+    from ddm.experts.records import read_expert_json
+    from ddm.verify.audit import _island_bundle
+
+    out, bundle_dir = captions_run / "experts" / "0", captions_run / "islands" / "0"
+    record = read_expert_json(out)
+    bundle, notes = _island_bundle(bundle_dir, record, out)
+    assert bundle.config.expert.model.condition_shape == (64,) and notes == []
+    unsaid = {key: v for key, v in record.items() if key != "config_digest"}
+    unsaid["model"] = {key: v for key, v in record["model"].items() if key != "condition_shape"}
+    assert _island_bundle(bundle_dir, unsaid, out)[0].config.expert.model.condition_shape == (64,)
+    claimed = dict(unsaid, model={**record["model"], "condition_shape": [3]})
+    with pytest.raises(DDMError, match=r"condition_shape=\[3\], but the data has condition embeddings of shape \[64\]"):
+        _island_bundle(bundle_dir, claimed, out)
+
+
+def test_eval_router_reports_the_router_given_the_condition(captions_run, tmp_path):
+    import shutil
+
+    from ddm.app.router import train_router_command
+    from ddm.router.evaluate import evaluate_router, format_router_report
+
+    run = tmp_path / "run"
+    shutil.copytree(captions_run, run)
+    steps = ["router.train.steps=2", "router.train.batch_size=8", "router.train.warmup_steps=1",
+             "router.train.checkpoint_every=2", "router.train.log_every=2"]
+    train_router_command(run, steps)
+    report = evaluate_router(run, steps, repeats=1)
+    given = report["given_condition"]
+    assert 0 <= given["accuracy"] <= 1 and given["cross_entropy"] >= 0
+    assert "given the condition c: accuracy" in format_router_report(report)
+    assert json.loads((run / "eval" / "router.json").read_text())["given_condition"] == given

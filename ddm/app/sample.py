@@ -8,7 +8,6 @@ user's encoder (`--prompt TEXT` with `sample.condition_encoder: module:function`
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import time
 import zipfile
@@ -18,6 +17,7 @@ import numpy as np
 
 from ddm.core.errors import DDMError
 from ddm.core.files import Staged, check_output_dir, check_output_file
+from ddm.core.plugins import import_function
 from ddm.data.components import SINGLE_NAMES, component
 from ddm.data.run import Run
 from ddm.data.sources import DEFAULT_CONDITIONS_KEY, check_conditions
@@ -74,13 +74,7 @@ def encode_prompts(spec: str | None, prompts: list[str], n: int, condition_shape
                        "--set sample.condition_encoder=my_encoder:encode), or give --conditions FILE")
     if len(prompts) not in (1, n):
         raise DDMError(f"{len(prompts)} prompts for {n} images: give one prompt for all, or one per image")
-    module, _, name = spec.partition(":")
-    try:
-        encoder = getattr(importlib.import_module(module), name) if name else None
-    except (ImportError, AttributeError) as err:
-        raise DDMError(f"sample.condition_encoder={spec!r} cannot be loaded: {err}") from None
-    if not callable(encoder):
-        raise DDMError(f"sample.condition_encoder={spec!r} must name a function as module:function")
+    encoder = import_function(spec, "sample.condition_encoder")
     texts = list(prompts) * n if len(prompts) == 1 else list(prompts)
     out = encoder(texts)
     try:

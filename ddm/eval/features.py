@@ -8,12 +8,12 @@ a standard feature space (Inception, DINOv2, CLIP, computed by their own code) p
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 
 import numpy as np
 
 from ddm.core.errors import DDMError
+from ddm.core.plugins import import_function
 
 
 @dataclasses.dataclass
@@ -45,18 +45,4 @@ class UserFeatures:
 
 def load_features(spec: str) -> UserFeatures:
     """`"module:function"` (module importable from sys.path) -> UserFeatures; DDMError naming what is wrong."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise DDMError(f"--features must look like module:function, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise DDMError(f"--features {spec}: cannot import {module_name!r} ({err})") from None
-    fn = module
-    for part in attr.split("."):
-        fn = getattr(fn, part, None)
-        if fn is None:
-            raise DDMError(f"--features {spec}: {module_name!r} has no {attr!r}")
-    if not callable(fn):
-        raise DDMError(f"--features {spec}: {attr!r} is not callable")
-    return UserFeatures(spec, fn)
+    return UserFeatures(spec, import_function(spec, "--features"))

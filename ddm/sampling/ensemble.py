@@ -79,6 +79,7 @@ from ddm.core.codec import Codec
 from ddm.core.dit import check_condition_shape
 from ddm.core.errors import DDMError
 from ddm.sampling import dispatch as dispatch_lib
+from ddm.sampling.request import condition_rows
 from ddm.sampling.routing import PRIOR_TAG, Strategy, parse_strategy, prior_choice, prior_probs, route_weights
 
 ExpertApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -567,19 +568,7 @@ class Ensemble:
             if cfg_scale is not None:
                 raise DDMError("classifier-free guidance needs conditions y (the embeddings to guide towards)")
             return np.full((n, *shape), np.nan, np.float32), False
-        y = np.asarray(y)
-        if not np.issubdtype(y.dtype, np.floating):
-            raise DDMError(f"conditions y must be float embeddings [{n}, {', '.join(map(str, shape))}], got {y.dtype}")
-        if y.shape == shape:  # one condition for every sample
-            y = np.broadcast_to(y, (n, *shape))
-        if y.shape != (n, *shape):
-            raise DDMError(f"conditions y must have shape [{n}, {', '.join(map(str, shape))}] (or "
-                           f"[{', '.join(map(str, shape))}] for all n), got {list(y.shape)}")
-        finite = np.isfinite(y).reshape(n, -1).all(axis=1)
-        if not finite.all():
-            raise DDMError(f"conditions y contain NaN or Inf (first at row {int(np.argmin(finite))}): NaN is the null "
-                           "condition, which y=None asks for")
-        return np.ascontiguousarray(y, np.float32), cfg_scale is not None
+        return condition_rows(y, n, shape, "conditions y"), cfg_scale is not None
 
     # -----------------------------------------------------------------------------------------------------
     # One velocity evaluation.

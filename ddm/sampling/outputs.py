@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 from ddm.core.codec import LATENT_PREVIEW_TITLE
 from ddm.core.errors import DDMError
 from ddm.core.images import grid_image, save_png
+from ddm.core.plugins import import_function
 from ddm.sampling.ensemble import SampleResult
 from ddm.sampling.request import Request
 
@@ -24,16 +24,7 @@ def _in_place(path: Path) -> Path:
 def load_decoder(spec: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
     """`sample.decoder` ("module:function", e.g. a user's VAE decoder) -> the function, or None when unset.
     The function maps de-normalised latents float32 [n, h, w, c] to uint8 images [n, H, W, 1 or 3]."""
-    if not spec:
-        return None
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name) if name else None
-    except (ImportError, AttributeError) as err:
-        raise DDMError(f"sample.decoder={spec!r} cannot be loaded: {err}") from None
-    if not callable(fn):
-        raise DDMError(f"sample.decoder={spec!r} must name a function as module:function")
-    return fn
+    return import_function(spec, "sample.decoder") if spec else None
 
 
 def viewable(result: SampleResult, decoder: Callable | None = None) -> tuple[np.ndarray, str]:

@@ -132,22 +132,27 @@ def condition_rows(conditions, n: int, condition_shape: tuple[int, ...], what: s
     return np.ascontiguousarray(rows, np.float32)
 
 
-def check_conditions(request: Request, conditions, condition_shape: tuple[int, ...]) -> np.ndarray | None:
-    """The request's condition embeddings float32 [n, *condition_shape] (`condition_rows`), checked against its
-    `conditions_sha256`; None for a request that names none (every image the null condition). DDMError when
-    they are missing, given to a request that names none, or of another digest."""
+def check_conditions(request: Request, conditions, condition_shape: tuple[int, ...], *, claim: str = "request",
+                     source: str = "the conditions", give: str = "the file it was sampled with") -> np.ndarray | None:
+    """The condition embeddings to (re)generate `request` with: float32 [n, *condition_shape] (`condition_rows`)
+    whose digest is its `conditions_sha256`; None for a request that names none (every image the null
+    condition). DDMError (one line; `claim` names what carries the request, `source` where the conditions come
+    from, `give` how to supply them) when they are missing, given to a request that names none, given to a run
+    not conditioned on embeddings, or of another digest."""
     if request.conditions_sha256 is None:
         if conditions is not None:
-            raise DDMError("conditions given, but the request names none (its conditions_sha256 is unset)")
+            raise DDMError(f"{source} were given, but the {claim} names no condition embeddings")
         return None
     if conditions is None:
-        raise DDMError(f"the request was made for condition embeddings {request.conditions_sha256[:16]}...: give "
-                       "them (the file it was sampled with)")
-    rows = condition_rows(conditions, request.n, condition_shape)
+        raise DDMError(f"the {claim} was made for condition embeddings (sha256 {request.conditions_sha256[:16]}...): "
+                       f"give {give}")
+    if not condition_shape:
+        raise DDMError(f"the {claim} names condition embeddings, but the run is not conditioned on embeddings")
+    rows = condition_rows(conditions, request.n, condition_shape, source)
     actual = conditions_sha256(rows)
     if actual != request.conditions_sha256:
-        raise DDMError(f"the conditions do not match the request: their sha256 is {actual[:16]}..., the request "
-                       f"names {request.conditions_sha256[:16]}...")
+        raise DDMError(f"{source} do not match the {claim} (their sha256 is {actual[:16]}..., the {claim} names "
+                       f"{request.conditions_sha256[:16]}...)")
     return rows
 
 

@@ -47,7 +47,7 @@ from ddm.core.errors import DDMError
 from ddm.data.membership import find as find_membership
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
-from ddm.sampling.request import Request, condition_rows, conditions_sha256, generate
+from ddm.sampling.request import Request, check_conditions, generate
 from ddm.verify.environment import environment
 from ddm.verify.limits import DEFAULT_LIMITS, MODES, VerifyLimits
 from ddm.verify.phash import hamming, hex_to_hash, perceptual_hashes
@@ -265,26 +265,6 @@ def check_record_fits_run(record: dict, run: Run) -> None:
                        f"{run_dir}'s {run.codec.kind}")
 
 
-def check_record_conditions(request: Request, conditions, condition_shape: tuple[int, ...]) -> np.ndarray | None:
-    """The condition embeddings to regenerate a record's `request` with: float32 [n, *condition_shape] whose digest
-    is the record's `conditions_sha256`; None for a record that names none. DDMError (one line) when a record
-    that names conditions gets none or others, or one that names none gets some."""
-    if request.conditions_sha256 is None:
-        if conditions is not None:
-            raise DDMError("the record names no condition embeddings: drop --conditions")
-        return None
-    if conditions is None:
-        raise DDMError(f"the record was made for condition embeddings (sha256 {request.conditions_sha256[:16]}...): "
-                       "give the file it was sampled with, --conditions FILE")
-    if not condition_shape:
-        raise DDMError("the record names condition embeddings, but the run is not conditioned on embeddings")
-    rows = condition_rows(conditions, request.n, condition_shape, "the conditions file")
-    if conditions_sha256(rows) != request.conditions_sha256:
-        raise DDMError(f"the conditions file does not match the record (its sha256 is {conditions_sha256(rows)[:16]}"
-                       f"..., the record names {request.conditions_sha256[:16]}...)")
-    return rows
-
-
 def run_thresholds(run: Run, verifier_env: dict | None = None, **flags) -> OwnThresholds:
     """The thresholds this verifier (environment `verifier_env`, default this process's) calibrated itself for
     `run` (`own_thresholds`), with any of phash / max_abs / rms given in `flags` (not None) replacing the
@@ -374,7 +354,7 @@ class Verifier:
         membership of the run (in its history) is regenerated with that membership's experts and router, while
         their weights exist (else a one-line DDMError naming the one that is gone). conditions: the condition
         embeddings float [n, *condition_shape] a record of a run conditioned on embeddings was made for
-        (`check_record_conditions`)."""
+        (`ddm.sampling.request.check_conditions`)."""
         mode = self.mode if mode is None else mode
         check_mode(mode, self.own)
         record, request = read_record(record_path, self.limits)
@@ -384,7 +364,9 @@ class Verifier:
         earlier = membership != self.run.sha256 and find_membership(self.run.manifest, membership) is not None
         run = self.run.at(membership) if earlier else self.run
         check_record_fits_run(record, run)
-        conditions = check_record_conditions(request, conditions, run.condition_shape)
+        conditions = check_conditions(request, conditions, run.condition_shape, claim="record",
+                                      source="the conditions of --conditions",
+                                      give="the file it was sampled with, --conditions FILE")
         # a bad signature or a contradictory record is judged without regenerating anything
         regenerated = (None if record_problems(record, signature)
                        else self.regenerate(request, membership, conditions))
