@@ -165,8 +165,9 @@ def plan_bundle(run: Run, k: int) -> Bundle:
     if bundle.shard_sha256 != run.cluster(k).get("sha256"):
         raise DDMError(f"{where} names shard digest {bundle.shard_sha256[:16]}, the plan's is "
                        f"{str(run.cluster(k).get('sha256'))[:16]}")
+    # whatever either has that the island needs: an island.json that drops the plan's codec or conditions is refused
     keys = {"fingerprint", "image_shape", "num_classes", "class_names", *bundle.record["dataset"],
-            *({"dtype", "codec"} & set(run.dataset))}  # whatever either has that the island needs
+            *({"dtype", "codec", "condition_shape", "condition_dtype"} & set(run.dataset))}
     found = _first_difference(_planned(bundle.record, keys), _planned(run.manifest, keys), "island")
     if found is not None:
         path, got, wanted = found

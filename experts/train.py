@@ -32,7 +32,7 @@ from ddm.data.components import MONOLITH
 from ddm.data.islands import Bundle
 from ddm.data.mirror import Mirror
 from ddm.data.run import Run
-from ddm.data.shards import ShardReader, check_labelled, check_shard_holds
+from ddm.data.shards import ShardReader, check_conditioned, check_labelled, check_shard_holds
 from ddm.experts.assemble import assemble_experts, island_key, plan_bundle
 from ddm.experts.lease import LEASE, Lease
 from ddm.experts.records import EXPERT_JSON, expert_record, sign_expert_record, write_expert_json
@@ -79,6 +79,7 @@ def _reader(paths: list[str], cluster_ids: list[int], job: ExpertConfig, digests
                          process_index=jax.process_index(), process_count=jax.process_count(), digests=digests,
                          shuffle_buffer=train.shuffle_buffer, prefetch=train.prefetch)
     check_labelled(reader, job.model.num_classes)
+    check_conditioned(reader, job.model.condition_shape)
     return reader
 
 

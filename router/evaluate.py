@@ -7,7 +7,9 @@ confusion matrix, and the mean predicted distribution at t = 1 (pure noise) agai
 A router of labelled data is evaluated under the null label (p(k | x_t, t), what unguided sampling uses) and
 given each image's class (p(k | x_t, t, y), what guided sampling uses): accuracy and cross-entropy given y on
 the same noisy inputs, and at pure noise the mean prediction per class against that class's cluster shares
-p(k | y), beside the best a class-blind prediction can do there (the cluster proportions).
+p(k | y), beside the best a class-blind prediction can do there (the cluster proportions). A router that takes
+condition embeddings (`router.condition: true` on a run with `data.conditions`) is likewise evaluated under the
+null condition and given each held-out image's embedding (`given_condition`: accuracy and cross-entropy).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 from ddm.core.errors import DDMError
 from ddm.core.flow import interpolate
 from ddm.data.run import Run
-from ddm.data.shards import read_labels, read_shard
+from ddm.data.shards import read_conditions, read_labels, read_shard
+from ddm.router.model import router_condition_shape
 from ddm.router.trained import load_router
 from ddm.train.plots import pyplot, save_figure
 
@@ -135,6 +138,13 @@ def evaluate_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     if run.num_classes:
         classes = np.tile(read_labels(run.holdout_path()), repeats * T_BINS)
         report["given_class"] = _given_class(model, run, x0, t, y, classes, seed)
+    if router_condition_shape(run.config.router, run.condition_shape):
+        conditions = read_conditions(run.holdout_path()).astype(np.float32)
+        given = router_probabilities(model, x0, t, seed, y=np.tile(conditions, (repeats * T_BINS,)
+                                                                  + (1,) * (conditions.ndim - 1)))
+        report["given_condition"] = {
+            "accuracy": float((given.argmax(-1) == y).mean()),
+            "cross_entropy": float(-np.log(np.clip(given[np.arange(len(y)), y], 1e-12, None)).mean())}
     out_dir = run.eval_dir
     out_dir.mkdir(exist_ok=True)
     (out_dir / "router.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -159,6 +169,10 @@ def format_router_report(report: dict) -> str:
         lines.append(f"given the class y: accuracy {given['accuracy']:.3f}, cross-entropy {given['cross_entropy']:.3f}; "
                      f"at t=1 p(k | y) vs the class's cluster shares: TV {at['total_variation']:.3f} (null label "
                      f"{at['null_label_total_variation']:.3f}, best class-blind {at['cluster_shares_total_variation']:.3f})")
+    if "given_condition" in report:
+        given = report["given_condition"]
+        lines.append(f"given the condition c: accuracy {given['accuracy']:.3f}, cross-entropy "
+                     f"{given['cross_entropy']:.3f} (above: under the null condition)")
     return "\n".join(lines)
 
 

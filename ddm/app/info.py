@@ -54,6 +54,20 @@ def _normalisation(run: Run) -> list[str]:
     return [f"latents    model value = (x - mean) / std per channel, mean/std {per}"]
 
 
+def _conditioning(run: Run) -> str:
+    """What the models are conditioned on: class labels, per-image condition embeddings, or nothing."""
+    if run.num_classes:
+        return f"classes    {run.num_classes} ({_names(run.class_names)}): experts and router are class-conditional"
+    if run.condition_shape:
+        # a trained router's own setting (its manifest entry), else the one it would train with
+        trained = (run.component("router") or {}).get("router") or {}
+        takes = trained.get("condition", run.config.router.condition)
+        router = "takes them too" if takes else "ignores them (router.condition false)"
+        return (f"conditions {list(run.condition_shape)} {run.dataset.get('condition_dtype', '?')} embeddings per image"
+                f" (data.conditions {run.config.data.conditions}): experts are conditioned on them, the router {router}")
+    return "classes    none (unconditional)"
+
+
 def describe(run: Run) -> str:
     """Dataset, clustering, per-cluster sizes and what is trained so far."""
     manifest = run.manifest
@@ -67,8 +81,7 @@ def describe(run: Run) -> str:
         *_normalisation(run),
         f"clusters   K={cl['k']} by {cl['method']} partition of {cl.get('embedding', '?')} features"
         + (f", k-means inertia {cl['inertia']:.4g} after {cl.get('n_iter', '?')} iterations" if "inertia" in cl else ""),
-        "classes    " + (f"{run.num_classes} ({_names(run.class_names)}): experts and router are class-conditional"
-                          if run.num_classes else "none (unconditional)"),
+        _conditioning(run),
         f"holdout    {run.holdout.get('count', 0)} {rows}",
         "",
     ]

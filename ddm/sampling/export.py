@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 import ddm
-from ddm.core.config import to_yaml
+from ddm.core.config import ModelConfig, to_yaml
 from ddm.core.errors import DDMError
 from ddm.core.weights import save_safetensors
 from ddm.data.components import COMPONENTS
@@ -150,6 +150,15 @@ def _eval_section(evals: dict) -> list[str]:
     return lines or ["No evaluation was run before the export (`ddm evaluate`, `ddm eval-router`).", ""]
 
 
+def _conditioning(model: ModelConfig) -> str:
+    """What the model card says the experts are conditioned on (`model`: the run's resolved `expert.model`)."""
+    if model.num_classes:
+        return f"{model.num_classes} classes (CFG)"
+    if model.condition_shape:
+        return f"condition embeddings {list(model.condition_shape)} per image (CFG)"
+    return "unconditional"
+
+
 def _experts_line(run: Run, experts: dict, one: dict) -> str:
     """The model card's line on the experts' architecture: the plan's, or each island's own when they differ."""
     models = {k: entry_model(run, run.expert(k), f"expert {k}") for k, e in experts.items() if e}
@@ -207,7 +216,7 @@ def model_card(run: Run, info: dict, evals: dict) -> str:
         "## Models and training budget",
         "",
         _experts_line(run, experts, one)
-        + ("unconditional" if not cfg.expert.model.num_classes else f"{cfg.expert.model.num_classes} classes (CFG)")
+        + _conditioning(cfg.expert.model)
         + f"; {_train_line(run.expert(next(k for k, e in experts.items() if e)).get('train'))}",
         f"- all experts together: {expert_steps:,} optimisation steps, {_duration(expert_seconds)} of wall-clock "
         "training (summed over islands)",

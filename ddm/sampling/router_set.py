@@ -6,7 +6,10 @@ would have seen in the shards: `router.expert_samples` x K images in all, split 
 proportion to the manifest's counts (`ddm.sampling.load.prior_counts`: class counts per cluster for labelled
 runs, cluster sizes otherwise; `ddm.router.synthetic.allocate`), so the cluster prior p(k) and p(k | y) the
 router must learn at t = 1 are the data's. Labelled runs draw each row for its class, unguided (the expert's
-own p(x | y, k), no classifier-free guidance), and the router sees that class as its input.
+own p(x | y, k), no classifier-free guidance), and the router sees that class as its input. Runs conditioned on
+embeddings draw at the null condition (each expert's p(x | k)) for a router without the condition
+(`router.condition: false`); a router that takes the condition is refused, as there are no per-image conditions
+to draw with.
 
 Determinism: cluster k's rows are one request with seed `request_seed(router.train.seed, k)`; row i is that
 request's noise row i. The fixed strategies solve in chunks of one shape (`Ensemble._solve_groups`), so the
@@ -24,6 +27,7 @@ import numpy as np
 from ddm.core.errors import DDMError
 from ddm.data.run import Run
 from ddm.data.shards import NO_LABEL
+from ddm.router.model import router_condition_shape
 from ddm.router.synthetic import TrainingSet, allocate
 from ddm.sampling.ensemble import Ensemble
 from ddm.sampling.load import load_ensemble, prior_counts
@@ -56,6 +60,10 @@ def draw_router_set(run: Run, ensemble: Ensemble | None = None) -> TrainingSet:
     cfg, limits = run.config.router, run.config.sample
     if not run.clusters:
         raise DDMError(f"manifest in {run.root} lists no clusters to route between")
+    if router_condition_shape(cfg, run.condition_shape):
+        raise DDMError("router.source=experts cannot train a router that takes the condition embeddings: expert "
+                       "samples have no per-image conditions (use router.source=data, or router.condition=false "
+                       "for p(k | x_t, t) from the experts' null-condition samples)")
     missing = run.unfinished_experts()
     if missing:
         raise DDMError(f"experts {missing} of {run.root} are not trained: a router from expert samples needs every "

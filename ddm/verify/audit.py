@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from ddm.core import documents
-from ddm.core.config import config_from_data, to_dict, with_num_classes
+from ddm.core.config import config_from_data, to_dict, with_condition_shape, with_num_classes
 from ddm.core.errors import DDMError
 from ddm.core.hashing import pytree_sha256
 from ddm.core.schema import Anything, Hex, Int, Obj, check
@@ -172,8 +172,10 @@ def _island_bundle(bundle_dir: str | Path, record: dict, out: Path) -> tuple[Bun
     if not all(isinstance(v, dict) for v in claimed.values()):
         raise DDMError(f"{out}/{EXPERT_JSON} does not say which model and train config it trained with")
     data = {**bundle.record["config"], "expert": claimed}
+    # resolved against the bundle's data as Bundle.open resolves the plan: a claim of other classes or another
+    # condition shape than the shard holds is refused here, in one line
     num_classes = int(bundle.record["dataset"].get("num_classes") or 0)
-    config = with_num_classes(config_from_data(data, ()), num_classes)
+    config = with_num_classes(with_condition_shape(config_from_data(data, ()), bundle.condition_shape), num_classes)
     if "config_digest" in record and documents.digest(to_dict(config.expert)) != record["config_digest"]:
         raise DDMError(f"{out}/{EXPERT_JSON}: its model and train sections are not the config its config_digest "
                        "names")
