@@ -77,21 +77,24 @@ def test_checkpoint_steps_carry_digests_and_a_corrupted_step_falls_back_or_is_an
 
 
 def test_case1_a_corrupted_intermediate_checkpoint_is_not_trained_on(trained_run_copy, capsys, caplog):
-    """The issue's case 1: flip a bit in the largest file of experts/0/checkpoints/40, resume to step 80. Before:
-    exit 0, silently trained on. Now: step 40 is set aside with a warning, training resumes from step 20."""
+    """The issue's case 1: flip a bit in the largest file of experts/0/checkpoints/40 and run train-expert again.
+    Before: exit 0, the corrupted state silently used. Now: step 40 is set aside with a warning, training resumes
+    from step 20 and (the run's own 40 steps: the session's compiled step) ends bitwise where the intact run did."""
     checkpoints = trained_run_copy / "experts" / "0" / "checkpoints"
     assert (checkpoints / "20").is_dir() and (checkpoints / "40").is_dir()
+    intact_sha = read_manifest(trained_run_copy)["experts"]["0"]["sha256"]
     _flip_middle_bit(_largest_file(checkpoints / "40"))
     with caplog.at_level(logging.INFO, logger="ddm"):
-        code = cli.main(["train-expert", "--run-dir", str(trained_run_copy), "--cluster", "0", "--no-progress",
-                         "--set", "expert.train.steps=80"])
+        code = cli.main(["train-expert", "--run-dir", str(trained_run_copy), "--cluster", "0", "--no-progress"])
     assert code == 0
     messages = [r.getMessage() for r in caplog.records]
     assert any("checkpoint step 40 failed verification" in m and "resuming from step 20" in m for m in messages)
     assert any("resumed from step 20" in m for m in messages)
     assert (trained_run_copy / "experts" / "0" / REJECTED_DIR / "40").is_dir()
-    assert read_manifest(trained_run_copy)["experts"]["0"]["step"] == 80
-    assert step_problem(checkpoints / "80", 80) is None
+    assert read_manifest(trained_run_copy)["experts"]["0"]["step"] == 40
+    # Retrained from step 20, not restored from the corrupted 40: the EMA is the intact run's, bit for bit.
+    assert read_manifest(trained_run_copy)["experts"]["0"]["sha256"] == intact_sha
+    assert step_problem(checkpoints / "40", 40) is None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import prepared_template
+from helpers import CHILD_XLA_FLAGS, prepared_template
 
 from ddm.app import cli
 from ddm.data import manifest as mf
@@ -33,7 +33,7 @@ def run(tmp_path_factory, monkeypatch) -> Path:
     shutil.copytree(prepared_template(tmp_path_factory), dst)
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "DDM_NUM_CPU_DEVICES"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # read by children only
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 {CHILD_XLA_FLAGS}")  # children only
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))
     return dst
 

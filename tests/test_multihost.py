@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import fresh_run
+from helpers import CHILD_XLA_FLAGS, fresh_run
 
 from ddm.data import manifest as mf
 from ddm.train.trainer import read_metrics
@@ -37,7 +37,7 @@ def start(tmp_path_factory, run: Path, processes: int, devices_per_process: int,
           coordinator: bool = True) -> list[subprocess.Popen]:
     """Starts `ddm train-expert` as `processes` cooperating processes (a distributed job when `coordinator`)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "DDM_", "XLA_"))}
-    base.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", DDM_NUM_CPU_DEVICES=str(devices_per_process),
+    base.update(JAX_PLATFORMS="cpu", XLA_FLAGS=CHILD_XLA_FLAGS, DDM_NUM_CPU_DEVICES=str(devices_per_process),
                 TF_CPP_MIN_LOG_LEVEL="2",
                 JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax-cache"))
     if coordinator:

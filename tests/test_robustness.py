@@ -192,8 +192,8 @@ def test_topk_beyond_the_available_experts_warns(trained_run_copy, capsys):
 
 
 def test_warn_topk_counts_the_available_experts_not_k(caplog):
-    class Stub:  # what generate needs of an ensemble: its classes, which experts are present, a sampler
-        num_classes, available = 0, [True, False, True, True]
+    class Stub:  # what generate needs of an ensemble: its conditioning, which experts are present, a sampler
+        num_classes, condition_shape, available = 0, (), [True, False, True, True]
 
         def sample(self, *args, **kwargs):
             return "sampled"
