@@ -336,17 +336,25 @@ def read_shard(path: str) -> np.ndarray:
     return open_shard(path).read().result()
 
 
+def _open_optional(path: str, name: str) -> ts.TensorStore | None:
+    """A shard's optional per-row array `name` (labels, conditions) opened for reading, or None when the shard
+    has none; DDMError (one line) when it exists but cannot be opened."""
+    try:
+        return ts.open(_spec(path, name), open=True, read=True).result()
+    except ValueError as err:
+        if "NOT_FOUND" in str(err):
+            return None
+        raise DDMError(f"cannot open the {name} of shard {path}: {str(err).splitlines()[0]}") from None
+
+
 def read_labels(path: str) -> np.ndarray | None:
     """The shard's class labels, int32 [N] (same rows as its images), or None for an unlabelled shard.
 
     DDMError if the labels are not int32 [N] or not one per image.
     """
-    try:
-        store = ts.open(_spec(path, LABELS), open=True, read=True).result()
-    except ValueError as err:
-        if "NOT_FOUND" in str(err):
-            return None
-        raise DDMError(f"cannot open the labels of shard {path}: {str(err).splitlines()[0]}") from None
+    store = _open_optional(path, LABELS)
+    if store is None:
+        return None
     count = open_shard(path).shape[0]
     if store.dtype != ts.int32 or store.shape != (count,):
         raise DDMError(f"shard {path} has labels {store.dtype.name} {list(store.shape)} for {count} images; "
@@ -357,12 +365,9 @@ def read_labels(path: str) -> np.ndarray | None:
 def open_conditions(path: str) -> ts.TensorStore | None:
     """Opens a shard's condition embeddings for reading; None for a shard without them. DDMError unless they are
     float16 / float32 [N, D] or [N, L, D] with one row per image."""
-    try:
-        store = ts.open(_spec(path, CONDITIONS), open=True, read=True).result()
-    except ValueError as err:
-        if "NOT_FOUND" in str(err):
-            return None
-        raise DDMError(f"cannot open the conditions of shard {path}: {str(err).splitlines()[0]}") from None
+    store = _open_optional(path, CONDITIONS)
+    if store is None:
+        return None
     count = open_shard(path).shape[0]
     if store.dtype.name not in CONDITION_DTYPES or store.rank not in (2, 3) or store.shape[0] != count:
         raise DDMError(f"shard {path} has conditions {store.dtype.name} {list(store.shape)} for {count} images; "
