@@ -6,9 +6,13 @@ XLA reads the flag once, when jax initialises its backend, so it is set here bef
 import os
 
 # Tests run tiny programs a few steps each, so compiling dominates: LLVM's backend optimisations cost more time
-# than they save (a latent run end to end 75 s -> 56 s, the guidance test 104 s -> 89 s). The XLA graph
-# optimisations that decide numerics are the same at every backend level.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# than they save (a latent run end to end 75 s -> 56 s, the guidance test 104 s -> 89 s), and XLA:CPU's
+# older fusion emitters compile faster than its MLIR ones (seven strategies sampled, a digits expert and router
+# trained 10 steps each: 41 -> 28 CPU seconds). Either choice can change the last bits of a result (the backend
+# level those of a sample, the emitters those of a training step), so `ddm` child processes of a test compile
+# with the same two flags (helpers.CHILD_XLA_FLAGS): a child's results compare bit for bit with the test's own.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                      "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import atexit  # noqa: E402
