@@ -30,6 +30,20 @@ def router_factory(run: Run) -> Callable[[nnx.Rngs], nnx.Module]:
                              condition_shape=run.condition_shape)
 
 
+# The settings that decide the router's network: a checkpoint restores only into the network it was trained as.
+NETWORK_FIELDS = ("arch", "preset", "patch_size", "condition")
+
+
+def check_router_network(entry: dict, router_cfg: RouterConfig) -> None:
+    """DDMError naming the first network setting in which `router_cfg` differs from the one the trained router
+    recorded (manifest entry's "router"; entries without one are not checked)."""
+    trained = entry.get("router") or {}
+    for field in NETWORK_FIELDS:
+        if field in trained and trained[field] != getattr(router_cfg, field):
+            raise DDMError(f"the router was trained with router.{field}={trained[field]} but this command has "
+                           f"router.{field}={getattr(router_cfg, field)}: drop that --set, or retrain the router")
+
+
 def load_router(run: Run) -> tuple[Callable, object]:
     """(apply(state, x, t, y) -> logits [B, K], state) of the run's finished router, checked against its pin.
 
@@ -48,6 +62,7 @@ def load_router(run: Run) -> tuple[Callable, object]:
     if entry.get("num_classes", 0) != run.num_classes:
         raise DDMError(f"router was trained for {entry.get('num_classes', 0)} classes but the data has "
                        f"{run.num_classes}")
+    check_router_network(entry, run.config.router)
     model = load_pinned(run.weights_path(entry), entry.get("sha256"), router_factory(run), "router")
     takes = run.num_classes > 0 or bool(router_condition_shape(run.config.router, run.condition_shape))
     return model_apply(model, labels=takes)
