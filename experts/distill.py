@@ -32,7 +32,7 @@ from ddm.core.config import to_dict
 from ddm.core.flow import conditions_of, drop_conditions, noisy_batch
 from ddm.data.components import STUDENT
 from ddm.data.run import Run
-from ddm.data.shards import ShardReader, check_labelled
+from ddm.data.shards import ShardReader, check_conditioned, check_labelled
 from ddm.experts.train import draw_grid, make_dit
 from ddm.train.monitor import HeldOut
 from ddm.train.trainer import Task, Trainer, TrainResult
@@ -76,6 +76,7 @@ def train_student(run_dir: str | Path, teacher: Teacher, teacher_kind: str,
                          process_count=jax.process_count(), digests=run.shard_digests(),
                          shuffle_buffer=train.shuffle_buffer, prefetch=train.prefetch)
     check_labelled(reader, model_cfg.num_classes)
+    check_conditioned(reader, model_cfg.condition_shape)
     held = run.holdout_set()
     task = Task(
         name=STUDENT.name,

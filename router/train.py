@@ -33,7 +33,7 @@ from ddm.core.config import to_dict
 from ddm.core.errors import DDMError
 from ddm.core.flow import conditions_of, drop_conditions, noisy_batch
 from ddm.data.run import Run
-from ddm.data.shards import ShardReader, check_labelled
+from ddm.data.shards import ShardReader, check_conditioned, check_labelled
 from ddm.router.model import router_condition_shape
 from ddm.router.synthetic import ArrayReader, TrainingSet
 from ddm.router.trained import router_factory
@@ -113,6 +113,7 @@ def train_router(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              digests=run.shard_digests(), shuffle_buffer=train.shuffle_buffer,
                              prefetch=train.prefetch)
+        check_conditioned(reader, run.condition_shape)
         source = {"source": "data"}
     else:
         if not run.clusters:

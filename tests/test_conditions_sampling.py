@@ -329,6 +329,29 @@ def test_trainer_and_assembler_check_the_conditions(captions_run, tmp_path):
         plan_bundle(Run.open(copy), 0)
 
 
+
+def test_router_and_student_trainers_check_the_conditions(captions_run, tmp_path, capsys):
+    """A manifest whose condition shape no longer matches its shards' is refused by the router's and the
+    student's trainers in one line, before any step."""
+    import shutil
+
+    from ddm.experts.distill import train_student
+
+    copy = tmp_path / "run"
+    shutil.copytree(captions_run, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["dataset"]["condition_shape"] = [3]
+    for section in ("expert", "distill", "monolith"):  # as prepared from data of that shape
+        if manifest["config"][section].get("model"):
+            manifest["config"][section]["model"]["condition_shape"] = [3]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    held = "the model takes conditions of shape [3] but the shards have conditions of shape [64]"
+    assert cli.main(["train-router", "--run-dir", str(copy), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"ddm: error: {held}"]
+    # the student's check comes before its teacher (this run's experts are not all trained) is ever called
+    with pytest.raises(DDMError, match=__import__("re").escape(held)):
+        train_student(copy, teacher=None, teacher_kind="cluster", overrides=["distill.train.steps=1"])
+
 def test_info_and_model_card_name_the_conditioning(captions_run):
     from ddm.app.info import describe
     from ddm.core.config import ModelConfig
