@@ -24,7 +24,8 @@ OUT/<dataset>/<match>-k<K>-s<S>/<p>-s<s>/:
       steps: every expert takes batch B and S steps; the monolith takes batch B and
           (K * S * B * 3 * F_dit + R * B_r * 3 * F_router) / (B * 3 * F_dit) steps.
   F_* are forward FLOPs per image (`dit_flops_per_image`, `router_flops_per_image`); 3 = forward + backward.
-  Experts, monolith and student share the learning rate of the config and the EMA decay `--ema`.
+  Experts, monolith and student share the learning rate of the config and the EMA decay `--ema`; `--set
+  monolith.train.lr=X` gives the monolith its own (each side at its own best lr).
 - `--distill-steps N`: a student (the experts' architecture, batch B, N steps, `--teacher`) distilled from the
   finished ensemble; its FLOPs = N * B * (3 * F_student + F_teacher), F_teacher = F_dit for the cluster teacher
   (one expert per sample), K * F_dit + F_router for the full one; plotted at ensemble + distillation FLOPs.
@@ -56,7 +57,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-from ddm.core.config import load_config
+from ddm.core.config import load_config, monolith_job
 from ddm.core.dit import dit_flops_per_image
 from ddm.data import manifest as mf
 from ddm.data.shards import read_shard
@@ -125,6 +126,12 @@ def resolved_overrides(args, seed: int, steps: int, k: int, partition: str = "km
     cfg = load_config(CONFIGS[args.dataset], [o for o in raw if not o.startswith("distill.model")])
     return [o.format(expert_preset=cfg.expert.model.preset, expert_patch=cfg.expert.model.patch_size)
             if o.startswith("distill.model") else o for o in raw]
+
+
+def lr_text(cfg) -> str:
+    """The learning rate(s) for a table's header: one when both sides share it."""
+    expert, monolith = cfg.expert.train.lr, monolith_job(cfg).train.lr
+    return f"{expert:g}" if expert == monolith else f"experts {expert:g}, monolith {monolith:g}"
 
 
 def flops(cfg, image_shape: tuple[int, int, int], k: int, match: str, monolith_batch: int,
@@ -201,7 +208,11 @@ def build_run(args, partition: str, seed: int, steps: int, k: int) -> Path:
         m, b = budget["monolith_steps"], budget["monolith_batch"]
         if not finished(mf.read_manifest(run_dir).get("monolith"), m):
             t0 = time.perf_counter()
-            train_monolith(run_dir, job_overrides("monolith", m, b, args.ema, seed, log_parts=4), progress=False)
+            # The manifest keeps the settings of the run's first preparation: a later `--set monolith.train.lr=...`
+            # (the monolith's own lr) must reach the trainer as an override.
+            own = [o for o in args.set if o.startswith("monolith.")]
+            train_monolith(run_dir, [*job_overrides("monolith", m, b, args.ema, seed, log_parts=4), *own],
+                           progress=False)
             log(f"{run_dir.parent.name}/{run_dir.name}: monolith ({m} steps x {b}) {time.perf_counter() - t0:.0f}s")
         if args.distill_steps and not finished(mf.read_manifest(run_dir).get("student"), args.distill_steps):
             t0 = time.perf_counter()
@@ -516,7 +527,7 @@ def main() -> int:
                       f"{budget['router']:.3g} ({budget['router_share']:.1%}); monolith {budget['monolith']:.3g})"
                       + (f"; student {args.distill_steps} steps x {args.batch} ({args.teacher} teacher, "
                          f"+{budget['distill']:.3g} FLOPs)" if args.distill_steps else "")
-                      + f"; EMA {args.ema}, lr {cfg.expert.train.lr:g}; {args.n} samples x {args.sample_steps} Heun "
+                      + f"; EMA {args.ema}, lr {lr_text(cfg)}; {args.n} samples x {args.sample_steps} Heun "
                       f"steps vs {any_report['holdout_count']} held-out images; feature net "
                       f"{any_report['featurenet']['name']} sha256 {any_report['featurenet']['sha256'][:16]}; mean ± "
                       f"std over seeds {sorted({s for _, s in reports})}")
