@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import time
 
 import jax
 import numpy as np
@@ -400,3 +402,119 @@ def test_eval_router_reports_the_router_given_the_condition(captions_run, tmp_pa
     assert 0 <= given["accuracy"] <= 1 and given["cross_entropy"] >= 0
     assert "given the condition c: accuracy" in format_router_report(report)
     assert json.loads((run / "eval" / "router.json").read_text())["given_condition"] == given
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `ddm serve` on a run with embeddings: prompts through the run's encoder, or the embeddings themselves.
+# ---------------------------------------------------------------------------------------------------------
+
+
+ZERO_ROW = base64.b64encode(bytes(4 * 64)).decode()  # one float32 [64] row of zeros on the wire
+
+
+@pytest.fixture(scope="module")
+def captions_client(captions_run):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from ddm.serve.app import create_app
+
+    with TestClient(create_app(captions_run, max_wait_ms=0)) as client:
+        yield client
+
+
+def test_serve_generates_from_prompts_and_embeddings_and_verifies_with_them(captions_client):
+    from ddm.serve.schemas import decode_array, encode_array
+
+    client, prompts = captions_client, ["a thick 7 leaning right", "a thin 1 upright"]
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["conditioning"] == {"kind": "embeddings", "shape": [64], "prompts": True}
+    assert "prior" not in card["strategies"] and card["default_strategy"] == "single:0"  # no router, no counts
+
+    r = client.post("/v1/images/generations", json={"prompt": prompts, "seed": 3, "steps": 2, "cfg_scale": 2.0,
+                                                    "record": True, "arrays": True})
+    assert r.status_code == 200, r.text
+    reply, rows = r.json(), captions.encode(prompts)
+    request = Request.from_json(reply["request"])
+    assert request.n == 2 and request.strategy == "single:0" and request.conditions_sha256 == conditions_sha256(rows)
+    np.testing.assert_array_equal(decode_array(reply["arrays"]["conditions"]), rows)
+    expected = generate(client.app.state.ensemble, request, conditions=rows)  # alone: bit for bit `ddm sample`
+    np.testing.assert_array_equal(decode_array(reply["arrays"]["x"]), expected.x)
+
+    # the embeddings themselves give the same images; one prompt is for all n
+    same = client.post("/v1/images/generations", json={"conditions": encode_array(rows), "seed": 3, "steps": 2,
+                                                       "cfg_scale": 2.0}).json()
+    assert [d["b64_json"] for d in same["data"]] == [d["b64_json"] for d in reply["data"]]
+    one = client.post("/v1/images/generations", json={"prompt": prompts[0], "n": 3, "steps": 2}).json()
+    assert Request.from_json(one["request"]).conditions_sha256 == conditions_sha256(captions.encode(prompts[:1] * 3))
+
+    # the record verifies with its embeddings, and is refused without them or with others
+    record = reply["record"]
+    verdict = client.post("/v1/verify", json={"record": record, "conditions": reply["arrays"]["conditions"]})
+    assert verdict.status_code == 200 and verdict.json()["honest"] is True, verdict.text
+    for body, reason in ((record, "was made for condition embeddings"),
+                         ({"record": record, "conditions": encode_array(captions.encode(prompts[::-1]))}, "sha256")):
+        refused = client.post("/v1/verify", json=body)
+        assert refused.status_code == 422 and reason in refused.json()["detail"], refused.text
+
+    # an asynchronous job takes a prompt too
+    job = client.post("/v1/jobs", json={"prompt": prompts, "seed": 3, "steps": 2, "cfg_scale": 2.0})
+    assert job.status_code == 202, job.text
+    for _ in range(600):
+        state = client.get(f"/v1/jobs/{job.json()['id']}").json()
+        if state["status"] in ("done", "failed"):
+            break
+        time.sleep(0.05)
+    assert state["status"] == "done", state
+    assert [d["b64_json"] for d in state["result"]["data"]] == [d["b64_json"] for d in reply["data"]]
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({"prompt": "a 7", "conditions": {"dtype": "float32", "shape": [1, 64], "b64": ""}}, "not both"),
+    ({"prompt": "a 7", "class": 3}, "not both"),
+    ({"prompt": ["a", "b"], "n": 3}, "2 prompts for 3 images"),
+    ({"prompt": []}, "empty"),
+    ({"prompt": "a 7", "strategy": "prior"}, "condition embeddings have no counts"),
+    ({"conditions": {"dtype": "float32", "shape": [64], "b64": ZERO_ROW}}, "this run takes [n, 64]"),
+    ({"conditions": {"dtype": "float32", "shape": [2, 64], "b64": "AAAA"}}, "malformed conditions"),
+    ({"conditions": {"dtype": "int32", "shape": [1, 64], "b64": ZERO_ROW}}, "condition embeddings are floats"),
+    ({"conditions": {"dtype": "float32", "shape": [1, 64], "b64": ZERO_ROW}, "n": 2}, "1 rows for n=2"),
+    ({"cfg_scale": 2.0}, "needs conditions"),
+])
+def test_serve_refuses_bad_conditions_with_a_one_line_reason(captions_client, body, reason):
+    r = captions_client.post("/v1/images/generations", json={"steps": 2, **body})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and reason in detail, detail
+
+
+def test_serve_page_has_a_prompt_field_on_a_run_with_an_encoder(captions_client):
+    page = captions_client.get("/").text
+    assert 'id="prompt"' in page and 'placeholder="a prompt for every image"' in page
+    assert 'value="single:0"' in page and "conditioned on embeddings [64]" in page
+
+
+def test_sample_with_server_sends_the_prompts_embeddings(captions_run, captions_client, tmp_path, monkeypatch):
+    """`ddm sample --server URL --prompt ...` writes what the local `ddm sample` writes (the server here is the
+    in-process app: httpx.Client is pointed at it)."""
+    import httpx
+
+    class InProcess:  # stands in for httpx.Client, and leaves the app running when the client is done
+        def __init__(self, **_):
+            pass
+
+        def __enter__(self):
+            return captions_client
+
+        def __exit__(self, *_):
+            return False
+
+    common = ("--run-dir", captions_run, "--strategy", "single:0", "--steps", 2, "--prompt", "a thick 7 leaning right",
+              "--prompt", "a thin 1 upright")
+    assert _ddm("sample", *common, "--out", tmp_path / "local.png") == 0
+    monkeypatch.setattr(httpx, "Client", InProcess)
+    assert _ddm("sample", *common, "--server", "http://testserver", "--out", tmp_path / "served.png") == 0
+    with np.load(tmp_path / "local.npz") as local, np.load(tmp_path / "served.npz") as served:
+        assert sorted(local.files) == sorted(served.files)
+        for name in local.files:
+            np.testing.assert_array_equal(local[name], served[name], err_msg=name)

@@ -100,7 +100,8 @@ def test_a_served_record_verifies_and_a_tampered_one_does_not(client, keys, tmp_
     ({"class": 99}, "class 99"),
     ({"labels": [1, 2], "n": 3}, "labels"),
     ({"response_format": "url"}, "response_format"),
-    ({"prompt": "a cat"}, "prompt"),
+    ({"prompt": "a cat"}, "prompt gives condition embeddings, but this run is not conditioned on embeddings"),
+    ({"conditions": {"dtype": "float32", "shape": [1, 4], "b64": "A" * 22 + "=="}}, "not conditioned on embeddings"),
     ({"strategy": "oracle"}, "oracle"),
     ({"class": 1, "cfg_scale": 1e300}, "cfg_scale"),  # beyond what verify accepts: no NaN image signed
 ])

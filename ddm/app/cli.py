@@ -353,7 +353,8 @@ def _sample_conditions(args, run):
     """The condition embeddings of `ddm sample --conditions FILE` or `--prompt TEXT` (repeatable; one prompt for
     all n), float32 [n, *condition_shape] for `run`; None without either. n comes from the file or the prompts
     (or --n / sample.n for one prompt); a --n that disagrees is an error."""
-    from ddm.app.sample import encode_prompts, read_conditions_file
+    from ddm.app.sample import read_conditions_file
+    from ddm.sampling.prompts import encode_prompts
     from ddm.sampling.request import condition_rows
 
     if args.conditions is None and not args.prompt:

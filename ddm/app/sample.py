@@ -2,7 +2,8 @@
 
 Runs conditioned on embeddings take them from a file (`--conditions FILE`: .npy, or .npz with an array
 `conditions`, float16 / float32 [n, *condition_shape], `read_conditions_file`) or from prompts through the
-user's encoder (`--prompt TEXT` with `sample.condition_encoder: module:function`, `encode_prompts`).
+user's encoder (`--prompt TEXT` with `sample.condition_encoder: module:function`,
+`ddm.sampling.prompts.encode_prompts`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import numpy as np
 
 from ddm.core.errors import DDMError
 from ddm.core.files import Staged, check_output_dir, check_output_file
-from ddm.core.plugins import import_function
 from ddm.data.components import SINGLE_NAMES, component
 from ddm.data.run import Run
 from ddm.data.sources import DEFAULT_CONDITIONS_KEY, check_conditions
 from ddm.sampling.load import load_ensemble, load_single
 from ddm.sampling.outputs import load_decoder, save_outputs, save_pngs, usage_summary
-from ddm.sampling.request import Request, check_clusters, check_condition, condition_rows, generate
+from ddm.sampling.request import Request, check_clusters, check_condition, generate
 from ddm.verify.limits import VerifyLimits
 from ddm.verify.records import sample_record, write_record
 from ddm.verify.signing import key_id, load_private_key
@@ -64,30 +64,6 @@ def read_conditions_file(path: str | Path) -> np.ndarray:
     return check_conditions(rows, len(rows) if rows.ndim else 0, f"conditions file {path}")
 
 
-def encode_prompts(spec: str | None, prompts: list[str], n: int, condition_shape: tuple[int, ...]) -> np.ndarray:
-    """float32 [n, *condition_shape]: `prompts` (n of them, or one for all n) through the user's encoder `spec`
-    (`sample.condition_encoder`, "module:function": list of n strings -> float [n, *condition_shape]), imported
-    only here. DDMError (one line) without an encoder, for one that does not import, or for output of another
-    shape or dtype, or with NaN / Inf."""
-    if not spec:
-        raise DDMError("--prompt needs a text encoder: set sample.condition_encoder: module:function (e.g. "
-                       "--set sample.condition_encoder=my_encoder:encode), or give --conditions FILE")
-    if len(prompts) not in (1, n):
-        raise DDMError(f"{len(prompts)} prompts for {n} images: give one prompt for all, or one per image")
-    encoder = import_function(spec, "sample.condition_encoder")
-    texts = list(prompts) * n if len(prompts) == 1 else list(prompts)
-    out = encoder(texts)
-    try:
-        out = np.asarray(out)
-    except (TypeError, ValueError):
-        raise DDMError(f"sample.condition_encoder={spec!r} returned {type(out).__name__}, not an array of "
-                       f"[{n}, {', '.join(map(str, condition_shape))}] floats") from None
-    if out.shape != (n, *condition_shape) or not np.issubdtype(out.dtype, np.floating):
-        raise DDMError(f"sample.condition_encoder={spec!r} returned {out.dtype} {list(out.shape)} for {n} prompts; "
-                       f"this run takes float [{n}, {', '.join(map(str, condition_shape))}]")
-    return condition_rows(out, n, condition_shape, f"the embeddings of sample.condition_encoder={spec!r}")
-
-
 def default_out(samples_dir: Path, request: Request, model: str = "ensemble") -> Path:
     """Where `ddm sample` writes without --out: SAMPLES/sample-<strategy or model>-seed<S>-n<N>[-guided].png, or
     the first of ...-2.png, -3.png, ... whose .png and .npz are both free. No other command writes `sample-*`
@@ -119,8 +95,6 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
     """
     # before loading anything: a bad class or condition is the user's first error
     check_condition(request, run.num_classes, run.condition_shape)
-    if conditions is not None and server is not None:
-        raise DDMError("--server takes no condition embeddings (--conditions / --prompt): sample here instead")
     check_cfg_scale(request.cfg_scale)
     if request.clusters is not None:  # oracle's clusters: in range, with trained experts
         check_clusters(request, [run.finished(run.expert(k)) for k in range(run.num_clusters)])
@@ -144,7 +118,7 @@ def sample_command(run: Run, request: Request, out: Path, *, record: Path | None
 
         t0 = time.perf_counter()
         result, rec = remote_generate(server, request, manifest_sha=run.sha256, codec=run.codec,
-                                      record=record is not None)
+                                      record=record is not None, conditions=conditions)
         seconds = time.perf_counter() - t0
     else:
         if model == "ensemble":

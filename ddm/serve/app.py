@@ -53,7 +53,7 @@ from ddm.serve.batcher import Batcher, Merged, QueueFull
 from ddm.serve.jobs import JobStore
 from ddm.serve.metrics import Metrics, ObservedApp
 from ddm.serve.page import index_page
-from ddm.serve.schemas import GenerationRequest, encode_array
+from ddm.serve.schemas import GenerationRequest, decode_array, encode_array
 from ddm.verify.limits import MODES
 from ddm.verify.records import sample_record
 from ddm.verify.signing import key_id, load_private_key
@@ -122,17 +122,33 @@ def model_card(run: Run, with_router: bool) -> dict:
         experts.append({"cluster": k, "sha256": (entry or {}).get("sha256"), "available": run.finished(entry)})
     router = run.component("router") if with_router else None
     available = [e["cluster"] for e in experts if e["available"]]
-    strategies = ["prior", *(f"single:{k}" for k in available)]
+    # prior draws from the clusters' counts per class: runs conditioned on embeddings have none to draw from
+    strategies = [*([] if run.condition_shape else ["prior"]), *(f"single:{k}" for k in available)]
     if with_router:
         strategies = ["top1", "top2", "full", "threshold:0.1", "sample", *strategies]
+    default = "prior" if not run.condition_shape else ("top1" if with_router else strategies[0] if strategies else None)
+    conditioning = ({"kind": "embeddings", "shape": list(run.condition_shape),
+                     "prompts": bool(run.config.sample.condition_encoder)} if run.condition_shape
+                    else {"kind": "classes", "classes": run.num_classes} if run.num_classes else {"kind": "none"})
     return {"id": run.run_id, "object": "model", "owned_by": "ddm", "manifest_sha256": run.sha256,
             "image_shape": list(run.image_shape), "size": f"{run.image_shape[1]}x{run.image_shape[0]}",
             "classes": run.num_classes, "class_names": run.class_names, "experts": experts,
             "router": None if router is None else {"sha256": router.get("sha256")},
-            "strategies": strategies, "strategy_forms": ACCEPTED_FORMS, "limits": {
+            "conditioning": conditioning, "strategies": strategies, "default_strategy": default,
+            "strategy_forms": ACCEPTED_FORMS, "limits": {
                 "max_n": run.config.sample.max_n, "max_steps": run.config.sample.max_steps},
             "defaults": {"steps": run.config.sample.steps, "solver": run.config.sample.solver,
                          "seed": run.config.sample.seed, "cfg_scale": run.config.sample.cfg_scale}}
+
+
+def verification_body(body: dict) -> tuple[dict, np.ndarray | None]:
+    """(record, condition embeddings or None) of a `POST /v1/verify` body: a record itself, or {"record": R,
+    "conditions": {dtype, shape, b64}} for a record that names condition embeddings by digest (the verifier
+    checks that digest before it regenerates)."""
+    if not (isinstance(body.get("record"), dict) and set(body) <= {"record", "conditions"}):
+        return body, None
+    wire = body.get("conditions")
+    return body["record"], None if wire is None else decode_array(wire, "conditions")
 
 
 def check_size(size: str | None, image_shape: tuple[int, ...]) -> None:
@@ -219,21 +235,32 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
     async def models():
         return {"object": "list", "data": [card]}
 
-    def _checked(body: GenerationRequest) -> Request:
-        request = check_limits(body.to_request(run.config.sample), run.config.sample)
-        check_condition(request, run.num_classes)
+    def _checked(body: GenerationRequest) -> tuple[Request, np.ndarray | None]:
+        """The request (and its condition embeddings, or None) a body asks for; DDMError (422) when bad."""
+        conditions = body.condition_rows(run.condition_shape, run.config.sample.condition_encoder)
+        request = body.to_request(run.config.sample, card["default_strategy"], conditions)
+        check_limits(request, run.config.sample)
+        check_condition(request, run.num_classes, run.condition_shape)
         check_size(body.size, run.image_shape)
-        return request
+        return request, conditions
+
+    def _submit(request: Request, conditions: np.ndarray | None):
+        """Queues a generation. One with condition embeddings runs alone (its rows are not merged with other
+        requests'), so it is bit for bit what `ddm sample` gives for it."""
+        if conditions is None:
+            return batcher.submit(request)
+        return batcher.call(functools.partial(generate, ensemble, request, conditions=conditions),
+                            images=request.n)
 
     @app.post("/v1/images/generations")
     async def generations(body: GenerationRequest):
-        request = _checked(body)
-        result = await asyncio.wrap_future(batcher.submit(request))
-        reply = await run_in_threadpool(_reply, request, result, body.record, body.arrays)
+        request, conditions = _checked(body)
+        result = await asyncio.wrap_future(_submit(request, conditions))
+        reply = await run_in_threadpool(_reply, request, result, body.record, body.arrays, conditions)
         metrics.images.inc(request.n)
         return JSONResponse(reply)
 
-    def _reply(request: Request, result, record: bool, arrays: bool = False) -> dict:
+    def _reply(request: Request, result, record: bool, arrays: bool = False, conditions=None) -> dict:
         emulation = None
         if isinstance(result, Merged):  # values within rounding of a lone call's: records say so (docs/serving.md)
             emulation = f"ddm serve merged batch: {result.requests} requests, {result.images} images"
@@ -245,24 +272,26 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
         if arrays:  # what `ddm sample --server` needs to write the outputs `ddm sample` writes
             reply["arrays"] = {"x": encode_array(result.x), "weights": encode_array(result.weights),
                                "expert_ids": None if result.expert_ids is None else encode_array(result.expert_ids)}
+            if conditions is not None:  # what a verifier needs besides the record (the page's verify button)
+                reply["arrays"]["conditions"] = encode_array(np.asarray(conditions, np.float32))
         if record:
             reply["record"] = sample_record(run.sha256, request, result, run.codec, private_key, emulation)
         return reply
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(body: GenerationRequest):
-        request = _checked(body)
+        request, conditions = _checked(body)
         jobs.reserve()
-        job = jobs.add(request, batcher.submit(request))
-        task = asyncio.create_task(_complete(job, body.record, body.arrays))
+        job = jobs.add(request, _submit(request, conditions))
+        task = asyncio.create_task(_complete(job, body.record, body.arrays, conditions))
         tasks.add(task)  # a reference until it ends: the loop keeps only weak ones
         task.add_done_callback(tasks.discard)
         return JSONResponse(job.to_json(), status_code=202)
 
-    async def _complete(job, record: bool, arrays: bool) -> None:
+    async def _complete(job, record: bool, arrays: bool, conditions) -> None:
         try:
             result = await asyncio.wrap_future(job.future)
-            reply = await run_in_threadpool(_reply, job.request, result, record, arrays)
+            reply = await run_in_threadpool(_reply, job.request, result, record, arrays, conditions)
         except Exception as err:  # noqa: BLE001 - the job's failure is reported in the job
             jobs.finish(job, error=one_line(err))
             return
@@ -305,22 +334,23 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/verify")
-    async def verify(record: Annotated[dict, Body()], mode: str | None = None):
+    async def verify(body: Annotated[dict, Body()], mode: str | None = None):
         if mode is not None and mode not in MODES:
             raise DDMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        record, conditions = verification_body(body)
         text = json.dumps(record)
         if len(text) > MAX_RECORD_BYTES:
             raise DDMError(f"record of {len(text)} bytes exceeds {MAX_RECORD_BYTES}")
         shape = record.get("shape")
         images = shape[0] if isinstance(shape, list) and shape and isinstance(shape[0], int) else 0
-        verdict = await asyncio.wrap_future(batcher.call(functools.partial(_verify, text, mode),
+        verdict = await asyncio.wrap_future(batcher.call(functools.partial(_verify, text, mode, conditions),
                                                          images=min(max(images, 0), max_queue)))
         return JSONResponse(_jsonable(verdict.to_json()))
 
-    def _verify(text: str, mode: str | None):
+    def _verify(text: str, mode: str | None, conditions):
         with tempfile.TemporaryDirectory(prefix="ddm-serve-verify-") as tmp:
             path = Path(tmp) / "record.json"
             path.write_text(text)
-            return verifier.verify(path, mode=mode)
+            return verifier.verify(path, mode=mode, conditions=conditions)
 
     return app

@@ -35,11 +35,14 @@ _PAGE = r"""<!doctype html>
 <h1>ddm serve</h1>
 <p>Run <code>{run_id}</code>: images {shape}, {classes}.</p>
 <form id="form">
- <label for="strategy">strategy</label><input id="strategy" name="strategy" value="prior" list="strategies">
+ <label for="strategy">strategy</label><input id="strategy" name="strategy" value="{strategy_default}"
+   list="strategies">
  <datalist id="strategies">{strategy_options}</datalist>
  <label for="class">class</label><select id="class" name="class"{class_disabled}>{class_options}</select>
+ <label for="prompt">prompt</label><input id="prompt" name="prompt" type="text" placeholder="{prompt_hint}"
+   {prompt_disabled}>
  <label for="cfg_scale">guidance (cfg_scale)</label><input id="cfg_scale" name="cfg_scale" type="number" min="0"
-   step="0.1" placeholder="{cfg_default}"{class_disabled}>
+   step="0.1" placeholder="{cfg_default}"{guidance_disabled}>
  <label for="steps">steps</label><input id="steps" name="steps" type="number" min="1" max="{max_steps}"
    placeholder="{steps_default}">
  <label for="seed">seed</label><input id="seed" name="seed" type="number" min="0" placeholder="{seed_default}">
@@ -162,12 +165,13 @@ _PAGE = r"""<!doctype html>
 
   form.addEventListener("submit", async (event) => {{
     event.preventDefault();
-    const body = {{strategy: form.strategy.value || "prior", n: Number(form.n.value || 1), record: true,
-                  arrays: true}};
+    const body = {{n: Number(form.n.value || 1), record: true, arrays: true}};
+    if (form.strategy.value !== "") body.strategy = form.strategy.value;
     for (const name of ["class", "cfg_scale", "steps", "seed"]) {{
       const field = form.elements[name];
       if (!field.disabled && field.value !== "") body[name] = Number(field.value);
     }}
+    if (!form.prompt.disabled && form.prompt.value !== "") body.prompt = form.prompt.value;
     show("generating...", false);
     images.replaceChildren(); results.classList.add("hidden");
     verdict.textContent = ""; verdict.removeAttribute("data-honest"); record = null;
@@ -189,6 +193,9 @@ _PAGE = r"""<!doctype html>
       }});
       drawRouting(decodeArray(reply.arrays.weights));
       record = rawMember(text, "record");
+      // a record that names condition embeddings by digest is verified with them
+      if (reply.arrays.conditions) record = '{{"record": ' + record + ', "conditions": ' +
+        JSON.stringify(reply.arrays.conditions) + '}}';
       recordView.textContent = JSON.stringify(reply.record, null, 1);
       results.classList.remove("hidden");
       const request = reply.request;
@@ -229,7 +236,7 @@ def _options(values: list[tuple[str, str]]) -> str:
 
 def index_page(card: dict) -> str:
     """The page's HTML for a run, from its model card (`ddm.serve.app.model_card`: id, image_shape [H, W, C],
-    classes (0: unconditional), class_names, strategies, limits, defaults)."""
+    classes (0: unconditional), class_names, conditioning, strategies, default_strategy, limits, defaults)."""
     classes, names = card["classes"], card.get("class_names") or []
     if classes:
         described = f"{classes} classes (0..{classes - 1})"
@@ -238,6 +245,12 @@ def index_page(card: dict) -> str:
         class_options = _options([("", "none"), *labels])
     else:
         described, class_options = "unconditional", _options([("", "none (unconditional run)")])
+    conditioning = card.get("conditioning") or {}
+    prompts = conditioning.get("kind") == "embeddings" and conditioning.get("prompts")
+    if conditioning.get("kind") == "embeddings":
+        described = f"conditioned on embeddings {conditioning['shape']}" + ("" if prompts else " (no text encoder)")
+    prompt_hint = ("a prompt for every image" if prompts else "needs sample.condition_encoder"
+                   if conditioning.get("kind") == "embeddings" else "none (no embeddings)")
     defaults, limits = card["defaults"], card["limits"]
     cfg_default = "run default" if defaults.get("cfg_scale") is None else f"{defaults['cfg_scale']} (run default)"
     return _PAGE.format(
@@ -245,6 +258,9 @@ def index_page(card: dict) -> str:
         shape=html.escape("x".join(map(str, card["image_shape"]))), classes=html.escape(described),
         strategy_options="".join(f'<option value="{html.escape(s)}">' for s in card["strategies"]),
         class_options=class_options, class_disabled="" if classes else " disabled",
+        guidance_disabled="" if classes or prompts else " disabled",
+        prompt_disabled="" if prompts else "disabled", prompt_hint=html.escape(prompt_hint),
+        strategy_default=html.escape(card.get("default_strategy") or ""),
         cfg_default=html.escape(cfg_default), steps_default=html.escape(f"{defaults['steps']} (run default)"),
         seed_default=html.escape(f"{defaults['seed']} (run default)"), max_steps=int(limits["max_steps"]),
         max_n=int(limits["max_n"]), n_default=min(4, int(limits["max_n"])))
