@@ -453,7 +453,9 @@ def test_serve_generates_from_prompts_and_embeddings_and_verifies_with_them(capt
     verdict = client.post("/v1/verify", json={"record": record, "conditions": reply["arrays"]["conditions"]})
     assert verdict.status_code == 200 and verdict.json()["honest"] is True, verdict.text
     for body, reason in ((record, "was made for condition embeddings"),
-                         ({"record": record, "conditions": encode_array(captions.encode(prompts[::-1]))}, "sha256")):
+                         ({"record": record, "conditions": encode_array(captions.encode(prompts[::-1]))}, "sha256"),
+                         ({"record": record, "conditions": {"dtype": "float32", "shape": [2, 64], "b64": "AAAA"}},
+                          "malformed conditions")):
         refused = client.post("/v1/verify", json=body)
         assert refused.status_code == 422 and reason in refused.json()["detail"], refused.text
 
