@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,3 +124,22 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def concurrently(app, client, bodies: list[dict]) -> list:
+    """The replies to `bodies` posted at once while the worker is held, so that they queue together."""
+    gate = threading.Event()
+    blocker = app.state.batcher.call(lambda: gate.wait(30))  # holds the worker while the requests queue
+    replies = [None] * len(bodies)
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(
+        i, client.post("/v1/images/generations", json=bodies[i]))) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while app.state.batcher.pending_jobs < len(bodies) + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    blocker.result(30)
+    for t in threads:
+        t.join(120)
+    return replies

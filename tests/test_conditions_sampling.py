@@ -471,6 +471,30 @@ def test_serve_generates_from_prompts_and_embeddings_and_verifies_with_them(capt
     assert [d["b64_json"] for d in state["result"]["data"]] == [d["b64_json"] for d in reply["data"]]
 
 
+
+def test_serve_merges_requests_with_embeddings_each_with_its_own(captions_client):
+    """Concurrent requests with prompts run as one merged call, each row with its own embeddings: for a fixed
+    strategy (single:K, chunks of one shape) bit for bit what each gives alone, and each record verifies."""
+    from helpers import concurrently
+
+    from ddm.serve.schemas import decode_array
+
+    client = captions_client
+    bodies = [{"prompt": p, "n": 2, "seed": s, "steps": 2, "cfg_scale": 2.0, "record": True, "arrays": True}
+              for p, s in (("a thick 7 leaning right", 1), ("a thin 1 upright", 2), ("a 4", 3))]
+    replies = concurrently(client.app, client, bodies)
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    for body, reply in zip(bodies, replies):
+        reply = reply.json()
+        rows = captions.encode([body["prompt"]] * 2)
+        request = Request.from_json(reply["request"])
+        assert request.conditions_sha256 == conditions_sha256(rows)
+        alone = generate(client.app.state.ensemble, request, conditions=rows)
+        np.testing.assert_array_equal(decode_array(reply["arrays"]["x"]), alone.x)
+        assert "merged batch: 3 requests, 6 images" in json.dumps(reply["record"])
+        verdict = client.post("/v1/verify", json={"record": reply["record"], "conditions": reply["arrays"]["conditions"]})
+        assert verdict.status_code == 200 and verdict.json()["honest"] is True, verdict.text
+
 @pytest.mark.parametrize("body, reason", [
     ({"prompt": "a 7", "conditions": {"dtype": "float32", "shape": [1, 64], "b64": ""}}, "not both"),
     ({"prompt": "a 7", "class": 3}, "not both"),

@@ -17,7 +17,7 @@ pytest.importorskip("httpx")
 
 import httpx
 from fastapi.testclient import TestClient
-from helpers import free_port, start_serve
+from helpers import concurrently, free_port, start_serve
 from PIL import Image
 
 from ddm.core.errors import DDMError
@@ -143,10 +143,10 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_server_recovers(train
     release, started = threading.Event(), threading.Event()
     real = batcher.generate
 
-    def blocked(request):
+    def blocked(request, conditions):
         started.set()
         release.wait(30)
-        return real(request)
+        return real(request, conditions)
 
     batcher.generate = blocked
     with TestClient(app) as client:
@@ -169,7 +169,7 @@ def test_batcher_groups_compatible_requests_and_isolates_failures():
     gate = threading.Event()
     calls, batches = [], []
 
-    def fake(request):
+    def fake(request, conditions):
         gate.wait(10)
         if request.seed == 13:
             raise DDMError("unlucky")
@@ -200,13 +200,13 @@ def test_batcher_merges_distinct_compatible_requests_and_retries_a_failed_merge_
     gate = threading.Event()
     merged_calls, alone_calls = [], []
 
-    def one(request):
+    def one(request, conditions):
         if request.seed == 13:
             raise DDMError("unlucky")
         alone_calls.append(request.seed)
         return request.seed
 
-    def many(requests, pad_to):
+    def many(requests, pad_to, conditions):
         gate.wait(10)
         merged_calls.append(([r.seed for r in requests], pad_to))
         if any(r.seed == 13 for r in requests):
@@ -232,25 +232,6 @@ def test_batcher_merges_distinct_compatible_requests_and_retries_a_failed_merge_
         batcher.close()
 
 
-def _concurrently(app, client, bodies: list[dict]) -> list:
-    """The replies to `bodies` posted at once while the worker is held, so that they queue together."""
-    gate = threading.Event()
-    blocker = app.state.batcher.call(lambda: gate.wait(30))  # holds the worker while the requests queue
-    replies = [None] * len(bodies)
-    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(
-        i, client.post("/v1/images/generations", json=bodies[i]))) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while app.state.batcher.pending_jobs < len(bodies) + 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    gate.set()
-    blocker.result(30)
-    for t in threads:
-        t.join(120)
-    return replies
-
-
 def _calibrated(run_dir):
     """`run_dir` with thresholds its verifier holds as its own, for merged-batch rounding (1e-5, the bound
     docs/serving.md states), as if `ddm verify --calibrate` had measured it: /v1/verify accepts a merged
@@ -269,7 +250,7 @@ def test_merged_generations_keep_their_draws_and_their_records_verify(trained_ru
     bodies = [{"n": 3, "strategy": "prior", "seed": 21, "steps": 2, "record": True},
               {"n": 2, "strategy": "prior", "seed": 22, "steps": 2, "record": True}]
     with TestClient(app) as client:
-        replies = _concurrently(app, client, bodies)
+        replies = concurrently(app, client, bodies)
         ensemble = app.state.ensemble
         for reply in replies:
             assert reply.status_code == 200, reply.text
@@ -296,7 +277,7 @@ def test_requests_of_different_guidance_scales_merge_into_one_batch_with_their_o
     bodies = [{"n": 3, "seed": 41, "class": 2, "cfg_scale": 1.5, **common},
               {"n": 2, "seed": 42, "labels": [5, 7], "cfg_scale": 3.0, **common}]
     with TestClient(app) as client:
-        replies = _concurrently(app, client, bodies)
+        replies = concurrently(app, client, bodies)
         assert batches == [(2, 5)]  # one batch of both requests, 5 images
         ensemble = app.state.ensemble
         merged_x = []

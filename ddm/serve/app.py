@@ -177,9 +177,11 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
     card = model_card(run, with_router)
     page = index_page(card)
     holder: dict[str, Any] = {}
-    batcher = Batcher(functools.partial(generate, ensemble), max_batch=max_batch, max_wait_ms=max_wait_ms,
-                      max_queue=max_queue, on_batch=lambda jobs, images: holder["metrics"].batch(jobs, images),
-                      generate_many=lambda requests, pad: generate_many(ensemble, requests, pad_to=pad))
+    batcher = Batcher(lambda request, conditions: generate(ensemble, request, conditions=conditions),
+                      max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                      on_batch=lambda jobs, images: holder["metrics"].batch(jobs, images),
+                      generate_many=lambda requests, pad, conditions: generate_many(
+                          ensemble, requests, pad_to=pad, conditions=conditions))
     metrics = holder["metrics"] = Metrics(lambda: batcher.pending_images, lambda: batcher.pending_jobs)
     jobs, tasks = JobStore(max_jobs=max_jobs, ttl_s=job_ttl_s), set()
     signer = None if private_key is None else key_id(private_key.public_key())
@@ -244,18 +246,10 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
         check_size(body.size, run.image_shape)
         return request, conditions
 
-    def _submit(request: Request, conditions: np.ndarray | None):
-        """Queues a generation. One with condition embeddings runs alone (its rows are not merged with other
-        requests'), so it is bit for bit what `ddm sample` gives for it."""
-        if conditions is None:
-            return batcher.submit(request)
-        return batcher.call(functools.partial(generate, ensemble, request, conditions=conditions),
-                            images=request.n)
-
     @app.post("/v1/images/generations")
     async def generations(body: GenerationRequest):
         request, conditions = _checked(body)
-        result = await asyncio.wrap_future(_submit(request, conditions))
+        result = await asyncio.wrap_future(batcher.submit(request, conditions))
         reply = await run_in_threadpool(_reply, request, result, body.record, body.arrays, conditions)
         metrics.images.inc(request.n)
         return JSONResponse(reply)
@@ -282,7 +276,7 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
     async def create_job(body: GenerationRequest):
         request, conditions = _checked(body)
         jobs.reserve()
-        job = jobs.add(request, _submit(request, conditions))
+        job = jobs.add(request, batcher.submit(request, conditions))
         task = asyncio.create_task(_complete(job, body.record, body.arrays, conditions))
         tasks.add(task)  # a reference until it ends: the loop keeps only weak ones
         task.add_done_callback(tasks.discard)

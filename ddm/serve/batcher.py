@@ -73,6 +73,7 @@ class Job:
     future: concurrent.futures.Future
     request: Request | None = None
     call: Callable[[], Any] | None = None
+    conditions: Any = None  # a generation's condition embeddings (the request names them by digest), or None
 
     @property
     def key(self) -> tuple | None:
@@ -80,16 +81,17 @@ class Job:
 
 
 class Batcher:
-    """Runs `generate(request) -> SampleResult` (and other calls) on one worker thread; see the module docstring.
+    """Runs `generate(request, conditions) -> SampleResult` (and other calls) on one worker thread; see the module
+    docstring. conditions: what the request was submitted with (its condition embeddings, or None).
 
     max_batch: images gathered into one batch (>= 1). max_wait_ms: how long the first job of a batch waits for
-    companions (>= 0). generate_many(requests, pad_to) -> one value per request: merges the distinct requests
-    of a batch that share a `merge_key` (None: every request runs alone). max_queue: pending images (queued or running) beyond which jobs are refused (>= 1).
+    companions (>= 0). generate_many(requests, pad_to, conditions) -> one value per request: merges the distinct
+    requests of a batch that share a `merge_key`, conditions one per request (None: every request runs alone). max_queue: pending images (queued or running) beyond which jobs are refused (>= 1).
     """
 
-    def __init__(self, generate: Callable[[Request], Any], *, max_batch: int = 64, max_wait_ms: float = 10.0,
+    def __init__(self, generate: Callable[[Request, Any], Any], *, max_batch: int = 64, max_wait_ms: float = 10.0,
                  max_queue: int = 256, on_batch: Callable[[int, int], None] | None = None,
-                 generate_many: Callable[[list[Request], int], list] | None = None):
+                 generate_many: Callable[[list[Request], int, list], list] | None = None):
         for name, value, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
                                 ("max_wait_ms", max_wait_ms, 0)):
             if value < lo:
@@ -113,9 +115,11 @@ class Batcher:
     def pending_jobs(self) -> int:
         return self._pending_jobs
 
-    def submit(self, request: Request) -> concurrent.futures.Future:
-        """Queues a generation; its future resolves to `generate(request)`. QueueFull when full."""
-        return self._admit(Job(request.n, concurrent.futures.Future(), request=request))
+    def submit(self, request: Request, conditions: Any = None) -> concurrent.futures.Future:
+        """Queues a generation; its future resolves to `generate(request, conditions)`. conditions: the condition
+        embeddings the request names by digest (`Request.conditions_sha256`; so equal requests carry equal ones),
+        or None. QueueFull when full."""
+        return self._admit(Job(request.n, concurrent.futures.Future(), request=request, conditions=conditions))
 
     def call(self, fn: Callable[[], Any], images: int = 0) -> concurrent.futures.Future:
         """Queues `fn()` to run on the worker, alone, in turn with the generations; `images`: its weight in the
@@ -222,7 +226,10 @@ class Batcher:
                 except BaseException as err:  # noqa: BLE001 - the job's failure is its own, never the worker's
                     outcomes.append(_Failure(err))
         else:
-            values = self._generations(list(dict.fromkeys(job.request for job in live)))
+            distinct: dict[Request, Any] = {}  # each distinct request with its conditions
+            for job in live:
+                distinct.setdefault(job.request, job.conditions)
+            values = self._generations(distinct)
             outcomes = [values[job.request] for job in live]
         for job, outcome in zip(live, outcomes, strict=True):
             self._done(job)  # before the future resolves: a client that retries at once finds the room free
@@ -232,8 +239,9 @@ class Batcher:
             else:
                 job.future.set_result(outcome)
 
-    def _generations(self, requests: list[Request]) -> dict[Request, Any]:
-        """Each distinct request's value (or `_Failure`): merged per `merge_key` when `generate_many` is given."""
+    def _generations(self, requests: dict[Request, Any]) -> dict[Request, Any]:
+        """Each distinct request's value (or `_Failure`), given {request: its conditions}: merged per `merge_key`
+        when `generate_many` is given."""
         groups: dict[tuple, list[Request]] = {}
         for request in requests:
             groups.setdefault(merge_key(request), []).append(request)
@@ -242,7 +250,7 @@ class Batcher:
             if self.generate_many is not None and len(group) > 1:
                 images = sum(r.n for r in group)
                 try:
-                    values = self.generate_many(group, pad_size(images, self.max_batch))
+                    values = self.generate_many(group, pad_size(images, self.max_batch), [requests[r] for r in group])
                     out.update({r: Merged(v, len(group), images) for r, v in zip(group, values, strict=True)})
                     continue
                 except Exception as err:  # noqa: BLE001 - retried alone below, so each failure is its own
@@ -250,7 +258,7 @@ class Batcher:
                                    f"running them one at a time")
             for request in group:
                 try:
-                    out[request] = self.generate(request)
+                    out[request] = self.generate(request, requests[request])
                 except BaseException as err:  # noqa: BLE001 - the job's failure is its own, never the worker's
                     out[request] = _Failure(err)
         return out
