@@ -544,3 +544,13 @@ def test_sample_with_server_sends_the_prompts_embeddings(captions_run, captions_
         assert sorted(local.files) == sorted(served.files)
         for name in local.files:
             np.testing.assert_array_equal(local[name], served[name], err_msg=name)
+
+
+def test_evaluate_leaves_prior_out_of_its_defaults_on_embeddings_and_refuses_it_asked(captions_run, capsys):
+    from ddm.eval.evaluate import DEFAULT_STRATEGIES, evaluation_strategies
+
+    assert "prior" in DEFAULT_STRATEGIES and evaluation_strategies(None, ()) == list(DEFAULT_STRATEGIES)
+    assert evaluation_strategies(None, (64,)) == [s for s in DEFAULT_STRATEGIES if s != "prior"]
+    assert evaluation_strategies(["top1", "single:0"], (64,)) == ["top1", "single:0"]
+    assert _ddm("evaluate", "--run-dir", captions_run, "--strategies", "top1,prior", "--n", 8) == 2
+    _one_line_error(capsys, "a run conditioned on embeddings has none: leave it out of --strategies")

@@ -276,10 +276,10 @@ def cmd_eval_router(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ddm.eval.evaluate import DEFAULT_CFG_SCALES, DEFAULT_CLASS_N, DEFAULT_STRATEGIES, evaluate_run
+    from ddm.eval.evaluate import DEFAULT_CFG_SCALES, DEFAULT_CLASS_N, evaluate_run
     from ddm.eval.featurenet import FeatureNetConfig
 
-    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else list(DEFAULT_STRATEGIES)
+    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else None
     feature_cfg = FeatureNetConfig() if args.feature_steps is None else FeatureNetConfig(steps=args.feature_steps)
     scales = DEFAULT_CFG_SCALES if args.cfg_scales is None else _numbers(args.cfg_scales, "--cfg-scales")
     evaluate_run(args.run_dir, args.set, n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,

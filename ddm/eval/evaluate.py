@@ -1,7 +1,8 @@
 """`ddm evaluate`: sample quality per routing strategy (and of the monolith) against held-out real images.
 
-For each strategy (default: full, top1, top2, threshold:0.1, sample, top1+full:0.5, prior; plus the monolith
-when RUN/monolith is trained) we draw n samples from the same initial noise and measure, in the features of the
+For each strategy (default: full, top1, top2, threshold:0.1, sample, top1+full:0.5, prior, without prior on runs
+conditioned on embeddings, which have no counts to draw from; plus the monolith when RUN/monolith is trained) we
+draw n samples from the same initial noise (unconditional: the null class or condition) and measure, in the features of the
 run's feature network (`ddm.eval.featurenet`: a conv net trained on this dataset's k-means pseudo-classes, so
 "FD in kmc32-cnn features", not FID):
 
@@ -113,8 +114,20 @@ def class_accuracy(model: Ensemble, strategy: str, classifier: FeatureNet, *, cl
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def evaluation_strategies(strategies: Sequence[str] | None, condition_shape: tuple[int, ...]) -> list[str]:
+    """The strategies to evaluate: `strategies`, or None for DEFAULT_STRATEGIES, less `prior` on a run conditioned
+    on embeddings (it draws from class counts, which such a run has none of). DDMError when `prior` is asked for
+    there explicitly."""
+    if strategies is None:
+        return [s for s in DEFAULT_STRATEGIES if not (condition_shape and s == "prior")]
+    if condition_shape and any(parse_strategy(s).kind == "prior" for s in strategies):
+        raise DDMError("strategy prior draws from the clusters' class counts; a run conditioned on embeddings has "
+                       "none: leave it out of --strategies")
+    return list(strategies)
+
+
 def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int = DEFAULT_N, steps: int | None = None,
-                 solver: str | None = None, seed: int = 0, strategies: Sequence[str] = DEFAULT_STRATEGIES,
+                 solver: str | None = None, seed: int = 0, strategies: Sequence[str] | None = None,
                  monolith: bool = True, batch_size: int | None = None, cache_dir: str | Path | None = None,
                  feature_cfg: FeatureNetConfig | None = None, features: UserFeatures | None = None,
                  cfg_scales: Sequence[float] = DEFAULT_CFG_SCALES, class_n: int = DEFAULT_CLASS_N,
@@ -122,6 +135,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
     """Evaluates a run; writes RUN/eval/{report.json, report.md, strategies.png, samples.npz}; returns the report.
 
     n: samples per strategy (> k=3). steps / solver: ODE settings (default: the run's sample section).
+    strategies: None: `evaluation_strategies`' defaults for the run.
     seed: noise seed, the same for every strategy (paired comparison). monolith / student: include RUN/monolith /
     the distilled RUN/student if trained. out_dir: where the outputs go (default RUN/eval).
     features: a user feature extractor (`ddm.eval.features.load_features`) instead of the run's feature net.
@@ -135,9 +149,10 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         raise DDMError(f"--class-n must be >= 1, got {class_n}")
     if any(not np.isfinite(s) or s < 0 for s in cfg_scales):
         raise DDMError(f"guidance scales must be finite numbers >= 0, got {list(cfg_scales)}")
-    for strategy in strategies:
+    for strategy in strategies or ():
         parse_strategy(strategy)  # a bad strategy fails before anything is loaded or trained
     run = Run.open(run_dir, overrides)
+    strategies = evaluation_strategies(strategies, run.condition_shape)
     steps = run.config.sample.steps if steps is None else steps
     limits = run.config.sample
     if n > limits.max_n or steps > limits.max_steps:  # before any model loads: a huge request is refused at once
