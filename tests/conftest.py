@@ -81,6 +81,25 @@ def trained_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+# The captioned digits (configs/digits-captions.yaml: 64-d pooled caption embeddings), one cluster and its
+# expert trained 4 steps; no router (`single:0` samples). Shared read-only, like trained_run.
+CAPTIONS_OVERRIDES = ["data.k=1", "data.limit=120", "expert.train.steps=4", "expert.train.batch_size=16",
+                      "expert.train.warmup_steps=1", "expert.train.checkpoint_every=4", "expert.train.log_every=4",
+                      "sample.steps=2", "sample.n=4"]
+
+
+@pytest.fixture(scope="session")
+def captions_run(tmp_path_factory) -> Path:
+    from ddm.core.config import load_config
+    from ddm.data.prepare import prepare
+    from ddm.experts.train import train_expert
+
+    run_dir = tmp_path_factory.mktemp("captions") / "run"
+    prepare(load_config(REPO / "configs" / "digits-captions.yaml", CAPTIONS_OVERRIDES), run_dir)
+    train_expert(run_dir, 0, CAPTIONS_OVERRIDES)
+    return run_dir
+
+
 @pytest.fixture
 def trained_run_copy(trained_run, tmp_path) -> Path:
     import shutil

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import REPO, perturb
+from helpers import perturb
 
 from ddm.app import cli
 from ddm.core.config import RouterConfig
@@ -167,24 +167,6 @@ def test_requests_name_their_conditions_by_digest(ensembles):
 # ---------------------------------------------------------------------------------------------------------
 # End to end: a tiny captioned-digits run, `ddm sample` and `ddm verify`.
 # ---------------------------------------------------------------------------------------------------------
-
-TINY = ["data.k=1", "data.limit=120", "expert.train.steps=4", "expert.train.batch_size=16",
-        "expert.train.warmup_steps=1", "expert.train.checkpoint_every=4", "expert.train.log_every=4",
-        "sample.steps=2", "sample.n=4"]
-
-
-@pytest.fixture(scope="module")
-def captions_run(tmp_path_factory):
-    """The captions config with one expert trained 4 steps (no router: `single:0` samples)."""
-    from ddm.core.config import load_config
-    from ddm.data.prepare import prepare
-    from ddm.experts.train import train_expert
-
-    run_dir = tmp_path_factory.mktemp("captions") / "run"
-    prepare(load_config(REPO / "configs" / "digits-captions.yaml", TINY), run_dir)
-    train_expert(run_dir, 0, TINY)
-    return run_dir
-
 
 def _ddm(*args) -> int:
     return cli.main([str(a) for a in args])

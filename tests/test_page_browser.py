@@ -142,3 +142,39 @@ def test_the_page_generates_plots_the_routing_and_verifies_its_record(server, br
     wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("error:"))
     assert "strategy" in browser.find_element(By.ID, "status").text
     assert browser.find_elements(By.CSS_SELECTOR, "#images img") == []
+
+
+def test_the_page_takes_a_prompt_and_verifies_with_its_embeddings(captions_run, browser):
+    """On a run conditioned on caption embeddings (with its encoder), the page's prompt field reaches the encoder:
+    the grid is the API's for the same prompt, and Verify sends the record with its embeddings."""
+    proc, base = start_serve(captions_run, "--max-wait-ms", "0")
+    try:
+        browser.get(base + "/")
+        assert browser.find_element(By.ID, "class").get_attribute("disabled") is not None
+        form = {"prompt": "a thick 7 leaning right", "cfg_scale": "2", "steps": "2", "seed": "4", "n": "3"}
+        for name, value in form.items():
+            field = browser.find_element(By.ID, name)
+            field.clear()
+            field.send_keys(value)
+        browser.find_element(By.ID, "generate").click()
+        wait = WebDriverWait(browser, 120)
+        wait.until(lambda d: "images in" in d.find_element(By.ID, "status").text
+                   or "error" in d.find_element(By.ID, "status").text)
+        assert "error" not in browser.find_element(By.ID, "status").text, browser.find_element(By.ID, "status").text
+        imgs = browser.find_elements(By.CSS_SELECTOR, "#images figure img")
+        shown = np.stack([_png(i.get_attribute("src").split(",", 1)[1]) for i in imgs])
+        reply = httpx.post(f"{base}/v1/images/generations", timeout=120, json={
+            "prompt": form["prompt"], "cfg_scale": 2.0, "steps": 2, "seed": 4, "n": 3}).json()
+        np.testing.assert_array_equal(shown, np.stack([_png(d["b64_json"]) for d in reply["data"]]))
+
+        browser.find_element(By.ID, "verify").click()
+        verdict = wait.until(lambda d: d.find_element(By.ID, "verdict").get_attribute("data-honest")
+                             and d.find_element(By.ID, "verdict"))
+        assert verdict.get_attribute("data-honest") == "true", verdict.text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
