@@ -232,6 +232,7 @@ def test_sample_refusals_are_one_line(captions_run, tmp_path, capsys, monkeypatc
         (("--prompt", "a 7", "--set", "sample.condition_encoder=no_such_module:encode"), "cannot import 'no_such_module'"),
         (("--prompt", "a 7", "--set", "sample.condition_encoder=badenc:encode"), "returned float32 [4, 3]"),
         (("--prompt", "a", "--prompt", "b", "--n", 3), "2 prompts for --n 3 images"),
+        (("--prompt", "a 7", "--n", 10**9), "exceeds sample.max_n"),  # before the encoder makes 10^9 copies
         (("--strategy", "single:0", "--cfg-scale", 2), "needs conditions: give --conditions or --prompt"),
     ]
     for args, needle in cases:
@@ -488,6 +489,7 @@ def test_serve_merges_requests_with_embeddings_each_with_its_own(captions_client
     ({"conditions": {"dtype": "int32", "shape": [1, 64], "b64": ZERO_ROW}}, "condition embeddings are floats"),
     ({"conditions": {"dtype": "float32", "shape": [1, 64], "b64": ZERO_ROW}, "n": 2}, "1 rows for n=2"),
     ({"cfg_scale": 2.0}, "needs conditions"),
+    ({"prompt": "a 7", "n": 10**9}, "exceeds sample.max_n"),  # refused before the encoder makes 10^9 copies
 ])
 def test_serve_refuses_bad_conditions_with_a_one_line_reason(captions_client, body, reason):
     r = captions_client.post("/v1/images/generations", json={"steps": 2, **body})

@@ -197,11 +197,16 @@ def check_clusters(request: Request, available: list[bool]) -> None:
         raise DDMError(f"cluster {missing[0]}'s expert is not trained; oracle cannot route to it")
 
 
+def check_image_count(n: int, max_n: int) -> None:
+    """DDMError unless n images are within the run's bound `sample.max_n`."""
+    if n > max_n:
+        raise DDMError(f"n={n} images exceeds sample.max_n={max_n} (--set sample.max_n=N to allow more)")
+
+
 def check_limits(request: Request, sample: SampleConfig) -> Request:
     """`request` if it is within the run's bounds (`sample.max_n` images, `sample.max_steps` steps); DDMError
     otherwise. (Class labels are checked against the run by `check_condition`.)"""
-    if request.n > sample.max_n:
-        raise DDMError(f"n={request.n} images exceeds sample.max_n={sample.max_n} (--set sample.max_n=N to allow more)")
+    check_image_count(request.n, sample.max_n)
     if request.steps > sample.max_steps:
         raise DDMError(f"steps={request.steps} exceeds sample.max_steps={sample.max_steps} "
                        f"(--set sample.max_steps=N to allow more)")

@@ -239,7 +239,8 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
 
     def _checked(body: GenerationRequest) -> tuple[Request, np.ndarray | None]:
         """The request (and its condition embeddings, or None) a body asks for; DDMError (422) when bad."""
-        conditions = body.condition_rows(run.condition_shape, run.config.sample.condition_encoder)
+        conditions = body.condition_rows(run.condition_shape, run.config.sample.condition_encoder,
+                                         run.config.sample.max_n)
         request = body.to_request(run.config.sample, card["default_strategy"], conditions)
         check_limits(request, run.config.sample)
         check_condition(request, run.num_classes, run.condition_shape)
