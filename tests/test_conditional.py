@@ -148,6 +148,7 @@ def test_bad_class_requests_are_one_line_errors_and_write_nothing(trained_run_co
         (["--class", 1, "--labels", "1,2"], ["not both"]),
         (["--n", 2, "--cfg-scale", 2], ["needs class labels"]),
         (["--n", 2, "--class", 1, "--set", "expert.model.num_classes=4"], ["num_classes=4", "10 classes"]),
+        (["--n", 10**9, "--class", 1], ["exceeds sample.max_n"]),  # before 10^9 labels are made
     ]
     for args, needles in cases:
         assert _sample(run, *args, "--out", out, "--record", outputs / "r.json") == 2, args

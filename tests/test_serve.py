@@ -98,6 +98,7 @@ def test_a_served_record_verifies_and_a_tampered_one_does_not(client, keys, tmp_
     ({"strategy": "bogus"}, "strategy"),
     ({"size": "3x5"}, "size"),
     ({"class": 99}, "class 99"),
+    ({"class": 1, "n": 10**9}, "exceeds sample.max_n"),  # refused before 10^9 labels are made
     ({"labels": [1, 2], "n": 3}, "labels"),
     ({"response_format": "url"}, "response_format"),
     ({"prompt": "a cat"}, "prompt gives condition embeddings, but this run is not conditioned on embeddings"),

@@ -329,11 +329,12 @@ def _index_list(text: str, flag: str, what: str) -> tuple[int, ...]:
 def _request(args, cfg: Config, conditions=None) -> Request:
     """The request of `ddm sample`'s flags; conditions: the embeddings float32 [n, *condition_shape] of
     --conditions / --prompt (`_sample_conditions`), named in the request by their digest."""
-    from ddm.sampling.request import Request, conditions_sha256
+    from ddm.sampling.request import Request, check_image_count, conditions_sha256
 
     n = cfg.sample.n if args.n is None else args.n
     if conditions is not None:
         n = len(conditions)
+    check_image_count(n, cfg.sample.max_n)  # before n labels are made
     labels = _class_labels(args, n)
     if labels is not None:
         n = len(labels)  # --labels without --n: one image per label

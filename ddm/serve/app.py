@@ -47,7 +47,7 @@ from ddm.core.errors import DDMError
 from ddm.data.membership import router_problem
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
-from ddm.sampling.request import Request, check_condition, check_limits, generate, generate_many
+from ddm.sampling.request import Request, check_condition, check_image_count, check_limits, generate, generate_many
 from ddm.sampling.routing import ACCEPTED_FORMS
 from ddm.serve.batcher import Batcher, Merged, QueueFull
 from ddm.serve.jobs import JobStore
@@ -239,6 +239,7 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
 
     def _checked(body: GenerationRequest) -> tuple[Request, np.ndarray | None]:
         """The request (and its condition embeddings, or None) a body asks for; DDMError (422) when bad."""
+        check_image_count(body.n, run.config.sample.max_n)  # before n labels or n prompts are made
         conditions = body.condition_rows(run.condition_shape, run.config.sample.condition_encoder,
                                          run.config.sample.max_n)
         request = body.to_request(run.config.sample, card["default_strategy"], conditions)
