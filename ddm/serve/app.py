@@ -250,7 +250,7 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
 
     @app.post("/v1/images/generations")
     async def generations(body: GenerationRequest):
-        request, conditions = _checked(body)
+        request, conditions = await run_in_threadpool(_checked, body)  # a prompt's encoder may take a while
         result = await asyncio.wrap_future(batcher.submit(request, conditions))
         reply = await run_in_threadpool(_reply, request, result, body.record, body.arrays, conditions)
         metrics.images.inc(request.n)
@@ -276,7 +276,7 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(body: GenerationRequest):
-        request, conditions = _checked(body)
+        request, conditions = await run_in_threadpool(_checked, body)
         jobs.reserve()
         job = jobs.add(request, batcher.submit(request, conditions))
         task = asyncio.create_task(_complete(job, body.record, body.arrays, conditions))

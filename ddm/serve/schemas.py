@@ -21,7 +21,8 @@ from ddm.sampling.request import Request, check_image_count, condition_rows, con
 from ddm.verify.limits import VerifyLimits
 
 INT_MAX = 2**31 - 1
-MAX_PROMPT_CHARS = 10_000  # per prompt, and prompts per request
+MAX_PROMPT_CHARS = 10_000  # per prompt
+MAX_PROMPTS = 10_000  # per request
 
 
 class GenerationRequest(BaseModel):
@@ -43,7 +44,7 @@ class GenerationRequest(BaseModel):
     cfg_scale: float | None = Field(None, ge=0, le=VerifyLimits.max_cfg_scale, allow_inf_nan=False)  # as verify
     # runs conditioned on embeddings: prompts through the run's sample.condition_encoder, or the embeddings
     prompt: str | list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]] | None = Field(
-        None, max_length=MAX_PROMPT_CHARS, description="one prompt for all n images, or one per image")
+        None, max_length=MAX_PROMPTS, description="one prompt for all n images, or one per image")
     conditions: dict | None = Field(None, description="float32 [n, *condition_shape] as {dtype, shape, b64} "
                                                       "(`encode_array`); n is its row count")
     record: bool = False
