@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -99,6 +100,21 @@ def start_serve(run_dir: Path, *args: str, timeout: float = 180) -> tuple[subpro
             proc.terminate()
             raise AssertionError("ddm serve did not come up")
         time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def serving(run_dir: Path, *args: str):
+    """`start_serve` as a context: yields the base URL, and stops the server (SIGTERM, then SIGKILL after 60 s)."""
+    proc, base = start_serve(run_dir, *args)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # XLA flags of a `ddm` child process besides its device count: the compile settings of the session itself

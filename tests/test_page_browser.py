@@ -10,7 +10,6 @@ import base64
 import io
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
 pytest.importorskip("fastapi")
 
 import httpx
-from helpers import start_serve
+from helpers import serving
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -51,16 +50,8 @@ def run_dir(request) -> Path:
 def server(run_dir, tmp_path_factory):
     """A `ddm serve` process on 127.0.0.1 (records signed with a fresh key): its base URL."""
     key, _ = generate_keypair(tmp_path_factory.mktemp("page-key") / "key")
-    proc, base = start_serve(run_dir, "--max-wait-ms", "0", "--key", str(key))
-    try:
+    with serving(run_dir, "--max-wait-ms", "0", "--key", str(key)) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +138,7 @@ def test_the_page_generates_plots_the_routing_and_verifies_its_record(server, br
 def test_the_page_takes_a_prompt_and_verifies_with_its_embeddings(captions_run, browser):
     """On a run conditioned on caption embeddings (with its encoder), the page's prompt field reaches the encoder:
     the grid is the API's for the same prompt, and Verify sends the record with its embeddings."""
-    proc, base = start_serve(captions_run, "--max-wait-ms", "0")
-    try:
+    with serving(captions_run, "--max-wait-ms", "0") as base:
         browser.get(base + "/")
         assert browser.find_element(By.ID, "class").get_attribute("disabled") is not None
         form = {"prompt": "a thick 7 leaning right", "cfg_scale": "2", "steps": "2", "seed": "4", "n": "3"}
@@ -171,10 +161,3 @@ def test_the_page_takes_a_prompt_and_verifies_with_its_embeddings(captions_run, 
         verdict = wait.until(lambda d: d.find_element(By.ID, "verdict").get_attribute("data-honest")
                              and d.find_element(By.ID, "verdict"))
         assert verdict.get_attribute("data-honest") == "true", verdict.text
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
