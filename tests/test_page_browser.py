@@ -68,6 +68,23 @@ def browser():
         driver.quit()
 
 
+def _generate(browser, form: dict[str, str], selects: dict[str, str] | None = None) -> WebDriverWait:
+    """Fills the page's form (text fields `form`, drop-downs `selects`), clicks Generate and waits for the answer,
+    failing on an error line; returns the wait for what follows."""
+    for name, value in form.items():
+        field = browser.find_element(By.ID, name)
+        field.clear()
+        field.send_keys(value)
+    for name, value in (selects or {}).items():
+        Select(browser.find_element(By.ID, name)).select_by_value(value)
+    browser.find_element(By.ID, "generate").click()
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda d: "images in" in d.find_element(By.ID, "status").text
+               or "error" in d.find_element(By.ID, "status").text)
+    assert "error" not in browser.find_element(By.ID, "status").text, browser.find_element(By.ID, "status").text
+    return wait
+
+
 def test_the_page_generates_plots_the_routing_and_verifies_its_record(server, browser, run_dir):
     run = Run.open(run_dir)
     height, width, channels = run.image_shape
@@ -75,17 +92,7 @@ def test_the_page_generates_plots_the_routing_and_verifies_its_record(server, br
     assert "ddm serve" in browser.title
 
     form = {"strategy": "top1", "cfg_scale": "2", "steps": "3", "seed": "5", "n": "5"}
-    for name, value in form.items():
-        field = browser.find_element(By.ID, name)
-        field.clear()
-        field.send_keys(value)
-    Select(browser.find_element(By.ID, "class")).select_by_value("3")
-    browser.find_element(By.ID, "generate").click()
-
-    wait = WebDriverWait(browser, 120)
-    wait.until(lambda d: "images in" in d.find_element(By.ID, "status").text
-               or "error" in d.find_element(By.ID, "status").text)
-    assert "error" not in browser.find_element(By.ID, "status").text, browser.find_element(By.ID, "status").text
+    wait = _generate(browser, form, {"class": "3"})
 
     # The grid: 5 images the browser decoded at the run's size, exactly the API's images for the same request.
     imgs = browser.find_elements(By.CSS_SELECTOR, "#images figure img")
@@ -142,15 +149,7 @@ def test_the_page_takes_a_prompt_and_verifies_with_its_embeddings(captions_run, 
         browser.get(base + "/")
         assert browser.find_element(By.ID, "class").get_attribute("disabled") is not None
         form = {"prompt": "a thick 7 leaning right", "cfg_scale": "2", "steps": "2", "seed": "4", "n": "3"}
-        for name, value in form.items():
-            field = browser.find_element(By.ID, name)
-            field.clear()
-            field.send_keys(value)
-        browser.find_element(By.ID, "generate").click()
-        wait = WebDriverWait(browser, 120)
-        wait.until(lambda d: "images in" in d.find_element(By.ID, "status").text
-                   or "error" in d.find_element(By.ID, "status").text)
-        assert "error" not in browser.find_element(By.ID, "status").text, browser.find_element(By.ID, "status").text
+        wait = _generate(browser, form)
         imgs = browser.find_elements(By.CSS_SELECTOR, "#images figure img")
         shown = np.stack([_png(i.get_attribute("src").split(",", 1)[1]) for i in imgs])
         reply = httpx.post(f"{base}/v1/images/generations", timeout=120, json={
