@@ -356,7 +356,7 @@ def _sample_conditions(args, run):
     (or --n / sample.n for one prompt); a --n that disagrees is an error."""
     from ddm.app.sample import read_conditions_file
     from ddm.sampling.prompts import encode_prompts
-    from ddm.sampling.request import check_image_count, condition_rows
+    from ddm.sampling.request import condition_rows
 
     if args.conditions is None and not args.prompt:
         return None
@@ -372,10 +372,10 @@ def _sample_conditions(args, run):
         n = args.n if args.n is not None else (len(args.prompt) if len(args.prompt) > 1 else run.config.sample.n)
         if args.n is not None and len(args.prompt) > 1 and len(args.prompt) != args.n:
             raise DDMError(f"{len(args.prompt)} prompts for --n {args.n} images: give one prompt, or one per image")
-        check_image_count(n, run.config.sample.max_n)  # before the encoder embeds n prompts
         if os.getcwd() not in sys.path and "" not in sys.path:  # the encoder's module, as for --features
             sys.path.insert(0, os.getcwd())
-        return encode_prompts(run.config.sample.condition_encoder, args.prompt, n, run.condition_shape)
+        return encode_prompts(run.config.sample.condition_encoder, args.prompt, n, run.condition_shape,
+                              max_n=run.config.sample.max_n)
     rows = read_conditions_file(args.conditions)
     if args.n is not None and args.n != len(rows):
         raise DDMError(f"--conditions {args.conditions} has {len(rows)} rows for --n {args.n} images (n is taken "

@@ -11,15 +11,17 @@ import numpy as np
 
 from ddm.core.errors import DDMError
 from ddm.core.plugins import import_function
-from ddm.sampling.request import condition_rows
+from ddm.sampling.request import check_image_count, condition_rows
 
 
-def encode_prompts(spec: str | None, prompts: list[str], n: int, condition_shape: tuple[int, ...], *,
+def encode_prompts(spec: str | None, prompts: list[str], n: int, condition_shape: tuple[int, ...], *, max_n: int,
                    alternative: str = "--conditions FILE") -> np.ndarray:
     """float32 [n, *condition_shape]: `prompts` (n of them, or one for all n) through the encoder `spec`.
 
-    DDMError (one line) without an encoder (`alternative` names the other way to give embeddings), for one that
-    does not import, or for output of another shape or dtype, or with NaN / Inf."""
+    DDMError (one line) for n beyond the run's `max_n` (before any copy of a prompt is made), without an encoder
+    (`alternative` names the other way to give embeddings), for one that does not import, or for output of
+    another shape or dtype, or with NaN / Inf."""
+    check_image_count(n, max_n)
     if not spec:
         raise DDMError("prompts need a text encoder: set sample.condition_encoder: module:function (e.g. "
                        f"--set sample.condition_encoder=my_encoder:encode), or give {alternative}")

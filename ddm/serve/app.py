@@ -126,7 +126,7 @@ def model_card(run: Run, with_router: bool) -> dict:
     strategies = [*([] if run.condition_shape else ["prior"]), *(f"single:{k}" for k in available)]
     if with_router:
         strategies = ["top1", "top2", "full", "threshold:0.1", "sample", *strategies]
-    default = "prior" if not run.condition_shape else ("top1" if with_router else strategies[0] if strategies else None)
+    default = "prior" if "prior" in strategies else strategies[0] if strategies else None  # top1 with a router
     conditioning = ({"kind": "embeddings", "shape": list(run.condition_shape),
                      "prompts": bool(run.config.sample.condition_encoder)} if run.condition_shape
                     else {"kind": "classes", "classes": run.num_classes} if run.num_classes else {"kind": "none"})
@@ -269,7 +269,7 @@ def create_app(run_dir: str | Path | Run, *, key: str | Path | None = None, max_
             reply["arrays"] = {"x": encode_array(result.x), "weights": encode_array(result.weights),
                                "expert_ids": None if result.expert_ids is None else encode_array(result.expert_ids)}
             if conditions is not None:  # what a verifier needs besides the record (the page's verify button)
-                reply["arrays"]["conditions"] = encode_array(np.asarray(conditions, np.float32))
+                reply["arrays"]["conditions"] = encode_array(conditions)  # float32 (`condition_rows`)
         if record:
             reply["record"] = sample_record(run.sha256, request, result, run.codec, private_key, emulation)
         return reply

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ddm.core.config import SEED_MAX, SampleConfig
 from ddm.core.errors import DDMError
 from ddm.sampling.prompts import encode_prompts
-from ddm.sampling.request import Request, check_image_count, condition_rows, conditions_sha256
+from ddm.sampling.request import Request, condition_rows, conditions_sha256
 from ddm.verify.limits import VerifyLimits
 
 INT_MAX = 2**31 - 1
@@ -54,8 +54,8 @@ class GenerationRequest(BaseModel):
         """The condition embeddings float32 [n, *condition_shape] of `prompt` (through `encoder`, the run's
         `sample.condition_encoder`) or `conditions`; None without either. n is the body's `n`, or the number
         of prompts (more than one) or of rows in `conditions`, which an explicit `n` must equal. DDMError (one
-        line) for both fields, either on a run without embeddings, embeddings of another shape, or n beyond
-        `max_n` (checked before the encoder runs)."""
+        line) for both fields, either on a run without embeddings, embeddings of another shape, or prompts for
+        more than `max_n` images (checked before the encoder runs; rows are bounded with the request)."""
         if self.prompt is None and self.conditions is None:
             return None
         if self.prompt is not None and self.conditions is not None:
@@ -71,13 +71,12 @@ class GenerationRequest(BaseModel):
             if not prompts:
                 raise DDMError("prompt is an empty list")
             n = len(prompts) if len(prompts) > 1 and not explicit_n else self.n
-            check_image_count(n, max_n)
-            return encode_prompts(encoder, prompts, n, condition_shape, alternative="the embeddings (conditions)")
+            return encode_prompts(encoder, prompts, n, condition_shape, max_n=max_n,
+                                  alternative="the embeddings (conditions)")
         rows = decode_array(self.conditions, "conditions")
         if rows.ndim != len(condition_shape) + 1:
             raise DDMError(f"conditions has shape {list(rows.shape)}; this run takes [n, "
                            f"{', '.join(map(str, condition_shape))}] (one row per image)")
-        check_image_count(len(rows), max_n)
         if explicit_n and len(rows) != self.n:
             raise DDMError(f"conditions has {len(rows)} rows for n={self.n} images (n is taken from the rows: "
                            "leave n out)")
