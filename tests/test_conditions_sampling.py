@@ -537,4 +537,5 @@ def test_evaluate_leaves_prior_out_of_its_defaults_on_embeddings_and_refuses_it_
     assert evaluation_strategies(None, (64,)) == [s for s in DEFAULT_STRATEGIES if s != "prior"]
     assert evaluation_strategies(["top1", "single:0"], (64,)) == ["top1", "single:0"]
     assert _ddm("evaluate", "--run-dir", captions_run, "--strategies", "top1,prior", "--n", 8) == 2
-    _one_line_error(capsys, "a run conditioned on embeddings has none: leave it out of --strategies")
+    _one_line_error(capsys, "condition embeddings have no counts: use a router strategy (top1, top2, full, "
+                            "threshold:TAU, sample); leave it out of --strategies")

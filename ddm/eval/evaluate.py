@@ -40,7 +40,7 @@ import numpy as np
 from ddm.sampling.ensemble import Ensemble
 from ddm.core.errors import DDMError
 from ddm.train.plots import save_strategy_figure
-from ddm.sampling.routing import parse_strategy
+from ddm.sampling.routing import PRIOR_WITHOUT_COUNTS, parse_strategy, prior_available
 from ddm.data.components import MONOLITH as MONOLITH_COMPONENT
 from ddm.data.components import SINGLE_NAMES
 from ddm.data.components import STUDENT as STUDENT_COMPONENT
@@ -119,10 +119,9 @@ def evaluation_strategies(strategies: Sequence[str] | None, condition_shape: tup
     on embeddings (it draws from class counts, which such a run has none of). DDMError when `prior` is asked for
     there explicitly."""
     if strategies is None:
-        return [s for s in DEFAULT_STRATEGIES if not (condition_shape and s == "prior")]
-    if condition_shape and any(parse_strategy(s).kind == "prior" for s in strategies):
-        raise DDMError("strategy prior draws from the clusters' class counts; a run conditioned on embeddings has "
-                       "none: leave it out of --strategies")
+        return [s for s in DEFAULT_STRATEGIES if s != "prior" or prior_available(condition_shape)]
+    if not prior_available(condition_shape) and any(parse_strategy(s).kind == "prior" for s in strategies):
+        raise DDMError(f"{PRIOR_WITHOUT_COUNTS}; leave it out of --strategies")
     return list(strategies)
 
 

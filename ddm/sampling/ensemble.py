@@ -80,7 +80,8 @@ from ddm.core.dit import check_condition_shape
 from ddm.core.errors import DDMError
 from ddm.sampling import dispatch as dispatch_lib
 from ddm.sampling.request import condition_rows
-from ddm.sampling.routing import PRIOR_TAG, Strategy, parse_strategy, prior_choice, prior_probs, route_weights
+from ddm.sampling.routing import (PRIOR_TAG, PRIOR_WITHOUT_COUNTS, Strategy, parse_strategy, prior_available,
+                                  prior_choice, prior_probs, route_weights)
 
 ExpertApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 RouterApply = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -504,10 +505,8 @@ class Ensemble:
         strategy = parse_strategy(strategy)
         if strategy.needs_router and self.router_apply is None:
             raise DDMError(self.router_note or f"routing strategy {strategy} needs a router, and this ensemble has none")
-        if strategy.kind == "prior" and self.condition_shape:
-            raise DDMError("routing strategy 'prior' draws from p(k | class) by the clusters' class counts, and "
-                           "condition embeddings have no counts: use a router strategy (top1, top2, full, "
-                           "threshold:TAU, sample)")
+        if strategy.kind == "prior" and not prior_available(self.condition_shape):
+            raise DDMError(PRIOR_WITHOUT_COUNTS)
         if strategy.kind == "prior" and self.prior_counts is None:
             raise DDMError("routing strategy 'prior' needs the clusters' data counts: build the Ensemble with "
                            "prior_counts ([K, C] class counts or [K] cluster sizes; load_ensemble passes the run's)")

@@ -285,6 +285,17 @@ def _sparse_weights(p: jax.Array, strategy: Strategy, mask: jax.Array, rng: jax.
     return _one_hot_or_top1(p, choice, mask)
 
 
+PRIOR_WITHOUT_COUNTS = ("routing strategy 'prior' draws from p(k | class) by the clusters' class counts, and condition "
+                        "embeddings have no counts: use a router strategy (top1, top2, full, threshold:TAU, sample)")
+
+
+def prior_available(condition_shape: tuple[int, ...]) -> bool:
+    """Whether `prior` can sample a run conditioned by `condition_shape` (() for class labels or none): it draws
+    from the clusters' counts per class, and condition embeddings have no counts to draw from. The refusal's
+    message is PRIOR_WITHOUT_COUNTS."""
+    return not condition_shape
+
+
 def prior_probs(counts, y, mask, *, null_label: int) -> np.ndarray:
     """p(k | y_i) over the available experts, float32 [n, K] (rows sum to 1), from the clusters' data counts.
 

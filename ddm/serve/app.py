@@ -48,7 +48,7 @@ from ddm.data.membership import router_problem
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
 from ddm.sampling.request import Request, check_condition, check_image_count, check_limits, generate, generate_many
-from ddm.sampling.routing import ACCEPTED_FORMS
+from ddm.sampling.routing import ACCEPTED_FORMS, prior_available
 from ddm.serve.batcher import Batcher, Merged, QueueFull
 from ddm.serve.jobs import JobStore
 from ddm.serve.metrics import Metrics, ObservedApp
@@ -122,8 +122,7 @@ def model_card(run: Run, with_router: bool) -> dict:
         experts.append({"cluster": k, "sha256": (entry or {}).get("sha256"), "available": run.finished(entry)})
     router = run.component("router") if with_router else None
     available = [e["cluster"] for e in experts if e["available"]]
-    # prior draws from the clusters' counts per class: runs conditioned on embeddings have none to draw from
-    strategies = [*([] if run.condition_shape else ["prior"]), *(f"single:{k}" for k in available)]
+    strategies = [*(["prior"] if prior_available(run.condition_shape) else []), *(f"single:{k}" for k in available)]
     if with_router:
         strategies = ["top1", "top2", "full", "threshold:0.1", "sample", *strategies]
     default = "prior" if "prior" in strategies else strategies[0] if strategies else None  # top1 with a router
