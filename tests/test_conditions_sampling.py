@@ -231,7 +231,7 @@ def test_sample_refusals_are_one_line(captions_run, tmp_path, capsys, monkeypatc
         (("--conditions", tmp_path / "c4.npy", "--prompt", "a 1"), "give --conditions or --prompt, not both"),
         (("--prompt", "a 7", "--set", "sample.condition_encoder=no_such_module:encode"), "cannot import 'no_such_module'"),
         (("--prompt", "a 7", "--set", "sample.condition_encoder=badenc:encode"), "returned float32 [4, 3]"),
-        (("--prompt", "a", "--prompt", "b", "--n", 3), "2 prompts for --n 3 images"),
+        (("--prompt", "a", "--prompt", "b", "--n", 3), "2 prompts for 3 images"),
         (("--prompt", "a 7", "--n", 10**9), "exceeds sample.max_n"),  # before the encoder makes 10^9 copies
         (("--strategy", "single:0", "--cfg-scale", 2), "needs conditions: give --conditions or --prompt"),
     ]

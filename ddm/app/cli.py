@@ -355,7 +355,7 @@ def _sample_conditions(args, run):
     all n), float32 [n, *condition_shape] for `run`; None without either. n comes from the file or the prompts
     (or --n / sample.n for one prompt); a --n that disagrees is an error."""
     from ddm.app.sample import read_conditions_file
-    from ddm.sampling.prompts import encode_prompts
+    from ddm.sampling.prompts import encode_prompts, prompt_image_count
     from ddm.sampling.request import condition_rows
 
     if args.conditions is None and not args.prompt:
@@ -369,9 +369,7 @@ def _sample_conditions(args, run):
     if args.class_ is not None or args.labels is not None:
         raise DDMError(f"{flag} and --class / --labels: a run is conditioned on embeddings or on classes, not both")
     if args.prompt:
-        n = args.n if args.n is not None else (len(args.prompt) if len(args.prompt) > 1 else run.config.sample.n)
-        if args.n is not None and len(args.prompt) > 1 and len(args.prompt) != args.n:
-            raise DDMError(f"{len(args.prompt)} prompts for --n {args.n} images: give one prompt, or one per image")
+        n = prompt_image_count(args.prompt, args.n, run.config.sample.n)
         if os.getcwd() not in sys.path and "" not in sys.path:  # the encoder's module, as for --features
             sys.path.insert(0, os.getcwd())
         return encode_prompts(run.config.sample.condition_encoder, args.prompt, n, run.condition_shape,

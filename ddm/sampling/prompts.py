@@ -2,7 +2,7 @@
 
 The encoder is "module:function": a list of n strings -> float [n, *condition_shape]. It is imported only when
 prompts are given, so runs without one (and runs given their embeddings directly) never import it. `ddm sample
---prompt` and `ddm serve`'s `prompt` field both go through `encode_prompts`.
+--prompt` and `ddm serve`'s `prompt` field both go through `prompt_image_count` and `encode_prompts`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,15 @@ import numpy as np
 from ddm.core.errors import DDMError
 from ddm.core.plugins import import_function
 from ddm.sampling.request import check_image_count, condition_rows
+
+
+def prompt_image_count(prompts: list[str], n: int | None, default_n: int) -> int:
+    """How many images `prompts` ask for: `n` when given, else one per prompt when there are several, else
+    `default_n` (one prompt for all). Whether n and several prompts agree is `encode_prompts`' check. DDMError for
+    an empty list."""
+    if not prompts:
+        raise DDMError("prompt is an empty list")
+    return n if n is not None else len(prompts) if len(prompts) > 1 else default_n
 
 
 def encode_prompts(spec: str | None, prompts: list[str], n: int, condition_shape: tuple[int, ...], *, max_n: int,

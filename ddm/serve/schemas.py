@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ddm.core.config import SEED_MAX, SampleConfig
 from ddm.core.errors import DDMError
-from ddm.sampling.prompts import encode_prompts
+from ddm.sampling.prompts import encode_prompts, prompt_image_count
 from ddm.sampling.request import Request, condition_rows, conditions_sha256
 from ddm.verify.limits import VerifyLimits
 
@@ -68,9 +68,7 @@ class GenerationRequest(BaseModel):
         explicit_n = "n" in self.model_fields_set
         if self.prompt is not None:
             prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-            if not prompts:
-                raise DDMError("prompt is an empty list")
-            n = len(prompts) if len(prompts) > 1 and not explicit_n else self.n
+            n = prompt_image_count(prompts, self.n if explicit_n else None, self.n)
             return encode_prompts(encoder, prompts, n, condition_shape, max_n=max_n,
                                   alternative="the embeddings (conditions)")
         rows = decode_array(self.conditions, "conditions")
