@@ -539,3 +539,33 @@ def test_evaluate_leaves_prior_out_of_its_defaults_on_embeddings_and_refuses_it_
     assert _ddm("evaluate", "--run-dir", captions_run, "--strategies", "top1,prior", "--n", 8) == 2
     _one_line_error(capsys, "condition embeddings have no counts: use a router strategy (top1, top2, full, "
                             "threshold:TAU, sample); leave it out of --strategies")
+
+
+def test_consensus_eval_draws_its_claims_for_the_prompts(captions_run, tmp_path, capsys):
+    """The claims name the prompts' embeddings by digest and the verifier process regenerates with them: honest
+    claims are bit-exact, and images drawn at the null condition for a prompt are caught."""
+    import shutil
+
+    from router.train import train_router
+
+    run = tmp_path / "run"
+    shutil.copytree(captions_run, run)
+    train_router(run, ["router.train.steps=2"])  # consensus-eval's claims are routed
+    out = tmp_path / "eval"
+    assert _ddm("consensus-eval", "--run-dir", run, "--prompt", "a thick 7", "--prompt", "a thin 1", "--prompt",
+                "a 3", "--verifiers", 1, "--requests", 2, "--images", 2, "--steps", 2, "--copiers", "none",
+                "--out", out) == 0
+    report = json.loads((out / "consensus_report.json").read_text())
+    prompts = captions.encode(["a thick 7", "a thin 1", "a 3"])
+    assert report["conditions"] == {"rows": 3, "shape": [64], "sha256": conditions_sha256(prompts)}
+    claims = json.loads((out / "consensus_work" / "claims.json").read_text())["claims"]
+    # request i takes rows (2i, 2i + 1) mod 3 of the prompts, every claim of it too
+    digests = {c["record"]["request"]["seed"]: c["record"]["request"]["conditions_sha256"] for c in claims}
+    assert digests == {0: conditions_sha256(prompts[[0, 1]]), 1: conditions_sha256(prompts[[2, 0]])}
+    modes = report["analysis"]["modes"]["exact"]
+    assert modes["honest"]["majority"] == 0.0 and modes["honest_single"]["majority"] == 0.0
+    assert modes["ignored_conditions"]["majority"] == 1.0 and report["analysis"]["claims_per_kind"][
+        "ignored_conditions"] == 2
+    capsys.readouterr()
+    assert _ddm("consensus-eval", "--run-dir", run, "--conditions", tmp_path / "none.npy", "--out", out) == 2
+    _one_line_error(capsys, "none.npy")

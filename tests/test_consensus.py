@@ -134,7 +134,9 @@ def test_consensus_eval_cli_bad_input_exits_2(trained_run, capsys):
     assert main(["consensus-eval", "--run-dir", str(trained_run), "--strategy", "single:0"]) == 2
     assert main(["consensus-eval", "--run-dir", str(trained_run), "--copiers", "peek"]) == 2
     assert main(["consensus-eval", "--run-dir", str(trained_run), "--margin", "0.5"]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 6
+    assert main(["consensus-eval", "--run-dir", str(trained_run), "--prompt", "a 7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 7 and "is not conditioned on embeddings" in err[-1]
 
 
 def test_consensus_eval_end_to_end(trained_run, tmp_path, capsys):

@@ -354,6 +354,18 @@ def _sample_conditions(args, run):
     """The condition embeddings of `ddm sample --conditions FILE` or `--prompt TEXT` (repeatable; one prompt for
     all n), float32 [n, *condition_shape] for `run`; None without either. n comes from the file or the prompts
     (or --n / sample.n for one prompt); a --n that disagrees is an error."""
+    given = args.conditions is not None or args.prompt
+    if given and run.condition_shape and (args.class_ is not None or args.labels is not None):
+        raise DDMError(f"{'--conditions' if args.conditions is not None else '--prompt'} and --class / --labels: a "
+                       "run is conditioned on embeddings or on classes, not both")
+    return _embedding_rows(args, run, args.n, run.config.sample.n,
+                           " (it takes class labels: --class / --labels)" if run.num_classes else "")
+
+
+def _embedding_rows(args, run, n: int | None, default_n: int, hint: str = ""):
+    """float32 [rows, *condition_shape]: the embeddings of --conditions FILE (its rows; DDMError unless n is None
+    or their count) or of --prompt TEXT (repeatable; `prompt_image_count` rows); None without either. DDMError
+    for both, or either on a run not conditioned on embeddings (`hint` says what it takes instead)."""
     from ddm.app.sample import read_conditions_file
     from ddm.sampling.prompts import encode_prompts, prompt_image_count
     from ddm.sampling.request import condition_rows
@@ -364,19 +376,16 @@ def _sample_conditions(args, run):
         raise DDMError("give --conditions or --prompt, not both")
     flag = "--conditions" if args.conditions is not None else "--prompt"
     if not run.condition_shape:
-        raise DDMError(f"{flag} gives condition embeddings, but run {run.root} is not conditioned on embeddings"
-                       + (" (it takes class labels: --class / --labels)" if run.num_classes else ""))
-    if args.class_ is not None or args.labels is not None:
-        raise DDMError(f"{flag} and --class / --labels: a run is conditioned on embeddings or on classes, not both")
+        raise DDMError(f"{flag} gives condition embeddings, but run {run.root} is not conditioned on embeddings{hint}")
     if args.prompt:
-        n = prompt_image_count(args.prompt, args.n, run.config.sample.n)
         if os.getcwd() not in sys.path and "" not in sys.path:  # the encoder's module, as for --features
             sys.path.insert(0, os.getcwd())
-        return encode_prompts(run.config.sample.condition_encoder, args.prompt, n, run.condition_shape,
+        return encode_prompts(run.config.sample.condition_encoder, args.prompt,
+                              prompt_image_count(args.prompt, n, default_n), run.condition_shape,
                               max_n=run.config.sample.max_n)
     rows = read_conditions_file(args.conditions)
-    if args.n is not None and args.n != len(rows):
-        raise DDMError(f"--conditions {args.conditions} has {len(rows)} rows for --n {args.n} images (n is taken "
+    if n is not None and n != len(rows):
+        raise DDMError(f"--conditions {args.conditions} has {len(rows)} rows for --n {n} images (n is taken "
                        "from the file: drop --n)")
     return condition_rows(rows, len(rows), run.condition_shape, f"conditions file {args.conditions}")
 
@@ -585,10 +594,12 @@ def cmd_consensus_eval(args) -> int:
                             verifiers=tuple(specs[i % len(specs)] for i in range(args.verifiers)),
                             perturb_scales=scales, pixel_noise=args.pixel_noise, parallel=args.parallel,
                             copiers=copiers, margin=args.margin)
-    out = Path(args.out) if args.out is not None else _run(args).eval_dir
+    run = _run(args)
+    conditions = _embedding_rows(args, run, None, 1)
+    out = Path(args.out) if args.out is not None else run.eval_dir
     created = [p for p in (out, out / "consensus_work") if not p.exists()]
     try:
-        consensus_eval(args.run_dir, settings, args.out, overrides=args.set)
+        consensus_eval(args.run_dir, settings, args.out, overrides=args.set, conditions=conditions)
     except DDMError:  # a refused evaluation leaves none of the folders it made
         import shutil
 
@@ -895,6 +906,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "reveal, commitment, or none (default reveal,commitment)")
     p.add_argument("--margin", type=float_arg(0), default=2.0,
                    help="tolerance thresholds = margin x the largest honest drift measured (default 2)")
+    p.add_argument("--conditions", default=None, metavar="FILE",
+                   help="runs conditioned on embeddings: the embeddings to draw the claims for, a .npy or an .npz "
+                        "array 'conditions' [m, *condition_shape], cycled over the requests' images (default: the "
+                        "null condition)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="runs conditioned on embeddings: a prompt (repeatable) embedded by sample.condition_encoder, "
+                        "cycled over the requests' images")
     p.add_argument("--out", default=None, help="output folder, thresholds included (default RUN/eval, where "
                                                "ddm verify reads verify_thresholds.json)")
     p.set_defaults(func=cmd_consensus_eval)

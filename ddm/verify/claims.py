@@ -18,6 +18,11 @@ For request i (seed `seed + i`, the chosen strategy, steps and solver) and S_i =
 | swapped_experts       | R_i                        | R_i with the two most used experts' parameters swapped  |
 | pixel_noise           | R_i                        | R_i's output + N(0, sigma^2) noise (sigma in uint8      |
 |                       |                            | levels, added to the values)                            |
+| ignored_conditions    | R_i                        | R_i drawn at the null condition (only with conditions)  |
+
+With condition embeddings (a run conditioned on embeddings, `conditions` [m, *condition_shape]), request i names
+rows (i * images + j) mod m, j < images, by their digest, and every claim of request i is drawn for them; the
+`ignored_conditions` cheat is a server that serves unconditioned images for a prompt.
 
 Every claim is a consistent `ddm-record/v2` record of the images it really holds (values, digests), made in the
 claimant's environment: the cheats are in what it claims those images are. `same_cluster` pairs and the nearest
@@ -36,7 +41,7 @@ import numpy as np
 
 from ddm.core.errors import DDMError
 from ddm.sampling.ensemble import Ensemble
-from ddm.sampling.request import Request, generate
+from ddm.sampling.request import Request, conditions_sha256, generate
 from ddm.sampling.routing import parse_strategy
 from ddm.verify.environment import environment
 from ddm.verify.phash import perceptual_hashes
@@ -137,10 +142,26 @@ def gallery(claims: list[dict]) -> list[dict]:
     return out
 
 
-def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) -> list[dict]:
+def request_conditions(conditions: np.ndarray | None, i: int, images: int) -> np.ndarray | None:
+    """Request i's condition rows float32 [images, *condition_shape]: rows (i * images + j) mod m of `conditions`
+    [m, *condition_shape] (cycled, so a few prompts serve every request); None without conditions."""
+    if conditions is None:
+        return None
+    return np.ascontiguousarray(conditions[(i * images + np.arange(images)) % len(conditions)], np.float32)
+
+
+def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings,
+                 conditions: np.ndarray | None = None) -> tuple[list[dict], dict[str, np.ndarray]]:
     """The claims, each {"id", "kind", "meta", "record"} (record: `ddm.verify.records.make_record`, made in this
-    process's environment)."""
+    process's environment), and the condition rows the records name, by digest ({} without `conditions`).
+
+    conditions: float32 [m, *condition_shape] (`ddm.sampling.request.condition_rows`) for a run conditioned on
+    embeddings, cycled over the requests (`request_conditions`); None draws every claim at the null condition.
+    DDMError when given to a run without embeddings."""
+    if conditions is not None and not ensemble.condition_shape:
+        raise DDMError("condition embeddings were given, but this run is not conditioned on embeddings")
     present = [k for k in range(ensemble.num_experts) if ensemble.available[k]]
+    table: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(settings.seed)
     env = environment()
     claims: list[dict] = []
@@ -153,20 +174,27 @@ def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) 
     for i in range(settings.requests):
         seed = settings.seed + i
         other_seed = seed + OTHER_SEED_OFFSET
+        rows = request_conditions(conditions, i, settings.images)
+        digest = None if rows is None else conditions_sha256(rows)
+        if rows is not None:
+            table[digest] = rows
         req = Request(seed=seed, n=settings.images, strategy=settings.strategy, steps=settings.steps,
-                      solver=settings.solver)
-        honest = generate(ensemble, req)
+                      solver=settings.solver, conditions_sha256=digest)
+
+        def drawn(request: Request, on: Ensemble = ensemble, rows=rows) -> np.ndarray:
+            return generate(on, request, conditions=rows).x
+
+        honest = generate(ensemble, req, conditions=rows)
         add("honest", req, honest.x)
 
-        moved = generate(ensemble, dataclasses.replace(req, seed=other_seed)).x
-        add("seed", req, moved, seed=other_seed)
+        add("seed", req, drawn(dataclasses.replace(req, seed=other_seed)), seed=other_seed)
         alt = _alt_strategy(req.strategy, i)
-        add("strategy", req, generate(ensemble, dataclasses.replace(req, strategy=alt)).x, strategy=alt)
+        add("strategy", req, drawn(dataclasses.replace(req, strategy=alt)), strategy=alt)
         for kind, steps in (("steps", req.steps // 2), ("steps_minus1", req.steps - 1),
                             ("steps_plus1", req.steps + 1)):
-            add(kind, req, generate(ensemble, dataclasses.replace(req, steps=steps)).x, steps=steps)
+            add(kind, req, drawn(dataclasses.replace(req, steps=steps)), steps=steps)
         solver = "euler" if req.solver == "heun" else "heun"
-        add("solver", req, generate(ensemble, dataclasses.replace(req, solver=solver)).x, solver=solver)
+        add("solver", req, drawn(dataclasses.replace(req, solver=solver)), solver=solver)
 
         usage = np.asarray(honest.weights, np.float64).sum(axis=(0, 1))  # [K] routing weight per expert
         order = [int(k) for k in np.argsort(-usage, kind="stable") if ensemble.available[int(k)]]
@@ -174,23 +202,23 @@ def build_claims(ensemble: Ensemble, manifest_sha: str, settings: EvalSettings) 
         for scale in settings.perturb_scales:
             params = list(ensemble.expert_params)
             params[a] = perturb_params(params[a], scale, rng)
-            add(f"perturbed_expert:{scale:g}", req, generate(ensemble.replace(expert_params=params), req).x,
+            add(f"perturbed_expert:{scale:g}", req, drawn(req, ensemble.replace(expert_params=params)),
                 expert=a, scale=scale)
         if len(order) >= 2:
             b = order[1]
             params = list(ensemble.expert_params)
             params[a], params[b] = params[b], params[a]
-            add("swapped_experts", req, generate(ensemble.replace(expert_params=params), req).x, experts=[a, b])
+            add("swapped_experts", req, drawn(req, ensemble.replace(expert_params=params)), experts=[a, b])
         # uint8 levels -> model range (for latents: the same share of the [-1, 1] span, in standard deviations)
         noise = rng.normal(0.0, settings.pixel_noise / 127.5, honest.x.shape)
         add("pixel_noise", req, (honest.x + noise).astype(np.float32), std=settings.pixel_noise)
+        if rows is not None:
+            unconditioned = generate(ensemble, dataclasses.replace(req, conditions_sha256=None)).x
+            add("ignored_conditions", req, unconditioned)
 
         k = present[i % len(present)]
-        single = Request(seed=seed, n=settings.images, strategy=f"single:{k}", steps=settings.steps,
-                         solver=settings.solver)
-        own = generate(ensemble, single).x
-        add("honest_single", single, own, expert=k)
-        other = generate(ensemble, dataclasses.replace(single, seed=other_seed)).x
-        add(INTRA_KIND, single, other, expert=k, seed=other_seed)
+        single = dataclasses.replace(req, strategy=f"single:{k}")
+        add("honest_single", single, drawn(single), expert=k)
+        add(INTRA_KIND, single, drawn(dataclasses.replace(single, seed=other_seed)), expert=k, seed=other_seed)
         logger.info(f"claimant: request {i + 1}/{settings.requests} done ({time.perf_counter() - t0:.1f}s)")
-    return claims
+    return claims, table

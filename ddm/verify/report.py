@@ -21,13 +21,14 @@ import numpy as np
 
 from ddm.data.run import Run
 from ddm.sampling.load import load_ensemble
+from ddm.sampling.request import conditions_sha256
 from ddm.train.plots import pyplot, save_figure
 from ddm.verify.analysis import MODES_SCORED, analyse
 from ddm.verify.claims import HONEST_KINDS, INTRA_KIND, EvalSettings, build_claims, gallery
 from ddm.verify.phash import HASH_BITS
 from ddm.verify.thresholds import Thresholds, write_thresholds
 from ddm.verify.verdict import run_thresholds
-from ddm.verify.worker import run_verifiers
+from ddm.verify.worker import CONDITIONS_FILE, run_verifiers
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +131,13 @@ def format_summary(report: dict) -> str:
 
 
 def consensus_eval(run_dir: str, settings: EvalSettings = EvalSettings(), out_dir: str | Path | None = None, *,
-                   overrides=()) -> dict:
+                   overrides=(), conditions: np.ndarray | None = None) -> dict:
     """`ddm consensus-eval`: claims, N verifier processes with commit-reveal, analysis; writes the JSON report,
-    the histogram, and the calibrated thresholds (OUT/verify_thresholds.json, OUT = RUN/eval by default)."""
+    the histogram, and the calibrated thresholds (OUT/verify_thresholds.json, OUT = RUN/eval by default).
+
+    conditions: float32 [m, *condition_shape], the condition embeddings the claims are drawn for on a run
+    conditioned on embeddings (`ddm.verify.claims.build_claims`); the verifiers read them from
+    consensus_work/conditions.npz, by digest, as `ddm verify --conditions` reads a record's file."""
     t0 = time.perf_counter()
     run = Run.open(run_dir, overrides)
     out = Path(out_dir) if out_dir is not None else run.eval_dir
@@ -140,9 +145,12 @@ def consensus_eval(run_dir: str, settings: EvalSettings = EvalSettings(), out_di
     work.mkdir(parents=True, exist_ok=True)
     ensemble = load_ensemble(run)
     manifest_sha = run.sha256
-    claims = build_claims(ensemble, manifest_sha, settings)
+    claims, condition_table = build_claims(ensemble, manifest_sha, settings, conditions)
     t_claims = time.perf_counter() - t0
     claims_path = work / "claims.json"
+    (work / CONDITIONS_FILE).unlink(missing_ok=True)  # an earlier evaluation's
+    if condition_table:
+        np.savez(work / CONDITIONS_FILE, **condition_table)
     in_use = run_thresholds(run).thresholds  # what the verifiers' committed verdicts use (None before the first
     # calibration); the analysis recalibrates
     claims_path.write_text(json.dumps({"run_dir": str(run_dir), "claims": claims,
@@ -158,6 +166,8 @@ def consensus_eval(run_dir: str, settings: EvalSettings = EvalSettings(), out_di
         "run_dir": str(run_dir),
         "manifest_sha256": manifest_sha,
         "settings": settings.to_json(),
+        "conditions": None if conditions is None else {"rows": len(conditions), "shape": list(conditions.shape[1:]),
+                                                       "sha256": conditions_sha256(conditions)},
         "verifiers": [o["verifier"] for o in reveals],
         "analysis": analysis,
         "seconds": {"claims": round(t_claims, 1), "total": round(time.perf_counter() - t0, 1)},

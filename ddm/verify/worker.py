@@ -44,6 +44,8 @@ from ddm.verify.verdict import check_record_fits_run, decide, image_checks, reco
 
 JUDGED_MODES = ("exact", "tolerance", "phash")
 COPY_MODES = ("reveal", "commitment")
+# The claims' condition embeddings by digest (an .npz beside claims.json), on runs conditioned on embeddings.
+CONDITIONS_FILE = "conditions.npz"
 REVEAL_SIGNAL = "reveal.open"
 
 logger = logging.getLogger(__name__)
@@ -197,6 +199,19 @@ def _read_claims(claims_path: str | Path) -> tuple[list[dict], Thresholds | None
         raise DDMError(f"cannot read claims {claims_path}: {err}") from None
 
 
+def _read_conditions(claims_path: str | Path) -> dict[str, np.ndarray]:
+    """The condition rows the claims name, by digest (CONDITIONS_FILE beside the claims; {} without it). Each is
+    checked against the digest of the record that uses it when it is used (`generate`)."""
+    path = Path(claims_path).parent / CONDITIONS_FILE
+    if not path.exists():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {digest: stored[digest] for digest in stored.files}
+    except (OSError, ValueError) as err:
+        raise DDMError(f"cannot read the claims' condition embeddings {path}: {err}") from None
+
+
 def _write_json(path: Path, body: dict) -> None:
     """Atomically (temp file + rename): a reader polling for `path` never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -235,6 +250,7 @@ def verifier_worker(run_dir: str, claims_path: str | Path, work: str | Path, ind
     t0 = time.perf_counter()
     work = Path(work)
     claims, thresholds = _read_claims(claims_path)
+    conditions = _read_conditions(claims_path)
     run = Run.open(run_dir, overrides)
     ensemble = load_ensemble(run)
     if param_mantissa is not None:
@@ -251,7 +267,8 @@ def verifier_worker(run_dir: str, claims_path: str | Path, work: str | Path, ind
         check_record_fits_run(record, run)
         key = json.dumps(record["request"], sort_keys=True)
         if key not in cache:
-            cache[key] = generate(ensemble, Request.from_json(record["request"]), batch_size=batch_size).x
+            cache[key] = generate(ensemble, Request.from_json(record["request"]), batch_size=batch_size,
+                                  conditions=conditions.get(record["request"].get("conditions_sha256"))).x
         results.append({"claim": claim["id"], "verifier": index, **judge_claim(record, cache[key], thresholds)})
     info = {"index": index, "pid": os.getpid(), "backend": jax.default_backend(), "devices": jax.device_count(),
             "cpus": len(os.sched_getaffinity(0)), "xla_flags": os.environ.get("XLA_FLAGS", ""),
