@@ -541,31 +541,73 @@ def test_evaluate_leaves_prior_out_of_its_defaults_on_embeddings_and_refuses_it_
                             "threshold:TAU, sample); leave it out of --strategies")
 
 
-def test_consensus_eval_draws_its_claims_for_the_prompts(captions_run, tmp_path, capsys):
-    """The claims name the prompts' embeddings by digest and the verifier process regenerates with them: honest
-    claims are bit-exact, and images drawn at the null condition for a prompt are caught."""
+@pytest.fixture(scope="module")
+def routed_captions_run(captions_run, tmp_path_factory):
+    """A copy of the captions run with a router (2 steps), for the commands that route: consensus-eval, evaluate."""
     import shutil
 
     from router.train import train_router
 
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("routed") / "run"
     shutil.copytree(captions_run, run)
-    train_router(run, ["router.train.steps=2"])  # consensus-eval's claims are routed
+    train_router(run, ["router.train.steps=2"])
+    return run
+
+
+def test_consensus_eval_draws_its_claims_for_the_prompts(routed_captions_run, tmp_path, capsys):
+    """The claims name the prompts' embeddings by digest and the verifier process regenerates with them: honest
+    claims are bit-exact, and images drawn at the null condition for a prompt are caught."""
+    run = routed_captions_run
     out = tmp_path / "eval"
     assert _ddm("consensus-eval", "--run-dir", run, "--prompt", "a thick 7", "--prompt", "a thin 1", "--prompt",
-                "a 3", "--verifiers", 1, "--requests", 2, "--images", 2, "--steps", 2, "--copiers", "none",
+                "a 3", "--verifiers", 1, "--requests", 1, "--images", 4, "--steps", 2, "--copiers", "none",
                 "--out", out) == 0
     report = json.loads((out / "consensus_report.json").read_text())
     prompts = captions.encode(["a thick 7", "a thin 1", "a 3"])
     assert report["conditions"] == {"rows": 3, "shape": [64], "sha256": conditions_sha256(prompts)}
     claims = json.loads((out / "consensus_work" / "claims.json").read_text())["claims"]
-    # request i takes rows (2i, 2i + 1) mod 3 of the prompts, every claim of it too
-    digests = {c["record"]["request"]["seed"]: c["record"]["request"]["conditions_sha256"] for c in claims}
-    assert digests == {0: conditions_sha256(prompts[[0, 1]]), 1: conditions_sha256(prompts[[2, 0]])}
+    # the request takes the prompts cycled, rows 0, 1, 2, 0, and every claim of it too
+    assert {c["record"]["request"]["conditions_sha256"] for c in claims} == {conditions_sha256(prompts[[0, 1, 2, 0]])}
     modes = report["analysis"]["modes"]["exact"]
     assert modes["honest"]["majority"] == 0.0 and modes["honest_single"]["majority"] == 0.0
     assert modes["ignored_conditions"]["majority"] == 1.0 and report["analysis"]["claims_per_kind"][
-        "ignored_conditions"] == 2
+        "ignored_conditions"] == 1
     capsys.readouterr()
     assert _ddm("consensus-eval", "--run-dir", run, "--conditions", tmp_path / "none.npy", "--out", out) == 2
     _one_line_error(capsys, "none.npy")
+
+
+def test_condition_match_finds_the_condition_of_the_nearest_real_image():
+    from ddm.eval.conditional import chance_match, condition_match, cosine_rows
+
+    rng = np.random.default_rng(0)
+    real, conditions = rng.standard_normal((50, 8)), rng.standard_normal((50, 4, 3)).astype(np.float32)
+    np.testing.assert_allclose(cosine_rows(conditions, conditions), 1.0)
+    assert cosine_rows(np.zeros((1, 2)), np.ones((1, 2)))[0] == 0.0
+    picked = rng.permutation(50)[:20]
+    # samples that sit on real images and were drawn for those images' conditions match perfectly ...
+    assert condition_match(real[picked] + 1e-6, conditions[picked], real, conditions) == pytest.approx(1.0)
+    # ... and drawn for other conditions, they score those conditions against their images'
+    other = np.roll(picked, 1)
+    assert condition_match(real[picked], conditions[other], real, conditions) == pytest.approx(
+        cosine_rows(conditions[other], conditions[picked]).mean())
+    assert abs(chance_match(conditions)) < 0.3 and chance_match(conditions) == chance_match(conditions)
+
+
+def test_evaluate_scores_condition_following_on_held_out_embeddings(routed_captions_run, tmp_path):
+    from ddm.data.shards import read_conditions
+    from ddm.eval.conditional import chance_match
+
+    run = routed_captions_run
+    out = run / "eval"
+    assert _ddm("evaluate", "--run-dir", run, "--n", 8, "--steps", 2, "--strategies", "top1",
+                "--feature-steps", 5, "--cache-dir", tmp_path / "cache", "--cfg-scales", "1,3", "--class-n", 6) == 0
+    report = json.loads((out / "report.json").read_text())
+    held_out = read_conditions(str(run / "shards" / "holdout"))
+    cond = report["conditional"]
+    assert cond["n"] == 6 and cond["cfg_scales"] == [1.0, 3.0]
+    assert cond["chance_match"] == pytest.approx(chance_match(np.asarray(held_out, np.float32), 0))
+    assert cond["real_match"] == report["results"]["real (train)"]["condition_match"]
+    cells = report["results"]["top1"]["conditional"]
+    assert set(cells) == {"1", "3"} and all(c["fd"] > 0 and -1 <= c["condition_match"] <= 1 for c in cells.values())
+    assert "Condition following" in (out / "report.md").read_text() and "| top1 | " in (out / "report.md").read_text()

@@ -746,10 +746,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature-net (and class classifier) training steps (default 600)")
     _add_feature_option(p)
     p.add_argument("--cfg-scales", default=None,
-                   help="guidance scales of the class accuracy, comma-separated, or none (default 1,2,3; "
-                        "class-conditional runs only)")
+                   help="guidance scales of the class accuracy (class-conditional runs) and of the condition "
+                        "following (runs conditioned on embeddings), comma-separated, or none (default 1,2,3)")
     p.add_argument("--class-n", type=COUNT, default=None,  # None: ddm.eval.evaluate.DEFAULT_CLASS_N (a test ties them)
-                   help="guided samples per model and scale for the class accuracy (default 100)")
+                   help="guided samples per model and scale for the class accuracy or the condition following "
+                        "(default 100)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="sample with the routed ensemble (PNG grid + .npz)")

@@ -17,6 +17,9 @@ run's feature network (`ddm.eval.featurenet`: a conv net trained on this dataset
   classifier (`ddm.eval.featurenet.get_classifier`: the feature net's architecture trained on the true labels of
   the training shards); the share read as the class asked for, overall and per class. The reference row gives
   the classifier's own accuracy on the held-out images.
+- condition following (runs conditioned on embeddings): `class_n` samples, each drawn for a held-out image's
+  condition embedding, at each guidance scale of `cfg_scales`: their FD to the held-out images and their
+  condition match (`ddm.eval.conditional`), with the chance and real-data levels of that match.
 
 A reference row ("real (train)": n training images vs the held-out set) gives the floor these finite-sample
 metrics reach on real data. Outputs: RUN/eval/report.json, report.md, strategies.png (grids side by side),
@@ -45,7 +48,8 @@ from ddm.data.components import MONOLITH as MONOLITH_COMPONENT
 from ddm.data.components import SINGLE_NAMES
 from ddm.data.components import STUDENT as STUDENT_COMPONENT
 from ddm.data.run import Run
-from ddm.data.shards import read_labels, read_shard
+from ddm.data.shards import read_conditions, read_labels, read_shard
+from ddm.eval.conditional import chance_match, condition_match
 from ddm.eval.features import UserFeatures
 from ddm.eval.featurenet import FeatureNet, FeatureNetConfig, apply_padded, get_classifier, get_featurenet
 from ddm.eval.metrics import KNN_K, frechet_distance, quality, shares, total_variation
@@ -111,6 +115,22 @@ def class_accuracy(model: Ensemble, strategy: str, classifier: FeatureNet, *, cl
     correct = classifier.predict(result.images) == y
     per_class = [float(correct[y == c].mean()) if (y == c).any() else None for c in range(num_classes)]
     return {"accuracy": float(correct.mean()), "per_class": per_class,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def conditional_quality(model: Ensemble, strategy: str, net, real: np.ndarray, real_conditions: np.ndarray,
+                        conditions: np.ndarray, *, cfg_scale: float, steps: int, solver: str, seed: int,
+                        latent: bool, batch_size: int | None = None) -> dict:
+    """Samples one image per row of `conditions` float32 [m, *condition_shape] (held-out embeddings; guidance
+    `cfg_scale`, 1: the conditional model alone) and scores them against the held-out images (`real`: their
+    features [N, F] in `net`, real_conditions [N, *condition_shape] their embeddings): {"fd", "condition_match",
+    "seconds"} (`ddm.eval.conditional`)."""
+    t0 = time.perf_counter()
+    result = model.sample(len(conditions), strategy, steps=steps, solver=solver, seed=seed, y=conditions,
+                          cfg_scale=None if cfg_scale == 1.0 else cfg_scale, batch_size=batch_size)
+    features = net.features(result.latents if latent else result.images)
+    return {"fd": frechet_distance(real, features),
+            "condition_match": condition_match(features, conditions, real, real_conditions),
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -190,6 +210,18 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         real_classes = read_labels(run.holdout_path())
         rows[REFERENCE]["class_accuracy"] = float((classifier.predict(real_images) == real_classes).mean())
 
+    conditional = None  # runs conditioned on embeddings: samples drawn for held-out embeddings
+    real_conditions = read_conditions(run.holdout_path()) if run.condition_shape and cfg_scales else None
+    if real_conditions is not None:
+        real_conditions = np.asarray(real_conditions, np.float32)
+        chosen = np.random.default_rng(seed).permutation(len(real_images))[:class_n]
+        train_conditions = np.concatenate([read_conditions(path) for path in run.shard_paths()])
+        conditional = {"n": len(chosen), "cfg_scales": [float(s) for s in cfg_scales],
+                       "chance_match": chance_match(real_conditions, seed),
+                       "rows": np.ascontiguousarray(real_conditions[chosen])}
+        rows[REFERENCE]["condition_match"] = condition_match(net.features(train_images[pick]),
+                                                             train_conditions[pick], real, real_conditions)
+
     models = [(s, ensemble, s) for s in strategies]
     for name, wanted in ((MONOLITH, monolith), (STUDENT, student)):
         single = load_single(run, name) if wanted else None
@@ -214,11 +246,17 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
             row["class_accuracy"] = {f"{scale:g}": class_accuracy(
                 model, strategy, classifier, class_n=class_n, cfg_scale=float(scale), steps=steps, solver=solver,
                 seed=seed, batch_size=batch_size) for scale in cfg_scales}
+        if conditional is not None:
+            row["conditional"] = {f"{scale:g}": conditional_quality(
+                model, strategy, net, real, real_conditions, conditional["rows"], cfg_scale=float(scale),
+                steps=steps, solver=solver, seed=seed, latent=latent, batch_size=batch_size) for scale in cfg_scales}
         rows[name] = row
         grids[name] = viewable(result, decoder)[0][:GRID_IMAGES]
         arrays[name] = stored
         usage = f" ({usage_summary(result)})" if name not in SINGLES else ""
         accuracy = "".join(f"  acc@{s} {a['accuracy']:.2f}" for s, a in row.get("class_accuracy", {}).items())
+        accuracy += "".join(f"  cond@{s} FD {c['fd']:.1f} match {c['condition_match']:.3f}"
+                            for s, c in row.get("conditional", {}).items())
         logger.info(f"  {name:<14} FD {row['fd']:8.3f}  FD-pca {row['fd_pca']:7.3f}  P {row['precision']:.3f}  R {row['recall']:.3f}  "
             f"cov-TV {row['coverage']['tv_vs_data']:.3f}  {seconds:5.1f}s{accuracy}{usage}")
 
@@ -249,6 +287,9 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
                                 "trained_now": classifier.trained, "path": str(Path("eval") / "classifier"),
                                 "class_n": class_n, "cfg_scales": [float(s) for s in cfg_scales],
                                 "holdout_accuracy": rows[REFERENCE]["class_accuracy"]}
+    if conditional is not None:
+        report["conditional"] = {**{k: v for k, v in conditional.items() if k != "rows"},
+                                 "real_match": rows[REFERENCE]["condition_match"]}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(format_markdown(report))
     logger.info(f"report -> {out_dir / 'report.json'}, {out_dir / 'report.md'}; grids -> {figure}")
@@ -313,6 +354,8 @@ def format_markdown(report: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row["coverage"]["share"]) + " |")
     if "classifier" in report:
         lines += _class_accuracy_markdown(report)
+    if "conditional" in report:
+        lines += _conditional_markdown(report)
     usage = {name: np.asarray(row["router_usage"]) for name, row in report["results"].items() if "router_usage" in row}
     if usage:
         lines += ["", "Router usage (mean weight per expert) at the first, middle and last solver step:", "",
@@ -339,5 +382,24 @@ def _class_accuracy_markdown(report: dict) -> list[str]:
                 acc = row["class_accuracy"][s]
                 worst = min(a for a in acc["per_class"] if a is not None)
                 cells.append(f"{acc['accuracy']:.1%} / {worst:.0%}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _conditional_markdown(report: dict) -> list[str]:
+    """The condition-following table: one row per model, one column per guidance scale (FD / condition match)."""
+    cond = report["conditional"]
+    scales = [f"{s:g}" for s in cond["cfg_scales"]]
+    lines = ["", (f"Condition following: {cond['n']} samples per cell, each drawn for a held-out image's condition "
+                  "embedding; FD against the held-out images, and condition match: the mean cosine similarity "
+                  "between a sample's embedding and that of its nearest held-out image in features (ddm/eval/"
+                  f"conditional.py). Chance (embeddings of other images) {cond['chance_match']:.3f}; real training "
+                  f"images {cond['real_match']:.3f}. Guidance scale 1 is the conditional model without guidance. "
+                  "Cells: FD / match."), "",
+             "| model | " + " | ".join(f"cfg {s}" for s in scales) + " |", "|---|" + "---:|" * len(scales)]
+    for name, row in report["results"].items():
+        if "conditional" in row:
+            cells = [f"{row['conditional'][s]['fd']:.1f} / {row['conditional'][s]['condition_match']:.3f}"
+                     for s in scales]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
