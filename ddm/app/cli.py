@@ -620,6 +620,17 @@ def _add_common(p: argparse.ArgumentParser, *, config: bool = False, run_dir_req
                    help="override a config value (repeatable), e.g. --set expert.train.steps=500")
 
 
+def _add_embedding_options(p: argparse.ArgumentParser, rows: str, prompts: str) -> None:
+    """--conditions FILE and --prompt TEXT (`_embedding_rows` reads them); rows / prompts: how this command uses
+    them."""
+    p.add_argument("--conditions", default=None, metavar="FILE",
+                   help="runs conditioned on embeddings: a .npy, or an .npz array 'conditions', of float16/float32: "
+                        + rows)
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="runs conditioned on embeddings: a prompt, embedded by sample.condition_encoder "
+                        f"(module:function); {prompts}")
+
+
 def _add_training_job(sub, name: str, help: str, func) -> argparse.ArgumentParser:
     """A subcommand that trains one run component: --run-dir, --set and --no-progress."""
     p = sub.add_parser(name, help=help)
@@ -765,13 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=None, help="noise seed (default: sample.seed)")
     p.add_argument("--class", dest="class_", type=int, default=None, metavar="C",
                    help="sample n images of class C (class-conditional runs)")
-    p.add_argument("--conditions", default=None, metavar="FILE",
-                   help="runs conditioned on embeddings: one condition per image, a .npy or an .npz array "
-                        "'conditions' of float16/float32 [n, *condition_shape] (n from the file; --cfg-scale "
-                        "defaults to sample.cfg_scale)")
-    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
-                   help="runs conditioned on embeddings: a prompt, embedded by sample.condition_encoder "
-                        "(module:function); one for all n images, or repeated once per image")
+    _add_embedding_options(p, "one condition per image, [n, *condition_shape] (n from the file; --cfg-scale "
+                              "defaults to sample.cfg_scale)", "one for all n images, or repeated once per image")
     p.add_argument("--labels", default=None,
                    help="comma-separated class labels, one per image (their count is n)")
     p.add_argument("--cfg-scale", type=float_arg(0), default=None,
@@ -907,13 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "reveal, commitment, or none (default reveal,commitment)")
     p.add_argument("--margin", type=float_arg(0), default=2.0,
                    help="tolerance thresholds = margin x the largest honest drift measured (default 2)")
-    p.add_argument("--conditions", default=None, metavar="FILE",
-                   help="runs conditioned on embeddings: the embeddings to draw the claims for, a .npy or an .npz "
-                        "array 'conditions' [m, *condition_shape], cycled over the requests' images (default: the "
-                        "null condition)")
-    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
-                   help="runs conditioned on embeddings: a prompt (repeatable) embedded by sample.condition_encoder, "
-                        "cycled over the requests' images")
+    _add_embedding_options(p, "the claims' conditions, [m, *condition_shape], cycled over the requests' images "
+                              "(default: the null condition)", "repeatable, cycled over the requests' images")
     p.add_argument("--out", default=None, help="output folder, thresholds included (default RUN/eval, where "
                                                "ddm verify reads verify_thresholds.json)")
     p.set_defaults(func=cmd_consensus_eval)
