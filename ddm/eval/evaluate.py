@@ -216,9 +216,9 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         real_conditions = np.asarray(real_conditions, np.float32)
         chosen = np.random.default_rng(seed).permutation(len(real_images))[:class_n]
         train_conditions = np.concatenate([read_conditions(path) for path in run.shard_paths()])
+        drawn_for = np.ascontiguousarray(real_conditions[chosen])  # [m, *condition_shape]: one sample each
         conditional = {"n": len(chosen), "cfg_scales": [float(s) for s in cfg_scales],
-                       "chance_match": chance_match(real_conditions, seed),
-                       "rows": np.ascontiguousarray(real_conditions[chosen])}
+                       "chance_match": chance_match(real_conditions, seed)}
         rows[REFERENCE]["condition_match"] = condition_match(net.features(train_images[pick]),
                                                              train_conditions[pick], real, real_conditions)
 
@@ -248,7 +248,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
                 seed=seed, batch_size=batch_size) for scale in cfg_scales}
         if conditional is not None:
             row["conditional"] = {f"{scale:g}": conditional_quality(
-                model, strategy, net, real, real_conditions, conditional["rows"], cfg_scale=float(scale),
+                model, strategy, net, real, real_conditions, drawn_for, cfg_scale=float(scale),
                 steps=steps, solver=solver, seed=seed, latent=latent, batch_size=batch_size) for scale in cfg_scales}
         rows[name] = row
         grids[name] = viewable(result, decoder)[0][:GRID_IMAGES]
@@ -288,8 +288,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
                                 "class_n": class_n, "cfg_scales": [float(s) for s in cfg_scales],
                                 "holdout_accuracy": rows[REFERENCE]["class_accuracy"]}
     if conditional is not None:
-        report["conditional"] = {**{k: v for k, v in conditional.items() if k != "rows"},
-                                 "real_match": rows[REFERENCE]["condition_match"]}
+        report["conditional"] = {**conditional, "real_match": rows[REFERENCE]["condition_match"]}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(format_markdown(report))
     logger.info(f"report -> {out_dir / 'report.json'}, {out_dir / 'report.md'}; grids -> {figure}")
