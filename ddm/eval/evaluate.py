@@ -306,7 +306,9 @@ def _features_info(net: FeatureNet | UserFeatures) -> dict:
     return {"name": net.name, "sha256": net.sha256, "key": net.key, "dim": net.dim, "trained_now": net.trained,
             "path": str(Path("eval") / "featurenet"), "metric_name": f"FD in {net.name} features",
             "description": (f"a conv net trained on this dataset's k-means pseudo-classes, sha256 `{net.sha256[:16]}`; "
-                            "**not FID**: comparable only between runs on this dataset")}
+                            "**not FID**: comparable only between evaluations with this same net (this sha256: "
+                            "the same recipe trained on another kind of CPU or accelerator gives other weights; "
+                            "copy RUN/eval/featurenet or the cache to compare across machines)")}
 
 
 # ---------------------------------------------------------------------------------------------------------
