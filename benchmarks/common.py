@@ -20,17 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-
-def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else `platform.processor()`."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ddm.core.machine import cpu_model
 
 
 def _version(dist: str) -> str:
@@ -52,7 +42,7 @@ def machine_info(packages: Sequence[str] = ("jax", "jaxlib", "flax")) -> dict[st
     """What the numbers depend on: CPU count and model, OS, Python, package versions, load average now."""
     info = {
         "cpu count": str(os.cpu_count()),
-        "processor": f"{_cpu_model()} ({platform.machine()})",
+        "processor": f"{cpu_model()} ({platform.machine()})",
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
     }

@@ -121,6 +121,15 @@ def test_a_replay_outside_the_islands_environment_is_inconclusive_not_caught(isl
     assert rc == 2 and "overall: INCONCLUSIVE" in text and "inconclusive; audit where the island trained" in err
 
 
+def test_the_replay_environment_names_the_cpu_model_on_the_cpu_backend():
+    """XLA:CPU compiles for the CPU's instruction set: the same training gave other weights on two CPU models
+    (docs/verification.md, section 11), so a chain names the model and a replay on another one is foreign."""
+    from ddm.core.machine import cpu_model
+
+    env = replay_environment()
+    assert env["backend"] == "cpu" and env["cpu"] == cpu_model() and env["cpu"] not in ("", "unknown")
+
+
 def test_a_tampered_chain_or_starting_state_is_caught(islands, capsys, tmp_path):
     out = _copy(islands["honest"], tmp_path)
     chain = json.loads((out / "audit" / "chain.json").read_text())

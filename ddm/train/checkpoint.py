@@ -41,6 +41,7 @@ from ddm.core import documents
 from ddm.core.errors import DDMError
 from ddm.core.files import atomic_write, temporary_name
 from ddm.core.hashing import file_sha256, pytree_sha256
+from ddm.core.machine import cpu_model
 from ddm.core.schema import Hex, Int, ListOf, Obj, Str
 from ddm.core.weights import load_safetensors, tensor_name
 
@@ -393,15 +394,16 @@ def write_chain(out_dir: Path, steps: int, every: int, keep: int, digests: list[
 def replay_environment() -> dict:
     """What decides the bits of a training step besides its inputs, as far as this process can tell: backend,
     device kind and count, processes, the CPU cores it may use (XLA:CPU partitions its work by them: a replay
-    on 1 core of a run trained on 2 differs), jax / jaxlib versions and XLA flags. A replay is bitwise only where
-    it matches."""
+    on 1 core of a run trained on 2 differs), on the CPU backend the CPU model (XLA:CPU compiles for its
+    instruction set), jax / jaxlib versions and XLA flags. A replay is bitwise only where it matches."""
     import jaxlib
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     device = jax.devices()[0]
     return {"backend": device.platform, "device_kind": device.device_kind, "devices": jax.device_count(),
             "processes": jax.process_count(), "cpu_cores": cores, "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "jaxlib": jaxlib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            **({"cpu": cpu_model()} if device.platform == "cpu" else {})}
 
 
 def state_path(out_dir: Path, step: int) -> Path:

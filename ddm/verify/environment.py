@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 import jax
 import jaxlib
 
+from ddm.core.machine import cpu_model
+
 IGNORED_XLA_FLAGS = ("--xla_force_host_platform_device_count",)
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else whatever `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def xla_flags(text: str) -> str:
@@ -48,7 +38,7 @@ def environment(emulation: str | None = None) -> dict[str, str]:
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "xla_flags": xla_flags(os.environ.get("XLA_FLAGS", "")),
         "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "x64": str(bool(jax.config.jax_enable_x64)),
