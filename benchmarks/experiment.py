@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from ddm.core.config import load_config, monolith_job
 from ddm.core.dit import dit_flops_per_image
+from ddm.core.machine import cpu_model
 from ddm.data import manifest as mf
 from ddm.data.shards import read_shard
 from ddm.eval.evaluate import DEFAULT_STRATEGIES, evaluate_run
@@ -495,7 +496,9 @@ def main() -> int:
 
     jax.config.update("jax_compilation_cache_dir", str(Path(args.out) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
+    # the CPU model too: XLA:CPU compiles per instruction set, so the feature net's weights (and every FD) follow it
+    machine = (f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+               f"jax {jax.__version__}")
     points: list[dict] = []
     texts: list[str] = []
     # Budget-major within each K, then seed-major: a partial sweep still gives complete low budgets.
