@@ -157,6 +157,10 @@ def test_ddm_evaluate_writes_report_markdown_and_figure(trained_run_copy, featur
             np.testing.assert_allclose(report["results"][name]["fd_pca"],
                                        frechet_distance(real_pca, pca.features(samples[name])), rtol=1e-6)
     assert report["featurenet"]["sha256"] == net.sha256 and not report["featurenet"]["trained_now"]
+    from ddm.core.machine import cpu_model
+
+    assert report["featurenet"]["trained_in"]["cpu"] == cpu_model()  # nets trained elsewhere have other weights
+    assert f"trained on {cpu_model()}" in report["featurenet"]["description"]
     assert report["featurenet"]["metric_name"] == "FD in kmc32-cnn features"
     assert report["request"] == {"n": 12, "steps": 2, "solver": "heun", "seed": 0}
     md = (run / "eval" / "report.md").read_text()

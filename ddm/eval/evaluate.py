@@ -303,9 +303,13 @@ def _features_info(net: FeatureNet | UserFeatures) -> dict:
     if isinstance(net, UserFeatures):
         return {"name": net.name, "user": True, "dim": net.dim, "metric_name": f"FD in {net.name} features",
                 "description": f"the user's feature extractor `{net.name}`"}
+    trained_in = net.info.get("trained_in") or {}
+    where = f", trained on {trained_in.get('cpu') or trained_in.get('device_kind')}" if trained_in else ""
     return {"name": net.name, "sha256": net.sha256, "key": net.key, "dim": net.dim, "trained_now": net.trained,
+            "trained_in": trained_in or None,
             "path": str(Path("eval") / "featurenet"), "metric_name": f"FD in {net.name} features",
-            "description": (f"a conv net trained on this dataset's k-means pseudo-classes, sha256 `{net.sha256[:16]}`; "
+            "description": (f"a conv net trained on this dataset's k-means pseudo-classes, sha256 `{net.sha256[:16]}`"
+                            f"{where}; "
                             "**not FID**: comparable only between evaluations with this same net (this sha256: "
                             "the same recipe trained on another kind of CPU or accelerator gives other weights; "
                             "copy RUN/eval/featurenet or the cache to compare across machines)")}

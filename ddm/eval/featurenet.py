@@ -27,6 +27,9 @@ Its EMA parameters are pinned by SHA-256 in `info.json` and checked on every loa
 `RUN/eval/featurenet/` (`RUN/eval/classifier/`) so the run directory stays self-contained. The training set is
 the union of the run's training shards, put in a canonical order (sorted by per-image SHA-256), so any
 partition of the same images (k-means or random, any K) gets the same network. Held-out images are never seen.
+The key does not name the machine: the same training on another CPU model (XLA:CPU compiles per instruction
+set) or accelerator ends at other weights, so `info.json` records where it was trained (`trained_in`, the
+`replay_environment`), and evaluations to be compared across machines share one net (copy RUN/eval/featurenet).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from ddm.data.embed import pca
 from ddm.data.kmeans import kmeans
 from ddm.data.run import Run
 from ddm.data.shards import ShardReader, read_labels, read_shard, write_shard
-from ddm.train.checkpoint import load_pinned
+from ddm.train.checkpoint import load_pinned, replay_environment
 from ddm.train.trainer import Task, Trainer
 
 logger = logging.getLogger(__name__)
@@ -307,7 +310,9 @@ def _train(directory: Path, images: np.ndarray, targets: np.ndarray, outputs: in
     info = {"name": name, "version": NET_VERSION, "key": key, "sha256": result.ema_sha256,
             "config": dataclasses.asdict(cfg), "image_shape": list(images.shape[1:]), "outputs": outputs,
             "num_train_images": len(images), "pseudo_class_sizes": np.bincount(targets, minlength=outputs).tolist(),
-            "final_train_accuracy": rows[-1].get("accuracy") if rows else None, **meta}
+            "final_train_accuracy": rows[-1].get("accuracy") if rows else None,
+            # the weights follow the machine (XLA:CPU compiles per instruction set): say which one trained them
+            "trained_in": replay_environment(), **meta}
     documents.write(directory / INFO, info)
 
 
