@@ -217,10 +217,10 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
         chosen = np.random.default_rng(seed).permutation(len(real_images))[:class_n]
         train_conditions = np.concatenate([read_conditions(path) for path in run.shard_paths()])
         drawn_for = np.ascontiguousarray(real_conditions[chosen])  # [m, *condition_shape]: one sample each
+        real_match = condition_match(net.features(train_images[pick]), train_conditions[pick], real, real_conditions)
+        rows[REFERENCE]["condition_match"] = real_match
         conditional = {"n": len(chosen), "cfg_scales": [float(s) for s in cfg_scales],
-                       "chance_match": chance_match(real_conditions, seed)}
-        rows[REFERENCE]["condition_match"] = condition_match(net.features(train_images[pick]),
-                                                             train_conditions[pick], real, real_conditions)
+                       "chance_match": chance_match(real_conditions, seed), "real_match": real_match}
 
     models = [(s, ensemble, s) for s in strategies]
     for name, wanted in ((MONOLITH, monolith), (STUDENT, student)):
@@ -288,7 +288,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), *, n: int =
                                 "class_n": class_n, "cfg_scales": [float(s) for s in cfg_scales],
                                 "holdout_accuracy": rows[REFERENCE]["class_accuracy"]}
     if conditional is not None:
-        report["conditional"] = {**conditional, "real_match": rows[REFERENCE]["condition_match"]}
+        report["conditional"] = conditional
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(format_markdown(report))
     logger.info(f"report -> {out_dir / 'report.json'}, {out_dir / 'report.md'}; grids -> {figure}")
